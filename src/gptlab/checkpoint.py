@@ -1,0 +1,93 @@
+"""Checkpoint folders: tensors in safetensors, everything else in JSON; nothing is unpickled on load.
+
+A gptlab checkpoint folder holds
+    config.json        {"format": "gptlab", "config": GPTConfig fields, "tokenizer": tokenizer spec}
+    model.safetensors  the model's weights under gptlab's names (a tied head is stored once)
+and, when written by training, the optimizer state (optimizer.safetensors) and trainer_state.json.
+Folders are written to a temporary sibling and renamed into place, so a crash mid-save leaves the
+previous checkpoint as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .config import GPTConfig
+from .model import GPTModel
+from .tokenizer import Tokenizer, tokenizer_from_spec
+
+FORMAT = "gptlab"
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+def is_gptlab_checkpoint(path: Path) -> bool:
+    try:
+        return json.loads((Path(path) / CONFIG_FILE).read_text()).get("format") == FORMAT
+    except (OSError, ValueError):
+        return False
+
+
+def model_tensors(model: GPTModel) -> dict[str, torch.Tensor]:
+    """The model's weights, contiguous, with a tied head left out (it is tok_emb.weight)."""
+    state = model.state_dict()
+    if model.cfg.tie_embeddings:
+        del state["out_head.weight"]
+    return {name: tensor.detach().contiguous() for name, tensor in state.items()}
+
+
+def write_folder_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    """Call write(tmp_dir) to fill a fresh folder, then swap it in for `path` in two renames."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        write(tmp)
+        if path.exists():
+            old = path.with_name(f".{path.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_model_files(folder: Path, model: GPTModel, tokenizer: Tokenizer, extra: dict | None = None) -> None:
+    """config.json and model.safetensors into an existing folder."""
+    meta = {"format": FORMAT, "config": model.cfg.to_dict(), "tokenizer": tokenizer.spec(), **(extra or {})}
+    (folder / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    save_file(model_tensors(model), str(folder / WEIGHTS_FILE))
+
+
+def save_model(path: Path, model: GPTModel, tokenizer: Tokenizer) -> None:
+    write_folder_atomically(Path(path), lambda folder: write_model_files(folder, model, tokenizer))
+
+
+def read_config(path: Path) -> tuple[GPTConfig, Tokenizer, dict]:
+    meta = json.loads((Path(path) / CONFIG_FILE).read_text())
+    return GPTConfig.from_dict(meta["config"]), tokenizer_from_spec(meta["tokenizer"]), meta
+
+
+def load_gptlab_checkpoint(path: Path, device: str | torch.device = "cpu") -> tuple[GPTModel, Tokenizer]:
+    cfg, tokenizer, _ = read_config(path)
+    with torch.device("meta"):
+        model = GPTModel(cfg)
+    state = load_file(str(Path(path) / WEIGHTS_FILE), device=str(device))
+    if cfg.tie_embeddings:
+        state["out_head.weight"] = state["tok_emb.weight"]
+    model.load_state_dict(state, assign=True)
+    if cfg.tie_embeddings:
+        model.out_head.weight = model.tok_emb.weight
+    return model.eval(), tokenizer

@@ -1,0 +1,79 @@
+"""Model configuration: one dataclass, named presets, JSON round-trip, validation a person can act on."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    """The shape of a GPT model. Field names follow the textbook (Raschka, *Build a LLM from Scratch*)."""
+
+    vocab_size: int = 50257
+    context_length: int = 1024
+    emb_dim: int = 768
+    n_heads: int = 12
+    n_layers: int = 12
+    drop_rate: float = 0.1
+    qkv_bias: bool = False
+    tie_embeddings: bool = False  # share the output head's weight with the token embedding (GPT-2 does)
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.emb_dim % self.n_heads != 0:
+            hint = " (GPT-2 124M uses emb_dim 768 with 12 heads)" if self.n_heads == 12 else ""
+            raise ValueError(
+                f"emb_dim {self.emb_dim} is not divisible by n_heads {self.n_heads}: "
+                f"each head gets emb_dim / n_heads dimensions, so choose a multiple of {self.n_heads}{hint}"
+            )
+        if not isinstance(self.drop_rate, (int, float)) or not 0.0 <= self.drop_rate < 1.0:
+            raise ValueError(f"drop_rate must be in [0, 1), got {self.drop_rate!r}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.emb_dim // self.n_heads
+
+    def replace(self, **changes) -> "GPTConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2) + "\n"
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "GPTConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown GPTConfig field(s) {', '.join(unknown)}; known fields: {', '.join(sorted(known))}")
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, text: str) -> "GPTConfig":
+        return cls.from_dict(json.loads(text))
+
+
+PRESETS: dict[str, GPTConfig] = {
+    "gpt2": GPTConfig(),
+    "gpt2-medium": GPTConfig(emb_dim=1024, n_heads=16, n_layers=24),
+    "gpt2-large": GPTConfig(emb_dim=1280, n_heads=20, n_layers=36),
+    "gpt2-xl": GPTConfig(emb_dim=1600, n_heads=25, n_layers=48),
+    # Small shapes for CPU experiments; the training command swaps in its tokenizer's vocab_size.
+    "gpt2-mini": GPTConfig(context_length=256, emb_dim=384, n_heads=6, n_layers=6),
+    "gpt2-micro": GPTConfig(context_length=128, emb_dim=128, n_heads=4, n_layers=4),
+}
+
+
+def get_config(name: str, **overrides) -> GPTConfig:
+    """A preset by name, with any fields overridden (None values are ignored)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(PRESETS)}")
+    changes = {key: value for key, value in overrides.items() if value is not None}
+    return PRESETS[name].replace(**changes)
