@@ -1,0 +1,159 @@
+"""The model's layers against the textbook formulas, written out explicitly here."""
+
+import math
+
+import pytest
+import torch
+
+from gptlab.config import GPTConfig, get_config
+from gptlab.model import GELU, FeedForward, GPTModel, LayerNorm, MultiHeadAttention, TransformerBlock
+
+TINY = GPTConfig(vocab_size=97, context_length=16, emb_dim=32, n_heads=4, n_layers=2, drop_rate=0.0)
+
+
+@pytest.fixture(autouse=True)
+def seeded():
+    torch.manual_seed(0)
+
+
+def explicit_gelu(x):
+    return 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
+
+
+def explicit_layer_norm(x, scale, shift, eps=1e-5):
+    mean = x.mean(dim=-1, keepdim=True)
+    var = ((x - mean) ** 2).mean(dim=-1, keepdim=True)  # biased: divide by C, not C - 1
+    return (x - mean) / torch.sqrt(var + eps) * scale + shift
+
+
+def explicit_linear(x, linear):
+    out = x @ linear.weight.T
+    return out if linear.bias is None else out + linear.bias
+
+
+def explicit_attention(att, x):
+    """Causal multi-head attention the long way: one head at a time, explicit mask and softmax."""
+    B, T, C = x.shape
+    H, D = att.n_heads, C // att.n_heads
+    q, k, v = explicit_linear(x, att.qkv).split(C, dim=-1)  # 3 × (B, T, C), heads side by side
+    heads = []
+    for h in range(H):
+        columns = slice(h * D, (h + 1) * D)
+        scores = q[..., columns] @ k[..., columns].transpose(1, 2) / math.sqrt(D)  # (B, T, T)
+        future = torch.triu(torch.ones(T, T, dtype=torch.bool), diagonal=1)
+        weights = torch.softmax(scores.masked_fill(future, float("-inf")), dim=-1)
+        heads.append(weights @ v[..., columns])  # (B, T, D)
+    return explicit_linear(torch.cat(heads, dim=-1), att.out_proj)  # (B, T, C)
+
+
+def explicit_feed_forward(ff, x):
+    return explicit_linear(explicit_gelu(explicit_linear(x, ff.fc)), ff.proj)
+
+
+def randomise_(module):
+    """Non-trivial values everywhere, so zero biases or unit scales cannot hide a mistake."""
+    with torch.no_grad():
+        for param in module.parameters():
+            param.copy_(torch.randn_like(param) * 0.2)
+    return module
+
+
+def test_layer_norm_equals_formula():
+    norm = randomise_(LayerNorm(48))
+    x = torch.randn(3, 7, 48) * 4 + 2
+    torch.testing.assert_close(norm(x), explicit_layer_norm(x, norm.scale, norm.shift), atol=1e-5, rtol=0)
+
+
+def test_gelu_equals_tanh_formula():
+    x = torch.cat([torch.linspace(-6, 6, 1001), torch.randn(1000) * 2])
+    torch.testing.assert_close(GELU()(x), explicit_gelu(x), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("qkv_bias", [False, True])
+@pytest.mark.parametrize("train", [False, True])
+def test_attention_equals_explicit_formula(qkv_bias, train):
+    att = randomise_(MultiHeadAttention(TINY.replace(qkv_bias=qkv_bias))).train(train)
+    assert (att.qkv.bias is not None) == qkv_bias
+    x = torch.randn(2, 11, TINY.emb_dim)
+    torch.testing.assert_close(att(x), explicit_attention(att, x), atol=1e-5, rtol=0)
+
+
+def test_attention_is_causal():
+    att = randomise_(MultiHeadAttention(TINY)).eval()
+    x = torch.randn(1, 9, TINY.emb_dim)
+    changed_future = x.clone()
+    changed_future[:, 5:] = torch.randn(1, 4, TINY.emb_dim)
+    torch.testing.assert_close(att(x)[:, :5], att(changed_future)[:, :5])
+
+
+def test_attention_dropout_only_in_train_mode():
+    att = randomise_(MultiHeadAttention(TINY.replace(drop_rate=0.5)))
+    x = torch.randn(2, 11, TINY.emb_dim)
+    att.train()
+    assert not torch.equal(att(x), att(x))
+    att.eval()
+    assert torch.equal(att(x), att(x))
+    torch.testing.assert_close(att(x), explicit_attention(att, x), atol=1e-5, rtol=0)
+
+
+def test_feed_forward_is_fc_gelu_proj():
+    ff = randomise_(FeedForward(TINY))
+    assert (ff.fc.in_features, ff.fc.out_features) == (TINY.emb_dim, 4 * TINY.emb_dim)
+    assert (ff.proj.in_features, ff.proj.out_features) == (4 * TINY.emb_dim, TINY.emb_dim)
+    x = torch.randn(2, 5, TINY.emb_dim)
+    torch.testing.assert_close(ff(x), explicit_feed_forward(ff, x), atol=1e-5, rtol=0)
+
+
+def test_transformer_block_is_pre_layer_norm():
+    block = randomise_(TransformerBlock(TINY.replace(drop_rate=0.3))).eval()
+    x = torch.randn(2, 8, TINY.emb_dim)
+    hidden = x + explicit_attention(block.att, explicit_layer_norm(x, block.norm1.scale, block.norm1.shift))
+    expected = hidden + explicit_feed_forward(block.ff, explicit_layer_norm(hidden, block.norm2.scale, block.norm2.shift))
+    torch.testing.assert_close(block(x), expected, atol=1e-5, rtol=0)
+
+
+def test_gpt_model_output_is_embeddings_through_blocks_norm_and_head():
+    model = GPTModel(TINY).eval()
+    ids = torch.randint(0, TINY.vocab_size, (3, TINY.context_length))
+    logits = model(ids)
+    assert logits.shape == (3, TINY.context_length, TINY.vocab_size)
+    x = model.tok_emb.weight[ids] + model.pos_emb.weight[: TINY.context_length]
+    for block in model.trf_blocks:
+        x = block(x)
+    expected = explicit_layer_norm(x, model.final_norm.scale, model.final_norm.shift) @ model.out_head.weight.T
+    torch.testing.assert_close(logits, expected, atol=1e-5, rtol=0)
+
+
+def test_gpt_model_rejects_input_longer_than_context():
+    model = GPTModel(TINY)
+    too_long = torch.zeros(1, TINY.context_length + 1, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"17 tokens.*context_length is 16"):
+        model(too_long)
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_weight_tying_shares_the_tensor(tie):
+    model = GPTModel(TINY.replace(tie_embeddings=tie))
+    assert (model.out_head.weight is model.tok_emb.weight) == tie
+    head_params = TINY.vocab_size * TINY.emb_dim
+    untied_total = sum(p.numel() for p in GPTModel(TINY).parameters())
+    assert sum(p.numel() for p in model.parameters()) == untied_total - (head_params if tie else 0)
+
+
+def test_initialisation_statistics():
+    cfg = get_config("gpt2-mini", vocab_size=1000)  # gpt2-mini's blocks; a small vocabulary keeps it fast
+    model = GPTModel(cfg)
+    residual_std = 0.02 / math.sqrt(2 * cfg.n_layers)
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            expected = residual_std if name.endswith(("att.out_proj", "ff.proj")) else 0.02
+            assert module.weight.std().item() == pytest.approx(expected, rel=0.1), name
+            assert abs(module.weight.mean().item()) < expected / 10, name
+            if module.bias is not None:
+                assert torch.count_nonzero(module.bias) == 0, name
+        elif isinstance(module, torch.nn.Embedding):
+            assert module.weight.std().item() == pytest.approx(0.02, rel=0.1), name
+        elif isinstance(module, LayerNorm):
+            assert torch.equal(module.scale, torch.ones_like(module.scale)), name
+            assert torch.count_nonzero(module.shift) == 0, name
+    assert model.trf_blocks[0].att.out_proj.weight.std().item() == pytest.approx(0.02 / math.sqrt(12), rel=0.1)
