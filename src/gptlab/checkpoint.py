@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .config import GPTConfig
@@ -82,12 +83,96 @@ def read_config(path: Path) -> tuple[GPTConfig, Tokenizer, dict]:
 
 def load_gptlab_checkpoint(path: Path, device: str | torch.device = "cpu") -> tuple[GPTModel, Tokenizer]:
     cfg, tokenizer, _ = read_config(path)
-    with torch.device("meta"):
-        model = GPTModel(cfg)
     state = load_file(str(Path(path) / WEIGHTS_FILE), device=str(device))
+    return model_from_state_dict(cfg, with_tied_head(cfg, state)), tokenizer
+
+
+def with_tied_head(cfg: GPTConfig, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Files store a tied head once, as tok_emb.weight; the module also lists it as out_head.weight."""
     if cfg.tie_embeddings:
         state["out_head.weight"] = state["tok_emb.weight"]
+    return state
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loading any model folder gptlab understands: its own checkpoints and Hugging Face GPT-2 folders.
+
+EXPECTED_LAYOUTS = (
+    'a gptlab checkpoint (config.json with "format": "gptlab", model.safetensors) or a Hugging Face GPT-2 folder '
+    '(config.json with "model_type": "gpt2", model.safetensors or pytorch_model.bin, optionally vocab.json + merges.txt)'
+)
+
+
+def read_json(path: Path) -> dict:
+    try:
+        data = json.loads(Path(path).read_text("utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON ({error}); re-create or re-download it") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} holds a JSON {type(data).__name__}, not an object; re-create or re-download it")
+    return data
+
+
+def model_from_state_dict(cfg: GPTConfig, state: dict[str, torch.Tensor]) -> GPTModel:
+    """A GPTModel that holds the given tensors themselves, not copies: built on the meta device, then assigned."""
+    with torch.device("meta"):
+        model = GPTModel(cfg)
     model.load_state_dict(state, assign=True)
     if cfg.tie_embeddings:
         model.out_head.weight = model.tok_emb.weight
-    return model.eval(), tokenizer
+    return model.eval()
+
+
+def checkpoint_format(path: Path) -> str:
+    """'gptlab' or 'hf' for a folder load_model can read; else a ValueError saying what it should hold."""
+    from .interop import hf_weight_files  # interop imports this module, so it is imported on use
+
+    folder = Path(path)
+    if not folder.is_dir():
+        raise ValueError(f"{folder} is not a folder; expected {EXPECTED_LAYOUTS}")
+    if not (folder / CONFIG_FILE).is_file():
+        raise ValueError(f"{folder} has no {CONFIG_FILE}; expected {EXPECTED_LAYOUTS}")
+    meta = read_json(folder / CONFIG_FILE)
+    if meta.get("format") == FORMAT:
+        if not isinstance(meta.get("config"), dict) or not isinstance(meta.get("tokenizer"), dict):
+            raise ValueError(f"{folder / CONFIG_FILE} lacks the 'config' or 'tokenizer' object of a gptlab checkpoint")
+        if not (folder / WEIGHTS_FILE).is_file():
+            raise ValueError(f"{folder} is a gptlab checkpoint without {WEIGHTS_FILE}; expected {EXPECTED_LAYOUTS}")
+        return "gptlab"
+    if meta.get("model_type") == "gpt2":
+        if not hf_weight_files(folder):
+            raise ValueError(f"{folder} has a GPT-2 {CONFIG_FILE} but no weights; expected {EXPECTED_LAYOUTS}")
+        return "hf"
+    raise ValueError(
+        f"{folder / CONFIG_FILE} is neither gptlab's nor a GPT-2 one (format {meta.get('format')!r}, "
+        f"model_type {meta.get('model_type')!r}); expected {EXPECTED_LAYOUTS}"
+    )
+
+
+def read_model_config(path: Path) -> tuple[GPTConfig, str]:
+    """The shape of the model in a loadable folder and the folder's format, from config.json alone."""
+    from .interop import check_hf_config, config_from_hf  # interop imports this module
+
+    kind = checkpoint_format(path)
+    meta = read_json(Path(path) / CONFIG_FILE)
+    if kind == "gptlab":
+        return GPTConfig.from_dict(meta["config"]), kind
+    check_hf_config(meta)
+    return config_from_hf(meta), kind
+
+
+def load_model(
+    path: Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+) -> tuple[GPTModel, Tokenizer]:
+    """The model and tokenizer in a gptlab checkpoint or a Hugging Face GPT-2 folder (any of the four
+    sizes), memory-mapped rather than copied where the device and dtype allow. Bad folders, missing
+    weights and shape mismatches raise a one-line ValueError."""
+    from .interop import load_hf_checkpoint  # interop imports this module
+
+    try:
+        if checkpoint_format(path) == "hf":
+            return load_hf_checkpoint(path, device, dtype)
+        model, tokenizer = load_gptlab_checkpoint(path, device)
+    except SafetensorError as error:
+        raise ValueError(f"a weights file in {path} is damaged or not safetensors ({error}); re-create it") from None
+    return (model if dtype is None else model.to(dtype)), tokenizer

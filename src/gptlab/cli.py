@@ -56,7 +56,8 @@ def cmd_info(args: argparse.Namespace) -> None:
         return
     shape_options = [field.name for field in dataclasses.fields(GPTConfig) if getattr(args, field.name) is not None]
     if shape_options:
-        raise UserError(f"--checkpoint takes the model's shape from the checkpoint; drop --{shape_options[0].replace('_', '-')}")
+        option = "--" + shape_options[0].replace("_", "-")
+        raise UserError(f"--checkpoint takes the model's shape from the checkpoint; drop {option}")
     cfg, kind = read_model_config(args.checkpoint)  # config.json only: no weights are read
     print(f"checkpoint {args.checkpoint} ({CHECKPOINT_FORMAT_NAMES[kind]})")
     print(parameter_report(cfg).format(Path(args.checkpoint).name))
@@ -83,7 +84,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         lr=args.lr, min_lr_ratio=args.min_lr_ratio, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
         grad_clip=args.grad_clip, max_steps=args.max_steps, max_tokens=args.max_tokens, time_budget=args.time_budget,
         eval_interval=args.eval_interval, sample_tokens=args.sample_tokens, dtype=args.dtype, compile=args.compile,
-        seed=args.seed, device=args.device, progress=not args.no_progress,
+        seed=args.seed, device=args.device, log_interval=args.log_interval, progress=not args.no_progress,
     )
     runtime = train.start_runtime(args.device)
     try:
@@ -106,7 +107,7 @@ def cmd_train(args: argparse.Namespace) -> None:
             torch.distributed.barrier()
         if not runtime.is_main:
             cache = data.open_token_cache(cache_dir)
-        corpus_data = train.TrainingData(cache.train_tokens, cache.val_tokens, cache.val_bytes)
+        corpus_data = train.TrainingData(cache.train_tokens, cache.val_tokens, cache.val_target_bytes)
         if runtime.is_main:
             print(f"data: {len(cache.train_tokens):,} training and {len(cache.val_tokens):,} validation tokens "
                   f"({type(tokenizer).__name__}, vocabulary {tokenizer.vocab_size:,}); token cache {cache_dir}")
@@ -142,7 +143,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
         text = data.split_text(data.default_corpus_text())[1]
         what = "the held-out 10% of the embedded corpus (pydoc_data.topics)"
     tokens = np.array(tokenizer.encode(text, allow_special=True), dtype=np.int64)
-    result = train.evaluate(model, tokens, len(text.encode("utf-8")), args.batch_size)
+    target_bytes = int(data.token_byte_lengths(tokenizer)[tokens[1:]].sum())  # the first token is context only
+    result = train.evaluate(model, tokens, target_bytes, args.batch_size)
     print(f"{args.checkpoint} on {what}:")
     print(result.format())
 
@@ -204,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, kind in [("batch_size", int), ("micro_batch_size", int), ("stride", int), ("lr", float),
                        ("min_lr_ratio", float), ("warmup_steps", int), ("weight_decay", float), ("grad_clip", float),
                        ("max_steps", int), ("max_tokens", int), ("time_budget", float), ("eval_interval", int),
-                       ("sample_tokens", int), ("seed", int)]:
+                       ("sample_tokens", int), ("seed", int), ("log_interval", int)]:
         tr.add_argument(f"--{name.replace('_', '-')}", type=kind, default=getattr(defaults, name))
     tr.add_argument("--dtype", choices=["bfloat16", "float32"], default=defaults.dtype, help="autocast dtype")
     tr.add_argument("--compile", action="store_true", help="torch.compile the model")

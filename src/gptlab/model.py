@@ -4,7 +4,10 @@ Each module computes exactly the textbook's formula; where PyTorch has a fused k
 function (layer_norm, gelu, scaled_dot_product_attention) we call it, and tests/test_model.py proves
 the kernel equal to the explicit formula.
 
-Shapes: B = batch, T = tokens, C = emb_dim, H = n_heads, D = head_dim = C / H, V = vocab_size.
+Generation passes a KVCache so that each step runs only the new tokens (see gptlab.generate).
+
+Shapes: B = batch, T = tokens, C = emb_dim, H = n_heads, D = head_dim = C / H, V = vocab_size,
+L = tokens cached so far (the keys each new token attends to).
 """
 
 from __future__ import annotations
@@ -78,12 +81,76 @@ class MultiHeadAttention(nn.Module):
         B, H, T, D = y.shape
         return self.out_proj(y.transpose(1, 2).reshape(B, T, H * D))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
         q, k, v = self.split_heads(x)
-        dropout = self.drop_rate if self.training else 0.0
-        # softmax(q·kᵀ/√D + causal mask) with dropout, then · v
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)  # (B, H, T, D)
+        if cache is None:
+            dropout = self.drop_rate if self.training else 0.0
+            # softmax(q·kᵀ/√D + causal mask) with dropout, then · v
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)  # (B, H, T, D)
+        else:
+            k, v = cache.update(k, v)  # every key and value so far: (B, H, L, D)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=cache.owner.mask)  # (B, H, T, D)
         return self.merge_heads(y)
+
+
+class KVCache:
+    """Every layer's keys and values, preallocated for the whole context and written in place, so that
+    generation runs the prompt once (the "prefill") and then one new token per step.
+
+    Rows of a batch may be left-padded to a common length: the first `padding[b]` slots of row b hold
+    no token. Row b's real tokens take positions 0, 1, 2, ... and no query attends to a padding slot;
+    a padding slot attends only to itself, so that no softmax is over an empty set (which gives NaN).
+    """
+
+    def __init__(self, cfg: GPTConfig, batch_size: int, dtype: torch.dtype = torch.float32,
+                 device: str | torch.device = "cpu"):
+        self.capacity = cfg.context_length
+        shape = (batch_size, cfg.n_heads, cfg.context_length, cfg.head_dim)  # (B, H, L_max, D)
+        # torch.empty: a slot is always written before it is read
+        self.layers = [LayerCache(self, torch.empty(shape, dtype=dtype, device=device),
+                                  torch.empty(shape, dtype=dtype, device=device)) for _ in range(cfg.n_layers)]
+        self.slots = torch.arange(cfg.context_length, device=device)
+        self.reset(torch.zeros(batch_size, dtype=torch.long, device=device))
+
+    def reset(self, padding: torch.Tensor) -> None:
+        """Empty the cache; the rows about to be written start with padding[b] padding slots (B,)."""
+        self.padding = padding
+        self.padded = bool(padding.any())
+        self.start = self.length = 0
+        self.mask: torch.Tensor | None = None
+
+    def append(self, num_tokens: int) -> torch.Tensor:
+        """Claim the next num_tokens slots and set the attention mask for them; their positions (B, T)."""
+        start, end = self.length, self.length + num_tokens
+        if end > self.capacity:
+            raise ValueError(f"the cache holds {self.capacity} tokens (the context) and {self.length} are used; "
+                             f"cannot add {num_tokens}: reset it and prefill the most recent tokens instead")
+        self.start, self.length = start, end
+        keys = self.slots[:end]  # (L,)
+        queries = self.slots[start:end, None]  # (T, 1)
+        if num_tokens == 1 and not self.padded:
+            self.mask = None  # one new token may see every cached one
+        else:
+            causal = keys <= queries  # (T, L)
+            visible = (keys >= self.padding[:, None, None]) | (keys == queries)  # (B, T, L)
+            self.mask = (causal & visible)[:, None]  # (B, 1, T, L), broadcast over heads
+        return (queries.T - self.padding[:, None]).clamp(min=0)  # (B, T)
+
+
+class LayerCache:
+    """One layer's slice of a KVCache: key and value buffers (B, H, L_max, D)."""
+
+    def __init__(self, owner: KVCache, keys: torch.Tensor, values: torch.Tensor):
+        self.owner = owner
+        self.keys = keys
+        self.values = values
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write the new keys and values (B, H, T, D) into their slots; return all of them so far (B, H, L, D)."""
+        start, end = self.owner.start, self.owner.length
+        self.keys[:, :, start:end] = k
+        self.values[:, :, start:end] = v
+        return self.keys[:, :, :end], self.values[:, :, :end]
 
 
 class TransformerBlock(nn.Module):
@@ -97,8 +164,8 @@ class TransformerBlock(nn.Module):
         self.ff = FeedForward(cfg)
         self.drop_shortcut = nn.Dropout(cfg.drop_rate)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop_shortcut(self.att(self.norm1(x)))
+    def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
+        x = x + self.drop_shortcut(self.att(self.norm1(x), cache))
         x = x + self.drop_shortcut(self.ff(self.norm2(x)))
         return x
 
@@ -147,13 +214,25 @@ class GPTModel(nn.Module):
         """Token + position embeddings, then dropout: (B, T) ids and (T,) or (B, T) positions → (B, T, C)."""
         return self.drop_emb(self.tok_emb(ids) + self.pos_emb(positions))
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+    def hidden_states(self, ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """(B, T) ids → the final-normed features (B, T, C) that the output head turns into logits.
+
+        With a cache, `ids` are the tokens that follow those already cached: their positions carry on
+        from there, they attend to the cached keys, and their own keys and values are added.
+        """
         B, T = ids.shape
-        self.check_length(T)
-        x = self.embed(ids, torch.arange(T, device=ids.device))  # (B, T, C)
-        for block in self.trf_blocks:
-            x = block(x)
-        return self.out_head(self.final_norm(x))  # (B, T, V)
+        if cache is None:
+            self.check_length(T)
+            positions = torch.arange(T, device=ids.device)
+        else:
+            positions = cache.append(T)
+        x = self.embed(ids, positions)  # (B, T, C)
+        for layer, block in enumerate(self.trf_blocks):
+            x = block(x, None if cache is None else cache.layers[layer])
+        return self.final_norm(x)
+
+    def forward(self, ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        return self.out_head(self.hidden_states(ids, cache))  # (B, T, V)
 
     @property
     def device(self) -> torch.device:

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch.nn.parallel import DistributedDataParallel
 
-from .checkpoint import CONFIG_FILE, is_gptlab_checkpoint, read_config, write_folder_atomically, write_model_files
+from .checkpoint import is_gptlab_checkpoint, read_config, with_tied_head, write_folder_atomically, write_model_files
 from .config import GPTConfig
 from .data import IGNORE_INDEX, TokenWindows, validation_batches
 from .model import GPTModel
@@ -224,7 +224,7 @@ class TrainerState:
     step: int = 0
     tokens_seen: int = 0
     epoch: int = 0
-    batch_in_epoch: int = 0  # global batches of this epoch already consumed
+    windows_in_epoch: int = 0  # windows of this epoch's order already consumed
     elapsed: float = 0.0  # training seconds before this process started
     best_val_loss: float | None = None
     rng_states: list[torch.Tensor] = field(default_factory=list, repr=False)  # one per rank
@@ -268,17 +268,11 @@ def save_checkpoint(path: Path, model: GPTModel, tokenizer: Tokenizer, optimizer
 
 def load_trainer_state(path: Path, model: GPTModel, optimizer: torch.optim.Optimizer) -> TrainerState:
     names = {param: name for name, param in model.named_parameters()}
-    model.load_state_dict(tied_state(model.cfg, load_file(str(path / "model.safetensors"))))
+    model.load_state_dict(with_tied_head(model.cfg, load_file(str(path / "model.safetensors"))))
     load_optimizer_tensors(optimizer, names, load_file(str(path / OPTIMIZER_FILE)))
     rngs = load_file(str(path / "rng.safetensors"))
     fields = json.loads((path / STATE_FILE).read_text())["trainer"]
     return TrainerState(**fields, rng_states=[rngs[f"rng.{rank}"] for rank in range(len(rngs))])
-
-
-def tied_state(cfg: GPTConfig, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    if cfg.tie_embeddings:
-        state["out_head.weight"] = state["tok_emb.weight"]
-    return state
 
 
 # ----------------------------------------------------------------------------- the run folder
@@ -324,7 +318,7 @@ def check_resume_config(out_dir: Path, model_cfg: GPTConfig) -> None:
 class TrainingData:
     train_tokens: np.ndarray
     val_tokens: np.ndarray
-    val_bytes: int  # UTF-8 bytes of the held-out text, for bits per byte
+    val_bytes: int  # UTF-8 bytes that the validation targets stand for: the bits-per-byte denominator
 
 
 @dataclass
@@ -394,7 +388,7 @@ def _train(runtime, model_cfg, cfg, tokenizer, data, resume, overwrite, init_sta
     torch.manual_seed(cfg.seed + runtime.rank)
     model = GPTModel(model_cfg).to(runtime.device)
     if init_state is not None:
-        model.load_state_dict(tied_state(model_cfg, dict(init_state)))
+        model.load_state_dict(with_tied_head(model_cfg, dict(init_state)))
     optimizer = make_optimizer(model, cfg)
     state = TrainerState()
     if resume:
@@ -434,7 +428,7 @@ def _train(runtime, model_cfg, cfg, tokenizer, data, resume, overwrite, init_sta
 
     last_eval: tuple[int, EvalResult] | None = None
     tokens_per_step = cfg.batch_size * context
-    batches = windows.batches(cfg.batch_size, cfg.seed, state.epoch, state.batch_in_epoch, runtime.rank, runtime.world)
+    batches = windows.batches(cfg.batch_size, cfg.seed, state.epoch, state.windows_in_epoch, runtime.rank, runtime.world)
     start = time.perf_counter() - state.elapsed
     bar = progress_bar(cfg, runtime)
     stopped_by, window_start, window_tokens = "max_steps", time.perf_counter(), 0
@@ -468,7 +462,7 @@ def _train(runtime, model_cfg, cfg, tokenizer, data, resume, overwrite, init_sta
             optimizer.zero_grad(set_to_none=True)
             state.step += 1
             state.tokens_seen += tokens_per_step
-            state.epoch, state.batch_in_epoch = batch.resume_at
+            state.epoch, state.windows_in_epoch = batch.resume_at
             state.elapsed = time.perf_counter() - start
             window_tokens += tokens_per_step
             if state.step % cfg.log_interval == 0:
