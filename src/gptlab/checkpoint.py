@@ -46,14 +46,20 @@ def model_tensors(model: GPTModel) -> dict[str, torch.Tensor]:
 
 
 def write_folder_atomically(path: Path, write: Callable[[Path], None]) -> None:
-    """Call write(tmp_dir) to fill a fresh folder, then swap it in for `path` in two renames."""
+    """Call write(tmp_dir) to fill a fresh folder, then swap it in for `path` in two renames.
+
+    Between the renames the previous folder lives at `.NAME.old`; if the process dies right there,
+    `restore_interrupted_swap` (called here and before resuming) puts it back.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    restore_interrupted_swap(path)
+    old = path.with_name(f".{path.name}.old")
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
         write(tmp)
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; a checkpoint is an ordinary folder
         if path.exists():
-            old = path.with_name(f".{path.name}.old")
             shutil.rmtree(old, ignore_errors=True)
             os.replace(path, old)
             os.replace(tmp, path)
@@ -62,7 +68,14 @@ def write_folder_atomically(path: Path, write: Callable[[Path], None]) -> None:
             os.replace(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        restore_interrupted_swap(path)
         raise
+
+
+def restore_interrupted_swap(path: Path) -> None:
+    old = path.with_name(f".{path.name}.old")
+    if not path.exists() and old.is_dir():
+        os.replace(old, path)
 
 
 def write_model_files(folder: Path, model: GPTModel, tokenizer: Tokenizer, extra: dict | None = None) -> None:

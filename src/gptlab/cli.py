@@ -16,10 +16,10 @@ import torch
 from .checkpoint import load_model, read_model_config
 from .config import PRESETS, GPTConfig, get_config
 from .interop import HF_VOCAB_FILE, HUB_REPOS, DownloadError, download_gpt2, export_hf
-from .generate import generate
+from .generate import GenerationOptions, generate, stream_batch
 from .model import GPTModel
 from .report import parameter_report
-from .tokenizer import load_tokenizer
+from .tokenizer import Tokenizer, load_tokenizer
 from .checkpoint import read_config
 from .train import TrainConfig, TrainingError
 
@@ -50,30 +50,94 @@ def config_from_args(args: argparse.Namespace) -> GPTConfig:
     return get_config(args.model, **{field: getattr(args, field) for field in fields})
 
 
-def cmd_info(args: argparse.Namespace) -> None:
-    if args.checkpoint is None:
-        print(parameter_report(config_from_args(args)).format(args.model))
-        return
+def reject_shape_options(args: argparse.Namespace) -> None:
     shape_options = [field.name for field in dataclasses.fields(GPTConfig) if getattr(args, field.name) is not None]
     if shape_options:
         option = "--" + shape_options[0].replace("_", "-")
         raise UserError(f"--checkpoint takes the model's shape from the checkpoint; drop {option}")
+
+
+def cmd_info(args: argparse.Namespace) -> None:
+    if args.checkpoint is None:
+        print(parameter_report(config_from_args(args)).format(args.model))
+        return
+    reject_shape_options(args)
     cfg, kind = read_model_config(args.checkpoint)  # config.json only: no weights are read
     print(f"checkpoint {args.checkpoint} ({CHECKPOINT_FORMAT_NAMES[kind]})")
     print(parameter_report(cfg).format(Path(args.checkpoint).name))
 
 
-def cmd_generate(args: argparse.Namespace) -> None:
-    cfg = config_from_args(args)
-    if args.max_new_tokens < 0:
-        raise UserError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
-    tokenizer = load_tokenizer()
+def load_generation_model(path: Path, dtype: torch.dtype) -> tuple[GPTModel, Tokenizer]:
+    """The one place `generate` loads a checkpoint folder."""
+    return load_model(path, dtype=dtype)
+
+
+def generation_model(args: argparse.Namespace) -> tuple[GPTModel, Tokenizer]:
+    dtype = getattr(torch, args.dtype)
+    if args.checkpoint is not None:
+        reject_shape_options(args)
+        return load_generation_model(args.checkpoint, dtype)
     torch.manual_seed(args.seed)
-    model = GPTModel(cfg).eval()
+    model = GPTModel(config_from_args(args)).to(dtype).eval()
     print(f"(untrained {args.model} weights, seed {args.seed}: expect gibberish)", file=sys.stderr)
-    ids = torch.tensor([tokenizer.encode(args.prompt) or [tokenizer.eot_id]])
-    out = generate(model, ids[:, -cfg.context_length:], args.max_new_tokens)
-    print(tokenizer.decode(out[0].tolist()))
+    return model, load_tokenizer()
+
+
+def generation_options(args: argparse.Namespace) -> GenerationOptions:
+    try:
+        return GenerationOptions(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                                 top_p=args.top_p, seed=args.seed, stop=tuple(args.stop), num_samples=args.num_samples)
+    except ValueError as error:  # its messages begin with the option's name, so "--" makes it the flag
+        raise UserError(f"--{error}") from None
+
+
+def read_prompt(args: argparse.Namespace) -> str | None:
+    """The prompt from --prompt or --prompt-file; None with --interactive (prompts come from stdin)."""
+    given = [name for name in ("prompt", "prompt_file", "interactive") if getattr(args, name) not in (None, False)]
+    if len(given) != 1:
+        raise UserError("give exactly one of --prompt TEXT, --prompt-file FILE or --interactive")
+    if args.prompt_file is None:
+        return args.prompt
+    try:
+        return Path(args.prompt_file).read_text(encoding="utf-8").removesuffix("\n")
+    except OSError as error:
+        raise UserError(f"cannot read --prompt-file {args.prompt_file}: {error.strerror}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"--prompt-file {args.prompt_file} is not UTF-8 text") from None
+
+
+def print_generation(model: GPTModel, tokenizer: Tokenizer, prompt: str, options: GenerationOptions) -> None:
+    """Print the prompt and its continuation: the first sample as it is produced, any others once done."""
+    context = model.cfg.context_length
+    num_tokens = len(tokenizer.encode(prompt))
+    if num_tokens > context:
+        print(f"warning: the prompt has {num_tokens} tokens, more than the model's context_length {context}; "
+              f"keeping its last {context}", file=sys.stderr)
+    samples = options.num_samples
+    later: list[list[str]] = [[] for _ in range(samples)]
+    if samples > 1:
+        print(f"--- sample 1 of {samples} ---")
+    print(prompt, end="", flush=True)
+    for row, piece in stream_batch(model, tokenizer, [prompt], options):
+        if row == 0:
+            print(piece, end="", flush=True)
+        else:
+            later[row].append(piece)
+    print()
+    for row in range(1, samples):
+        print(f"--- sample {row + 1} of {samples} ---")
+        print(prompt + "".join(later[row]))
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    options = generation_options(args)
+    prompt = read_prompt(args)
+    model, tokenizer = generation_model(args)
+    if prompt is not None:
+        print_generation(model, tokenizer, prompt, options)
+        return
+    for line in sys.stdin:  # --interactive: one prompt per line until EOF, the model loaded once
+        print_generation(model, tokenizer, line.removesuffix("\n"), options)
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -136,28 +200,40 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     model, tokenizer = load_model(args.checkpoint)
     if args.data:
-        corpus = data.read_corpus(args.data, args.invalid_utf8)
-        text = corpus.text()
+        documents = [doc.read_text() for doc in data.read_corpus(args.data, args.invalid_utf8).documents]
         what = f"the whole text of {', '.join(args.data)}"
     else:
-        text = data.split_text(data.default_corpus_text())[1]
+        documents = [data.split_text(data.default_corpus_text())[1]]
         what = "the held-out 10% of the embedded corpus (pydoc_data.topics)"
-    tokens = np.array(tokenizer.encode(text, allow_special=True), dtype=np.int64)
-    target_bytes = int(data.token_byte_lengths(tokenizer)[tokens[1:]].sum())  # the first token is context only
+    # as in training: documents' tokens with end-of-text between them; a literal marker in a file is text
+    tokens = np.array([t for i, ids in enumerate(tokenizer.encode_batch(documents)) for t in ([tokenizer.eot_id] if i else []) + ids],
+                      dtype=np.int64)
+    scored = tokens[1:]  # the first token is context only; a document boundary stands for no text
+    target_bytes = len(tokenizer.decode_bytes(scored[scored != tokenizer.eot_id].tolist()))
     result = train.evaluate(model, tokens, target_bytes, args.batch_size)
     print(f"{args.checkpoint} on {what}:")
     print(result.format())
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    print(parameter_report(get_config("gpt2")).format("gpt2"))
-    print()
-    print("Greedy generation, 20 tokens from 'Hello, I am' with UNTRAINED gpt2 weights (random, seed 0):")
-    tokenizer = load_tokenizer()
-    torch.manual_seed(0)
-    model = GPTModel(get_config("gpt2")).eval()
-    out = generate(model, torch.tensor([tokenizer.encode("Hello, I am")]), 20)
-    print(repr(tokenizer.decode(out[0].tolist())))
+    """Train the default model on the embedded corpus for a few minutes, then sample from it."""
+    from .generate import generate_text
+    from .train import RUN_MARKER
+
+    out = Path(args.out)
+    train_args = ["train", "--out", str(out), "--time-budget", str(args.time_budget), "--eval-interval", "100000"]
+    if (out / RUN_MARKER).is_file():
+        train_args.append("--overwrite")  # a demo run replaces the previous demo run, never other files
+    print(f"Training gptlab's default model on Python's bundled documentation for {args.time_budget:.0f} s...")
+    cmd_train(build_parser().parse_args(train_args))
+    model, tokenizer = load_model(out / "best")
+    prompts = ["The ", "def ", "A list "]
+    options = GenerationOptions(max_new_tokens=200, temperature=0.8, top_k=40, seed=0)
+    print("\nSamples from the trained model (temperature 0.8, top-k 40, seed 0):")
+    for prompt, text in zip(prompts, generate_text(model, tokenizer, prompts, options)):
+        print(f"--- {prompt!r}\n{prompt}{text}")
+    print(f"\nNext: gptlab generate --checkpoint {out / 'best'} --prompt 'The '   |   "
+          f"gptlab eval --checkpoint {out / 'best'}")
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
@@ -186,9 +262,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = commands.add_parser("generate", help="generate text from a prompt")
     add_model_arguments(gen)
-    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--checkpoint", type=Path, help="generate with the model in this checkpoint folder instead of --model's "
+                     "untrained weights")
+    gen.add_argument("--prompt", help="the text to continue (empty: start from end-of-text)")
+    gen.add_argument("--prompt-file", help="read the prompt from this UTF-8 file (one final newline is dropped)")
+    gen.add_argument("--interactive", action="store_true", help="read prompts from stdin, one per line, until EOF")
     gen.add_argument("--max-new-tokens", type=int, default=50)
-    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--temperature", type=float, default=1.0, help="0 is greedy (default 1.0)")
+    gen.add_argument("--top-k", type=int, help="sample from the k most likely tokens only")
+    gen.add_argument("--top-p", type=float, default=1.0, help="sample from the fewest tokens holding this much probability")
+    gen.add_argument("--seed", type=int, default=0, help="seeds the sampling (and --model's random weights)")
+    gen.add_argument("--stop", action="append", default=[], help="end at this text, not printed (repeatable)")
+    gen.add_argument("--num-samples", type=int, default=1, help="samples per prompt, generated as one batch")
+    gen.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="weights while generating")
     gen.set_defaults(run=cmd_generate)
 
     tr = commands.add_parser("train", help="train a model on text (files, folders, globs; default: Python's docs)")
@@ -222,6 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(run=cmd_eval)
 
     demo = commands.add_parser("demo", help="the main job on the embedded default (what `make demo` runs)")
+    demo.add_argument("--out", default="runs/demo")
+    demo.add_argument("--time-budget", type=float, default=180.0, help="seconds of training (default 180)")
     demo.set_defaults(run=cmd_demo)
 
     convert = commands.add_parser("convert", help="export a model folder for Hugging Face transformers")

@@ -42,7 +42,11 @@ def generate(model: GPTModel, ids: torch.Tensor, max_new_tokens: int) -> torch.T
 
 @dataclass(frozen=True)
 class GenerationOptions:
-    """How to generate. The defaults sample from the full distribution; temperature=0 is greedy."""
+    """How to generate. The defaults sample from the full distribution; temperature=0 is greedy.
+
+    Invalid values raise ValueError whose message begins with the option's command-line name (without
+    the leading dashes), so `gptlab generate` can report the flag the user typed.
+    """
 
     max_new_tokens: int = 50
     temperature: float = 1.0
@@ -67,7 +71,7 @@ class GenerationOptions:
         if self.num_samples < 1:
             raise ValueError(f"num-samples must be >= 1, got {self.num_samples}")
         if any(not stop for stop in self.stop):
-            raise ValueError("stop strings must not be empty")
+            raise ValueError("stop must not be an empty string")
 
     def replace(self, **changes) -> "GenerationOptions":
         return dataclasses.replace(self, **changes)

@@ -27,9 +27,11 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch.nn.parallel import DistributedDataParallel
 
-from .checkpoint import is_gptlab_checkpoint, read_config, with_tied_head, write_folder_atomically, write_model_files
+from .checkpoint import (
+    is_gptlab_checkpoint, read_config, restore_interrupted_swap, with_tied_head, write_folder_atomically, write_model_files,
+)
 from .config import GPTConfig
-from .data import IGNORE_INDEX, TokenWindows, validation_batches
+from .data import IGNORE_INDEX, TokenWindows, check_length, validation_batches
 from .model import GPTModel
 from .tokenizer import Tokenizer
 
@@ -288,6 +290,8 @@ def check_out_dir(out_dir: Path, resume: bool, overwrite: bool) -> None:
     if entries and not ours:
         raise TrainingError(f"output folder {out_dir} holds files that are not a gptlab run ({', '.join(sorted(entries)[:3])}...); "
                             "choose an empty or new --out")
+    if resume:
+        restore_interrupted_swap(out_dir / "last")
     if resume and not is_gptlab_checkpoint(out_dir / "last"):
         raise TrainingError(f"--resume: no checkpoint at {out_dir / 'last'}; start without --resume or point --out at a run")
     if ours and not resume and not overwrite:
@@ -384,6 +388,7 @@ def _train(runtime, model_cfg, cfg, tokenizer, data, resume, overwrite, init_sta
                             "processes; choose --batch-size as a multiple of their product")
     accum_steps = cfg.batch_size // (micro * runtime.world)
     windows = TokenWindows(data.train_tokens, context, cfg.stride or context)
+    check_length(data.val_tokens, context, "validation split")  # now, not at the first evaluation
 
     torch.manual_seed(cfg.seed + runtime.rank)
     model = GPTModel(model_cfg).to(runtime.device)
@@ -400,6 +405,8 @@ def _train(runtime, model_cfg, cfg, tokenizer, data, resume, overwrite, init_sta
         (out_dir / RUN_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
         if not resume:
             (out_dir / "metrics.jsonl").unlink(missing_ok=True)
+        else:
+            drop_metrics_after(out_dir, state.step)
     net: torch.nn.Module = model
     if runtime.distributed:
         net = DistributedDataParallel(model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
@@ -409,6 +416,8 @@ def _train(runtime, model_cfg, cfg, tokenizer, data, resume, overwrite, init_sta
     def evaluate_and_save(final: bool) -> EvalResult:
         nonlocal last_eval
         result = evaluate(net, data.val_tokens, data.val_bytes, micro, runtime, cfg.dtype)
+        if not math.isfinite(result.loss):  # the last step broke the weights: keep them out of the checkpoints
+            raise divergence_error("validation loss", result.loss, state.step, out_dir)
         improved = state.best_val_loss is None or result.loss < state.best_val_loss
         if improved:
             state.best_val_loss = result.loss
@@ -435,10 +444,12 @@ def _train(runtime, model_cfg, cfg, tokenizer, data, resume, overwrite, init_sta
     model.train()
     with StopRequest() as stop:
         while True:
-            progress, limit = progress_fraction(cfg, state, time.perf_counter() - start)
+            elapsed = time.perf_counter() - start
+            progress, limit = progress_fraction(cfg, state, elapsed)
             progress, interrupted = agree_across_ranks(runtime, progress, stop.requested)
             if interrupted or progress >= 1.0:
                 stopped_by = "interrupt" if interrupted else limit
+                state.elapsed = elapsed  # what the time budget was measured against, so a resume sees it spent
                 break
             lr = learning_rate(cfg, state.step, progress)
             for group in optimizer.param_groups:
@@ -454,9 +465,9 @@ def _train(runtime, model_cfg, cfg, tokenizer, data, resume, overwrite, init_sta
                         loss = loss_fn(net, xm, ym) / accum_steps
                     loss.backward()
                 step_loss += loss.item()
+            (step_loss,) = sum_across_ranks(runtime, step_loss / runtime.world)  # every rank sees a NaN anywhere
             if not math.isfinite(step_loss):
-                raise TrainingError(f"loss became {step_loss} at step {state.step + 1}; the last good checkpoint is "
-                                    f"{out_dir / 'last'}; lower --lr or use --dtype float32")
+                raise divergence_error("loss", step_loss, state.step + 1, out_dir)
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -466,13 +477,12 @@ def _train(runtime, model_cfg, cfg, tokenizer, data, resume, overwrite, init_sta
             state.elapsed = time.perf_counter() - start
             window_tokens += tokens_per_step
             if state.step % cfg.log_interval == 0:
-                (mean_loss,) = sum_across_ranks(runtime, step_loss / runtime.world)
                 tokens_per_s = window_tokens / (time.perf_counter() - window_start)
                 window_start, window_tokens = time.perf_counter(), 0
                 if runtime.is_main:
-                    record_metrics(out_dir, {"step": state.step, "tokens": state.tokens_seen, "train_loss": mean_loss,
+                    record_metrics(out_dir, {"step": state.step, "tokens": state.tokens_seen, "train_loss": step_loss,
                                              "lr": lr, "tokens_per_s": tokens_per_s, "elapsed": state.elapsed})
-                    bar.set_postfix(step=state.step, loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
+                    bar.set_postfix(step=state.step, loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
             bar.update(min(progress, 1.0) - bar.n)
             if state.step % cfg.eval_interval == 0:
                 evaluate_and_save(final=False)
@@ -481,7 +491,15 @@ def _train(runtime, model_cfg, cfg, tokenizer, data, resume, overwrite, init_sta
     if stopped_by == "interrupt" and runtime.is_main:
         log(f"interrupted at step {state.step}; checkpoint saved in {out_dir / 'last'}; "
             f"continue with the same command plus --resume")
+    if runtime.distributed:
+        dist.barrier()  # no rank tears the process group down while another still uses it
     return TrainResult(state, final, out_dir, stopped_by)
+
+
+def divergence_error(what: str, value: float, step: int, out_dir: Path) -> TrainingError:
+    last = out_dir / "last"
+    kept = f"the last good checkpoint is {last}" if is_gptlab_checkpoint(last) else "no checkpoint was saved before it"
+    return TrainingError(f"{what} became {value} at step {step}; {kept}; lower --lr or use --dtype float32")
 
 
 def agree_across_ranks(runtime: Runtime, progress: float, stop_requested: bool) -> tuple[float, bool]:
@@ -500,6 +518,14 @@ def gather_rng_states(runtime: Runtime) -> list[torch.Tensor]:
     states: list = [None] * runtime.world
     dist.all_gather_object(states, state)
     return states
+
+
+def drop_metrics_after(out_dir: Path, step: int) -> None:
+    """A run that crashed or was aborted logged steps after its last checkpoint; resuming trains them again."""
+    path = out_dir / "metrics.jsonl"
+    if path.exists():
+        lines = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in lines))
 
 
 def record_metrics(out_dir: Path, record: dict) -> None:
