@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from gptlab.checkpoint import save_model
-from gptlab.cli import main
+from gptlab import cli
+from gptlab.cli import load_generation_model, main
 from gptlab.config import GPTConfig
-from gptlab.generate import (Decoder, GenerationOptions, TextAssembler, choose_next_tokens, decode_steps,
+from gptlab.generate import (Decoder, GenerationOptions, TextAssembler, choose_next_tokens, decode_steps, decoding_model,
                              filter_logits, generate, generate_ids, generate_text, new_generator, stream_batch,
                              stream_text)
 from gptlab.model import GPTModel, KVCache
@@ -122,6 +123,8 @@ def test_decoding_layout_is_transposed_in_float32_and_as_stored_in_bfloat16():
     assert qkv.shape == (3 * cfg.emb_dim, cfg.emb_dim) and qkv.t().is_contiguous()
     assert torch.equal(qkv, model.trf_blocks[0].att.qkv.weight)
     assert fp32.tok_emb.weight.data_ptr() == model.tok_emb.weight.data_ptr()  # shared, not copied
+    again = decoding_model(fp32)  # already laid out: nothing is copied, so preparing once is enough
+    assert all(again.state_dict()[name].data_ptr() == tensor.data_ptr() for name, tensor in fp32.state_dict().items())
     bf16 = Decoder(model, 1, dtype=torch.bfloat16).model
     assert bf16.trf_blocks[0].att.qkv.weight.is_contiguous()
     assert bf16.out_head.weight.data_ptr() == bf16.tok_emb.weight.data_ptr()  # the tied head converted once
@@ -399,18 +402,22 @@ def test_cli_generates_from_a_checkpoint(capsys, checkpoint):
     assert (code, out) == (0, "--- sample 1 of 2 ---\nHi 🙂\n--- sample 2 of 2 ---\nHi 🙂\n")
 
 
-def test_cli_prompt_file_interactive_empty_and_long_prompts(capsys, checkpoint, tmp_path, monkeypatch):
+def test_cli_prompt_file_interactive_empty_and_long_prompts(capsys, checkpoint, scripted, tokenizer, tmp_path, monkeypatch):
     prompt_file = tmp_path / "prompt.txt"
     prompt_file.write_text("Hi\n", encoding="utf-8")
     code, out, _ = run_cli(capsys, "--checkpoint", checkpoint, "--prompt-file", prompt_file, "--temperature", "0")
     assert (code, out) == (0, "Hi" + MULTIBYTE + "\n")
 
+    loads = []
+    monkeypatch.setattr(cli, "load_generation_model", lambda *args: loads.append(args) or load_generation_model(*args))
     monkeypatch.setattr("sys.stdin", io.StringIO("Hi\nHi\n"))
     code, out, _ = run_cli(capsys, "--checkpoint", checkpoint, "--interactive", "--temperature", "0", "--stop", "語")
-    assert (code, out) == (0, "Hi 🙂 日本\n" * 2)
+    assert (code, out, len(loads)) == (0, "Hi 🙂 日本\n" * 2, 1)
 
-    code, out, err = run_cli(capsys, "--checkpoint", checkpoint, "--prompt", "", "--max-new-tokens", "3")
-    assert code == 0 and err == ""
+    code, out, err = run_cli(capsys, "--checkpoint", checkpoint, "--prompt", "", "--max-new-tokens", "5", "--temperature", "0")
+    from_end_of_text = generate_ids(scripted, [[tokenizer.eot_id]], GenerationOptions(max_new_tokens=5, temperature=0),
+                                    eot_id=tokenizer.eot_id)[0]
+    assert (code, out, err) == (0, tokenizer.decode(from_end_of_text) + "\n", "")
 
     long_prompt = "x." * 40 + "Hi"  # 81 tokens, the last one "Hi"
     code, out, err = run_cli(capsys, "--checkpoint", checkpoint, "--prompt", long_prompt, "--temperature", "0",

@@ -16,7 +16,7 @@ import torch
 from .checkpoint import load_model, read_model_config
 from .config import PRESETS, GPTConfig, get_config
 from .interop import HF_VOCAB_FILE, HUB_REPOS, DownloadError, download_gpt2, export_hf
-from .generate import GenerationOptions, generate, stream_batch
+from .generate import GenerationOptions, decoding_model, generate, stream_batch
 from .model import GPTModel
 from .report import parameter_report
 from .tokenizer import Tokenizer, load_tokenizer
@@ -73,14 +73,16 @@ def load_generation_model(path: Path, dtype: torch.dtype) -> tuple[GPTModel, Tok
 
 
 def generation_model(args: argparse.Namespace) -> tuple[GPTModel, Tokenizer]:
+    """The model to generate with, its weights laid out for decoding once for every prompt to come."""
     dtype = getattr(torch, args.dtype)
     if args.checkpoint is not None:
         reject_shape_options(args)
-        return load_generation_model(args.checkpoint, dtype)
-    torch.manual_seed(args.seed)
-    model = GPTModel(config_from_args(args)).to(dtype).eval()
-    print(f"(untrained {args.model} weights, seed {args.seed}: expect gibberish)", file=sys.stderr)
-    return model, load_tokenizer()
+        model, tokenizer = load_generation_model(args.checkpoint, dtype)
+    else:
+        torch.manual_seed(args.seed)
+        model, tokenizer = GPTModel(config_from_args(args)).to(dtype).eval(), load_tokenizer()
+        print(f"(untrained {args.model} weights, seed {args.seed}: expect gibberish)", file=sys.stderr)
+    return decoding_model(model), tokenizer
 
 
 def generation_options(args: argparse.Namespace) -> GenerationOptions:
