@@ -50,3 +50,20 @@ def test_finetune_from_hf_folder_lowers_loss_and_exports_back(tmp_path, hf_folde
     ids = torch.tensor([tokenizer.encode("The quick brown fox")])
     with torch.no_grad():
         assert (hf(ids).logits - tuned(ids)).abs().max().item() <= 1e-4
+
+
+def test_finetune_run_resumes_and_refuses_shape_options(tmp_path, hf_folder, capsys):
+    data = tmp_path / "text.txt"
+    data.write_text(TEXT)
+    out = tmp_path / "run"
+    base = ["train", "--init", str(hf_folder), "--data", str(data), "--out", str(out), "--cache-dir", str(tmp_path / "cache"),
+            "--batch-size", "4", "--eval-interval", "3", "--sample-tokens", "0", "--dtype", "float32", "--no-progress"]
+    assert main([*base, "--max-steps", "3"]) == 0
+    assert main([*base, "--max-steps", "5", "--resume"]) == 0
+    state = json.loads((out / "last" / "trainer_state.json").read_text())["trainer"]
+    assert state["step"] == 5
+
+    capsys.readouterr()
+    assert main([*base, "--max-steps", "6", "--resume", "--emb-dim", "32"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--init takes the model's shape from the checkpoint; drop --emb-dim" in err

@@ -49,11 +49,11 @@ def config_from_args(args: argparse.Namespace) -> GPTConfig:
     return get_config(args.model, **{field: getattr(args, field) for field in fields})
 
 
-def reject_shape_options(args: argparse.Namespace) -> None:
+def reject_shape_options(args: argparse.Namespace, source: str = "--checkpoint") -> None:
     shape_options = [field.name for field in dataclasses.fields(GPTConfig) if getattr(args, field.name) is not None]
     if shape_options:
         option = "--" + shape_options[0].replace("_", "-")
-        raise UserError(f"--checkpoint takes the model's shape from the checkpoint; drop {option}")
+        raise UserError(f"{source} takes the model's shape from the checkpoint; drop {option}")
 
 
 def cmd_info(args: argparse.Namespace) -> None:
@@ -152,14 +152,19 @@ def cmd_train(args: argparse.Namespace) -> None:
             train.check_out_dir(Path(args.out), args.resume, args.overwrite)
         corpus = data.read_corpus(args.data, args.invalid_utf8) if args.data else data.default_corpus()
         init_state = None
-        if args.resume:
+        if args.init:
+            reject_shape_options(args, "--init")
+        if args.resume:  # the weights and tokenizer come from the run's last checkpoint
             _, tokenizer, _ = read_config(Path(args.out) / "last")
         elif args.init:
             model, tokenizer = load_model(args.init)
             init_state = model.state_dict()
         else:
             tokenizer = data.build_tokenizer(args.tokenizer, corpus, args.merges)
-        model_cfg = model.cfg if args.init else config_from_args(args).replace(vocab_size=tokenizer.vocab_size)
+        if args.init:
+            model_cfg, _ = read_model_config(args.init)
+        else:
+            model_cfg = config_from_args(args).replace(vocab_size=tokenizer.vocab_size)
         cache_dir = args.cache_dir or default_cache_dir(corpus, tokenizer)
         if runtime.is_main:
             cache = data.build_token_cache(corpus, tokenizer, cache_dir, progress=not args.no_progress)
