@@ -25,7 +25,9 @@ from .train import TrainConfig, TrainingError
 DEFAULT_TRAIN_MODEL = "gpt2-micro"
 DEFAULT_TRAIN_TOKENIZER = "char"
 
-TRAIN_DEFAULTS = TrainConfig(time_budget=300)
+# Every token starts a window (stride 1): each epoch sees the text at new offsets, which on the small
+# embedded corpus generalises far better than fixed non-overlapping windows (README, time to quality).
+TRAIN_DEFAULTS = TrainConfig(time_budget=300, stride=1)
 
 
 class UserError(Exception):

@@ -49,7 +49,7 @@ class TrainConfig:
     out_dir: str = "runs/default"
     batch_size: int = 32  # sequences per optimizer step, over all processes
     micro_batch_size: int | None = None  # sequences per forward pass per process (default: batch / world)
-    stride: int | None = None  # window start spacing in tokens (default: context_length, no overlap)
+    stride: int | None = None  # window start spacing in tokens (None: context_length, no overlap)
     lr: float = 3e-3
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     warmup_steps: int = 50
