@@ -212,11 +212,10 @@ def decode_steps(model: GPTModel, prompts: Sequence[Sequence[int]], options: Gen
     rows = [list(prompt)[-context:] for prompt in prompts for _ in range(options.num_samples)]
     generator = new_generator(options.seed, model.device)
     decoder = Decoder(model, len(rows), dtype, keep)
-    logits = decoder.prefill(rows)
-    for step in range(options.max_new_tokens):
-        if step:
-            logits = decoder.step(next_ids)
-        next_ids = choose_next_tokens(logits, options, generator)  # (B,)
+    next_ids = choose_next_tokens(decoder.prefill(rows), options, generator)  # (B,)
+    yield next_ids.tolist()
+    for _ in range(options.max_new_tokens - 1):
+        next_ids = choose_next_tokens(decoder.step(next_ids), options, generator)
         yield next_ids.tolist()
 
 

@@ -220,9 +220,8 @@ def evaluate(model: torch.nn.Module, tokens: np.ndarray, n_bytes: int, batch_siz
 
 
 def unwrap(model: torch.nn.Module) -> GPTModel:
-    """The GPTModel inside DDP and torch.compile wrappers."""
-    model = getattr(model, "module", model)
-    return getattr(model, "_orig_mod", model)
+    """The GPTModel inside a DistributedDataParallel wrapper (--compile compiles the loss, not the module)."""
+    return getattr(model, "module", model)
 
 
 # ----------------------------------------------------------------------------- checkpoints
