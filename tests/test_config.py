@@ -69,6 +69,12 @@ def test_drop_rate_outside_zero_to_one_is_rejected(drop_rate):
         GPTConfig(drop_rate=drop_rate)
 
 
+@pytest.mark.parametrize("rate", [-0.5, 1.0, True])
+def test_attn_drop_rate_outside_zero_to_one_is_rejected(rate):
+    with pytest.raises(ValueError, match=r"attn_drop_rate must be in \[0, 1\)"):
+        GPTConfig(attn_drop_rate=rate)
+
+
 def test_drop_rate_bounds_that_are_allowed():
     assert GPTConfig(drop_rate=0.0).drop_rate == 0.0
     assert GPTConfig(drop_rate=0.99).drop_rate == 0.99

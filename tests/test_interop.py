@@ -66,6 +66,7 @@ def test_config_from_hf_reads_the_shape(hf_model):
     assert cfg.qkv_bias is True
     assert cfg.tie_embeddings == hf.tie_word_embeddings
     assert cfg.drop_rate == hf.resid_pdrop
+    assert cfg.attention_drop_rate == hf.attn_pdrop
 
 
 def test_logits_match_transformers(hf_model):

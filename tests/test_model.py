@@ -96,6 +96,15 @@ def test_attention_dropout_only_in_train_mode():
     torch.testing.assert_close(att(x), explicit_attention(att, x), atol=1e-5, rtol=0)
 
 
+def test_attention_dropout_can_be_switched_off_apart_from_the_shortcut_dropout():
+    block = randomise_(TransformerBlock(TINY.replace(drop_rate=0.5, attn_drop_rate=0.0))).train()
+    x = torch.randn(2, 11, TINY.emb_dim)
+    assert block.att.drop_rate == 0.0 and block.drop_shortcut.p == 0.5
+    assert torch.equal(block.att(x), block.att(x))
+    assert not torch.equal(block(x), block(x))
+    assert TINY.replace(drop_rate=0.2).attention_drop_rate == 0.2  # unset: the textbook's single rate
+
+
 def test_feed_forward_is_fc_gelu_proj():
     ff = randomise_(FeedForward(TINY))
     assert (ff.fc.in_features, ff.fc.out_features) == (TINY.emb_dim, 4 * TINY.emb_dim)
@@ -157,3 +166,20 @@ def test_initialisation_statistics():
             assert torch.equal(module.scale, torch.ones_like(module.scale)), name
             assert torch.count_nonzero(module.shift) == 0, name
     assert model.trf_blocks[0].att.out_proj.weight.std().item() == pytest.approx(0.02 / math.sqrt(12), rel=0.1)
+
+
+def test_sinusoidal_positions_are_the_transformer_code_at_gpt2_scale():
+    model = GPTModel(TINY.replace(context_length=40))
+    model.init_sinusoidal_positions()
+    table = model.pos_emb.weight.detach()
+    amplitude = 0.02 * math.sqrt(2)
+    for position, pair in [(0, 0), (7, 3), (39, 15)]:
+        angle = position / 10000 ** (2 * pair / TINY.emb_dim)
+        assert table[position, 2 * pair].item() == pytest.approx(amplitude * math.sin(angle), abs=1e-7)
+        assert table[position, 2 * pair + 1].item() == pytest.approx(amplitude * math.cos(angle), abs=1e-7)
+    assert table.pow(2).mean().sqrt().item() == pytest.approx(0.02, rel=1e-5)  # GPT-2's init std
+    # What makes it useful: the dot product of two positions depends only on how far apart they are.
+    gram = table @ table.T
+    for offset in (1, 5, 20):
+        along = gram.diagonal(offset)
+        torch.testing.assert_close(along, along[:1].expand_as(along), atol=1e-9, rtol=1e-5)

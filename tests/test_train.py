@@ -447,6 +447,35 @@ def test_weights_broken_by_a_huge_learning_rate_never_reach_a_checkpoint(corpus_
     assert not (out / "last").exists() and not (out / "best").exists()
 
 
+@pytest.mark.parametrize("pos_init, init_weights, restarted", [
+    ("sinusoidal", False, True), ("gpt2", False, False), ("sinusoidal", True, False)])
+def test_only_a_new_model_gets_the_sinusoidal_position_table(corpus_data, tmp_path, monkeypatch,
+                                                             pos_init, init_weights, restarted):
+    tables = []  # the position table of every model trained, as the first step sees it
+    forward = GPTModel.forward
+
+    def recording_forward(self, *args, **kwargs):
+        tables.append(self.pos_emb.weight.detach().clone())
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(GPTModel, "forward", recording_forward)
+    tokenizer, data = corpus_data
+    sinusoidal = GPTModel(model_config(tokenizer))
+    sinusoidal.init_sinusoidal_positions()
+    pretrained = GPTModel(model_config(tokenizer)).state_dict()
+    train(model_config(tokenizer), train_config(tmp_path / "run", pos_init=pos_init, max_steps=1), tokenizer, data,
+          init_state=pretrained if init_weights else None)
+    first = tables[0]
+    assert torch.equal(first, sinusoidal.pos_emb.weight) == restarted
+    if init_weights:  # fine-tuning keeps the loaded table
+        assert torch.equal(first, pretrained["pos_emb.weight"])
+
+
+def test_an_unknown_position_init_is_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"pos_init must be gpt2 or sinusoidal, got 'rope'"):
+        train_config(tmp_path, pos_init="rope")
+
+
 def test_a_too_short_validation_split_is_refused_before_any_training(corpus_data, tmp_path):
     tokenizer, data = corpus_data
     short = TrainingData(data.train_tokens, data.val_tokens[:10], 10)

@@ -67,6 +67,7 @@ def config_from_hf(hf: Mapping) -> GPTConfig:
         n_heads=hf.get("n_head", 12),
         n_layers=hf.get("n_layer", 12),
         drop_rate=hf.get("resid_pdrop", 0.1),
+        attn_drop_rate=hf.get("attn_pdrop", 0.1),
         qkv_bias=True,
         tie_embeddings=hf.get("tie_word_embeddings", True),
     )
@@ -299,7 +300,7 @@ def hf_config_for(model: GPTModel, tokenizer: Tokenizer) -> dict:
         "activation_function": "gelu_new",  # the tanh approximation
         "resid_pdrop": cfg.drop_rate,
         "embd_pdrop": cfg.drop_rate,
-        "attn_pdrop": cfg.drop_rate,
+        "attn_pdrop": cfg.attention_drop_rate,
         "layer_norm_epsilon": model.final_norm.eps,
         "initializer_range": 0.02,
         "scale_attn_weights": True,

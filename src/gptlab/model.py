@@ -65,7 +65,7 @@ class MultiHeadAttention(nn.Module):
         super().__init__()
         self.n_heads = cfg.n_heads
         self.head_dim = cfg.head_dim
-        self.drop_rate = cfg.drop_rate
+        self.drop_rate = cfg.attention_drop_rate
         self.qkv = nn.Linear(cfg.emb_dim, 3 * cfg.emb_dim, bias=cfg.qkv_bias)
         self.out_proj = nn.Linear(cfg.emb_dim, cfg.emb_dim)
 
@@ -202,6 +202,17 @@ class GPTModel(nn.Module):
             elif isinstance(module, LayerNorm):
                 nn.init.ones_(module.scale)
                 nn.init.zeros_(module.shift)
+
+    def init_sinusoidal_positions(self) -> None:
+        """Restart the learned position table from the original Transformer's sin/cos code, scaled to
+        GPT-2's std of 0.02. Offsets are then rotations shared by every position, so attention can find
+        "the previous token" from the first steps; from GPT-2's random table, a small model first
+        spends a long plateau learning that."""
+        positions, dims = self.pos_emb.weight.shape
+        angles = torch.arange(positions)[:, None] * 10000.0 ** (-torch.arange(0, dims, 2) / dims)  # (T, C/2)
+        table = torch.stack([angles.sin(), angles.cos()], dim=-1).flatten(1)[:, :dims]  # (T, C): sin, cos interleaved
+        with torch.no_grad():
+            self.pos_emb.weight.copy_(table * 0.02 * math.sqrt(2))  # each of sin and cos has RMS 1/√2
 
     def check_length(self, num_tokens: int) -> None:
         if num_tokens > self.cfg.context_length:

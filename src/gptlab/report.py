@@ -27,8 +27,8 @@ class ParameterReport:
         cfg = self.config
         lines = [
             f"model {name}: vocab_size {cfg.vocab_size}, context_length {cfg.context_length}, emb_dim {cfg.emb_dim}, "
-            f"n_heads {cfg.n_heads}, n_layers {cfg.n_layers}, drop_rate {cfg.drop_rate}, qkv_bias {cfg.qkv_bias}, "
-            f"tie_embeddings {cfg.tie_embeddings}",
+            f"n_heads {cfg.n_heads}, n_layers {cfg.n_layers}, drop_rate {cfg.drop_rate}, "
+            f"attn_drop_rate {cfg.attention_drop_rate}, qkv_bias {cfg.qkv_bias}, tie_embeddings {cfg.tie_embeddings}",
             f"total parameters:              {self.total:>15,}",
             f"with head tied to tok_emb:     {self.tied_total:>15,}",
             "by component:",

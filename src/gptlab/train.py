@@ -53,6 +53,7 @@ class TrainConfig:
     lr: float = 3e-3
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     warmup_steps: int = 50
+    pos_init: str = "gpt2"  # position table of a new model: "gpt2" (random) or "sinusoidal"
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
@@ -77,6 +78,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.dtype not in ("bfloat16", "float32"):
             raise ValueError(f"dtype must be bfloat16 or float32, got {self.dtype!r}")
+        if self.pos_init not in ("gpt2", "sinusoidal"):
+            raise ValueError(f"pos_init must be gpt2 or sinusoidal, got {self.pos_init!r}")
         if not self.lr > 0:
             raise ValueError(f"learning rate must be positive, got {self.lr}")
 
@@ -400,6 +403,8 @@ def _train(runtime, model_cfg, cfg, tokenizer, data, resume, overwrite, init_sta
     model = GPTModel(model_cfg).to(runtime.device)
     if init_state is not None:
         model.load_state_dict(with_tied_head(model_cfg, dict(init_state)))
+    elif cfg.pos_init == "sinusoidal":  # a resumed run loads its trained table over this below
+        model.init_sinusoidal_positions()
     optimizer = make_optimizer(model, cfg)
     state = TrainerState()
     if resume:
