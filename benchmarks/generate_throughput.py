@@ -18,10 +18,16 @@ from pathlib import Path
 
 import torch
 import transformers
-
 from common import machine_info, timed, write_report
-from gptlab.generate import Decoder, GenerationOptions, decoding_model, generate, generate_ids
-from gptlab.interop import config_from_hf, state_dict_from_hf
+
+from gptlab.inference.generate import (
+    Decoder,
+    GenerationOptions,
+    decoding_model,
+    generate,
+    generate_ids,
+)
+from gptlab.interop.hf import config_from_hf, state_dict_from_hf
 from gptlab.model import GPTModel
 
 PROMPT_TOKENS = 32

@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 
 import torch
-
 from common import machine_info, write_report
+
 from gptlab.cli import main as gptlab
 
 TARGET_BITS_PER_BYTE = 1.50

@@ -30,14 +30,21 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from common import machine_info, timed, write_report
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from common import machine_info, timed, write_report
 from gptlab.config import GPTConfig, get_config
-from gptlab.interop import state_dict_to_hf
+from gptlab.interop.hf import state_dict_to_hf
 from gptlab.model import GPTModel
-from gptlab.train import Runtime, TrainConfig, autocast, loss_fn, make_optimizer, training_loss_fn
+from gptlab.training.trainer import (
+    Runtime,
+    TrainConfig,
+    autocast,
+    loss_fn,
+    make_optimizer,
+    training_loss_fn,
+)
 
 BATCH_SIZE = 8
 MODEL_CONFIG = get_config("gpt2-mini", vocab_size=50257, qkv_bias=True, tie_embeddings=True, drop_rate=0.0)

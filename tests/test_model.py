@@ -6,7 +6,14 @@ import pytest
 import torch
 
 from gptlab.config import GPTConfig, get_config
-from gptlab.model import GELU, FeedForward, GPTModel, LayerNorm, MultiHeadAttention, TransformerBlock
+from gptlab.model import (
+    GELU,
+    FeedForward,
+    GPTModel,
+    LayerNorm,
+    MultiHeadAttention,
+    TransformerBlock,
+)
 
 TINY = GPTConfig(vocab_size=97, context_length=16, emb_dim=32, n_heads=4, n_layers=2, drop_rate=0.0)
 

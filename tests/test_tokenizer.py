@@ -7,7 +7,13 @@ from importlib import resources
 import pytest
 
 import gptlab.tokenizer
-from gptlab.tokenizer import EOT_TEXT, CharTokenizer, GPT2Tokenizer, load_tokenizer, tokenizer_from_spec
+from gptlab.tokenizer import (
+    EOT_TEXT,
+    CharTokenizer,
+    GPT2Tokenizer,
+    load_tokenizer,
+    tokenizer_from_spec,
+)
 
 TEXTS = {
     "prose": "The quick brown fox jumps over the lazy dog. It is a truth universally acknowledged, that a single "

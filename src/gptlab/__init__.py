@@ -2,7 +2,7 @@
 
 from .checkpoint import load_model
 from .config import PRESETS, GPTConfig, get_config
-from .generate import generate
+from .inference.generate import generate
 from .model import GPTModel
 from .tokenizer import CharTokenizer, load_tokenizer
 

@@ -138,7 +138,9 @@ def model_from_state_dict(cfg: GPTConfig, state: dict[str, torch.Tensor]) -> GPT
 
 def checkpoint_format(path: Path) -> str:
     """'gptlab' or 'hf' for a folder load_model can read; else a ValueError saying what it should hold."""
-    from .interop import hf_weight_files  # interop imports this module, so it is imported on use
+    from .interop.hf import (
+        hf_weight_files,  # interop imports this module, so it is imported on use
+    )
 
     folder = Path(path)
     if not folder.is_dir():
@@ -164,7 +166,10 @@ def checkpoint_format(path: Path) -> str:
 
 def read_model_config(path: Path) -> tuple[GPTConfig, str]:
     """The shape of the model in a loadable folder and the folder's format, from config.json alone."""
-    from .interop import check_hf_config, config_from_hf  # interop imports this module
+    from .interop.hf import (  # interop imports this module
+        check_hf_config,
+        config_from_hf,
+    )
 
     kind = checkpoint_format(path)
     meta = read_json(Path(path) / CONFIG_FILE)
@@ -180,7 +185,7 @@ def load_model(
     """The model and tokenizer in a gptlab checkpoint or a Hugging Face GPT-2 folder (any of the four
     sizes), memory-mapped rather than copied where the device and dtype allow. Bad folders, missing
     weights and shape mismatches raise a one-line ValueError."""
-    from .interop import load_hf_checkpoint  # interop imports this module
+    from .interop.hf import load_hf_checkpoint  # interop imports this module
 
     try:
         if checkpoint_format(path) == "hf":

@@ -15,12 +15,18 @@ import torch
 
 from .checkpoint import load_model, read_config, read_model_config
 from .config import PRESETS, GPTConfig, get_config
-from .interop import HF_VOCAB_FILE, HUB_REPOS, DownloadError, download_gpt2, export_hf
-from .generate import GenerationOptions, decoding_model, stream_batch
+from .inference.generate import GenerationOptions, decoding_model, stream_batch
+from .interop.hf import (
+    HF_VOCAB_FILE,
+    HUB_REPOS,
+    DownloadError,
+    download_gpt2,
+    export_hf,
+)
 from .model import GPTModel
 from .report import parameter_report
 from .tokenizer import Tokenizer, load_tokenizer
-from .train import TrainConfig, TrainingError
+from .training.trainer import TrainConfig, TrainingError
 
 DEFAULT_TRAIN_MODEL = "gpt2-micro"
 DEFAULT_TRAIN_TOKENIZER = "char"
@@ -142,7 +148,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from . import data, train
+    from . import data
+    from .training import trainer as train
 
     cfg = train.TrainConfig(
         out_dir=args.out, batch_size=args.batch_size, micro_batch_size=args.micro_batch_size, stride=args.stride,
@@ -204,7 +211,8 @@ def default_cache_dir(corpus, tokenizer) -> Path:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from . import data, train
+    from . import data
+    from .training import trainer as train
 
     model, tokenizer = load_model(args.checkpoint)
     if args.data:
@@ -225,8 +233,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 def cmd_demo(args: argparse.Namespace) -> None:
     """Train the default model on the embedded corpus for a few minutes, then sample from it."""
-    from .generate import generate_text
-    from .train import RUN_MARKER
+    from .inference.generate import generate_text
+    from .training.trainer import RUN_MARKER
 
     out = Path(args.out)
     train_args = ["train", "--out", str(out), "--time-budget", str(args.time_budget), "--eval-interval", "100000"]

@@ -18,10 +18,17 @@ from typing import Mapping
 import torch
 from safetensors.torch import load_file, save_file
 
-from .checkpoint import model_from_state_dict, read_json, write_folder_atomically
-from .config import GPTConfig
-from .model import GPTModel
-from .tokenizer import EOT_TEXT, GPT2Tokenizer, Tokenizer, is_full_gpt2, load_tokenizer, tokenizer_from_spec
+from ..checkpoint import model_from_state_dict, read_json, write_folder_atomically
+from ..config import GPTConfig
+from ..model import GPTModel
+from ..tokenizer import (
+    EOT_TEXT,
+    GPT2Tokenizer,
+    Tokenizer,
+    is_full_gpt2,
+    load_tokenizer,
+    tokenizer_from_spec,
+)
 
 # gptlab name -> HF name, per block; True where HF stores the weight transposed (Conv1D).
 BLOCK_KEYS: dict[str, tuple[str, bool]] = {

@@ -20,12 +20,19 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 import gptlab.checkpoint as checkpoint_module
-import gptlab.train as train_module
+import gptlab.training.trainer as train_module
 from gptlab.checkpoint import load_gptlab_checkpoint
 from gptlab.config import GPTConfig
-from gptlab.data import DataError, build_token_cache, build_tokenizer, default_corpus_text, read_corpus, split_text
+from gptlab.data import (
+    DataError,
+    build_token_cache,
+    build_tokenizer,
+    default_corpus_text,
+    read_corpus,
+    split_text,
+)
 from gptlab.model import GPTModel
-from gptlab.train import (
+from gptlab.training.trainer import (
     OPTIMIZER_FILE,
     STATE_FILE,
     TrainConfig,

@@ -27,13 +27,18 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch.nn.parallel import DistributedDataParallel
 
-from .checkpoint import (
-    is_gptlab_checkpoint, read_config, restore_interrupted_swap, with_tied_head, write_folder_atomically, write_model_files,
+from ..checkpoint import (
+    is_gptlab_checkpoint,
+    read_config,
+    restore_interrupted_swap,
+    with_tied_head,
+    write_folder_atomically,
+    write_model_files,
 )
-from .config import GPTConfig
-from .data import IGNORE_INDEX, TokenWindows, check_length, validation_batches
-from .model import GPTModel
-from .tokenizer import Tokenizer
+from ..config import GPTConfig
+from ..data import IGNORE_INDEX, TokenWindows, check_length, validation_batches
+from ..model import GPTModel
+from ..tokenizer import Tokenizer
 
 OPTIMIZER_FILE = "optimizer.safetensors"
 STATE_FILE = "trainer_state.json"
@@ -574,7 +579,7 @@ def plot_losses(out_dir: Path) -> None:
 
 def sample_text(model: GPTModel, tokenizer: Tokenizer, max_new_tokens: int, prompt: str = "") -> str:
     """A short sample (temperature 0.8, top-k 40, fixed seed) to show progress at each evaluation."""
-    from .generate import GenerationOptions, generate_text
+    from ..inference.generate import GenerationOptions, generate_text
 
     was_training = model.training
     model.eval()

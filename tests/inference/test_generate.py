@@ -10,14 +10,25 @@ import math
 import pytest
 import torch
 
-from gptlab.checkpoint import save_model
 from gptlab import cli
-from gptlab.checkpoint import load_model
+from gptlab.checkpoint import load_model, save_model
 from gptlab.cli import main
 from gptlab.config import GPTConfig
-from gptlab.generate import (Decoder, GenerationOptions, TextAssembler, choose_next_tokens, decode_steps, decoding_model,
-                             filter_logits, generate, generate_ids, generate_text, new_generator, stream_batch,
-                             stream_text)
+from gptlab.inference.generate import (
+    Decoder,
+    GenerationOptions,
+    TextAssembler,
+    choose_next_tokens,
+    decode_steps,
+    decoding_model,
+    filter_logits,
+    generate,
+    generate_ids,
+    generate_text,
+    new_generator,
+    stream_batch,
+    stream_text,
+)
 from gptlab.model import GPTModel, KVCache
 from gptlab.tokenizer import load_tokenizer
 
@@ -363,7 +374,7 @@ def test_stop_string_ends_generation_early(scripted, tokenizer, monkeypatch):
             consumed += 1
             yield ids
 
-    monkeypatch.setattr(importlib.import_module("gptlab.generate"), "decode_steps", counting_steps)
+    monkeypatch.setattr(importlib.import_module("gptlab.inference.generate"), "decode_steps", counting_steps)
     assert generate_text(scripted, tokenizer, ["Hi"], options) == [" 🙂 "]
     # ... but the text layer stops at the token that completes "日本": " 🙂", " \xe6", "\x97", "\xa5", "\xe6\x9c", "\xac"
     assert consumed == 6

@@ -25,8 +25,8 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
-from .model import GPTModel, KVCache
-from .tokenizer import Tokenizer
+from ..model import GPTModel, KVCache
+from ..tokenizer import Tokenizer
 
 
 @torch.inference_mode()

@@ -12,12 +12,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from gptlab.checkpoint import load_gptlab_checkpoint, read_config, save_model
-from gptlab.cli import main
-from gptlab.config import GPTConfig
-from gptlab.model import GPTModel
-from gptlab.tokenizer import CharTokenizer
 from test_train import (  # noqa: F401 (one_thread is an autouse fixture)
     TEXT,
     explicit_validation_nll,
@@ -27,6 +21,12 @@ from test_train import (  # noqa: F401 (one_thread is an autouse fixture)
     train_losses,
     validation_losses,
 )
+
+from gptlab.checkpoint import load_gptlab_checkpoint, read_config, save_model
+from gptlab.cli import main
+from gptlab.config import GPTConfig
+from gptlab.model import GPTModel
+from gptlab.tokenizer import CharTokenizer
 
 MODEL_OPTIONS = ["--context-length", "16", "--emb-dim", "32", "--n-heads", "2", "--n-layers", "2"]
 

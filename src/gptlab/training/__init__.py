@@ -1,0 +1,1 @@
+"""Pretraining and fine-tuning loops, their configuration and their checkpoints."""
