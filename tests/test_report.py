@@ -70,7 +70,7 @@ def test_cli_unknown_preset_exits_2(capsys):
 @pytest.mark.parametrize(
     "command",
     [
-        [sys.executable, "-m", "gptlab.cli"],
+        [sys.executable, "-m", "gptlab"],
         [str(Path(sys.executable).with_name("gptlab"))],  # the installed console script
     ],
     ids=["python -m gptlab.cli", "gptlab"],

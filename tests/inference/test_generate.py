@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from gptlab import cli
+from gptlab.cli import generate as cli
 from gptlab.checkpoint import load_model, save_model
 from gptlab.cli import main
 from gptlab.config import GPTConfig

@@ -423,7 +423,7 @@ def test_cli_download_without_network_says_where_to_put_the_files(tmp_path, monk
 
 def test_cli_download_offline_mode_exits_1(tmp_path):
     out = tmp_path / "gpt2"
-    result = subprocess.run([sys.executable, "-m", "gptlab.cli", "download", "gpt2", "--out", str(out)],
+    result = subprocess.run([sys.executable, "-m", "gptlab", "download", "gpt2", "--out", str(out)],
                             capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=60)
     assert result.returncode == 1
     assert result.stderr.count("\n") == 1 and f"into {out}/" in result.stderr and result.stdout == ""

@@ -228,7 +228,7 @@ def test_two_processes_train_like_one_at_the_same_global_batch(corpus, tmp_path,
     # Global batch 8 in micro batches of 2: one process accumulates 4 of them, each of two processes 2.
     options = ("--drop-rate", "0", "--micro-batch-size", "2")
     two = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone", "-m", "gptlab.cli",
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone", "-m", "gptlab",
          *train_argv(corpus, tmp_path / "two", tmp_path / "cache", *options)],
         capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )

@@ -1,0 +1,36 @@
+"""The `gptlab` command line: a thin shell over the package's functions. User mistakes end in one line on
+stderr and exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..interop.hf import DownloadError
+from ..training.trainer import TrainingError
+from . import generate, models, train
+from .common import UserError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gptlab", description="A GPT-2-style language model built from scratch.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    models.add_parsers(commands)
+    generate.add_parsers(commands)
+    train.add_parsers(commands)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except (UserError, TrainingError, ValueError) as error:
+        print(f"gptlab {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except DownloadError as error:  # not the user's mistake: the network or an optional package is missing
+        print(f"gptlab {args.command}: error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
