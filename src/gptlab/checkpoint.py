@@ -5,7 +5,8 @@ A gptlab checkpoint folder holds
     model.safetensors  the model's weights under gptlab's names (a tied head is stored once)
 and, when written by training, the optimizer state (optimizer.safetensors) and trainer_state.json.
 Folders are written to a temporary sibling and renamed into place, so a crash mid-save leaves the
-previous checkpoint as it was.
+previous checkpoint as it was, and they end up with the modes the umask gives, like any other file.
+Loading any folder gptlab understands (its own or Hugging Face's) is gptlab.loading's job.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .config import GPTConfig
@@ -58,7 +58,7 @@ def write_folder_atomically(path: Path, write: Callable[[Path], None]) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
         write(tmp)
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; a checkpoint is an ordinary folder
+        apply_umask(tmp)
         if path.exists():
             shutil.rmtree(old, ignore_errors=True)
             os.replace(path, old)
@@ -70,6 +70,22 @@ def write_folder_atomically(path: Path, write: Callable[[Path], None]) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         restore_interrupted_swap(path)
         raise
+
+
+def apply_umask(folder: Path) -> None:
+    """Give `folder` and everything in it the modes a plain mkdir() and open() would have given them.
+
+    mkdtemp makes its folder 0700, and safetensors (>= 0.8) writes each file as a 0600 temporary file that
+    it renames into place, so without this weights would be private while config.json is not.
+    """
+    umask = os.umask(0o077)  # the only way to read the umask is to set it; restored on the next line
+    os.umask(umask)
+    os.chmod(folder, 0o777 & ~umask)
+    for root, folders, files in os.walk(folder):
+        for name in folders:
+            os.chmod(os.path.join(root, name), 0o777 & ~umask)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o666 & ~umask)
 
 
 def restore_interrupted_swap(path: Path) -> None:
@@ -107,15 +123,6 @@ def with_tied_head(cfg: GPTConfig, state: dict[str, torch.Tensor]) -> dict[str, 
     return state
 
 
-# ---------------------------------------------------------------------------------------------------
-# Loading any model folder gptlab understands: its own checkpoints and Hugging Face GPT-2 folders.
-
-EXPECTED_LAYOUTS = (
-    'a gptlab checkpoint (config.json with "format": "gptlab", model.safetensors) or a Hugging Face GPT-2 folder '
-    '(config.json with "model_type": "gpt2", model.safetensors or pytorch_model.bin, optionally vocab.json + merges.txt)'
-)
-
-
 def read_json(path: Path) -> dict:
     try:
         data = json.loads(Path(path).read_text("utf-8"))
@@ -134,63 +141,3 @@ def model_from_state_dict(cfg: GPTConfig, state: dict[str, torch.Tensor]) -> GPT
     if cfg.tie_embeddings:
         model.out_head.weight = model.tok_emb.weight
     return model.eval()
-
-
-def checkpoint_format(path: Path) -> str:
-    """'gptlab' or 'hf' for a folder load_model can read; else a ValueError saying what it should hold."""
-    from .interop.hf import (
-        hf_weight_files,  # interop imports this module, so it is imported on use
-    )
-
-    folder = Path(path)
-    if not folder.is_dir():
-        raise ValueError(f"{folder} is not a folder; expected {EXPECTED_LAYOUTS}")
-    if not (folder / CONFIG_FILE).is_file():
-        raise ValueError(f"{folder} has no {CONFIG_FILE}; expected {EXPECTED_LAYOUTS}")
-    meta = read_json(folder / CONFIG_FILE)
-    if meta.get("format") == FORMAT:
-        if not isinstance(meta.get("config"), dict) or not isinstance(meta.get("tokenizer"), dict):
-            raise ValueError(f"{folder / CONFIG_FILE} lacks the 'config' or 'tokenizer' object of a gptlab checkpoint")
-        if not (folder / WEIGHTS_FILE).is_file():
-            raise ValueError(f"{folder} is a gptlab checkpoint without {WEIGHTS_FILE}; expected {EXPECTED_LAYOUTS}")
-        return "gptlab"
-    if meta.get("model_type") == "gpt2":
-        if not hf_weight_files(folder):
-            raise ValueError(f"{folder} has a GPT-2 {CONFIG_FILE} but no weights; expected {EXPECTED_LAYOUTS}")
-        return "hf"
-    raise ValueError(
-        f"{folder / CONFIG_FILE} is neither gptlab's nor a GPT-2 one (format {meta.get('format')!r}, "
-        f"model_type {meta.get('model_type')!r}); expected {EXPECTED_LAYOUTS}"
-    )
-
-
-def read_model_config(path: Path) -> tuple[GPTConfig, str]:
-    """The shape of the model in a loadable folder and the folder's format, from config.json alone."""
-    from .interop.hf import (  # interop imports this module
-        check_hf_config,
-        config_from_hf,
-    )
-
-    kind = checkpoint_format(path)
-    meta = read_json(Path(path) / CONFIG_FILE)
-    if kind == "gptlab":
-        return GPTConfig.from_dict(meta["config"]), kind
-    check_hf_config(meta)
-    return config_from_hf(meta), kind
-
-
-def load_model(
-    path: Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
-) -> tuple[GPTModel, Tokenizer]:
-    """The model and tokenizer in a gptlab checkpoint or a Hugging Face GPT-2 folder (any of the four
-    sizes), memory-mapped rather than copied where the device and dtype allow. Bad folders, missing
-    weights and shape mismatches raise a one-line ValueError."""
-    from .interop.hf import load_hf_checkpoint  # interop imports this module
-
-    try:
-        if checkpoint_format(path) == "hf":
-            return load_hf_checkpoint(path, device, dtype)
-        model, tokenizer = load_gptlab_checkpoint(path, device)
-    except SafetensorError as error:
-        raise ValueError(f"a weights file in {path} is damaged or not safetensors ({error}); re-create it") from None
-    return (model if dtype is None else model.to(dtype)), tokenizer

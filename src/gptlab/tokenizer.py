@@ -140,9 +140,12 @@ class CharTokenizer:
             try:
                 ids.extend(self.ids[char] for char in piece)
             except KeyError as error:
+                # The count matches `train` and `info`: the characters plus the end-of-text id.
                 raise ValueError(
-                    f"character {error.args[0]!r} is not in this character-level vocabulary of {len(self.chars)} "
-                    "characters; use text made of the training text's characters"
+                    f"character {error.args[0]!r} is not in this character-level vocabulary "
+                    f"({self.vocab_size} ids: {len(self.chars)} characters and end-of-text); a character model "
+                    "reads only the characters of the text it was trained on: remove or replace the others, "
+                    "or train with --tokenizer gpt2, which reads any text"
                 ) from None
         return ids
 
@@ -171,11 +174,6 @@ def load_tokenizer(name: str = "gpt2", merges: int | None = None) -> Tokenizer:
     if name != "gpt2":
         raise ValueError(f"unknown tokenizer {name!r}; use 'gpt2', or CharTokenizer.from_text(text) for characters")
     return _bundled_gpt2() if merges is None else _bundled_gpt2().truncated(merges)
-
-
-def is_full_gpt2(tokenizer: Tokenizer) -> bool:
-    """True for GPT-2's own 50,257-id vocabulary (the one transformers' GPT-2 files describe)."""
-    return tokenizer.spec() == {"type": "gpt2"}
 
 
 def tokenizer_from_spec(spec: dict) -> Tokenizer:

@@ -7,7 +7,7 @@ randomly initialised here: no download.
 import pytest
 import torch
 
-from gptlab.inference.generate import generate
+from gptlab.inference.generate import generate, generate_uncached
 from gptlab.interop.hf import config_from_hf, state_dict_from_hf, state_dict_to_hf
 from gptlab.model import GPTModel
 
@@ -84,7 +84,8 @@ def test_greedy_tokens_match_transformers(hf_model):
     expected = hf_model.generate(
         prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0
     )
-    ours = generate(model, prompt, NEW_TOKENS)
+    ours = generate(model, prompt, NEW_TOKENS)  # the KV-cached path, and the textbook loop, both equal HF's
+    assert torch.equal(generate_uncached(model, prompt, NEW_TOKENS), ours)
     assert ours.shape == (1, PROMPT_LENGTH + NEW_TOKENS)
     assert ours.tolist() == expected.tolist()
     assert len(set(ours[0, PROMPT_LENGTH:].tolist())) > 1  # not a degenerate one-token loop

@@ -152,11 +152,12 @@ def test_auto_tokenizer_on_the_export_gives_gptlab_ids(tmp_path):
     assert reloaded.encode(SAMPLE_TEXT, allow_special=True) == ours.encode(SAMPLE_TEXT, allow_special=True)
 
 
-def test_char_level_model_exports_without_tokenizer_files_and_comes_back(tmp_path):
+def test_char_level_model_exports_with_its_tokenizer_and_comes_back(tmp_path):
     tokenizer = CharTokenizer.from_text("hello world, a tiny corpus")
     model = random_gptlab_model(TINY.replace(vocab_size=tokenizer.vocab_size))
     files = export_hf(model, tokenizer, tmp_path / "hf")
-    assert files == ["config.json", "generation_config.json", "model.safetensors"]
+    assert files == ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+                     "tokenizer_config.json"]
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert config["eos_token_id"] == tokenizer.eot_id
     assert logit_gap(model, load_transformers(tmp_path / "hf"), random_ids(tokenizer.vocab_size)) <= MAX_LOGIT_GAP
@@ -343,7 +344,7 @@ def test_folders_that_are_not_models_say_what_was_expected(tmp_path, setup, matc
     message = one_line_error(match, load_model, folder)
     if match != "not valid JSON":
         assert "model.safetensors" in message and "config.json" in message
-    one_line_error("is not a folder", load_model, tmp_path / "nowhere")
+    one_line_error("nowhere does not exist; check the path", load_model, tmp_path / "nowhere")
 
 
 def test_damaged_weights_file_is_refused(tmp_path, hf_folder):

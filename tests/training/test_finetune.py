@@ -66,4 +66,12 @@ def test_finetune_run_resumes_and_refuses_shape_options(tmp_path, hf_folder, cap
     capsys.readouterr()
     assert main([*base, "--max-steps", "6", "--resume", "--emb-dim", "32"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "--init takes the model's shape from the checkpoint; drop --emb-dim" in err
+    assert err.count("\n") == 1 and "--emb-dim is 32 here and 64 in the run; drop it" in err
+    assert main([*base, "--max-steps", "6", "--resume", "--emb-dim", "64"]) == 0  # the run's own value is no change
+
+    fresh = [*base, "--out", str(tmp_path / "fresh"), "--max-steps", "1"]
+    for option in (["--emb-dim", "32"], ["--tokenizer", "char"], ["--model", "gpt2-mini"]):
+        assert main([*fresh, *option]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"--init takes the model's shape and tokenizer from {hf_folder}; drop {option[0]}" in err
+    assert not (tmp_path / "fresh").exists()

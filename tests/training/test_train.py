@@ -5,7 +5,6 @@ Every run is a tiny model (2 layers, 32 features, 16 tokens of context) on 6,000
 CPython's docs with a character-level tokenizer, so a run takes well under a second.
 """
 
-import dataclasses
 import json
 import math
 import pickle
@@ -20,6 +19,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 import gptlab.checkpoint as checkpoint_module
+import gptlab.training.state as state_module
 import gptlab.training.trainer as train_module
 from gptlab.checkpoint import load_gptlab_checkpoint
 from gptlab.config import GPTConfig
@@ -32,18 +32,11 @@ from gptlab.data import (
     split_text,
 )
 from gptlab.model import GPTModel
-from gptlab.training.trainer import (
-    OPTIMIZER_FILE,
-    STATE_FILE,
-    TrainConfig,
-    TrainingData,
-    TrainingError,
-    evaluate,
-    learning_rate,
-    load_trainer_state,
-    make_optimizer,
-    train,
-)
+from gptlab.training.config import TrainConfig
+from gptlab.training.evaluation import evaluate
+from gptlab.training.runtime import TrainingError
+from gptlab.training.state import OPTIMIZER_FILE, STATE_FILE, load_trainer_state
+from gptlab.training.trainer import TrainingData, learning_rate, make_optimizer, train
 
 TEXT = default_corpus_text()[:6000]  # 5,400 training and 600 validation characters, a few of them multi-byte
 BATCH, CONTEXT = 8, 16
@@ -76,7 +69,8 @@ def model_config(tokenizer) -> GPTConfig:
 
 
 def train_config(out_dir: Path, **changes) -> TrainConfig:
-    settings = dict(out_dir=str(out_dir), batch_size=BATCH, micro_batch_size=4, lr=1e-2, warmup_steps=2, max_steps=6,
+    settings = dict(out=str(out_dir), batch_size=BATCH, micro_batch_size=4, stride=None, pos_init="gpt2", lr=1e-2,
+                    warmup_steps=2, max_steps=6,
                     eval_interval=1000, log_interval=1, sample_tokens=0, dtype="float32", device="cpu", progress=False)
     return TrainConfig(**{**settings, **changes})
 
@@ -151,7 +145,7 @@ def test_an_interrupted_then_resumed_run_is_bit_identical_to_an_uninterrupted_on
         press_ctrl_c_after(patch, 4)
         first = run(corpus_data, tmp_path / "split", **settings)
     assert (first.stopped_by, first.state.step) == ("interrupt", 4)
-    assert "continue with the same command plus --resume" in capsys.readouterr().out
+    assert f"continue with: gptlab train --out {tmp_path / 'split'} --resume" in capsys.readouterr().out
     shutil.copytree(tmp_path / "split", tmp_path / "no-rng")
     second = run(corpus_data, tmp_path / "split", resume=True, **settings)
     assert (second.stopped_by, second.state.step, second.state.tokens_seen) == ("max_steps", 8, 8 * TOKENS_PER_STEP)
@@ -200,7 +194,7 @@ def test_resuming_after_an_abort_logs_the_steps_after_the_checkpoint_once(corpus
 
 
 @pytest.mark.parametrize(
-    "module, failing_file", [(checkpoint_module, "model.safetensors"), (train_module, OPTIMIZER_FILE)]
+    "module, failing_file", [(checkpoint_module, "model.safetensors"), (state_module, OPTIMIZER_FILE)]
 )
 def test_a_crash_while_saving_leaves_the_previous_checkpoint_whole(
     corpus_data, tmp_path, monkeypatch, module, failing_file
@@ -263,7 +257,6 @@ def test_the_run_folder_holds_safetensors_and_json_and_loads_without_unpickling(
     assert all(float(optimizer.state[p]["step"]) == 4 for p in fresh.parameters())
 
     document = json.loads((out / "last" / STATE_FILE).read_text())
-    assert document["train_config"] == dataclasses.asdict(cfg)
     assert document["trainer"]["step"] == 4
     records = read_metrics(out)
     assert [r["step"] for r in records if "train_loss" in r] == [1, 2, 3, 4]
@@ -433,6 +426,46 @@ def test_gradients_are_clipped_to_the_norm_limit(corpus_data, tmp_path, monkeypa
     torch.testing.assert_close(clipped, free * (limit / free.norm()), rtol=1e-5, atol=1e-9)  # same direction
 
 
+def test_a_grad_clip_of_zero_means_no_clipping_and_the_norm_is_logged(corpus_data, tmp_path, monkeypatch):
+    steps = spy_on_optimizer_steps(monkeypatch)
+    run(corpus_data, tmp_path / "free", max_steps=1, grad_clip=1e9)
+    run(corpus_data, tmp_path / "off", max_steps=1, grad_clip=0)
+    free, off = steps[0]["grads"], steps[1]["grads"]
+    assert float(off.norm()) > 0 and torch.equal(off, free)  # clip_grad_norm_(max_norm=0) would zero them all
+    (record,) = [r for r in read_metrics(tmp_path / "off") if "train_loss" in r]
+    assert record["grad_norm"] == pytest.approx(float(free.norm()), rel=1e-5)
+
+
+def test_a_non_finite_gradient_norm_stops_training_before_the_weights_change(corpus_data, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    clip, calls = torch.nn.utils.clip_grad_norm_, []
+
+    def inf_from_step_3(parameters, max_norm, *args, **kwargs):
+        calls.append(1)
+        return clip(parameters, max_norm, *args, **kwargs) * (float("inf") if len(calls) >= 3 else 1.0)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", inf_from_step_3)
+    with pytest.raises(TrainingError, match=r"gradient norm became inf at step 3; the last good checkpoint is .*last"):
+        run(corpus_data, out, micro_batch_size=None, eval_interval=2)
+    assert json.loads((out / "last" / "config.json").read_text())["step"] == 2
+    assert list(train_losses(out)) == [1, 2]
+
+
+def test_resumed_optimizer_state_sits_where_a_fresh_optimizer_puts_it(corpus_data, tmp_path):
+    run(corpus_data, tmp_path / "run", max_steps=2, eval_interval=2)
+    tokenizer, _ = corpus_data
+    model = GPTModel(model_config(tokenizer))
+    fresh, resumed = make_optimizer(model, train_config(tmp_path)), make_optimizer(model, train_config(tmp_path))
+    model(torch.zeros(1, CONTEXT, dtype=torch.long)).sum().backward()
+    fresh.step()  # creates the state as the fused optimizer lays it out
+    load_trainer_state(tmp_path / "run" / "last", model, resumed)
+    for param in model.parameters():
+        for key, value in fresh.state[param].items():
+            restored = resumed.state[param][key]
+            assert (restored.device, restored.dtype, restored.shape) == (value.device, value.dtype, value.shape), key
+        assert float(resumed.state[param]["step"]) == 2
+
+
 # ---------------------------------------------------------------- divergence and bad data
 
 
@@ -479,7 +512,7 @@ def test_only_a_new_model_gets_the_sinusoidal_position_table(corpus_data, tmp_pa
 
 
 def test_an_unknown_position_init_is_refused(tmp_path):
-    with pytest.raises(ValueError, match=r"pos_init must be gpt2 or sinusoidal, got 'rope'"):
+    with pytest.raises(ValueError, match=r"--pos-init must be gpt2 or sinusoidal, got 'rope'"):
         train_config(tmp_path, pos_init="rope")
 
 

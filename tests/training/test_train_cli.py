@@ -87,8 +87,8 @@ def test_ctrl_c_saves_and_the_same_command_with_resume_finishes_the_run(corpus, 
         press_ctrl_c_after(patch, 2)
         code, out, err = gptlab(capsys, argv)
     assert code == 0, err
-    assert re.search(r"interrupted at step 2; checkpoint saved in .*last; continue with the same command plus --resume",
-                     out)
+    assert re.search(r"stopped by Ctrl-C at step 2; checkpoint saved in .*last; continue with: gptlab train --out "
+                     r".*run --resume", out)
     assert "stopped by interrupt after 2 steps" in out
     assert read_config(tmp_path / "run" / "last")[2]["step"] == 2
 
@@ -176,7 +176,8 @@ def test_resume_with_a_different_model_is_refused_naming_the_field(run_copy, tmp
     argv = train_argv(corpus, run, tmp_path / "cache", "--resume", "--max-steps", "6")
     argv[argv.index("--emb-dim") + 1] = "64"
     code, _, err = gptlab(capsys, argv)
-    assert_refused(code, err, r"--resume: the checkpoint's model differs .*: emb_dim 32 \(checkpoint\) vs 64 \(command")
+    assert_refused(code, err, r"--resume continues the run with its own settings, but --emb-dim is 64 here and 32 in "
+                              r"the run; drop it")
     assert "n_layers" not in err
     assert folder_contents(run) == before
 
@@ -244,3 +245,34 @@ def test_two_processes_train_like_one_at_the_same_global_batch(corpus, tmp_path,
     assert [loss for _, loss in two_val] == pytest.approx([loss for _, loss in one_val], abs=1e-5)
     assert two.stdout.count("stopped by max_steps after 4 steps") == 1 == one_out.count("stopped by max_steps")
     assert sorted(folder_contents(tmp_path / "two")) == sorted(folder_contents(tmp_path / "one"))
+
+
+def torchrun(argv: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+                           "-m", "gptlab", *argv], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+@pytest.mark.slow
+def test_fsdp_trains_like_one_process_and_resumes_exactly(corpus, tmp_path, capsys):
+    # A constant learning rate, so that a run stopped at step 2 and resumed to 4 follows the same schedule.
+    options = ("--drop-rate", "0", "--micro-batch-size", "2", "--warmup-steps", "0", "--min-lr-ratio", "1",
+               "--max-steps", "4")
+    whole = torchrun(train_argv(corpus, tmp_path / "whole", tmp_path / "cache", *options, "--fsdp"))
+    assert whole.returncode == 0, whole.stderr[-4000:]
+    code, _, err = gptlab(capsys, train_argv(corpus, tmp_path / "one", tmp_path / "cache", *options))
+    assert code == 0, err
+    one_losses, fsdp_losses = train_losses(tmp_path / "one"), train_losses(tmp_path / "whole")
+    assert list(fsdp_losses.values()) == pytest.approx(list(one_losses.values()), abs=1e-5)
+    assert [v for _, v in validation_losses(tmp_path / "whole")] == pytest.approx(
+        [v for _, v in validation_losses(tmp_path / "one")], abs=1e-5)
+    assert (tmp_path / "whole" / "last" / "shards").is_dir() and not (tmp_path / "whole" / "last" / "optimizer.safetensors").exists()
+    fsdp_model, _ = load_gptlab_checkpoint(tmp_path / "whole" / "last")  # the full model is there too
+    one_model, _ = load_gptlab_checkpoint(tmp_path / "one" / "last")
+    torch.testing.assert_close(fsdp_model.state_dict(), one_model.state_dict(), atol=1e-5, rtol=1e-4)
+
+    half = torchrun(train_argv(corpus, tmp_path / "half", tmp_path / "cache", *options[:-1], "2", "--fsdp"))
+    assert half.returncode == 0, half.stderr[-4000:]
+    resumed = torchrun(["train", "--out", str(tmp_path / "half"), "--resume", "--max-steps", "4"])
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert train_losses(tmp_path / "half") == train_losses(tmp_path / "whole")

@@ -5,19 +5,22 @@ from __future__ import annotations
 
 import argparse
 import sys
+from importlib.metadata import version
 
 from ..interop.hf import DownloadError
-from ..training.trainer import TrainingError
-from . import generate, models, train
+from ..training.runtime import TrainingError
+from . import finetune, generate, models, train
 from .common import UserError
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gptlab", description="A GPT-2-style language model built from scratch.")
+    parser.add_argument("--version", action="version", version=f"gptlab {version('gptlab')}")
     commands = parser.add_subparsers(dest="command", required=True)
     models.add_parsers(commands)
     generate.add_parsers(commands)
     train.add_parsers(commands)
+    finetune.add_parsers(commands)
     return parser
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 
 from ..config import PRESETS, GPTConfig, get_config
 
@@ -15,23 +14,28 @@ class UserError(Exception):
 CHECKPOINT_FORMAT_NAMES = {"gptlab": "gptlab checkpoint", "hf": "Hugging Face GPT-2 folder"}
 
 
-def add_model_arguments(parser: argparse.ArgumentParser, default: str = "gpt2") -> None:
+SHAPE_OPTIONS = ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers", "qkv_bias", "tie_embeddings")
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, default: str = "gpt2", vocab_size: bool = True) -> None:
+    """--model and the shape overrides, for commands that may build a model from a preset (not from
+    --checkpoint). Dropout is left out: it changes nothing outside training."""
     parser.add_argument("--model", default=default, choices=list(PRESETS), help=f"preset shape (default {default})")
-    for field, kind in [("vocab_size", int), ("context_length", int), ("emb_dim", int), ("n_heads", int),
-                        ("n_layers", int), ("drop_rate", float), ("attn_drop_rate", float)]:
-        parser.add_argument(f"--{field.replace('_', '-')}", type=kind, help=f"override the preset's {field}")
-    parser.add_argument("--qkv-bias", action=argparse.BooleanOptionalAction, default=None)
-    parser.add_argument("--tie-embeddings", action=argparse.BooleanOptionalAction, default=None)
+    for field in SHAPE_OPTIONS[0 if vocab_size else 1 : 5]:  # the integer fields
+        parser.add_argument(f"--{field.replace('_', '-')}", type=int,
+                            help=f"override the preset's {field} (not with --checkpoint)")
+    parser.add_argument("--qkv-bias", action=argparse.BooleanOptionalAction, default=None,
+                        help="biases on the query, key and value projections (GPT-2 has them)")
+    parser.add_argument("--tie-embeddings", action=argparse.BooleanOptionalAction, default=None,
+                        help="share the output head with the token embedding (GPT-2 does)")
 
 
 def config_from_args(args: argparse.Namespace) -> GPTConfig:
-    fields = ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers", "drop_rate", "attn_drop_rate", "qkv_bias",
-              "tie_embeddings")
-    return get_config(args.model, **{field: getattr(args, field) for field in fields})
+    return get_config(args.model, **{field: getattr(args, field, None) for field in SHAPE_OPTIONS})
 
 
 def reject_shape_options(args: argparse.Namespace, source: str = "--checkpoint") -> None:
-    shape_options = [field.name for field in dataclasses.fields(GPTConfig) if getattr(args, field.name) is not None]
+    shape_options = [field for field in SHAPE_OPTIONS if getattr(args, field, None) is not None]
     if shape_options:
         option = "--" + shape_options[0].replace("_", "-")
         raise UserError(f"{source} takes the model's shape from the checkpoint; drop {option}")

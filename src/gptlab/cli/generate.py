@@ -1,17 +1,28 @@
-"""`gptlab generate`: sample text from a checkpoint or an untrained preset."""
+"""`gptlab generate`: sample text from a checkpoint or an untrained preset.
+
+Ctrl-C and a closed pipe end the command quietly, with the exit codes shells expect: 130 after
+SIGINT, 141 (128 + SIGPIPE) when the reader of stdout went away (`gptlab generate ... | head`). In
+--interactive mode Ctrl-C stops the reply and brings the prompt back; Ctrl-D, or Ctrl-C twice at the
+prompt, quits.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
+import re
+import secrets
 import sys
 from pathlib import Path
 
 import torch
 
-from ..checkpoint import load_model
-from ..inference.generate import GenerationOptions, decoding_model, stream_batch
+from ..inference.decoder import DecoderSettings
+from ..inference.generate import GenerationOptions, stream_batch
+from ..loading import load_model
 from ..model import GPTModel
 from ..tokenizer import Tokenizer, load_tokenizer
+from ..training.runtime import pick_device
 from .common import (
     UserError,
     add_model_arguments,
@@ -19,24 +30,47 @@ from .common import (
     reject_shape_options,
 )
 
+EXIT_SIGINT = 130  # 128 + SIGINT, what a shell reports for a command stopped by Ctrl-C
+EXIT_SIGPIPE = 141  # 128 + SIGPIPE, what a shell reports for `yes | head`
 
-def generation_model(args: argparse.Namespace) -> tuple[GPTModel, Tokenizer]:
-    """The model to generate with, its weights laid out for decoding once for every prompt to come."""
-    dtype = getattr(torch, args.dtype)
+DESCRIPTION = """Generate text from a prompt.
+
+The next token is chosen in this order (as Hugging Face transformers does): --repetition-penalty on
+every token already in the sample (prompt included), then --temperature (0 is greedy: the most likely
+token, and the filters after it are skipped), then --top-k, then --top-p, then --min-p, then a random
+draw. Sample r of a prompt draws with seed + r; --interactive reply n (from 0) with
+seed + n * num-samples, so running that --seed with --prompt repeats it.
+
+--prompt and --stop read \\n as a newline, \\t as a tab and \\\\ as one backslash."""
+
+ESCAPES = {"n": "\n", "t": "\t", "\\": "\\"}
+
+
+def unescape(text: str) -> str:
+    r"""\n → newline, \t → tab, \\ → backslash; any other backslash stays as typed."""
+    return re.sub(r"\\([nt\\])", lambda match: ESCAPES[match[1]], text)
+
+
+def generation_model(args: argparse.Namespace, seed: int) -> tuple[GPTModel, Tokenizer]:
+    """The model to generate with, on --device in --dtype (its decoding layout is made once, on first use)."""
+    device, dtype = pick_device(args.device), getattr(torch, args.dtype)
+    if args.compile and device.type != "cuda":
+        raise UserError(f"--compile records the decode step as a CUDA graph and needs CUDA, not {device.type}; drop --compile")
     if args.checkpoint is not None:
         reject_shape_options(args)
-        model, tokenizer = load_model(args.checkpoint, dtype=dtype)
-    else:
-        torch.manual_seed(args.seed)
-        model, tokenizer = GPTModel(config_from_args(args)).to(dtype).eval(), load_tokenizer()
-        print(f"(untrained {args.model} weights, seed {args.seed}: expect gibberish)", file=sys.stderr)
-    return decoding_model(model), tokenizer
+        return load_model(args.checkpoint, device=device, dtype=dtype)
+    torch.manual_seed(seed)
+    model, tokenizer = GPTModel(config_from_args(args)).to(device, dtype).eval(), load_tokenizer()
+    print(f"(untrained {args.model} weights, seed {seed}: expect gibberish)", file=sys.stderr)
+    return model, tokenizer
 
 
-def generation_options(args: argparse.Namespace) -> GenerationOptions:
+def generation_options(args: argparse.Namespace, seed: int) -> GenerationOptions:
     try:
         return GenerationOptions(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                                 top_p=args.top_p, seed=args.seed, stop=tuple(args.stop), num_samples=args.num_samples)
+                                 top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                                 seed=seed, stop=tuple(unescape(stop) for stop in args.stop),
+                                 num_samples=args.num_samples)
     except ValueError as error:  # its messages begin with the option's name, so "--" makes it the flag
         raise UserError(f"--{error}") from None
 
@@ -46,8 +80,10 @@ def read_prompt(args: argparse.Namespace) -> str | None:
     given = [name for name in ("prompt", "prompt_file", "interactive") if getattr(args, name) not in (None, False)]
     if len(given) != 1:
         raise UserError("give exactly one of --prompt TEXT, --prompt-file FILE or --interactive")
+    if args.prompt is not None:
+        return unescape(args.prompt)
     if args.prompt_file is None:
-        return args.prompt
+        return None
     try:
         return Path(args.prompt_file).read_text(encoding="utf-8").removesuffix("\n")
     except OSError as error:
@@ -56,8 +92,10 @@ def read_prompt(args: argparse.Namespace) -> str | None:
         raise UserError(f"--prompt-file {args.prompt_file} is not UTF-8 text") from None
 
 
-def print_generation(model: GPTModel, tokenizer: Tokenizer, prompt: str, options: GenerationOptions) -> None:
-    """Print the prompt and its continuation: the first sample as it is produced, any others once done."""
+def print_generation(model: GPTModel, tokenizer: Tokenizer, prompt: str, options: GenerationOptions,
+                     settings: DecoderSettings) -> None:
+    """Print the prompt and its continuation: the first sample as it is produced, any others once done.
+    Ctrl-C ends the line being printed and is passed on."""
     context = model.cfg.context_length
     num_tokens = len(tokenizer.encode(prompt))
     if num_tokens > context:
@@ -68,43 +106,105 @@ def print_generation(model: GPTModel, tokenizer: Tokenizer, prompt: str, options
     if samples > 1:
         print(f"--- sample 1 of {samples} ---")
     print(prompt, end="", flush=True)
-    for row, piece in stream_batch(model, tokenizer, [prompt], options):
-        if row == 0:
-            print(piece, end="", flush=True)
-        else:
-            later[row].append(piece)
-    print()
+    try:
+        for row, piece in stream_batch(model, tokenizer, [prompt], options, settings):
+            if row == 0:
+                print(piece, end="", flush=True)
+            else:
+                later[row].append(piece)
+    finally:
+        print(flush=True)  # the reply's line ends, whether it finished or was interrupted
     for row in range(1, samples):
         print(f"--- sample {row + 1} of {samples} ---")
-        print(prompt + "".join(later[row]))
+        print(prompt + "".join(later[row]), flush=True)
+
+
+def run_interactive(model: GPTModel, tokenizer: Tokenizer, options: GenerationOptions, settings: DecoderSettings,
+                    name: str) -> None:
+    """One prompt per line from stdin until EOF; reply n samples with seed + n * num_samples."""
+    terminal = sys.stdin.isatty()
+    if terminal:
+        import readline  # noqa: F401  (imported for its effect: input() gets line editing and history)
+
+        parameters = sum(parameter.numel() for parameter in model.parameters())
+        print(f"{name}, {parameters:,} parameters. One prompt per line; Ctrl-C stops a reply, "
+              "Ctrl-D or Ctrl-C twice quits.", file=sys.stderr)
+    reply = 0
+    interrupted_at_prompt = False
+    while True:
+        try:
+            line = input("> " if terminal else "")
+        except EOFError:
+            if terminal:
+                print()  # the shell's prompt then starts on a line of its own
+            return
+        except KeyboardInterrupt:
+            if interrupted_at_prompt:
+                raise
+            interrupted_at_prompt = True
+            print("\n(Ctrl-C again or Ctrl-D to quit)", file=sys.stderr, flush=True)
+            continue
+        interrupted_at_prompt = False
+        try:
+            print_generation(model, tokenizer, line, options.replace(seed=options.seed + reply * options.num_samples),
+                             settings)
+        except KeyboardInterrupt:
+            pass  # the reply stops; back to the prompt
+        reply += 1
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    options = generation_options(args)
-    prompt = read_prompt(args)
-    model, tokenizer = generation_model(args)
-    if prompt is not None:
-        print_generation(model, tokenizer, prompt, options)
-        return
-    for line in sys.stdin:  # --interactive: one prompt per line until EOF, the model loaded once
-        print_generation(model, tokenizer, line.removesuffix("\n"), options)
+    try:
+        generate_or_converse(args)
+    except KeyboardInterrupt:
+        raise SystemExit(EXIT_SIGINT) from None
+    except BrokenPipeError:
+        # Python's documented idiom: point stdout at /dev/null so the flush at exit does not fail again
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        raise SystemExit(EXIT_SIGPIPE) from None
 
+
+def generate_or_converse(args: argparse.Namespace) -> None:
+    seed = secrets.randbelow(2**31) if args.seed is None else args.seed
+    options = generation_options(args, seed)
+    prompt = read_prompt(args)
+    model, tokenizer = generation_model(args, seed)
+    if args.seed is None and options.temperature > 0:
+        print(f"(sampling with seed {seed}: pass --seed {seed} to repeat)", file=sys.stderr)
+    settings = DecoderSettings(compile=args.compile)
+    if prompt is not None:
+        print_generation(model, tokenizer, prompt, options, settings)
+    else:
+        run_interactive(model, tokenizer, options, settings, str(args.checkpoint or f"untrained {args.model}"))
 
 
 def add_parsers(commands) -> None:
-    gen = commands.add_parser("generate", help="generate text from a prompt")
-    add_model_arguments(gen)
+    gen = commands.add_parser("generate", help="generate text from a prompt", description=DESCRIPTION,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_arguments(gen, vocab_size=False)
     gen.add_argument("--checkpoint", type=Path, help="generate with the model in this checkpoint folder instead of --model's "
                      "untrained weights")
-    gen.add_argument("--prompt", help="the text to continue (empty: start from end-of-text)")
-    gen.add_argument("--prompt-file", help="read the prompt from this UTF-8 file (one final newline is dropped)")
-    gen.add_argument("--interactive", action="store_true", help="read prompts from stdin, one per line, until EOF")
+    gen.add_argument("--prompt", help="the text to continue (empty: start from end-of-text); \\n and \\t are read as escapes")
+    gen.add_argument("--prompt-file", help="read the prompt from this UTF-8 file (one final newline is dropped; no escapes)")
+    gen.add_argument("--interactive", action="store_true", help="read prompts from stdin, one per line, until EOF "
+                     "(Ctrl-D); Ctrl-C stops a reply")
     gen.add_argument("--max-new-tokens", type=int, default=50)
     gen.add_argument("--temperature", type=float, default=1.0, help="0 is greedy (default 1.0)")
     gen.add_argument("--top-k", type=int, help="sample from the k most likely tokens only")
     gen.add_argument("--top-p", type=float, default=1.0, help="sample from the fewest tokens holding this much probability")
-    gen.add_argument("--seed", type=int, default=0, help="seeds the sampling (and --model's random weights)")
-    gen.add_argument("--stop", action="append", default=[], help="end at this text, not printed (repeatable)")
+    gen.add_argument("--min-p", type=float, default=0.0, help="drop tokens less likely than this fraction of the most "
+                     "likely one (default 0: keep all)")
+    gen.add_argument("--repetition-penalty", type=float, default=1.0, help="divide positive (multiply negative) logits "
+                     "of tokens already in the sample by this (default 1: off; 1.1-1.3 is usual)")
+    gen.add_argument("--seed", type=int, help="seeds the sampling and --model's random weights (default: a fresh one, "
+                     "printed on stderr so the run can be repeated)")
+    gen.add_argument("--stop", action="append", default=[], help="end at this text, not printed (repeatable; "
+                     "\\n and \\t are read as escapes, e.g. --stop '\\n\\n')")
     gen.add_argument("--num-samples", type=int, default=1, help="samples per prompt, generated as one batch")
-    gen.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="weights while generating")
+    gen.add_argument("--device", default="auto", help="auto (the default: CUDA, then MPS, then the CPU), cpu, cuda, "
+                     "cuda:N or mps")
+    gen.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="weights while generating")
+    gen.add_argument("--compile", action="store_true", help="CUDA only: compile the one-token step into a CUDA graph "
+                     "(the first reply waits about a minute for the compiler)")
     gen.set_defaults(run=cmd_generate)

@@ -1,133 +1,145 @@
-"""`gptlab train`, `gptlab eval` and `gptlab demo`."""
+"""`gptlab train`, `gptlab eval` and `gptlab demo`: argument parsing over gptlab.train and gptlab.evaluate."""
 
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
-import os
 from pathlib import Path
 
-import numpy as np
-import torch
+from ..config import PRESETS
+from ..finetune.hooks import BASE_DTYPES
+from ..finetune.lora import TARGETS
+from ..training.config import FINETUNE_DEFAULTS, RunConfig
+from ..training.pipeline import evaluate, train
+from ..training.state import RUN_MARKER
 
-from ..checkpoint import load_model, read_config, read_model_config
-from ..inference.generate import GenerationOptions
-from ..report import parameter_report
-from ..training.trainer import TrainConfig
-from .common import (
-    add_model_arguments,
-    config_from_args,
-    reject_shape_options,
-)
+DEFAULTS = RunConfig().flat()
 
-DEFAULT_TRAIN_MODEL = "gpt2-micro"
-DEFAULT_TRAIN_TOKENIZER = "char"
+# Every setting of a run: (option, argparse keywords, meaning). Defaults are shown from RunConfig, so the
+# help cannot drift from what runs. Every option is parsed with default SUPPRESS: the namespace then holds
+# only what was typed, which is what overrides a recipe and what a resume must check.
+SETTINGS: list[tuple[str, str, dict]] = [
+    ("data", "data", dict(nargs="+", metavar="PATH", help="files, folders or glob patterns to train on; a folder is "
+                          "read recursively (hidden files skipped, binary files reported). Default: the embedded "
+                          "corpus, Python's bundled documentation")),
+    ("data", "include", dict(action="append", metavar="GLOB", help="read only files in --data folders that match "
+                             "(repeatable)")),
+    ("data", "exclude", dict(action="append", metavar="GLOB", help="leave out files that match (repeatable)")),
+    ("data", "invalid_utf8", dict(flag="--replace-invalid-utf8", action="store_const", const="replace",
+                                  help="read invalid UTF-8 bytes as U+FFFD instead of failing")),
+    ("data", "tokenizer", dict(choices=["char", "gpt2"], help="char: one id per character of the corpus; gpt2: "
+                               "GPT-2's byte-level BPE")),
+    ("data", "merges", dict(type=int, help="with --tokenizer gpt2: keep only GPT-2's first N merges (vocabulary "
+                            "257 + N)")),
+    ("data", "cache_dir", dict(help="token cache folder; may be on storage every machine shares (default: under "
+                               "~/.cache/gptlab/tokens)")),
+    ("model", "model", dict(choices=list(PRESETS), help="preset shape")),
+    ("model", "init", dict(metavar="CHECKPOINT", help="fine-tune: start from this gptlab or Hugging Face GPT-2 "
+                           f"folder's weights, shape and tokenizer; changes the defaults to {FINETUNE_DEFAULTS}")),
+    ("model", "vocab_size", dict(type=int, help="pad the vocabulary to this size (nanoGPT pads 50257 to 50304 for "
+                                 "speed); default: the tokenizer's")),
+    ("model", "context_length", dict(type=int, help="tokens per window (nanoGPT's block_size, GPT-2's n_positions); "
+                                     "with --init at most the checkpoint's")),
+    ("model", "emb_dim", dict(type=int, help="width (nanoGPT's and GPT-2's n_embd)")),
+    ("model", "n_heads", dict(type=int, help="attention heads (n_head)")),
+    ("model", "n_layers", dict(type=int, help="blocks (n_layer)")),
+    ("model", "drop_rate", dict(type=float, help="dropout on the embeddings and shortcuts (GPT-2's resid_pdrop and "
+                                "embd_pdrop)")),
+    ("model", "attn_drop_rate", dict(type=float, help="dropout on the attention weights (attn_pdrop); default "
+                                     "--drop-rate. On CPU any attention dropout halves the speed")),
+    ("model", "qkv_bias", dict(action=argparse.BooleanOptionalAction, help="biases on q, k, v (GPT-2 has them)")),
+    ("model", "tie_embeddings", dict(action=argparse.BooleanOptionalAction, help="share the head with the token "
+                                     "embedding (GPT-2 does)")),
+    ("lora", "lora_rank", dict(type=int, help="train LoRA adapters of this rank (16 is the textbook's) on the frozen "
+                               "--init model instead of every weight")),
+    ("lora", "lora_alpha", dict(type=float, help="scale the adapters' update by alpha / rank (default: the rank, a "
+                                "scale of 1)")),
+    ("lora", "lora_dropout", dict(type=float, help="dropout on the adapters' input (default: 0)")),
+    ("lora", "lora_targets", dict(nargs="+", choices=list(TARGETS), help="the projections that get adapters: qkv and "
+                                  "out_proj (attention), fc and proj (feed-forward), head (default: all but head)")),
+    ("lora", "lora_base_dtype", dict(choices=list(BASE_DTYPES), help="keep the frozen base in float32, bfloat16 or "
+                                     "int8; the adapters train in float32 (default: float32)")),
+    ("train", "out", dict(help="run folder: checkpoints last/ and best/, run.toml, metrics.jsonl, loss.png")),
+    ("train", "batch_size", dict(type=int, help="sequences per optimizer step over ALL processes (the global batch; "
+                                 "nanoGPT's batch_size x gradient_accumulation_steps x processes)")),
+    ("train", "micro_batch_size", dict(type=int, help="sequences per forward pass per process; gradients accumulate "
+                                       "up to --batch-size (default: batch / processes)")),
+    ("train", "stride", dict(type=int, help="tokens between window starts; 1 puts a window at every token, like "
+                             "nanoGPT's random offsets (default with --init: the context length)")),
+    ("train", "lr", dict(type=float, help="peak learning rate (nanoGPT's learning_rate)")),
+    ("train", "min_lr_ratio", dict(type=float, help="the cosine ends at lr x this (nanoGPT's min_lr / learning_rate)")),
+    ("train", "warmup_steps", dict(type=int, help="linear warmup steps (nanoGPT's warmup_iters)")),
+    ("train", "weight_decay", dict(type=float, help="AdamW weight decay, on matrices only")),
+    ("train", "beta1", dict(type=float, help="AdamW beta1")),
+    ("train", "beta2", dict(type=float, help="AdamW beta2")),
+    ("train", "grad_clip", dict(type=float, help="clip the gradient norm to this; 0 turns clipping off")),
+    ("train", "pos_init", dict(choices=["gpt2", "sinusoidal"], help="a new model's position table")),
+    ("train", "max_steps", dict(type=int, help="stop after this many optimizer steps (nanoGPT's max_iters)")),
+    ("train", "max_tokens", dict(type=int, help="stop after this many training tokens")),
+    ("train", "epochs", dict(type=float, help="stop after this many epochs; an epoch is as many tokens as the "
+                             "training split holds. Default on your own text: 1")),
+    ("train", "time_budget", dict(type=float, metavar="SECONDS", help="stop after this many seconds of training. "
+                                  "Default on the embedded corpus: 300")),
+    ("train", "eval_interval", dict(type=int, help="evaluate and save last/ (and best/) every N steps")),
+    ("train", "log_interval", dict(type=int, help="print a log line and record metrics every N steps")),
+    ("train", "sample_tokens", dict(type=int, help="characters of sample text at each evaluation (0: none)")),
+    ("train", "dtype", dict(choices=["bfloat16", "float32"], help="autocast dtype")),
+    ("train", "compile", dict(action=argparse.BooleanOptionalAction, help="torch.compile the model and loss")),
+    ("train", "fsdp", dict(action=argparse.BooleanOptionalAction, help="shard the model with FSDP2 (under "
+                           "torchrun)")),
+    ("train", "activation_checkpointing", dict(action=argparse.BooleanOptionalAction, help="recompute each block's "
+                                               "activations in the backward pass to save memory")),
+    ("train", "seed", dict(type=int, help="seeds the weights, the window order and dropout")),
+    ("train", "device", dict(help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")),
+    ("train", "progress", dict(flag="--no-progress", action="store_false", help="no progress bars")),
+]
 
-# Every token starts a window (stride 1): each epoch sees the text at new offsets, which on the small
-# embedded corpus generalises far better than fixed non-overlapping windows (README, time to quality).
-# A sinusoidal start for the position table skips the plateau where a character model otherwise
-# spends about a seventh of its 5 minutes.
-TRAIN_DEFAULTS = TrainConfig(time_budget=300, stride=1, pos_init="sinusoidal")
+
+def add_settings(parser: argparse.ArgumentParser, only: set[str] | None = None) -> None:
+    """Every setting of SETTINGS as an option (or `only` those named)."""
+    groups = {"data": parser.add_argument_group("data"), "model": parser.add_argument_group("model"),
+              "lora": parser.add_argument_group("LoRA (with --init)"),
+              "train": parser.add_argument_group("optimisation, limits and reporting")}
+    for section, name, spec in SETTINGS:
+        if only is not None and name not in only:
+            continue
+        spec = dict(spec)
+        flag = spec.pop("flag", f"--{name.replace('_', '-')}")
+        default = DEFAULTS[name]
+        shown = "the preset's" if default is None and section == "model" else default
+        spec["help"] = f"{spec['help']} (default: {shown})" if shown is not None else spec["help"]
+        groups[section].add_argument(flag, dest=name, default=argparse.SUPPRESS, **spec)
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from .. import data
-    from ..training import trainer as train
-
-    cfg = train.TrainConfig(
-        out_dir=args.out, batch_size=args.batch_size, micro_batch_size=args.micro_batch_size, stride=args.stride,
-        lr=args.lr, min_lr_ratio=args.min_lr_ratio, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
-        pos_init=args.pos_init, grad_clip=args.grad_clip, max_steps=args.max_steps, max_tokens=args.max_tokens,
-        time_budget=args.time_budget, eval_interval=args.eval_interval, sample_tokens=args.sample_tokens,
-        dtype=args.dtype, compile=args.compile, seed=args.seed, device=args.device, log_interval=args.log_interval,
-        progress=not args.no_progress,
-    )
-    runtime = train.start_runtime(args.device)
-    try:
-        if runtime.is_main:
-            train.check_out_dir(Path(args.out), args.resume, args.overwrite)
-        corpus = data.read_corpus(args.data, args.invalid_utf8) if args.data else data.default_corpus()
-        init_state = None
-        if args.init:
-            reject_shape_options(args, "--init")
-        if args.resume:  # the weights and tokenizer come from the run's last checkpoint
-            _, tokenizer, _ = read_config(Path(args.out) / "last")
-        elif args.init:
-            model, tokenizer = load_model(args.init)
-            init_state = model.state_dict()
-        else:
-            tokenizer = data.build_tokenizer(args.tokenizer, corpus, args.merges)
-        if args.init:
-            model_cfg, _ = read_model_config(args.init)
-        else:
-            model_cfg = config_from_args(args).replace(vocab_size=tokenizer.vocab_size)
-        cache_dir = args.cache_dir or default_cache_dir(corpus, tokenizer)
-        if runtime.is_main:
-            cache = data.build_token_cache(corpus, tokenizer, cache_dir, progress=not args.no_progress)
-        if runtime.distributed:
-            torch.distributed.barrier()
-        if not runtime.is_main:
-            cache = data.open_token_cache(cache_dir)
-        corpus_data = train.TrainingData(cache.train_tokens, cache.val_tokens, cache.val_target_bytes)
-        if runtime.is_main:
-            print(f"data: {len(cache.train_tokens):,} training and {len(cache.val_tokens):,} validation tokens "
-                  f"({type(tokenizer).__name__}, vocabulary {tokenizer.vocab_size:,}); token cache {cache_dir}")
-            print("\n".join(parameter_report(model_cfg).format(args.init or args.model).splitlines()[:2]))
-        result = train.train(model_cfg, cfg, tokenizer, corpus_data, runtime=runtime, resume=args.resume,
-                             overwrite=args.overwrite, init_state=init_state)
-    finally:
-        train.stop_runtime(runtime)
-    if runtime.is_main:
-        out = result.out_dir
-        print(f"stopped by {result.stopped_by} after {result.state.step} steps, {result.state.tokens_seen:,} tokens, "
-              f"{result.state.elapsed:.0f} s")
-        print(f"validation: {result.final_eval.format()}")
-        print(f"checkpoints: {out / 'last'} and {out / 'best'}; metrics: {out / 'metrics.jsonl'}; plot: {out / 'loss.png'}")
-
-
-def default_cache_dir(corpus, tokenizer) -> Path:
-    """One cache per (sources, tokenizer kind) under the user's cache folder; its manifest decides reuse."""
-    kind = {name: value for name, value in tokenizer.spec().items() if name != "chars"}
-    key = json.dumps([[doc.path for doc in corpus.documents], kind])
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "gptlab" / "tokens" / hashlib.sha256(key.encode()).hexdigest()[:16]
+    options = {name: value for name, value in vars(args).items() if name in DEFAULTS}
+    result = train(args.config, resume=args.resume, overwrite=args.overwrite, **options)
+    if not result.is_main:
+        return
+    out = result.out_dir
+    print(f"stopped by {result.stopped_by} after {result.state.step:,} steps, {result.state.tokens_seen:,} tokens, "
+          f"{result.state.elapsed:.0f} s")
+    print(f"validation: {result.final_eval.format()}")
+    print(f"checkpoints: {out / 'last'} and {out / 'best'}; settings: {out / 'run.toml'}; "
+          f"metrics: {out / 'metrics.jsonl'}; plot: {out / 'loss.png'}")
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from .. import data
-    from ..training import trainer as train
-
-    model, tokenizer = load_model(args.checkpoint)
-    if args.data:
-        documents = [doc.read_text() for doc in data.read_corpus(args.data, args.invalid_utf8).documents]
-        what = f"the whole text of {', '.join(args.data)}"
-    else:
-        documents = [data.split_text(data.default_corpus_text())[1]]
-        what = "the held-out 10% of the embedded corpus (pydoc_data.topics)"
-    # as in training: documents' tokens with end-of-text between them; a literal marker in a file is text
-    tokens = np.array([t for i, ids in enumerate(tokenizer.encode_batch(documents)) for t in ([tokenizer.eot_id] if i else []) + ids],
-                      dtype=np.int64)
-    scored = tokens[1:]  # the first token is context only; a document boundary stands for no text
-    target_bytes = len(tokenizer.decode_bytes(scored[scored != tokenizer.eot_id].tolist()))
-    result = train.evaluate(model, tokens, target_bytes, args.batch_size)
-    print(f"{args.checkpoint} on {what}:")
-    print(result.format())
+    report = evaluate(args.checkpoint, args.data, batch_size=args.batch_size, device=args.device, dtype=args.dtype,
+                      quantize=args.quantize, include=args.include or [], exclude=args.exclude or [],
+                      invalid_utf8=args.invalid_utf8, cache_dir=args.cache_dir)
+    print(f"{args.checkpoint} on {report.scored}:")
+    print(report.result.format())
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
     """Train the default model on the embedded corpus for a few minutes, then sample from it."""
-    from ..inference.generate import generate_text
-    from ..training.trainer import RUN_MARKER
+    from ..inference.generate import GenerationOptions, generate_text
+    from ..loading import load_model
 
     out = Path(args.out)
-    train_args = ["train", "--out", str(out), "--time-budget", str(args.time_budget), "--eval-interval", "100000"]
-    if (out / RUN_MARKER).is_file():
-        train_args.append("--overwrite")  # a demo run replaces the previous demo run, never other files
     print(f"Training gptlab's default model on Python's bundled documentation for {args.time_budget:.0f} s...")
-    from . import build_parser  # the package imports this module
-
-    cmd_train(build_parser().parse_args(train_args))
+    # a demo run replaces the previous demo run, never other files
+    train(out=str(out), time_budget=args.time_budget, eval_interval=100000, overwrite=(out / RUN_MARKER).is_file())
     model, tokenizer = load_model(out / "best")
     prompts = ["The ", "def ", "A list "]
     options = GenerationOptions(max_new_tokens=200, temperature=0.8, top_k=40, seed=0)
@@ -138,40 +150,35 @@ def cmd_demo(args: argparse.Namespace) -> None:
           f"gptlab eval --checkpoint {out / 'best'}")
 
 
-
 def add_parsers(commands) -> None:
-    tr = commands.add_parser("train", help="train a model on text (files, folders, globs; default: Python's docs)")
-    add_model_arguments(tr, default=DEFAULT_TRAIN_MODEL)
-    tr.add_argument("--data", nargs="+", help="files, folders or glob patterns (default: the embedded corpus)")
-    tr.add_argument("--tokenizer", choices=["char", "gpt2"], default=DEFAULT_TRAIN_TOKENIZER)
-    tr.add_argument("--merges", type=int,
-                    help="with --tokenizer gpt2: keep only GPT-2's first N BPE merges (vocabulary 257 + N)")
-    tr.add_argument("--out", default="runs/default", help="run folder: checkpoints, metrics.jsonl, loss.png")
+    tr = commands.add_parser(
+        "train", help="train a model on text (files, folders, globs; default: Python's docs)",
+        description="Train a GPT model. Settings come from the defaults, then --config FILE.toml, then the options "
+                    "typed here. With no limit, a run on the embedded corpus trains for 300 s and a run on your own "
+                    "text for one epoch. --resume continues the run in --out with its own settings (run.toml); "
+                    "only limits, intervals, device, micro-batch size, progress, cache folder and --compile may "
+                    "change.")
+    tr.add_argument("--config", metavar="FILE.toml", help="a recipe (see recipes/) or a run's run.toml; the options "
+                    "typed here override it")
     tr.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
     tr.add_argument("--overwrite", action="store_true", help="replace an earlier gptlab run in --out")
-    tr.add_argument("--init", help="start from a checkpoint's weights (gptlab or Hugging Face GPT-2 folder)")
-    tr.add_argument("--cache-dir", help="token cache folder (default: under ~/.cache/gptlab/tokens)")
-    tr.add_argument("--replace-invalid-utf8", dest="invalid_utf8", action="store_const", const="replace",
-                    default="strict", help="read invalid UTF-8 bytes as U+FFFD instead of failing")
-    defaults = TRAIN_DEFAULTS
-    for name, kind in [("batch_size", int), ("micro_batch_size", int), ("stride", int), ("lr", float),
-                       ("min_lr_ratio", float), ("warmup_steps", int), ("weight_decay", float), ("grad_clip", float),
-                       ("max_steps", int), ("max_tokens", int), ("time_budget", float), ("eval_interval", int),
-                       ("sample_tokens", int), ("seed", int), ("log_interval", int)]:
-        tr.add_argument(f"--{name.replace('_', '-')}", type=kind, default=getattr(defaults, name))
-    tr.add_argument("--pos-init", choices=["gpt2", "sinusoidal"], default=defaults.pos_init,
-                    help=f"position table of a new model (default {defaults.pos_init})")
-    tr.add_argument("--dtype", choices=["bfloat16", "float32"], default=defaults.dtype, help="autocast dtype")
-    tr.add_argument("--compile", action="store_true", help="torch.compile the model")
-    tr.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, mps")
-    tr.add_argument("--no-progress", action="store_true", help="no progress bars")
-    tr.set_defaults(run=cmd_train)
+    add_settings(tr)
+    tr.set_defaults(run=cmd_train, config=None)
 
     ev = commands.add_parser("eval", help="loss, perplexity and bits per byte of a checkpoint on a text")
-    ev.add_argument("--checkpoint", required=True)
-    ev.add_argument("--data", nargs="+", help="files, folders or globs (default: the embedded corpus' held-out split)")
-    ev.add_argument("--batch-size", type=int, default=8)
-    ev.add_argument("--replace-invalid-utf8", dest="invalid_utf8", action="store_const", const="replace", default="strict")
+    ev.add_argument("--checkpoint", required=True, help="a gptlab checkpoint (e.g. runs/NAME/best) or a Hugging Face "
+                    "GPT-2 folder")
+    ev.add_argument("--data", nargs="+", help="score the whole of these files, folders or globs (default: the "
+                    "held-out split of the data the checkpoint's run trained on)")
+    ev.add_argument("--include", action="append", metavar="GLOB", help="with --data folders: only matching files")
+    ev.add_argument("--exclude", action="append", metavar="GLOB", help="with --data folders: leave out matching files")
+    ev.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default 8)")
+    ev.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda or mps")
+    ev.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="weights' dtype")
+    ev.add_argument("--quantize", choices=["int8", "int4"], help="quantize the linear layers' weights (CPU)")
+    ev.add_argument("--cache-dir", help="token cache folder (default: under ~/.cache/gptlab/tokens)")
+    ev.add_argument("--replace-invalid-utf8", dest="invalid_utf8", action="store_const", const="replace",
+                    default="strict", help="read invalid UTF-8 bytes as U+FFFD instead of failing")
     ev.set_defaults(run=cmd_eval)
 
     demo = commands.add_parser("demo", help="the main job on the embedded default (what `make demo` runs)")

@@ -1,135 +1,32 @@
-"""The token cache: a corpus tokenized once, chunk by chunk, into memory-mappable files per split."""
+"""The token cache: a corpus tokenized once (tokens.py) into memory-mappable files per split, with a JSON
+manifest of what it was built from. Reusing a cache reads nothing when every source's path, size and
+modification time match the manifest (see reuse_token_cache).
+"""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
+import time
 import uuid
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 from tqdm import tqdm
 
 from ..tokenizer import EOT_TEXT, Tokenizer
 from .corpus import TRAIN_FRACTION, Corpus, DataError, split_index
-
-CHUNK_CHARS = 1 << 20
-ENCODE_BATCH_CHUNKS = 8  # chunks handed to encode_batch at once: tiktoken encodes them on 8 threads
+from .tokens import CHUNK_CHARS, SplitWriter, scan_source, source_path, token_dtype, write_tokens
 
 CACHE_FORMAT = "gptlab-token-cache"
-CACHE_VERSION = 1
+CACHE_VERSION = 2
+# A file changed within this long after it was checked may keep its recorded modification time on file
+# systems with coarse timestamps (FAT: 2 s; some network file systems: 1 s), so such a file is hashed again.
+RACY_WINDOW_NS = 2 * 10**9
 MANIFEST_FILE = "tokens.json"
 SPLIT_FILES = {"train": "tokens-train.bin", "val": "tokens-val.bin"}
-
-
-# ----------------------------------------------------------------------------------------------
-# Chunked tokenization
-
-
-def safe_cut(text: str) -> int:
-    r"""The largest p > 0 at which `text` can be cut so that encoding the two parts separately gives the
-    same GPT-2 tokens as encoding the whole; 0 if there is none.
-
-    GPT-2's pre-tokenizer ('s|'t|... | ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+) never
-    puts a non-space character and a following whitespace character in one piece, and its only
-    look-ahead, (?!\S), belongs to whitespace-only pieces. So a cut just before a newline or space
-    whose previous character is not whitespace is a piece boundary in both encodings. Cutting after a
-    newline is NOT safe in general: in "x\n\nA" the newlines are two pieces (\s+(?!\S) backs off
-    before the A), but at the end of the text "x\n\n" they are one. str.isspace() accepts every
-    character regex \s does (and a few more), so "not isspace" is a safe test for "not \s".
-    """
-    for separator in ("\n", " "):
-        cut = text.rfind(separator)
-        while cut > 0:
-            if not text[cut - 1].isspace():
-                return cut
-            cut = text.rfind(separator, 0, cut)
-    return 0
-
-
-def chunks(blocks: Iterator[str], chunk_chars: int) -> Iterator[str]:
-    """Regroup text blocks into chunks of about chunk_chars characters, each cut at a safe_cut point.
-
-    Text with no safe cut in 4 * chunk_chars characters (no newline or space after a visible
-    character) is cut there anyway, to keep memory bounded; only that boundary's tokens may differ.
-    """
-    buffer = ""
-    for block in blocks:
-        buffer += block
-        while len(buffer) >= chunk_chars:
-            cut = safe_cut(buffer) or (4 * chunk_chars if len(buffer) >= 4 * chunk_chars else 0)
-            if not cut:
-                break
-            yield buffer[:cut]
-            buffer = buffer[cut:]
-    if buffer:
-        yield buffer
-
-
-def token_dtype(vocab_size: int) -> np.dtype:
-    return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
-
-
-class SplitWriter:
-    """Appends one side's tokens to its file and counts them, and its characters and UTF-8 bytes."""
-
-    def __init__(self, file, dtype: np.dtype):
-        self.file, self.dtype = file, dtype
-        self.tokens = self.chars = self.bytes = 0
-        self.first_token: int | None = None
-
-    def write(self, ids: list[int]) -> None:
-        if self.first_token is None and ids:
-            self.first_token = ids[0]
-        np.asarray(ids, dtype=self.dtype).tofile(self.file)
-        self.tokens += len(ids)
-
-
-def write_tokens(
-    corpus: Corpus, tokenizer: Tokenizer, writers: dict[str, SplitWriter], chunk_chars: int, progress: tqdm
-) -> int:
-    """Tokenize the corpus into the writers' files, chunk by chunk; returns the split's character index."""
-    split = split_index(corpus.n_chars)
-    queue: list[tuple[str, str | None]] = []  # (side, text chunk), or (side, None) for an end-of-text id
-
-    def flush() -> None:
-        encoded = iter(tokenizer.encode_batch([text for _, text in queue if text is not None]))
-        for side, text in queue:
-            writers[side].write([tokenizer.eot_id] if text is None else next(encoded))
-        queue.clear()
-
-    position = 0  # in the joined text
-    for index, doc in enumerate(corpus.documents):
-        if index:
-            side = "train" if position < split else "val"
-            if position < split < position + len(EOT_TEXT):
-                split = position + len(EOT_TEXT)  # the boundary goes whole to the side of its first char
-            queue.append((side, None))
-            writers[side].chars += len(EOT_TEXT)
-            position += len(EOT_TEXT)
-            progress.update(len(EOT_TEXT))
-        local_split = min(max(split - position, 0), doc.n_chars)
-        done = 0
-        for chunk in chunks(doc.blocks(), chunk_chars):
-            train_part = chunk[: max(local_split - done, 0)]
-            for side, text in (("train", train_part), ("val", chunk[len(train_part) :])):
-                if text:
-                    queue.append((side, text))
-                    writers[side].chars += len(text)
-                    writers[side].bytes += len(text.encode("utf-8"))
-            done += len(chunk)
-            progress.update(len(chunk))
-            if sum(len(text) for _, text in queue if text) >= ENCODE_BATCH_CHUNKS * chunk_chars:
-                flush()
-        position += doc.n_chars
-    flush()
-    return split
-
-
-# ----------------------------------------------------------------------------------------------
-# Token cache
 
 
 @dataclass(frozen=True)
@@ -152,30 +49,6 @@ class TokenCache:
         """UTF-8 bytes that the targets of validation_batches(val_tokens, ...) stand for: val_bytes less
         the first validation token's, which is context only. The bits-per-byte denominator."""
         return self.manifest["splits"]["val"]["target_bytes"]
-
-
-def cache_inputs(corpus: Corpus, tokenizer: Tokenizer) -> dict:
-    sources = [
-        {
-            "path": doc.path if doc.text is not None else os.path.abspath(doc.path),
-            "bytes": doc.n_bytes,
-            "chars": doc.n_chars,
-            "sha256": doc.sha256,
-            "mtime_ns": doc.mtime_ns,
-            "errors": doc.errors,
-        }
-        for doc in corpus.documents
-    ]
-    return {"tokenizer": tokenizer.spec(), "train_fraction": TRAIN_FRACTION, "sources": sources}
-
-
-def same_inputs(recorded: dict, wanted: dict) -> bool:
-    """Inputs match when everything but the modification times does: touching a file keeps the cache."""
-
-    def without_mtimes(inputs: dict) -> dict:
-        return {**inputs, "sources": [{k: v for k, v in s.items() if k != "mtime_ns"} for s in inputs["sources"]]}
-
-    return without_mtimes(recorded) == without_mtimes(wanted)
 
 
 def read_manifest(directory: Path) -> dict | None:
@@ -206,8 +79,67 @@ def open_token_cache(cache_dir: str | os.PathLike) -> TokenCache:
 
 
 def temporary_path(directory: Path, name: str) -> Path:
-    """A hidden name beside `name`, unique to this build, to write before renaming it into place."""
+    """A hidden name beside `name`, unique to this process and call, to write before renaming it into place:
+    several processes (ranks, nodes sharing the folder) may build or update the same cache at once."""
     return directory / f".{name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
+
+
+def write_manifest(directory: Path, manifest: dict) -> None:
+    temporary = temporary_path(directory, MANIFEST_FILE)
+    try:
+        temporary.write_text(json.dumps(manifest, indent=2) + "\n")
+        os.replace(temporary, directory / MANIFEST_FILE)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def progress_bar(show: bool, total: int, unit: str, desc: str) -> tqdm:
+    return tqdm(total=total, unit=unit, unit_scale=True, desc=desc, disable=not show)
+
+
+def reuse_token_cache(
+    directory: Path, manifest: dict, corpus: Corpus, tokenizer: Tokenizer, train_fraction: float, show_progress: bool
+) -> TokenCache | None:
+    """The cache in `directory` if its manifest says it was built from this corpus, tokenizer and split;
+    None if it was not (or is damaged).
+
+    A source whose path, size and modification time match its record is taken as unchanged without
+    being read. One whose time differs, or lies within RACY_WINDOW_NS before the record was checked
+    (a later change could have kept that time), or that has none (the embedded text) is hashed, and the
+    cache kept if the hash is the same: touching a file keeps its cache. Its new time is then recorded,
+    so the next run reads nothing.
+    """
+    inputs, recorded = manifest["inputs"], manifest["inputs"]["sources"]
+    if (inputs["tokenizer"], inputs["train_fraction"], len(recorded)) != (
+        tokenizer.spec(), train_fraction, len(corpus.documents)
+    ):
+        return None
+    to_hash = []
+    for index, (source, doc) in enumerate(zip(recorded, corpus.documents)):
+        if (source["path"], source["bytes"], source["errors"]) != (source_path(doc), doc.n_bytes, doc.errors):
+            return None
+        if doc.mtime_ns is None or doc.mtime_ns != source["mtime_ns"] or (
+            doc.mtime_ns > manifest["checked_ns"] - RACY_WINDOW_NS
+        ):
+            to_hash.append(index)
+    if to_hash:
+        checked_ns = time.time_ns()
+        total = sum(corpus.documents[index].n_bytes for index in to_hash)
+        with progress_bar(show_progress, total, "B", "checking") as bar:
+            fresh = {index: scan_source(corpus.documents[index], bar) for index in to_hash}
+        if any(fresh[i]["sha256"] != recorded[i]["sha256"] for i in to_hash):
+            return None
+        if any(fresh[index]["mtime_ns"] is not None for index in to_hash):
+            sources = [fresh.get(index, source) for index, source in enumerate(recorded)]
+            updated = {**manifest, "inputs": {**inputs, "sources": sources}, "checked_ns": checked_ns}
+            try:
+                write_manifest(directory, updated)
+            except OSError:
+                pass  # a read-only cache is still valid; the next run hashes those files again
+    try:
+        return open_token_cache(directory)
+    except DataError:
+        return None  # a damaged cache is rebuilt
 
 
 def build_token_cache(
@@ -216,34 +148,46 @@ def build_token_cache(
     cache_dir: str | os.PathLike,
     progress: bool | None = None,
     chunk_chars: int = CHUNK_CHARS,
+    train_fraction: float = TRAIN_FRACTION,
 ) -> TokenCache:
-    """Tokenize the corpus into cache_dir, or reuse what is there if it was built from the same inputs
-    (tokenizer spec, split, and each source's path, size and SHA-256; modification times are recorded
-    but a touched, unchanged file keeps the cache).
+    """Tokenize the corpus into cache_dir, or reuse what is there if it was built from the same inputs:
+    tokenizer spec, train_fraction, and each source's path, size and content (reuse_token_cache says when
+    the content is trusted from the modification time and when it is hashed again).
+
+    train_fraction: the share of the joined text's characters on the training side (0.9: the held-out
+    split); 0.0 puts every token on the validation side, for scoring a whole text. It is part of the
+    inputs, so a cache for evaluation is never taken for a training cache.
 
     cache_dir holds tokens.json (the manifest) and tokens-train.bin / tokens-val.bin (raw uint16 ids,
     uint32 for vocabularies over 65536); other files there are left alone. The token files are written
-    under temporary names and renamed into place, the manifest last, so an interrupted build leaves
-    either the old cache or none. progress: a tqdm bar on stderr; None shows it when stderr is a tty.
+    under temporary names unique to the process and renamed into place, the manifest last, so an
+    interrupted build leaves either the old cache or none, and processes building the same cache at once
+    (on shared storage) each leave a whole one. progress: tqdm bars on stderr; None shows them when
+    stderr is a tty. Memory stays bounded whatever the corpus' size.
     """
+    if not 0.0 <= train_fraction <= 1.0:
+        raise DataError(f"train_fraction must be between 0 and 1, got {train_fraction}")
     directory = Path(cache_dir)
-    inputs = cache_inputs(corpus, tokenizer)
+    show_progress = sys.stderr.isatty() if progress is None else progress
     manifest = read_manifest(directory)
-    if manifest is not None and same_inputs(manifest["inputs"], inputs):
-        try:
-            return open_token_cache(directory)
-        except DataError:
-            pass  # a damaged cache is rebuilt
+    if manifest is not None:
+        cache = reuse_token_cache(directory, manifest, corpus, tokenizer, train_fraction, show_progress)
+        if cache is not None:
+            return cache
     directory.mkdir(parents=True, exist_ok=True)
     dtype = token_dtype(tokenizer.vocab_size)
     temporary = {side: temporary_path(directory, name) for side, name in SPLIT_FILES.items()}
-    temporary["manifest"] = temporary_path(directory, MANIFEST_FILE)
     try:
-        show_progress = sys.stderr.isatty() if progress is None else progress
-        bar = tqdm(total=corpus.n_chars, unit="char", unit_scale=True, desc="tokenizing", disable=not show_progress)
+        checked_ns = time.time_ns()
+        with progress_bar(show_progress, corpus.n_bytes, "B", "reading") as bar:
+            sources = [scan_source(doc, bar) for doc in corpus.documents]
+        total_chars = sum(source["chars"] for source in sources) + len(EOT_TEXT) * (len(sources) - 1)
+        bar = progress_bar(show_progress, total_chars, "char", "tokenizing")
         with open(temporary["train"], "wb") as train_file, open(temporary["val"], "wb") as val_file, bar:
             writers = {"train": SplitWriter(train_file, dtype), "val": SplitWriter(val_file, dtype)}
-            split = write_tokens(corpus, tokenizer, writers, chunk_chars, bar)
+            split = write_tokens(
+                corpus, sources, split_index(total_chars, train_fraction), tokenizer, writers, chunk_chars, bar
+            )
         splits = {
             side: {"file": SPLIT_FILES[side], "tokens": w.tokens, "chars": w.chars, "bytes": w.bytes}
             for side, w in writers.items()
@@ -254,20 +198,27 @@ def build_token_cache(
         manifest = {
             "format": CACHE_FORMAT,
             "version": CACHE_VERSION,
-            "inputs": inputs,
+            "inputs": {"tokenizer": tokenizer.spec(), "train_fraction": train_fraction, "sources": sources},
+            "checked_ns": checked_ns,
             "dtype": dtype.name,
-            "total_chars": corpus.n_chars,
+            "total_chars": total_chars,
             "split_char": split,
             "splits": splits,
         }
-        temporary["manifest"].write_text(json.dumps(manifest, indent=2) + "\n")
         (directory / MANIFEST_FILE).unlink(missing_ok=True)  # no manifest: no cache, until the new one is whole
         for side, name in SPLIT_FILES.items():
             os.replace(temporary[side], directory / name)
-        os.replace(temporary["manifest"], directory / MANIFEST_FILE)
+        write_manifest(directory, manifest)
     finally:
         for path in temporary.values():
             path.unlink(missing_ok=True)
     return replace(open_token_cache(directory), built=True)
 
 
+def default_cache_dir(corpus: Corpus, tokenizer: Tokenizer, train_fraction: float = TRAIN_FRACTION) -> Path:
+    """One cache folder per (sources, tokenizer kind, train_fraction) under the user's cache folder
+    ($XDG_CACHE_HOME or ~/.cache); its manifest decides reuse."""
+    kind = {name: value for name, value in tokenizer.spec().items() if name != "chars"}
+    key = json.dumps([[source_path(doc) for doc in corpus.documents], kind, train_fraction])
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "gptlab" / "tokens" / hashlib.sha256(key.encode()).hexdigest()[:16]

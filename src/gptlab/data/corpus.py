@@ -8,40 +8,33 @@ The pipeline:
     for batch in train.batches(batch_size=8, seed=123): ...
     for inputs, targets in validation_batches(cache.val_tokens, 256, batch_size=8): ...
 
-The corpus is a list of documents (files, or the embedded default); the token stream is the documents'
-tokens with the end-of-text id between consecutive documents. The held-out split is defined on the
-characters of the joined text `"<|endoftext|>".join(documents)`: validation is its last 10%, the text
-from character int(0.9 * n_chars) on. The two sides are tokenized separately, so no token straddles
-the split. Two details of the joined-text definition: a document boundary is one end-of-text id, never
-the characters of the marker, so a literal "<|endoftext|>" inside a file stays ordinary text; and if
-the split point falls inside a boundary marker, the whole boundary goes to the side that holds its
-first character (the marker is never cut in two).
+The corpus is a list of documents (files, or the embedded default). Reading a corpus only finds its
+files (files.py: which files, and why others were left out) and stats them; their text is decoded,
+counted and hashed when the token cache is built, and not at all when a cache of them is reused.
+The token stream is the documents' tokens with the end-of-text id between consecutive documents. The
+held-out split is defined on the characters of the joined text `"<|endoftext|>".join(documents)`:
+validation is its last 10%, the text from character int(0.9 * n_chars) on (a cache for evaluation
+puts all of it on the validation side: train_fraction 0). The two sides are tokenized separately, so
+no token straddles the split. Two details of the joined-text definition: a document boundary is one
+end-of-text id, never the characters of the marker, so a literal "<|endoftext|>" inside a file stays
+ordinary text; and if the split point falls inside a boundary marker, the whole boundary goes to the
+side that holds its first character (the marker is never cut in two).
 """
 
 from __future__ import annotations
 
 import codecs
-import glob
-import hashlib
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterator, Sequence
 
 from ..tokenizer import EOT_TEXT, CharTokenizer, Tokenizer, load_tokenizer
+from .errors import DataError
+from .files import FileSearch, check_patterns, summarise
 
 TRAIN_FRACTION = 0.9
-# Suffixes taken when a folder is searched; files named directly or matched by a glob are always taken.
-TEXT_SUFFIXES = frozenset(
-    ".txt .text .md .markdown .rst .adoc .org .tex .bib .html .htm .xml .json .jsonl .csv .tsv .yaml .yml "
-    ".toml .ini .cfg .conf .py .pyi .c .h .cc .cpp .hpp .rs .go .java .js .ts .css .sh .sql".split()
-)
 EMBEDDED_PATH = "<pydoc_data.topics>"
 READ_BLOCK_BYTES = 1 << 20
-
-
-class DataError(ValueError):
-    """Training data that cannot be used as given; the message says what is wrong and what to do."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -57,31 +50,27 @@ def default_corpus_text() -> str:
 
 @dataclass(frozen=True)
 class Document:
-    """One text of the corpus. A file's text is read again in blocks when needed, so a corpus of
-    many gigabytes is never held in memory; the embedded default keeps its text."""
+    """One text of the corpus: a file as found on disk (its size and modification time, nothing read),
+    or the embedded default, which keeps its text. Files are read in blocks only when tokenized, so a
+    corpus of many gigabytes is never held in memory."""
 
     path: str
     n_bytes: int  # bytes on disk (the UTF-8 encoding for the embedded text)
-    n_chars: int  # characters after decoding
-    sha256: str  # of the bytes on disk
-    mtime_ns: int | None
+    mtime_ns: int | None  # None for the embedded text
     errors: str = "strict"
     text: str | None = None
 
-    def blocks(self, block_size: int = READ_BLOCK_BYTES) -> Iterator[str]:
-        """The text in consecutive blocks (of block_size bytes read, or characters of the embedded text);
-        raises DataError if a file changed since it was read."""
-        if self.text is not None:
-            for start in range(0, len(self.text), block_size):
-                yield self.text[start : start + block_size]
+    def blocks(self, hasher=None, block_size: int = READ_BLOCK_BYTES) -> Iterator[str]:
+        """The text in consecutive blocks (of block_size bytes read, or characters of the embedded text),
+        feeding the bytes to `hasher` if given."""
+        if self.text is None:
+            yield from decode_file(self.path, self.errors, hasher, block_size)
             return
-        hasher = hashlib.sha256()
-        n_chars = 0
-        for block in decode_file(self.path, self.errors, hasher, block_size):
-            n_chars += len(block)
+        for start in range(0, len(self.text), block_size):
+            block = self.text[start : start + block_size]
+            if hasher is not None:
+                hasher.update(block.encode("utf-8"))
             yield block
-        if hasher.hexdigest() != self.sha256 or n_chars != self.n_chars:
-            raise DataError(f"{self.path} changed while it was being used; run the command again")
 
     def read_text(self) -> str:
         return "".join(self.blocks())
@@ -89,12 +78,27 @@ class Document:
 
 @dataclass(frozen=True)
 class Corpus:
+    """The documents to read, in order, and what was left out: `skipped` holds (path, "category: detail")
+    for each file found in a folder or by a pattern but not read, or named but empty; `hidden` counts the
+    hidden files and folders not searched."""
+
     documents: tuple[Document, ...]
+    skipped: tuple[tuple[str, str], ...] = ()
+    hidden: int = 0
 
     @property
-    def n_chars(self) -> int:
-        """Length of the joined text: the documents with an end-of-text marker between each two."""
-        return sum(doc.n_chars for doc in self.documents) + len(EOT_TEXT) * (len(self.documents) - 1)
+    def n_bytes(self) -> int:
+        return sum(doc.n_bytes for doc in self.documents)
+
+    def summary(self) -> str:
+        """One line: what was read, what was skipped and why (by category), how many hidden entries."""
+        count = len(self.documents)
+        line = f"read {count} document{'s' if count != 1 else ''} ({self.n_bytes:,} bytes)"
+        if self.skipped:
+            line += f"; skipped {summarise([reason for _, reason in self.skipped])}"
+        if self.hidden:
+            line += f"; left out {self.hidden} hidden {'file or folder' if self.hidden == 1 else 'files or folders'}"
+        return line
 
     def text(self) -> str:
         """The joined text (held in memory: for small corpora and tests)."""
@@ -103,20 +107,22 @@ class Corpus:
 
 def default_corpus() -> Corpus:
     text = default_corpus_text()
-    data = text.encode("utf-8")
-    embedded = Document(EMBEDDED_PATH, len(data), len(text), hashlib.sha256(data).hexdigest(), None, text=text)
-    return Corpus((embedded,))
+    return Corpus((Document(EMBEDDED_PATH, len(text.encode("utf-8")), None, text=text),))
 
 
-def decode_file(path: str, errors: str, hasher, block_bytes: int = READ_BLOCK_BYTES) -> Iterator[str]:
-    """Decode a UTF-8 file block by block, feeding its bytes to `hasher`.
+def decode_file(path: str, errors: str, hasher=None, block_bytes: int = READ_BLOCK_BYTES) -> Iterator[str]:
+    """Decode a UTF-8 file block by block, feeding its bytes to `hasher` if given.
 
     Bytes are read as they are (no newline translation). Invalid UTF-8 under errors="strict" raises a
     DataError naming the file and the byte offset of the first bad byte.
     """
     decoder = codecs.getincrementaldecoder("utf-8")(errors)
     offset = 0
-    with open(path, "rb") as file:
+    try:
+        file = open(path, "rb")
+    except OSError as error:
+        raise DataError(f"cannot read {path}: {error.strerror}; check the data paths") from None
+    with file:
         while True:
             block = file.read(block_bytes)
             # The decoder keeps an unfinished multi-byte sequence from the previous block and reports
@@ -129,7 +135,8 @@ def decode_file(path: str, errors: str, hasher, block_bytes: int = READ_BLOCK_BY
                     f"{path}: invalid UTF-8 at byte {offset - pending + error.start}; fix the file or pass "
                     "--replace-invalid-utf8 to read bad bytes as U+FFFD"
                 ) from None
-            hasher.update(block)
+            if hasher is not None:
+                hasher.update(block)
             offset += len(block)
             if text:
                 yield text
@@ -137,64 +144,36 @@ def decode_file(path: str, errors: str, hasher, block_bytes: int = READ_BLOCK_BY
                 return
 
 
-def read_document(path: str, errors: str) -> Document:
-    hasher = hashlib.sha256()
-    n_chars = sum(len(block) for block in decode_file(path, errors, hasher))
-    stat = os.stat(path)
-    return Document(path, stat.st_size, n_chars, hasher.hexdigest(), stat.st_mtime_ns, errors)
-
-
-def folder_files(folder: str) -> list[str]:
-    """Text files under `folder`, recursively, skipping hidden files and folders, in sorted path order."""
-    found = []
-    for root, dirs, files in os.walk(folder):
-        dirs[:] = [name for name in dirs if not name.startswith(".")]
-        found += [
-            Path(root, name)
-            for name in files
-            if not name.startswith(".") and Path(name).suffix.lower() in TEXT_SUFFIXES
-        ]
-    return [str(path) for path in sorted(found, key=lambda path: path.parts)]
-
-
-def expand_path(path: str) -> list[str]:
-    """The files a path stands for: a file itself, a folder's text files, a glob pattern's matches."""
-    if os.path.isdir(path):
-        files = folder_files(path)
-        if not files:
-            raise DataError(
-                f"folder {path} holds no text files (suffixes {' '.join(sorted(TEXT_SUFFIXES))}); "
-                "name the files or use a glob pattern"
-            )
-        return files
-    if os.path.exists(path):
-        return [path]
-    if any(char in path for char in "*?["):
-        matches = sorted(glob.glob(path, recursive=True))
-        files = [file for match in matches for file in (folder_files(match) if os.path.isdir(match) else [match])]
-        if not files:
-            raise DataError(f"the pattern {path!r} matches no files; check the pattern and the current folder")
-        return files
-    raise DataError(f"no such file or folder: {path}")
-
-
-def read_corpus(paths: Sequence[str | os.PathLike], errors: str = "strict") -> Corpus:
-    """Documents from files, folders (searched recursively for TEXT_SUFFIXES) and glob patterns.
+def read_corpus(
+    paths: Sequence[str | os.PathLike], errors: str = "strict", include: Sequence[str] = (), exclude: Sequence[str] = ()
+) -> Corpus:
+    """Documents from files, folders (searched recursively) and glob patterns, found without reading them
+    whole: a stat per file, and the first block of each file found by a search to tell text from binary.
 
     Each path contributes its files in sorted order; paths keep the order given; a file named twice is
-    read once. Files must be UTF-8; errors="replace" reads invalid bytes as U+FFFD instead of failing.
-    Empty files are left out.
+    read once. Folders and patterns give every non-hidden file that holds text (files.py says how that
+    is decided, and how include/exclude patterns filter them); a file named directly is taken as it is.
+    Files must be UTF-8, which is checked when they are tokenized (build_token_cache); errors="replace"
+    reads invalid bytes as U+FFFD instead. Empty files are left out (in `skipped`).
     """
     if errors not in ("strict", "replace"):
         raise DataError(f"errors must be 'strict' or 'replace', got {errors!r}")
     if not paths:
         raise DataError("no data paths given; name files, folders or glob patterns, or use the default corpus")
-    files = list(dict.fromkeys(file for path in paths for file in expand_path(os.fspath(path))))
-    documents = [read_document(file, errors) for file in files]
-    nonempty = tuple(doc for doc in documents if doc.n_chars)
-    if not nonempty:
-        raise DataError(f"the corpus has no text: {', '.join(files)} {'is' if len(files) == 1 else 'are'} empty")
-    return Corpus(nonempty)
+    search = FileSearch(errors, check_patterns(include, "include"), check_patterns(exclude, "exclude"))
+    for path in paths:
+        search.add(os.fspath(path))
+    documents, skipped = [], search.skipped
+    for file in dict.fromkeys(search.files):
+        stat = os.stat(file)
+        if stat.st_size:
+            documents.append(Document(file, stat.st_size, stat.st_mtime_ns, errors))
+        else:
+            skipped.append((file, "empty"))
+    if not documents:
+        empty = [file for file, reason in skipped if reason == "empty"]
+        raise DataError(f"the corpus has no text: {', '.join(empty)} {'is' if len(empty) == 1 else 'are'} empty")
+    return Corpus(tuple(documents), tuple(skipped), search.hidden)
 
 
 def build_tokenizer(kind: str, corpus: Corpus, merges: int | None = None) -> Tokenizer:
@@ -221,9 +200,9 @@ def build_tokenizer(kind: str, corpus: Corpus, merges: int | None = None) -> Tok
 # Held-out split
 
 
-def split_index(n_chars: int) -> int:
-    """Characters before this index are training text; the rest (the last 10%) is validation text."""
-    return int(TRAIN_FRACTION * n_chars)
+def split_index(n_chars: int, train_fraction: float = TRAIN_FRACTION) -> int:
+    """Characters before this index are training text; the rest (by default the last 10%) is validation text."""
+    return int(train_fraction * n_chars)
 
 
 def split_text(text: str) -> tuple[str, str]:

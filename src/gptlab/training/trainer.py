@@ -1,151 +1,50 @@
-"""Pretraining: AdamW, warmup + cosine schedule, gradient accumulation, bf16 autocast, evaluation,
+"""The training loop: AdamW, warmup + cosine schedule, gradient accumulation, bf16 autocast, evaluation,
 checkpoints with exact resume, and DistributedDataParallel under `torchrun`.
 
 One process or many run the same code. The global batch (`batch_size` sequences per optimizer step)
-is fixed by the command line; each of the `world` processes computes `micro_batch_size` sequences per
+is fixed by the settings; each of the `world` processes computes `micro_batch_size` sequences per
 forward pass, and gradients accumulate over `batch_size / (micro_batch_size * world)` passes. So the
 same command gives the same optimisation whether it runs on one process or on eight.
+
+The loop stops at the first limit reached (max_steps, max_tokens, epochs, time_budget), when asked to
+(Ctrl-C or SIGTERM: it saves `last` first), or when the loss or the gradient norm stops being finite
+(it keeps the last good checkpoint).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
 import signal
 import sys
+import threading
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Callable, Iterator, Protocol
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
-import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch.nn.parallel import DistributedDataParallel
 
-from ..checkpoint import (
-    is_gptlab_checkpoint,
-    read_config,
-    restore_interrupted_swap,
-    with_tied_head,
-    write_folder_atomically,
-    write_model_files,
-)
+from ..checkpoint import is_gptlab_checkpoint, read_config, with_tied_head, write_folder_atomically, write_model_files
 from ..config import GPTConfig
-from ..data import IGNORE_INDEX, TokenWindows, check_length, validation_batches
+from ..data import Batch, TokenWindows, check_length
 from ..model import GPTModel
 from ..tokenizer import Tokenizer
-
-OPTIMIZER_FILE = "optimizer.safetensors"
-STATE_FILE = "trainer_state.json"
-RUN_MARKER = "gptlab-run.json"
-
-
-class TrainingError(Exception):
-    """A problem with the run the user asked for: reported as one line, non-zero exit."""
-
-
-@dataclass
-class TrainConfig:
-    out_dir: str = "runs/default"
-    batch_size: int = 32  # sequences per optimizer step, over all processes
-    micro_batch_size: int | None = None  # sequences per forward pass per process (default: batch / world)
-    stride: int | None = None  # window start spacing in tokens (None: context_length, no overlap)
-    lr: float = 3e-3
-    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
-    warmup_steps: int = 50
-    pos_init: str = "gpt2"  # position table of a new model: "gpt2" (random) or "sinusoidal"
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0
-    max_steps: int | None = None
-    max_tokens: int | None = None
-    time_budget: float | None = None  # seconds of training
-    eval_interval: int = 250
-    sample_tokens: int = 200
-    dtype: str = "bfloat16"  # autocast dtype, or "float32"
-    compile: bool = False
-    seed: int = 1337
-    device: str = "auto"
-    log_interval: int = 10
-    progress: bool = True
-
-    def __post_init__(self) -> None:
-        if not (self.max_steps or self.max_tokens or self.time_budget):
-            raise ValueError("give at least one of max_steps, max_tokens or time_budget so training can stop")
-        for name in ("batch_size", "eval_interval", "log_interval"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.dtype not in ("bfloat16", "float32"):
-            raise ValueError(f"dtype must be bfloat16 or float32, got {self.dtype!r}")
-        if self.pos_init not in ("gpt2", "sinusoidal"):
-            raise ValueError(f"pos_init must be gpt2 or sinusoidal, got {self.pos_init!r}")
-        if not self.lr > 0:
-            raise ValueError(f"learning rate must be positive, got {self.lr}")
-
-
-# ----------------------------------------------------------------------------- devices and processes
-
-
-@dataclass(frozen=True)
-class Runtime:
-    device: torch.device
-    rank: int = 0
-    world: int = 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world > 1
-
-
-def pick_device(name: str) -> torch.device:
-    """'auto' picks CUDA, then Apple's MPS, then the CPU."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise TrainingError("--device cuda was asked for but CUDA is not available; use --device cpu or auto")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise TrainingError("--device mps was asked for but MPS is not available; use --device cpu or auto")
-    return torch.device(name)
-
-
-def start_runtime(device_name: str) -> Runtime:
-    """Join the process group when launched by torchrun (it sets RANK/WORLD_SIZE), else run alone."""
-    if "RANK" not in os.environ:
-        return Runtime(pick_device(device_name))
-    rank, world, local_rank = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
-    device = pick_device(device_name)
-    if device.type == "cuda":
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return Runtime(device, rank, world)
-
-
-def stop_runtime(runtime: Runtime) -> None:
-    if runtime.distributed and dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def sum_across_ranks(runtime: Runtime, *values: float) -> list[float]:
-    if not runtime.distributed:
-        return list(values)
-    tensor = torch.tensor(values, dtype=torch.float64, device=runtime.device)
-    dist.all_reduce(tensor)
-    return tensor.tolist()
+from .config import LIMITS, RunConfig, TrainConfig
+from .evaluation import EvalResult, autocast, evaluate, loss_fn
+from .fsdp import checkpoint_blocks, shard_model, unsharded_copy
+from .runtime import (
+    Runtime, TrainingError, agree_across_ranks, barrier, gather_rng_states, set_rng_state, start_runtime, stop_runtime,
+    sum_across_ranks,
+)
+from .state import (
+    RUN_MARKER, TrainerState, check_out_dir, link_or_copy_folder, load_model_weights, load_trainer_state, make_out_dir,
+    save_checkpoint,
+)
 
 
 # ----------------------------------------------------------------------------- optimisation
@@ -161,18 +60,14 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Adam
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
 
 
-def learning_rate(cfg: TrainConfig, step: int, progress: float) -> float:
-    """Linear warmup over warmup_steps, then cosine from lr to lr * min_lr_ratio as progress goes 0 → 1."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
+def learning_rate(cfg: TrainConfig, step: int, progress: float, warmup_steps: int | None = None) -> float:
+    """Linear warmup over warmup_steps (default cfg's), then cosine from lr to lr * min_lr_ratio as progress
+    goes 0 → 1."""
+    warmup = cfg.warmup_steps if warmup_steps is None else warmup_steps
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
     floor = cfg.lr * cfg.min_lr_ratio
     return floor + 0.5 * (cfg.lr - floor) * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-
-def autocast(runtime: Runtime, dtype: str):
-    if dtype == "float32":
-        return nullcontext()
-    return torch.autocast(device_type=runtime.device.type, dtype=torch.bfloat16)
 
 
 def training_loss_fn(cfg: TrainConfig):
@@ -181,155 +76,22 @@ def training_loss_fn(cfg: TrainConfig):
     return torch.compile(loss_fn) if cfg.compile else loss_fn
 
 
-def loss_fn(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    logits = model(x)  # (B, T, V)
-    return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=IGNORE_INDEX, reduction=reduction)
-
-
-# ----------------------------------------------------------------------------- evaluation
-
-
-@dataclass(frozen=True)
-class EvalResult:
-    loss: float  # mean nats per token
-    tokens: int
-    bytes: int
-
-    @property
-    def perplexity(self) -> float:
-        return math.exp(self.loss)
-
-    @property
-    def bits_per_byte(self) -> float:
-        return self.loss * self.tokens / math.log(2) / self.bytes
-
-    def format(self) -> str:
-        return (f"loss {self.loss:.4f}  perplexity {self.perplexity:.2f}  bits/byte {self.bits_per_byte:.4f}  "
-                f"({self.tokens:,} tokens, {self.bytes:,} bytes)")
-
-
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, tokens: np.ndarray, n_bytes: int, batch_size: int,
-             runtime: Runtime = Runtime(torch.device("cpu")), dtype: str = "float32") -> EvalResult:
-    """Loss over every token of `tokens` (each predicted once), in non-overlapping context windows.
-    Under DDP each rank takes its share of the windows and the sums are reduced."""
-    was_training = model.training
-    model.eval()
-    context = unwrap(model).cfg.context_length
-    total_loss, total_tokens = 0.0, 0
-    with autocast(runtime, dtype):
-        for x, y in validation_batches(tokens, context, batch_size, runtime.rank, runtime.world):
-            x, y = torch.from_numpy(x).to(runtime.device), torch.from_numpy(y).to(runtime.device)
-            total_loss += loss_fn(model, x, y, reduction="sum").item()
-            total_tokens += int((y != IGNORE_INDEX).sum())
-    total_loss, total_tokens = sum_across_ranks(runtime, total_loss, total_tokens)
-    model.train(was_training)
-    return EvalResult(total_loss / total_tokens, int(total_tokens), n_bytes)
-
-
-def unwrap(model: torch.nn.Module) -> GPTModel:
-    """The GPTModel inside a DistributedDataParallel wrapper (--compile compiles the loss, not the module)."""
-    return getattr(model, "module", model)
-
-
-# ----------------------------------------------------------------------------- checkpoints
-
-
-@dataclass
-class TrainerState:
-    step: int = 0
-    tokens_seen: int = 0
-    epoch: int = 0
-    windows_in_epoch: int = 0  # windows of this epoch's order already consumed
-    elapsed: float = 0.0  # training seconds before this process started
-    best_val_loss: float | None = None
-    rng_states: list[torch.Tensor] = field(default_factory=list, repr=False)  # one per rank
-
-
-def optimizer_tensors(optimizer: torch.optim.Optimizer, names: dict[torch.nn.Parameter, str]) -> dict[str, torch.Tensor]:
-    """AdamW's per-parameter state under the parameter's name, e.g. 'tok_emb.weight.exp_avg'."""
-    tensors = {}
-    for param, state in optimizer.state.items():
-        for key, value in state.items():
-            tensors[f"{names[param]}.{key}"] = value.detach().reshape(value.shape).contiguous().cpu()
-    return tensors
-
-
-def load_optimizer_tensors(optimizer: torch.optim.Optimizer, names: dict[torch.nn.Parameter, str],
-                           tensors: dict[str, torch.Tensor]) -> None:
-    for group in optimizer.param_groups:
-        for param in group["params"]:
-            prefix = f"{names[param]}."
-            state = {key[len(prefix):]: value for key, value in tensors.items() if key.startswith(prefix)}
-            if state:
-                optimizer.state[param] = {
-                    key: value if key == "step" else value.to(param.device) for key, value in state.items()
-                }
-
-
-def save_checkpoint(path: Path, model: GPTModel, tokenizer: Tokenizer, optimizer: torch.optim.Optimizer,
-                    state: TrainerState, train_cfg: TrainConfig) -> None:
-    names = {param: name for name, param in model.named_parameters()}
-
-    def write(folder: Path) -> None:
-        write_model_files(folder, model, tokenizer, extra={"step": state.step, "tokens_seen": state.tokens_seen})
-        save_file(optimizer_tensors(optimizer, names), str(folder / OPTIMIZER_FILE))
-        save_file({f"rng.{rank}": rng for rank, rng in enumerate(state.rng_states)}, str(folder / "rng.safetensors"))
-        fields = {k: v for k, v in dataclasses.asdict(state).items() if k != "rng_states"}
-        document = {"trainer": fields, "train_config": dataclasses.asdict(train_cfg)}
-        (folder / STATE_FILE).write_text(json.dumps(document, indent=2) + "\n")
-
-    write_folder_atomically(path, write)
-
-
-def load_trainer_state(path: Path, model: GPTModel, optimizer: torch.optim.Optimizer) -> TrainerState:
-    names = {param: name for name, param in model.named_parameters()}
-    model.load_state_dict(with_tied_head(model.cfg, load_file(str(path / "model.safetensors"))))
-    load_optimizer_tensors(optimizer, names, load_file(str(path / OPTIMIZER_FILE)))
-    rngs = load_file(str(path / "rng.safetensors"))
-    fields = json.loads((path / STATE_FILE).read_text())["trainer"]
-    return TrainerState(**fields, rng_states=[rngs[f"rng.{rank}"] for rank in range(len(rngs))])
-
-
-# ----------------------------------------------------------------------------- the run folder
-
-
-def check_out_dir(out_dir: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse to write into a folder holding files that are not a gptlab run; never clobber a run
-    unless asked; make sure we can write before spending any time on training."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise TrainingError(f"output path {out_dir} is a file, not a folder; choose another --out")
-    entries = [p.name for p in out_dir.iterdir()] if out_dir.is_dir() else []
-    ours = RUN_MARKER in entries
-    if entries and not ours:
-        raise TrainingError(f"output folder {out_dir} holds files that are not a gptlab run ({', '.join(sorted(entries)[:3])}...); "
-                            "choose an empty or new --out")
-    if resume:
-        restore_interrupted_swap(out_dir / "last")
-    if resume and not is_gptlab_checkpoint(out_dir / "last"):
-        raise TrainingError(f"--resume: no checkpoint at {out_dir / 'last'}; start without --resume or point --out at a run")
-    if ours and not resume and not overwrite:
-        raise TrainingError(f"output folder {out_dir} already holds a gptlab run; continue it with --resume, "
-                            "replace it with --overwrite, or choose another --out")
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        probe = out_dir / ".write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as error:
-        raise TrainingError(f"cannot write to output folder {out_dir}: {error.strerror}; choose a writable --out") from None
-
-
-def check_resume_config(out_dir: Path, model_cfg: GPTConfig) -> None:
-    saved, _, _ = read_config(out_dir / "last")
-    if saved != model_cfg:
-        diffs = [f"{k} {getattr(saved, k)} (checkpoint) vs {getattr(model_cfg, k)} (command line)"
-                 for k in saved.to_dict() if getattr(saved, k) != getattr(model_cfg, k)]
-        raise TrainingError(f"--resume: the checkpoint's model differs from the command line: {'; '.join(diffs)}; "
-                            "pass the same model options as the original run")
-
 
 # ----------------------------------------------------------------------------- the loop
+
+
+class TrainingSource(Protocol):
+    """What the loop trains on and evaluates with. TrainingData (a token stream) is one; fine-tuning
+    tasks (instructions, classification) are others."""
+
+    epoch_tokens: int  # tokens in one pass over the training data: what --epochs counts
+
+    def batches(self, batch_size: int, seed: int, start_epoch: int, start_index: int, rank: int,
+                world: int) -> Iterator[Batch]:
+        """Global batches (this rank's rows of each), endlessly, resumable from Batch.resume_at."""
+
+    def evaluate(self, model: torch.nn.Module, batch_size: int, runtime: Runtime, dtype: str):
+        """A validation result with .loss, .format() and .metrics() (recorded as val_<name>)."""
 
 
 @dataclass(frozen=True)
@@ -338,59 +100,151 @@ class TrainingData:
     val_tokens: np.ndarray
     val_bytes: int  # UTF-8 bytes that the validation targets stand for: the bits-per-byte denominator
 
+    def source(self, context_length: int, stride: int | None) -> "TokenSource":
+        windows = TokenWindows(self.train_tokens, context_length, stride or context_length)
+        check_length(self.val_tokens, context_length, "validation split")  # now, not at the first evaluation
+        return TokenSource(self, windows)
+
+
+@dataclass(frozen=True)
+class TokenSource:
+    """Pretraining on a token stream: windows of the training split, every token of the validation split."""
+
+    data: TrainingData
+    windows: TokenWindows
+
+    @property
+    def epoch_tokens(self) -> int:
+        return len(self.data.train_tokens)
+
+    def batches(self, *args) -> Iterator[Batch]:
+        return self.windows.batches(*args)
+
+    def evaluate(self, model, batch_size, runtime, dtype) -> EvalResult:
+        return evaluate(model, self.data.val_tokens, self.data.val_bytes, batch_size, runtime, dtype)
+
+
+@dataclass(frozen=True)
+class ModelHooks:
+    """How fine-tuning changes the model the loop trains and the files a checkpoint holds; the defaults
+    are pretraining's. prepare runs once the weights are in place (before the optimizer is built), e.g. to
+    add adapters or a classification head; write_model fills a checkpoint folder with the model's files and
+    read_model(folder, model) reads them back on --resume; after_eval(out_dir, step, result) runs on rank 0
+    after each evaluation is recorded (e.g. to write the responses an instruction-tuned model gave)."""
+
+    prepare: Callable[[GPTModel], GPTModel] = lambda model: model
+    write_model: Callable[..., None] = write_model_files
+    read_model: Callable[[Path, GPTModel], None] = load_model_weights
+    after_eval: Callable[[Path, int, object], None] = lambda out_dir, step, result: None
+
 
 @dataclass
 class TrainResult:
     state: TrainerState
     final_eval: EvalResult
     out_dir: Path
-    stopped_by: str  # "max_steps", "max_tokens", "time_budget" or "interrupt"
+    stopped_by: str  # a limit's name ("max_steps", "epochs", ...), "interrupt" or "terminate"
+    is_main: bool = True  # False in the processes other than rank 0 of a torchrun job
 
 
-def progress_fraction(cfg: TrainConfig, state: TrainerState, elapsed: float) -> tuple[float, str]:
-    """How far training is (1.0 = done) by whichever limit is closest, and which limit that is."""
-    fractions = {"max_steps": state.step / cfg.max_steps if cfg.max_steps else 0.0,
-                 "max_tokens": state.tokens_seen / cfg.max_tokens if cfg.max_tokens else 0.0,
-                 "time_budget": elapsed / cfg.time_budget if cfg.time_budget else 0.0}
-    limit = max(fractions, key=fractions.get)
-    return fractions[limit], limit
+@dataclass(frozen=True)
+class Plan:
+    """The limits in force, and what they mean in steps when that is known before the run."""
+
+    tokens_per_step: int
+    epoch_tokens: int  # an epoch is as many tokens as the training split holds
+    steps: int | None  # None when only a time budget limits the run
+    warmup_steps: int
+
+    @classmethod
+    def of(cls, cfg: TrainConfig, tokens_per_step: int, epoch_tokens: int) -> "Plan":
+        token_limits = [cfg.max_tokens, cfg.epochs * epoch_tokens if cfg.epochs else None]
+        step_limits = [cfg.max_steps] + [math.ceil(t / tokens_per_step) for t in token_limits if t]
+        steps = min((s for s in step_limits if s), default=None)
+        # A warmup as long as the run would never reach the full rate: keep it to a tenth of the run.
+        warmup = cfg.warmup_steps if steps is None or cfg.warmup_steps < steps else steps // 10
+        return cls(tokens_per_step, epoch_tokens, steps, warmup)
+
+    def describe(self, cfg: TrainConfig) -> list[str]:
+        limits = []
+        if cfg.max_steps:
+            limits.append(f"{cfg.max_steps:,} steps")
+        if cfg.max_tokens:
+            limits.append(f"{cfg.max_tokens:,} tokens")
+        if cfg.epochs:
+            limits.append(f"{cfg.epochs:g} epoch{'s' * (cfg.epochs != 1)} ({cfg.epochs * self.epoch_tokens:,.0f} tokens)")
+        if cfg.time_budget:
+            limits.append(f"{cfg.time_budget:g} s of training")
+        length = f"{self.steps:,} steps of {self.tokens_per_step:,} tokens" if self.steps else "the time budget"
+        stop = limits[0] if len(limits) == 1 else f"{' or '.join(limits)}, whichever comes first"
+        lines = [f"stop after: {stop}",
+                 f"schedule: lr {cfg.lr:g}, linear warmup over {self.warmup_steps} steps, then cosine to "
+                 f"{cfg.lr * cfg.min_lr_ratio:g} at the end of {length}"]
+        if self.warmup_steps != cfg.warmup_steps:
+            lines.append(f"warning: --warmup-steps {cfg.warmup_steps} is longer than the run's {self.steps} steps; "
+                         f"warming up over {self.warmup_steps} instead")
+        return lines
+
+    def progress(self, cfg: TrainConfig, state: TrainerState, elapsed: float) -> tuple[float, str]:
+        """How far training is (1.0 = done) by whichever limit is closest, and which limit that is."""
+        fractions = {"max_steps": state.step / cfg.max_steps if cfg.max_steps else 0.0,
+                     "max_tokens": state.tokens_seen / cfg.max_tokens if cfg.max_tokens else 0.0,
+                     "epochs": state.tokens_seen / (cfg.epochs * self.epoch_tokens) if cfg.epochs else 0.0,
+                     "time_budget": elapsed / cfg.time_budget if cfg.time_budget else 0.0}
+        limit = max(fractions, key=fractions.get)
+        return fractions[limit], limit
 
 
 class StopRequest:
-    """Ctrl-C asks the loop to stop after the current step (it then saves); a second Ctrl-C aborts."""
+    """Ctrl-C (SIGINT) or SIGTERM (a scheduler preempting the job, `kill`, a container stopping) asks the
+    loop to stop after the current step and save; a second signal aborts at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
-        self.requested = False
+        self.signal: int | None = None
+        self.previous: dict = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signal is not None
 
     def __enter__(self):
-        self.previous = signal.signal(signal.SIGINT, self.handle)
+        if threading.current_thread() is threading.main_thread():  # only the main thread may install handlers
+            self.previous = {sig: signal.signal(sig, self.handle) for sig in self.SIGNALS}
         return self
 
     def handle(self, signum, frame):
         if self.requested:
             raise KeyboardInterrupt
-        self.requested = True
+        self.signal = signum
 
     def __exit__(self, *exc):
-        signal.signal(signal.SIGINT, self.previous)
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
 
-def train(model_cfg: GPTConfig, cfg: TrainConfig, tokenizer: Tokenizer, data: TrainingData,
+def train(model_cfg: GPTConfig, cfg: TrainConfig, tokenizer: Tokenizer, data: TrainingData | TrainingSource,
           runtime: Runtime | None = None, resume: bool = False, overwrite: bool = False,
-          init_state: dict[str, torch.Tensor] | None = None, log=print) -> TrainResult:
-    """Train a GPTModel on `data`, writing checkpoints, metrics and a loss plot under cfg.out_dir.
-    Pass the runtime when the caller started it (to build the token cache before training)."""
-    if runtime is not None:
-        return _train(runtime, model_cfg, cfg, tokenizer, data, resume, overwrite, init_state, log)
-    runtime = start_runtime(cfg.device)
+          init_state: dict[str, torch.Tensor] | None = None, run: RunConfig | None = None,
+          hooks: ModelHooks = ModelHooks(), log=print) -> TrainResult:
+    """Train a GPTModel on `data`, writing checkpoints, metrics and a loss plot under cfg.out. `run`, the
+    run's full settings, goes into each checkpoint for `--resume` and `gptlab eval`. Pass the runtime when
+    the caller started it (to build the token cache before training)."""
+    own_runtime = runtime is None
+    runtime = start_runtime(cfg.device) if own_runtime else runtime
     try:
-        return _train(runtime, model_cfg, cfg, tokenizer, data, resume, overwrite, init_state, log)
+        return _train(runtime, model_cfg, cfg, tokenizer, data, resume, overwrite, init_state, run, hooks, log)
     finally:
-        stop_runtime(runtime)
+        if own_runtime:
+            stop_runtime(runtime)
 
 
-def _train(runtime, model_cfg, cfg, tokenizer, data, resume, overwrite, init_state, log) -> TrainResult:
-    out_dir = Path(cfg.out_dir)
+def _train(runtime, model_cfg, cfg, tokenizer, data, resume, overwrite, init_state, run, hooks, log) -> TrainResult:
+    out_dir = Path(cfg.out)
+    if not any(getattr(cfg, name) for name in LIMITS):
+        raise TrainingError("give at least one limit so training can stop: --max-steps, --max-tokens, --epochs "
+                            "or --time-budget")
     if runtime.is_main:
         check_out_dir(out_dir, resume, overwrite)
     if resume:
@@ -401,80 +255,108 @@ def _train(runtime, model_cfg, cfg, tokenizer, data, resume, overwrite, init_sta
         raise TrainingError(f"batch size {cfg.batch_size} is not a multiple of micro batch {micro} x {runtime.world} "
                             "processes; choose --batch-size as a multiple of their product")
     accum_steps = cfg.batch_size // (micro * runtime.world)
-    windows = TokenWindows(data.train_tokens, context, cfg.stride or context)
-    check_length(data.val_tokens, context, "validation split")  # now, not at the first evaluation
+    source = data.source(context, cfg.stride) if isinstance(data, TrainingData) else data
+    plan = Plan.of(cfg, cfg.batch_size * context, source.epoch_tokens)
 
-    torch.manual_seed(cfg.seed + runtime.rank)
+    torch.manual_seed(cfg.seed)  # the same initial weights in every process (FSDP keeps each one's slice)
     model = GPTModel(model_cfg).to(runtime.device)
+    if runtime.rank:
+        torch.manual_seed(cfg.seed + runtime.rank)  # but each its own dropout masks
     if init_state is not None:
         model.load_state_dict(with_tied_head(model_cfg, dict(init_state)))
     elif cfg.pos_init == "sinusoidal":  # a resumed run loads its trained table over this below
         model.init_sinusoidal_positions()
+    model = hooks.prepare(model)
+    if cfg.fsdp:
+        if not runtime.distributed:
+            raise TrainingError("--fsdp shards the model across processes; launch them with "
+                                "torchrun --nproc_per_node N -m gptlab train ... --fsdp")
+        model = shard_model(model, cfg.activation_checkpointing)
+    elif cfg.activation_checkpointing:
+        checkpoint_blocks(model)
     optimizer = make_optimizer(model, cfg)
     state = TrainerState()
     if resume:
-        state = load_trainer_state(out_dir / "last", model, optimizer)
+        state = load_trainer_state(out_dir / "last", model, optimizer, hooks.read_model)
         if len(state.rng_states) == runtime.world:
-            torch.set_rng_state(state.rng_states[runtime.rank])
+            set_rng_state(runtime, state.rng_states[runtime.rank])
     if runtime.is_main:
-        marker = {"format": "gptlab-run", "model": model_cfg.to_dict(), "train": dataclasses.asdict(cfg)}
-        (out_dir / RUN_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+        make_out_dir(out_dir)
+        (out_dir / RUN_MARKER).write_text(json.dumps({"format": "gptlab-run"}) + "\n")
+        if run is not None:
+            (out_dir / "run.toml").write_text(run.to_toml())
         if not resume:
             (out_dir / "metrics.jsonl").unlink(missing_ok=True)
         else:
             drop_metrics_after(out_dir, state.step)
-    net: torch.nn.Module = model
-    if runtime.distributed:
+        for line in plan.describe(cfg):
+            log(line)
+    net: torch.nn.Module = model  # FSDP shards the model itself; plain data parallelism wraps it
+    if runtime.distributed and not cfg.fsdp:
         net = DistributedDataParallel(model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
     compute_loss = training_loss_fn(cfg)
+    bar = progress_bar(cfg, runtime)
+
+    def say(line: str) -> None:
+        """A log line on stdout that does not tear the progress bar on stderr."""
+        if bar.disable:
+            log(line)
+        else:
+            bar.write(line, file=sys.stdout)
 
     def evaluate_and_save(final: bool) -> EvalResult:
         nonlocal last_eval
-        result = evaluate(net, data.val_tokens, data.val_bytes, micro, runtime, cfg.dtype)
+        result = source.evaluate(net, micro, runtime, cfg.dtype)
         if not math.isfinite(result.loss):  # the last step broke the weights: keep them out of the checkpoints
             raise divergence_error("validation loss", result.loss, state.step, out_dir)
         improved = state.best_val_loss is None or result.loss < state.best_val_loss
         if improved:
             state.best_val_loss = result.loss
         state.rng_states = gather_rng_states(runtime)
+        full_model = unsharded_copy(model) if cfg.fsdp else model  # every rank takes part; rank 0 gets it
+        if cfg.fsdp:
+            save_checkpoint(out_dir / "last", model, tokenizer, optimizer, state, run, hooks.write_model, full_model)
         if runtime.is_main:
-            record_metrics(out_dir, {"step": state.step, "tokens": state.tokens_seen, "val_loss": result.loss,
-                                     "val_perplexity": result.perplexity, "val_bits_per_byte": result.bits_per_byte})
-            save_checkpoint(out_dir / "last", model, tokenizer, optimizer, state, cfg)
+            record_metrics(out_dir, {"step": state.step, "tokens": state.tokens_seen,
+                                     **{f"val_{name}": value for name, value in result.metrics().items()}})
+            if not cfg.fsdp:
+                save_checkpoint(out_dir / "last", model, tokenizer, optimizer, state, run, hooks.write_model)
             if improved:
-                write_folder_atomically(out_dir / "best", lambda folder: copy_folder(out_dir / "last", folder))
+                write_folder_atomically(out_dir / "best", lambda folder: link_or_copy_folder(out_dir / "last", folder))
             plot_losses(out_dir)
-            log(f"step {state.step}: val {result.format()}")
+            say(f"step {state.step}: val {result.format()}")
+            hooks.after_eval(out_dir, state.step, result)
             if cfg.sample_tokens and not final:
-                log(f"sample: {sample_text(model, tokenizer, cfg.sample_tokens)!r}")
+                say(f"sample: {sample_text(full_model, tokenizer, cfg.sample_tokens)!r}")
         last_eval = (state.step, result)
         return result
 
     last_eval: tuple[int, EvalResult] | None = None
-    tokens_per_step = cfg.batch_size * context
-    batches = windows.batches(cfg.batch_size, cfg.seed, state.epoch, state.windows_in_epoch, runtime.rank, runtime.world)
+    batches = source.batches(cfg.batch_size, cfg.seed, state.epoch, state.windows_in_epoch, runtime.rank, runtime.world)
     start = time.perf_counter() - state.elapsed
-    bar = progress_bar(cfg, runtime)
     stopped_by, window_start, window_tokens = "max_steps", time.perf_counter(), 0
     model.train()
     with StopRequest() as stop:
         while True:
             elapsed = time.perf_counter() - start
-            progress, limit = progress_fraction(cfg, state, elapsed)
+            progress, limit = plan.progress(cfg, state, elapsed)
             progress, interrupted = agree_across_ranks(runtime, progress, stop.requested)
+            show_progress(bar, progress, elapsed)
             if interrupted or progress >= 1.0:
-                stopped_by = "interrupt" if interrupted else limit
+                stopped_by = ("terminate" if stop.signal == signal.SIGTERM else "interrupt") if interrupted else limit
                 state.elapsed = elapsed  # what the time budget was measured against, so a resume sees it spent
                 break
-            lr = learning_rate(cfg, state.step, progress)
+            lr = learning_rate(cfg, state.step, progress, plan.warmup_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             batch = next(batches)  # this rank's rows of the global batch: (micro * accum_steps, context)
             x, y = torch.from_numpy(batch.inputs).to(runtime.device), torch.from_numpy(batch.targets).to(runtime.device)
             step_loss = 0.0
             for i, (xm, ym) in enumerate(zip(x.split(micro), y.split(micro))):
-                last_micro = i == accum_steps - 1
-                sync = nullcontext() if last_micro or not runtime.distributed else net.no_sync()
+                last_micro = i == accum_steps - 1  # gradients are reduced across processes after it only
+                if cfg.fsdp:
+                    model.set_requires_gradient_sync(last_micro)
+                sync = nullcontext() if last_micro or net is model else net.no_sync()
                 with sync:
                     with autocast(runtime, cfg.dtype):
                         loss = compute_loss(net, xm, ym) / accum_steps
@@ -483,32 +365,45 @@ def _train(runtime, model_cfg, cfg, tokenizer, data, resume, overwrite, init_sta
             (step_loss,) = sum_across_ranks(runtime, step_loss / runtime.world)  # every rank sees a NaN anywhere
             if not math.isfinite(step_loss):
                 raise divergence_error("loss", step_loss, state.step + 1, out_dir)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            # The norm is measured whether or not it is clipped (max_norm inf leaves the gradients as they are).
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
+            grad_norm = float(grad_norm.full_tensor() if cfg.fsdp else grad_norm)  # FSDP: a norm over every shard
+            if not math.isfinite(grad_norm):  # the step would write inf or NaN into the weights
+                raise divergence_error("gradient norm", grad_norm, state.step + 1, out_dir)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             state.step += 1
-            state.tokens_seen += tokens_per_step
+            state.tokens_seen += plan.tokens_per_step
             state.epoch, state.windows_in_epoch = batch.resume_at
             state.elapsed = time.perf_counter() - start
-            window_tokens += tokens_per_step
+            window_tokens += plan.tokens_per_step
             if state.step % cfg.log_interval == 0:
                 tokens_per_s = window_tokens / (time.perf_counter() - window_start)
                 window_start, window_tokens = time.perf_counter(), 0
                 if runtime.is_main:
-                    record_metrics(out_dir, {"step": state.step, "tokens": state.tokens_seen, "train_loss": step_loss,
-                                             "lr": lr, "tokens_per_s": tokens_per_s, "elapsed": state.elapsed})
-                    bar.set_postfix(step=state.step, loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
-            bar.update(min(progress, 1.0) - bar.n)
+                    record = {"step": state.step, "tokens": state.tokens_seen, "train_loss": step_loss, "lr": lr,
+                              "grad_norm": grad_norm, "tokens_per_s": tokens_per_s, "elapsed": state.elapsed}
+                    record_metrics(out_dir, record)
+                    say(format_log_line(record, plan.steps))
+                    bar.set_postfix_str(f"loss {step_loss:.4f}, grad norm {grad_norm:.2f}")
             if state.step % cfg.eval_interval == 0:
                 evaluate_and_save(final=False)
     bar.close()
     final = last_eval[1] if last_eval and last_eval[0] == state.step else evaluate_and_save(final=True)
-    if stopped_by == "interrupt" and runtime.is_main:
-        log(f"interrupted at step {state.step}; checkpoint saved in {out_dir / 'last'}; "
-            f"continue with the same command plus --resume")
-    if runtime.distributed:
-        dist.barrier()  # no rank tears the process group down while another still uses it
-    return TrainResult(state, final, out_dir, stopped_by)
+    if stopped_by in ("interrupt", "terminate") and runtime.is_main:
+        what = "SIGTERM" if stopped_by == "terminate" else "Ctrl-C"
+        log(f"stopped by {what} at step {state.step}; checkpoint saved in {out_dir / 'last'}; "
+            f"continue with: gptlab train --out {out_dir} --resume")
+    barrier(runtime)  # no rank tears the process group down while another still uses it
+    return TrainResult(state, final, out_dir, stopped_by, runtime.is_main)
+
+
+def check_resume_config(out_dir: Path, model_cfg: GPTConfig) -> None:
+    saved, _, _ = read_config(out_dir / "last")
+    if saved != model_cfg:
+        diffs = [f"{k} {getattr(saved, k)} (checkpoint) vs {getattr(model_cfg, k)} (given)"
+                 for k in saved.to_dict() if getattr(saved, k) != getattr(model_cfg, k)]
+        raise TrainingError(f"--resume: the checkpoint's model differs from the one given: {'; '.join(diffs)}")
 
 
 def divergence_error(what: str, value: float, step: int, out_dir: Path) -> TrainingError:
@@ -517,23 +412,10 @@ def divergence_error(what: str, value: float, step: int, out_dir: Path) -> Train
     return TrainingError(f"{what} became {value} at step {step}; {kept}; lower --lr or use --dtype float32")
 
 
-def agree_across_ranks(runtime: Runtime, progress: float, stop_requested: bool) -> tuple[float, bool]:
-    """Every rank must leave the loop at the same step: take the furthest progress and any Ctrl-C."""
-    if not runtime.distributed:
-        return progress, stop_requested
-    flags = torch.tensor([progress, float(stop_requested)], device=runtime.device)
-    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-    return flags[0].item(), bool(flags[1].item())
-
-
-def gather_rng_states(runtime: Runtime) -> list[torch.Tensor]:
-    state = torch.get_rng_state()
-    if not runtime.distributed:
-        return [state]
-    states: list = [None] * runtime.world
-    dist.all_gather_object(states, state)
-    return states
-
+def format_log_line(record: dict, steps: int | None) -> str:
+    of = f"/{steps:,}" if steps else ""
+    return (f"step {record['step']:,}{of} | loss {record['train_loss']:.4f} | lr {record['lr']:.2e} | "
+            f"grad norm {record['grad_norm']:.3f} | {record['tokens_per_s']:,.0f} tok/s | {record['elapsed']:.1f} s")
 
 def drop_metrics_after(out_dir: Path, step: int) -> None:
     """A run that crashed or was aborted logged steps after its last checkpoint; resuming trains them again."""
@@ -546,11 +428,6 @@ def drop_metrics_after(out_dir: Path, step: int) -> None:
 def record_metrics(out_dir: Path, record: dict) -> None:
     with open(out_dir / "metrics.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")
-
-
-def copy_folder(source: Path, target: Path) -> None:
-    for item in source.iterdir():
-        (target / item.name).write_bytes(item.read_bytes())
 
 
 def plot_losses(out_dir: Path) -> None:
@@ -578,19 +455,37 @@ def plot_losses(out_dir: Path) -> None:
 
 
 def sample_text(model: GPTModel, tokenizer: Tokenizer, max_new_tokens: int, prompt: str = "") -> str:
-    """A short sample (temperature 0.8, top-k 40, fixed seed) to show progress at each evaluation."""
+    """A short sample (temperature 0.8, top-k 40, fixed seed) to show progress at each evaluation. It decodes
+    with the weights as they are (no prepared copy: they change every step, and a model carrying LoRA
+    adapters has no plain GPTModel weights to copy)."""
+    from ..inference.decoder import DecoderSettings
     from ..inference.generate import GenerationOptions, generate_text
 
     was_training = model.training
     model.eval()
     options = GenerationOptions(max_new_tokens=max_new_tokens, temperature=0.8, top_k=40, seed=0)
-    (text,) = generate_text(model, tokenizer, [prompt], options)
+    (text,) = generate_text(model, tokenizer, [prompt], options, DecoderSettings(prepare_weights=False))
     model.train(was_training)
     return text
 
 
 def progress_bar(cfg: TrainConfig, runtime: Runtime):
+    """A bar on stderr that counts progress toward the nearest limit. tqdm's own ETA extrapolates from the
+    bar's rate, which is wrong for a time budget (it measured seconds as progress units); show_progress
+    writes the time left from the fraction done instead."""
     from tqdm import tqdm
 
-    return tqdm(total=1.0, disable=not (cfg.progress and runtime.is_main), file=sys.stderr,
-                bar_format="{percentage:3.0f}%|{bar}| [{elapsed}<{remaining}] {postfix}")
+    return tqdm(total=BAR_UNITS, disable=not (cfg.progress and runtime.is_main), file=sys.stderr,
+                bar_format="{percentage:3.0f}%|{bar}| {desc} {postfix}")
+
+
+BAR_UNITS = 1000
+
+
+def show_progress(bar, progress: float, elapsed: float) -> None:
+    if bar.disable:
+        return
+    done = min(progress, 1.0)
+    left = elapsed * (1 - done) / done if done > 0 else None
+    bar.set_description_str(f"{elapsed:.0f} s" + (f", ~{left:.0f} s left" if left is not None else ""), refresh=False)
+    bar.update(round(done * BAR_UNITS) - bar.n)

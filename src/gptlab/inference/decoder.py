@@ -1,0 +1,234 @@
+"""The decoding session: weights prepared once per model, a KV cache, prefill and one-token steps.
+
+Weights. Decoding multiplies a few rows by every weight matrix, so its speed is how fast the weights
+stream from memory, and on the CPU the memory order matters: in float32 MKL reads a Linear weight
+faster stored [in, out] than nn.Linear's [out, in] (products with GPT-2 124M's matrices alone, 2-core
+Xeon: 17.1 vs 18.5 ms per step at batch 1, 32.6 vs 48.8 ms at batch 8). So on the CPU in float32 the
+decoder runs a copy of the model whose Linear weights are stored transposed and viewed back as
+[out, in] (same values and shape, the module code unchanged). In bfloat16 [out, in] is the faster
+order, and on CUDA and MPS the weights are used as they are: a copy is made there only to change the
+dtype.
+
+That copy is made once per model and dtype, not per session: it is kept (in a weak-keyed table, so it
+goes when the model does) and reused while the model's parameters are the same tensors with the same
+version counters; an optimizer step, load_state_dict or .to() changes them and the next session makes
+a fresh copy. The copy costs the model's size in memory for as long as it is kept (GPT-2 124M: 0.5 GB,
+about 0.35 s to make). For a model that changes between calls, such as one being trained, pass
+DecoderSettings(prepare_weights=False): the session then decodes with the model's own weights and
+keeps nothing.
+
+Compiled steps (CUDA, opt-in). DecoderSettings(compile=True) runs each one-token step through
+torch.compile(mode="reduce-overhead"), which records it as a CUDA graph: one launch per step instead
+of hundreds. A graph needs fixed shapes and addresses, so that session uses a StaticKVCache, which
+attends over every slot of the context with a mask instead of over the slots filled so far. The
+prompt (prefill) runs uncompiled. The gain is small so far (benchmarks/gpu_decode.py, H200, GPT-2
+124M, float32: 436 against 352 tokens/s eager at batch 1, none at batch 8): a hand-captured CUDA
+graph gave the same 437, so launches are not what limits these steps.
+"""
+
+from __future__ import annotations
+
+import functools
+import weakref
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from ..config import GPTConfig
+from ..model import GPTModel, KVCache
+from .quantize import is_quantized
+
+
+def decoding_model(model: GPTModel, dtype: torch.dtype, relayout: bool) -> GPTModel:
+    """An eval-mode copy of the model with its weights in dtype and, with relayout, every Linear weight
+    stored [in, out] (see the module docstring). Tensors that need no change are shared, not copied.
+    It is for generation only: a relaid tied head is a second, transposed copy of the token embedding."""
+    linear_weights = {f"{name}.weight" for name, module in model.named_modules() if isinstance(module, nn.Linear)}
+    state = {}
+    for name, tensor in model.state_dict().items():
+        tensor = tensor.to(dtype)
+        state[name] = tensor.t().contiguous().t() if relayout and name in linear_weights else tensor
+    if model.cfg.tie_embeddings and not relayout:
+        state["out_head.weight"] = state["tok_emb.weight"]  # one converted copy, not two
+    with torch.device("meta"):
+        copy = GPTModel(model.cfg).requires_grad_(False)  # before loading: assign keeps it, inference tensors need it
+    copy.load_state_dict(state, assign=True)
+    return copy.eval()
+
+
+# model → {dtype: (the parameters' identity when the copy was made, the copy)}
+_prepared: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def weights_identity(model: GPTModel) -> tuple | None:
+    """What changes when the parameters do: each tensor's address and version counter (bumped by every
+    in-place change). None when that cannot be told: tensors made under inference_mode have no counter."""
+    tensors = list(model.state_dict().values())
+    if any(tensor.is_inference() for tensor in tensors):
+        return None
+    return tuple((tensor.data_ptr(), tensor._version, tensor.dtype, tensor.device) for tensor in tensors)
+
+
+def prepared_model(model: GPTModel, dtype: torch.dtype | None = None, prepare: bool = True) -> GPTModel:
+    """The model to decode with, in dtype (default: the model's); never the model in training mode.
+
+    prepare=True: on the CPU in float32 the [in, out] copy, and elsewhere a copy only to change the
+    dtype, made once per model and dtype and reused while its parameters are unchanged.
+    prepare=False: the model's own weights, converted per call if dtype differs; nothing kept.
+    Where the weights need no change, a model in training mode is replaced by an eval-mode module
+    sharing every tensor (dropout must not touch the samples, and the caller's mode is left alone).
+    A quantized model (inference/quantize.py) always decodes as it is.
+    """
+    dtype = dtype or model.tok_emb.weight.dtype
+    if is_quantized(model):  # integer weights: no copy can be made of them, so they decode as they are
+        if dtype != model.tok_emb.weight.dtype:
+            raise ValueError(f"a quantized model decodes in the dtype it was quantized in "
+                             f"({model.tok_emb.weight.dtype}), not {dtype}; convert the model before quantizing it")
+        return model
+    relayout = prepare and dtype == torch.float32 and model.device.type == "cpu"
+    if dtype == model.tok_emb.weight.dtype and not relayout:
+        return decoding_model(model, dtype, relayout=False) if model.training else model
+    identity = weights_identity(model) if prepare else None
+    if identity is None:
+        return decoding_model(model, dtype, relayout)
+    copies = _prepared.setdefault(model, {})
+    if dtype not in copies or copies[dtype][0] != identity:
+        copies.pop(dtype, None)  # free the stale copy before making the new one
+        copies[dtype] = (identity, decoding_model(model, dtype, relayout))
+    return copies[dtype][1]
+
+
+@dataclass(frozen=True)
+class DecoderSettings:
+    """How a session runs (what it generates is GenerationOptions').
+
+    dtype: weights and cache while decoding (default: the model's). keep: see Decoder (default
+    context_length // 2). prepare_weights=False decodes with the model's own weights, nothing copied
+    or kept, for a model that changes between calls (a dtype change is then a copy per session).
+    compile: the CUDA-graph decode step (see the module docstring).
+    """
+
+    dtype: torch.dtype | None = None
+    keep: int | None = None
+    prepare_weights: bool = True
+    compile: bool = False
+
+
+class StaticKVCache:
+    """A KV cache whose tensors keep their shapes and addresses from step to step, for a compiled step.
+
+    It offers what GPTModel asks of a KVCache (append, layers[i].update, mask), but every step attends
+    over all context_length slots: the mask hides the slots not written yet and the padding. The next
+    slot is a tensor, updated inside the step, so that nothing the step reads is a Python number
+    (torch.compile would specialise on it and recompile at every position).
+    """
+
+    def __init__(self, cfg: GPTConfig, batch_size: int, dtype: torch.dtype, device: torch.device):
+        shape = (batch_size, cfg.n_heads, cfg.context_length, cfg.head_dim)  # (B, H, L_max, D)
+        # zeros, not empty: unwritten slots are masked out, but a NaN there would still make 0 · NaN = NaN
+        self.layers = [StaticLayerCache(self, torch.zeros(shape, dtype=dtype, device=device),
+                                        torch.zeros(shape, dtype=dtype, device=device)) for _ in range(cfg.n_layers)]
+        self.slots = torch.arange(cfg.context_length, device=device)
+        self.padding = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.next_slot = torch.zeros((), dtype=torch.long, device=device)
+        self.mask = self.written = None
+        # a CUDA graph then reads and writes these in place, rather than copying them in and out at every step
+        for tensor in (self.slots, self.padding, self.next_slot, *(t for layer in self.layers for t in (layer.keys, layer.values))):
+            torch._dynamo.mark_static_address(tensor)
+
+    def reset(self, padding: torch.Tensor) -> None:
+        self.padding.copy_(padding)
+        self.next_slot.zero_()
+
+    def append(self, num_tokens: int) -> torch.Tensor:
+        """Claim the next num_tokens slots and set the mask for them; their positions (B, T)."""
+        self.written = self.next_slot + self.slots[:num_tokens]  # (T,)
+        causal = self.slots <= self.written[:, None]  # (T, L_max)
+        visible = (self.slots >= self.padding[:, None, None]) | (self.slots == self.written[:, None])  # (B, T, L_max)
+        self.mask = (causal & visible)[:, None]  # (B, 1, T, L_max), broadcast over heads
+        self.next_slot.add_(num_tokens)
+        return (self.written[None] - self.padding[:, None]).clamp(min=0)  # (B, T)
+
+
+class StaticLayerCache:
+    def __init__(self, owner: StaticKVCache, keys: torch.Tensor, values: torch.Tensor):
+        self.owner = owner
+        self.keys = keys
+        self.values = values
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write the new keys and values (B, H, T, D) into their slots; return every slot (B, H, L_max, D)."""
+        self.keys.index_copy_(2, self.owner.written, k)
+        self.values.index_copy_(2, self.owner.written, v)
+        return self.keys, self.values
+
+
+def next_token_logits(model: GPTModel, ids: torch.Tensor, cache: KVCache | StaticKVCache) -> torch.Tensor:
+    """Run ids (B, T) after the cached ones; logits (B, V) for the token after the last, in float32."""
+    features = model.hidden_states(ids, cache)[:, -1]  # (B, C): only the last position is needed
+    return model.out_head(features).float()
+
+
+@functools.cache
+def compiled_next_token_logits():
+    return torch.compile(next_token_logits, mode="reduce-overhead", fullgraph=True, dynamic=False)
+
+
+def compiled_step_logits(model: GPTModel, ids: torch.Tensor, cache: StaticKVCache) -> torch.Tensor:
+    """next_token_logits for one token per row (B, 1), replayed from a CUDA graph."""
+    torch.compiler.cudagraph_mark_step_begin()  # the previous step's graph outputs are no longer read
+    return compiled_next_token_logits()(model, ids, cache).clone()  # out of the graph's memory, which the next step reuses
+
+
+class Decoder:
+    """One generation session: the model's weights for decoding (see prepared_model), a KV cache for
+    `batch_size` rows, and each row's tokens so far.
+
+    Past the context, the window slides: when the cache is full, each row's last `keep` tokens are run
+    again from an empty cache (positions 0..keep-1) and decoding carries on from there. So the logits
+    for the token after position n come from the model run on the last w tokens, where w goes keep,
+    keep + 1, ..., context_length, then keep again. The default keep is context_length // 2: one
+    prefill of half a context buys half a context of cheap steps. keep = context_length reproduces the
+    textbook `generate_uncached` exactly (it crops to the last context_length tokens at every step), at
+    the cost of a full prefill per token once the context is full.
+    """
+
+    def __init__(self, model: GPTModel, batch_size: int, settings: DecoderSettings = DecoderSettings()):
+        self.context = model.cfg.context_length
+        self.keep = self.context // 2 if settings.keep is None else settings.keep
+        if not 1 <= self.keep <= self.context:
+            raise ValueError(f"keep must be between 1 and the context_length {self.context}, got {self.keep}")
+        self.dtype = settings.dtype or model.tok_emb.weight.dtype
+        self.device = model.device
+        self.model = prepared_model(model, self.dtype, settings.prepare_weights)
+        if settings.compile:
+            self.cache = StaticKVCache(model.cfg, batch_size, self.dtype, self.device)
+            self.step_logits = compiled_step_logits
+        else:
+            self.cache = KVCache(model.cfg, batch_size, self.dtype, self.device)
+            self.step_logits = next_token_logits
+        self.length = 0  # slots of the cache in use
+        self.rows: list[list[int]] = []
+
+    def prefill(self, rows: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Run rows of 1..context_length ids, left-padded, from an empty cache; the next-token logits (B, V)."""
+        if any(not 1 <= len(row) <= self.context for row in rows):
+            raise ValueError(f"each row needs 1 to {self.context} (context_length) tokens; crop from the left, "
+                             "and start an empty prompt with the end-of-text token")
+        self.rows = [list(row) for row in rows]
+        self.length = max(len(row) for row in rows)
+        padding = [self.length - len(row) for row in rows]
+        ids = torch.tensor([[0] * pad + list(row) for pad, row in zip(padding, rows)], device=self.device)  # (B, T)
+        self.cache.reset(torch.tensor(padding, device=self.device))
+        return next_token_logits(self.model, ids, self.cache)
+
+    def step(self, next_ids: torch.Tensor) -> torch.Tensor:
+        """Append one id per row (B,) and return the logits (B, V) for the token after it."""
+        for row, token in zip(self.rows, next_ids.tolist()):
+            row.append(token)
+        if self.length == self.context:
+            return self.prefill([row[-self.keep:] for row in self.rows])
+        self.length += 1
+        return self.step_logits(self.model, next_ids[:, None], self.cache)  # (B, 1) in

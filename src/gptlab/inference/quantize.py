@@ -1,0 +1,188 @@
+"""Int8 and int4 weights for CPU decoding, multiplied by kernels that PyTorch ships.
+
+Decoding a few rows at a time is bound by how fast the weights stream from memory, so storing them in
+fewer bits makes each step faster, provided the kernel that multiplies by them keeps up.
+
+    int8: row r of a weight W (out, in) is stored as q[r] = round(W[r] / s[r]) in [-127, 127] with
+          s[r] = max|W[r]| / 127 (symmetric, one scale per output channel), so W ≈ q·s.
+    int4: each group of INT4_GROUP_SIZE consecutive inputs of a row has its own scale s and offset z
+          (the layout of PyTorch's int4 kernel): W ≈ (q - 8)·s + z with q in [0, 15].
+
+quantize_model swaps every Linear layer (attention qkv and out_proj, feed-forward fc and proj, the
+output head) for one of these; embeddings and LayerNorms stay float.
+
+Which kernel: benchmarks/quantize_kernels.py times every candidate on GPT-2 124M's five matrix
+shapes at 1, 8 and 128 rows, each weight evicted from the cache before the call as in decoding.
+On one thread of a shared 2-core AMD EPYC (Zen 4):
+
+    int8  PyTorch's dynamic int8 Linear (fbgemm, the kernel behind torch.ao's quantize_dynamic) was
+          the fastest int8 kernel in 13 of the 15 cells: against float32 F.linear 1.4-1.6x at one
+          row (the head 3.8x), 1.0-8.1x at 8 rows, 2.4-5.5x at 128. It rounds the activations to
+          8 bits too, so the multiply runs on integers. torch._weight_int8pack_mm (gpt-fast's
+          weight-only kernel) was 4% ahead at one row of proj, 1.1-4.6x behind at 8 rows, and
+          slower than float32 at 128 rows. At one row of the 768x768 out_proj every int8 kernel
+          lost to float32 (0.72-0.85x), by about 0.1 ms per layer, 4% of an int8 step at batch 1.
+          Winning it back would take a float copy of those weights (28 MB for GPT-2 124M) and a
+          switch on the row count, for a gap near this machine's noise: there is no fallback.
+    int4  torch._weight_int4pack_mm_for_cpu ran as fast with groups of 32 inputs as of 64 or 128,
+          so the smallest, most accurate group is used. At one row it beats int8 (1.8-2.7x
+          float32 on qkv, fc and proj, 3.7x on the head); at 8 rows it is behind int8 but for
+          out_proj, and at 128 rows (a prompt, an evaluation batch) no faster than float32.
+
+One kernel per mode therefore serves every shape: KERNELS below.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..model import GPTModel
+
+INT4_GROUP_SIZE = 32  # the CPU int4 kernel accepts 32, 64, 128 or 256
+INT4_ROWS_MULTIPLE = 16  # ... and packs output rows in blocks of 16
+
+
+def quantize_rows(weight: torch.Tensor, scale_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per output row: (out, in) float → q (out, in) int8 and scales (out,) in scale_dtype.
+
+    The scales are rounded to scale_dtype before q is computed, so that q·scales is exactly the weight
+    the kernel multiplies by (a bfloat16 scale rounded afterwards would stretch each row by up to 0.4%).
+    """
+    weight = weight.detach().float()
+    scales = (weight.abs().amax(dim=1) / 127).clamp(min=torch.finfo(torch.float32).tiny).to(scale_dtype)  # (out,)
+    q = torch.round(weight / scales.float()[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scales
+
+
+def quantize_groups(weight: torch.Tensor, group_size: int,
+                    scale_dtype: torch.dtype = torch.bfloat16) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric int4 per group of inputs: (out, in) float → q (out, in) int32 in [0, 15], and scales and
+    offsets (out, in / group_size) in scale_dtype, such that W ≈ (q - 8)·scale + offset group by group."""
+    out_features, in_features = weight.shape
+    groups = weight.detach().float().reshape(out_features, in_features // group_size, group_size)  # (out, G, g)
+    low, high = groups.amin(dim=-1), groups.amax(dim=-1)  # (out, G)
+    scales = ((high - low) / 15).clamp(min=torch.finfo(torch.float32).tiny).to(scale_dtype)
+    offsets = (low + 8 * scales.float()).to(scale_dtype)  # the value of code 8, so that code 0 is `low`
+    codes = (groups - offsets.float()[..., None]) / scales.float()[..., None] + 8
+    q = torch.round(codes).clamp(0, 15).to(torch.int32).reshape(out_features, in_features)
+    return q, scales, offsets
+
+
+class QuantizedLinear(nn.Module):
+    """A Linear layer with integer weights: (..., in) → (..., out) in the input's dtype. Subclasses
+    multiply rows (N, in) by the weight; the bias stays float32."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        bias = None if linear.bias is None else linear.bias.detach().float().clone()
+        self.register_buffer("bias", bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features)  # (N, in)
+        y = self.matmul(rows)  # (N, out)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+    def matmul(self, rows: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+class DynamicInt8Linear(QuantizedLinear):
+    """PyTorch's dynamic int8 Linear (fbgemm on x86; the kernel behind torch.ao's quantize_dynamic).
+
+    Each call also rounds its input to 8 bits, with one scale for the whole (N, in) input, and then
+    multiplies integers. So the rows of one call share that scale: a row's result depends a little on
+    the other rows of its batch. Only the prepacked weight is kept (the engine's own layout).
+    """
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__(linear)
+        q, scales = quantize_rows(linear.weight)
+        zero_points = torch.zeros(self.out_features, dtype=torch.long)
+        with warnings.catch_warnings():  # quantized tensors are deprecated, yet they are this kernel's only input format
+            warnings.simplefilter("ignore", UserWarning)
+            weight = torch._make_per_channel_quantized_tensor(q, scales.double(), zero_points, 0)
+        self.packed = torch.ops.quantized.linear_prepack(weight, None)
+
+    def matmul(self, rows: torch.Tensor) -> torch.Tensor:
+        # reduce_range: 7-bit activations, which PyTorch's x86 engine needs on CPUs without VNNI
+        # (their 16-bit intermediate sums would saturate)
+        return torch.ops.quantized.linear_dynamic(rows.float().contiguous(), self.packed, True)
+
+    def weight_int8(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The stored weight: q (out, in) int8 and per-row scales (out,) float32, read back from the packing."""
+        weight, _ = torch.ops.quantized.linear_unpack(self.packed)
+        return weight.int_repr(), weight.q_per_channel_scales().float()
+
+
+class Int4Linear(QuantizedLinear):
+    """torch._weight_int4pack_mm_for_cpu with bfloat16 activations (float32 ones make it 10-100x slower).
+
+    The kernel packs output rows in blocks of 16, so the weight gets zero rows up to a multiple of 16
+    (GPT-2's 50,257-token head: 50,272 rows) whose outputs are cut off.
+    """
+
+    def __init__(self, linear: nn.Linear, group_size: int):
+        super().__init__(linear)
+        self.group_size = group_size
+        weight = F.pad(linear.weight.detach().float(), (0, 0, 0, -self.out_features % INT4_ROWS_MULTIPLE))  # (out', in)
+        q, scales, offsets = quantize_groups(weight, group_size)
+        self.register_buffer("weight_int4", torch._convert_weight_to_int4pack_for_cpu(q, 1))  # (out', in / 2) uint8
+        scales_and_offsets = torch.stack([scales, offsets], dim=-1).transpose(0, 1)  # (G, out', 2), as the kernel wants
+        self.register_buffer("scales_and_offsets", scales_and_offsets.contiguous())
+
+    def matmul(self, rows: torch.Tensor) -> torch.Tensor:
+        rows = rows.to(torch.bfloat16).contiguous()
+        y = torch._weight_int4pack_mm_for_cpu(rows, self.weight_int4, self.group_size, self.scales_and_offsets)
+        return y[:, :self.out_features]
+
+
+# mode → the module that replaces each nn.Linear (see the module docstring for why one serves every shape)
+KERNELS = {
+    "int8": DynamicInt8Linear,
+    "int4": partial(Int4Linear, group_size=INT4_GROUP_SIZE),
+}
+
+
+def is_quantized(model: nn.Module) -> bool:
+    """Whether the model holds quantized layers (it then decodes as it is: no float copy can be made of it)."""
+    return any(isinstance(module, QuantizedLinear) for module in model.modules())
+
+
+@torch.no_grad()
+def quantize_model(model: GPTModel, mode: str) -> GPTModel:
+    """An eval-mode copy of the model (on the CPU) whose Linear layers hold `mode` weights: "int8" or "int4".
+
+    The original is left as it is. The copy shares the float tensors it keeps (embeddings, LayerNorms)
+    with it, so it costs only the quantized weights; a tied output head gets its own quantized copy of
+    the token embedding. Convert the model to the dtype it should decode in (float32 or bfloat16)
+    before quantizing: the integer layers return their input's dtype.
+    """
+    if mode not in KERNELS:
+        raise ValueError(f"quantize must be one of {', '.join(KERNELS)}, got {mode!r}")
+    if model.device.type != "cpu":
+        raise ValueError(f"the quantized kernels run on the CPU, but the model is on {model.device.type}; "
+                         "load it with --device cpu to quantize it")
+    linears = {name: module for name, module in model.named_modules() if isinstance(module, nn.Linear)}
+    if mode == "int4":
+        for name, linear in linears.items():
+            if linear.in_features % INT4_GROUP_SIZE:
+                raise ValueError(f"int4 quantizes groups of {INT4_GROUP_SIZE} inputs, but {name} has "
+                                 f"{linear.in_features} inputs; use int8 for this model")
+    shared = {id(tensor): tensor for tensor in [*model.parameters(), *model.buffers()]}
+    quantized = copy.deepcopy(model, memo=shared)  # new modules, the same tensors
+    for name, linear in linears.items():
+        parent, _, attribute = name.rpartition(".")
+        setattr(quantized.get_submodule(parent), attribute, KERNELS[mode](linear))
+    return quantized.eval()

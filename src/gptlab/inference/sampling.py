@@ -1,0 +1,174 @@
+"""Choosing the next token: the options, the filters, one random stream per row, and log-probabilities.
+
+The next-token scores of a row go through, in this order (Hugging Face's order):
+    1. repetition_penalty  every token already in the row (prompt included): a negative logit is
+                           multiplied by the penalty, a positive one divided by it (transformers'
+                           RepetitionPenaltyLogitsProcessor); it applies to greedy decoding too
+    2. temperature         0 means greedy: the argmax of the penalised logits, and steps 3-6 are skipped
+    3. top_k               keep the k most likely tokens (and any tied with the k-th)
+    4. top_p               keep the fewest most likely tokens whose probabilities sum to at least top_p
+    5. min_p               keep the tokens at least min_p times as likely as the most likely one
+                           (probabilities after steps 1-4, as transformers' MinPLogitsWarper)
+    6. a draw from the softmax of what is left, with the row's own torch.Generator
+
+Seeds: row r of a batch draws from a generator seeded with seed + r (rows are prompt 0's samples,
+then prompt 1's, ...), so a row's tokens do not depend on the rows beside it: running prompt p alone
+with seed + p·num_samples gives the same samples as in the batch. seed=None draws a random seed.
+
+Log-probabilities (options.logprobs = N, at most 5) are the model's own: log_softmax of its raw logits,
+before the penalty, temperature or any filter, for the chosen token and the N most likely tokens
+(as OpenAI's API and vLLM's default report them), so they say what the model thinks whatever the
+sampling settings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import secrets
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+MAX_LOGPROBS = 5  # the most alternatives OpenAI's completions API returns
+MAX_SEED = 2**63 - 1
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    """How to generate. The defaults sample from the full distribution; temperature=0 is greedy.
+
+    Invalid values raise ValueError whose message begins with the option's command-line name (without
+    the leading dashes), so `gptlab generate` can report the flag the user typed.
+    """
+
+    max_new_tokens: int = 50
+    temperature: float = 1.0
+    top_k: int | None = None  # keep the k most likely tokens (None: all)
+    top_p: float = 1.0  # keep the fewest most likely tokens whose probabilities sum to at least top_p
+    min_p: float = 0.0  # keep the tokens at least min_p times as likely as the most likely one
+    repetition_penalty: float = 1.0  # > 1 discourages tokens already in the row (1: off)
+    seed: int | None = None  # row r draws with seed + r; None: a fresh random seed
+    stop: tuple[str, ...] = ()  # end a sample at the first of these strings (which is not returned)
+    num_samples: int = 1  # samples per prompt
+    logprobs: int | None = None  # None: none; N: the chosen token's log-probability and the N most likely
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            raise ValueError(f"stop must be a sequence of strings, not the string {self.stop!r}; write ({self.stop!r},)")
+        object.__setattr__(self, "stop", tuple(self.stop))
+        if self.max_new_tokens < 0:
+            raise ValueError(f"max-new-tokens must be >= 0, got {self.max_new_tokens}")
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature must be >= 0 (0 means greedy), got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"top-k must be >= 1 (leave it out to keep every token), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top-p must be in (0, 1] (1 keeps every token), got {self.top_p}")
+        if not 0 <= self.min_p <= 1:
+            raise ValueError(f"min-p must be in [0, 1] (0 keeps every token), got {self.min_p}")
+        if not self.repetition_penalty > 0:
+            raise ValueError(f"repetition-penalty must be > 0 (1 is off, 1.1-1.3 is usual), got {self.repetition_penalty}")
+        if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
+            raise ValueError(f"seed must be between 0 and 2**63 - 1, got {self.seed}")
+        if self.num_samples < 1:
+            raise ValueError(f"num-samples must be >= 1, got {self.num_samples}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise ValueError(f"logprobs must be between 0 and {MAX_LOGPROBS} (alternatives per token), got {self.logprobs}")
+        if any(not stop for stop in self.stop):
+            raise ValueError("stop must not be an empty string")
+
+    def replace(self, **changes) -> "GenerationOptions":
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class Token:
+    """One generated token of one row; logprob and top_logprobs only when options.logprobs asked for them."""
+
+    id: int
+    logprob: float | None = None  # the model's log-probability of this token
+    top_logprobs: tuple[tuple[int, float], ...] = ()  # (id, log-probability) of the most likely tokens, best first
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """(B, V) logits, (B, V) bool mask of the tokens each row holds → penalised (B, V) logits."""
+    penalised = torch.where(logits < 0, logits * penalty, logits / penalty)
+    return torch.where(seen, penalised, logits)
+
+
+def filter_logits(logits: torch.Tensor, temperature: float, top_k: int | None = None, top_p: float = 1.0,
+                  min_p: float = 0.0) -> torch.Tensor:
+    """Temperature, then top-k, then top-p, then min-p: (B, V) logits → (B, V) logits, -inf where a token
+    may not be drawn.
+
+    Top-k keeps every token tied with the k-th. Top-p keeps a token while the tokens more likely than it
+    sum to less than top_p, so the most likely token always stays; min-p keeps it too (its ratio is 1).
+    """
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth_largest = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth_largest, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)  # (B, V) each
+        probs = sorted_logits.softmax(dim=-1)
+        mass_before = probs.cumsum(dim=-1) - probs  # (B, V): probability of the tokens ranked above
+        drop = torch.empty_like(mass_before, dtype=torch.bool).scatter_(-1, order, mass_before >= top_p)
+        logits = logits.masked_fill(drop, float("-inf"))
+    if min_p > 0.0:
+        probs = logits.softmax(dim=-1)
+        logits = logits.masked_fill(probs < min_p * probs.amax(dim=-1, keepdim=True), float("-inf"))
+    return logits
+
+
+def row_seeds(seed: int | None, num_rows: int) -> list[int]:
+    """Row r's seed: seed + r (seed=None: a random one, from the OS, leaving torch's global RNG alone)."""
+    base = secrets.randbits(62) if seed is None else seed
+    return [base + row for row in range(num_rows)]
+
+
+class Sampler:
+    """Chooses every row's next token for one generation session.
+
+    It holds what outlives a step: one torch.Generator per row (see the module docstring for seeds) and,
+    with a repetition penalty, a (B, V) mask of the tokens each row holds so far, prompt included.
+    """
+
+    def __init__(self, options: GenerationOptions, rows: Sequence[Sequence[int]], vocab_size: int, device: torch.device):
+        self.options = options
+        self.generators = []
+        if options.temperature > 0:
+            self.generators = [torch.Generator(device=device).manual_seed(seed)
+                               for seed in row_seeds(options.seed, len(rows))]
+        self.seen = None
+        if options.repetition_penalty != 1.0:
+            self.seen = torch.zeros(len(rows), vocab_size, dtype=torch.bool, device=device)
+            for row, tokens in enumerate(rows):
+                self.seen[row, list(tokens)] = True
+
+    def choose(self, logits: torch.Tensor) -> tuple[torch.Tensor, list[Token]]:
+        """(B, V) float32 logits → the next ids (B,) and each row's Token."""
+        options = self.options
+        scores = logits
+        if self.seen is not None:
+            scores = apply_repetition_penalty(scores, self.seen, options.repetition_penalty)
+        if options.temperature == 0:
+            next_ids = scores.argmax(dim=-1)
+        else:
+            probs = filter_logits(scores, options.temperature, options.top_k, options.top_p, options.min_p).softmax(dim=-1)
+            # one draw per row from the row's own generator, so rows never share a random stream
+            next_ids = torch.cat([torch.multinomial(row_probs, 1, generator=generator)
+                                  for row_probs, generator in zip(probs, self.generators)])
+        if self.seen is not None:
+            self.seen[torch.arange(len(next_ids), device=next_ids.device), next_ids] = True
+        return next_ids, self.tokens(logits, next_ids)
+
+    def tokens(self, logits: torch.Tensor, next_ids: torch.Tensor) -> list[Token]:
+        """Each row's Token, with the raw model's log-probabilities when options.logprobs asks for them."""
+        if self.options.logprobs is None:
+            return [Token(token) for token in next_ids.tolist()]
+        logprobs = logits.log_softmax(dim=-1)  # (B, V)
+        chosen = logprobs.gather(-1, next_ids[:, None])[:, 0].tolist()  # (B,)
+        top = logprobs.topk(self.options.logprobs, dim=-1)  # (B, N) values and indices
+        return [Token(token, logprob, tuple(zip(ids, values)))
+                for token, logprob, ids, values in zip(next_ids.tolist(), chosen, top.indices.tolist(), top.values.tolist())]

@@ -1,0 +1,116 @@
+"""Loading any model folder gptlab understands: its own checkpoints and Hugging Face GPT-2 folders.
+
+It imports both formats (checkpoint.py and interop/hf.py), so checkpoint.py need not import interop.
+A path that is not such a folder gets a one-line ValueError saying what it is and what to pass instead.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+
+from .checkpoint import CONFIG_FILE, FORMAT, WEIGHTS_FILE, is_gptlab_checkpoint, load_gptlab_checkpoint, read_json
+from .config import GPTConfig
+from .interop.hf import check_hf_config, config_from_hf, hf_weight_files, load_hf_checkpoint
+from .model import GPTModel
+from .tokenizer import Tokenizer
+
+EXPECTED_LAYOUTS = (
+    'a gptlab checkpoint (config.json with "format": "gptlab", model.safetensors) or a Hugging Face GPT-2 folder '
+    '(config.json with "model_type": "gpt2", model.safetensors or pytorch_model.bin, '
+    'optionally vocab.json + merges.txt)'
+)
+# The checkpoints a training run folder holds, in the order they are worth suggesting.
+RUN_CHECKPOINTS = ("best", "last")
+
+
+def missing_path_message(path: Path) -> str:
+    """`path` does not exist: say so, and suggest the existing folder whose name is closest to the first
+    missing part of it (runs/mine/bset -> runs/mine/best, runs/mien/best -> runs/mine/best)."""
+    missing = next(part for part in [*reversed(path.parents), path] if not part.exists())
+    closest = difflib.get_close_matches(missing.name, sibling_folders(missing), n=1)
+    if closest:
+        return f"{path} does not exist; did you mean {missing.parent / closest[0] / path.relative_to(missing)}?"
+    if missing == path:
+        return f"{path} does not exist; check the path"
+    return f"{path} does not exist (there is no {missing}); check the path"
+
+
+def sibling_folders(path: Path) -> list[str]:
+    """The names of the folders next to `path`; hidden ones (temporary copies) only when `path` is hidden too."""
+    try:
+        entries = list(path.parent.iterdir())
+    except OSError:  # an unreadable parent: no suggestion rather than a traceback
+        return []
+    hidden_ok = path.name.startswith(".")
+    return [entry.name for entry in entries if entry.is_dir() and (hidden_ok or not entry.name.startswith("."))]
+
+
+def run_folder_checkpoint(folder: Path) -> Path | None:
+    """The checkpoint to suggest when `folder` is a training run folder (it holds best/ or last/), else None."""
+    return next((folder / name for name in RUN_CHECKPOINTS if is_gptlab_checkpoint(folder / name)), None)
+
+
+def checkpoint_format(path: Path) -> str:
+    """'gptlab' or 'hf' for a folder load_model can read; else a ValueError saying what it should hold."""
+    folder = Path(path)
+    if not folder.exists():
+        raise ValueError(missing_path_message(folder))
+    if not folder.is_dir():
+        raise ValueError(f"{folder} is a file, not a folder; expected {EXPECTED_LAYOUTS}")
+    if not (folder / CONFIG_FILE).is_file():
+        checkpoint = run_folder_checkpoint(folder)
+        if checkpoint is not None:
+            raise ValueError(f"{folder} is a training run folder, not a checkpoint; did you mean {checkpoint}?")
+        raise ValueError(f"{folder} has no {CONFIG_FILE}; expected {EXPECTED_LAYOUTS}")
+    meta = read_json(folder / CONFIG_FILE)
+    if meta.get("format") == FORMAT:
+        if not isinstance(meta.get("config"), dict) or not isinstance(meta.get("tokenizer"), dict):
+            raise ValueError(f"{folder / CONFIG_FILE} lacks the 'config' or 'tokenizer' object of a gptlab checkpoint")
+        if not (folder / WEIGHTS_FILE).is_file():
+            raise ValueError(f"{folder} is a gptlab checkpoint without {WEIGHTS_FILE}; expected {EXPECTED_LAYOUTS}")
+        return "gptlab"
+    if meta.get("model_type") == "gpt2":
+        if not hf_weight_files(folder):
+            raise ValueError(f"{folder} has a GPT-2 {CONFIG_FILE} but no weights; expected {EXPECTED_LAYOUTS}")
+        return "hf"
+    raise ValueError(
+        f"{folder / CONFIG_FILE} is neither gptlab's nor a GPT-2 one (format {meta.get('format')!r}, "
+        f"model_type {meta.get('model_type')!r}); expected {EXPECTED_LAYOUTS}"
+    )
+
+
+def read_model_config(path: Path) -> tuple[GPTConfig, str]:
+    """The shape of the model in a loadable folder and the folder's format, from config.json alone."""
+    kind = checkpoint_format(path)
+    meta = read_json(Path(path) / CONFIG_FILE)
+    if kind == "gptlab":
+        return GPTConfig.from_dict(meta["config"]), kind
+    check_hf_config(meta)
+    return config_from_hf(meta), kind
+
+
+def load_model(
+    path: Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+) -> tuple[GPTModel, Tokenizer]:
+    """The model and tokenizer in a gptlab checkpoint or a Hugging Face GPT-2 folder (any of the four
+    sizes), memory-mapped rather than copied where the device and dtype allow. Bad folders, missing
+    weights and shape mismatches raise a one-line ValueError. A classifier (`gptlab finetune classify`)
+    loads with its head of one row per label, and its labels as `model.labels`."""
+    try:
+        if checkpoint_format(path) == "hf":
+            return load_hf_checkpoint(path, device, dtype)
+        if read_json(Path(path) / CONFIG_FILE).get("labels"):
+            from .finetune.classify import load_classifier  # fine-tuning builds on this module
+
+            classifier = load_classifier(path, device)
+            classifier.model.labels = classifier.labels
+            model, tokenizer = classifier.model, classifier.tokenizer
+        else:
+            model, tokenizer = load_gptlab_checkpoint(path, device)
+    except SafetensorError as error:
+        raise ValueError(f"a weights file in {path} is damaged or not safetensors ({error}); re-create it") from None
+    return (model if dtype is None else model.to(dtype)), tokenizer

@@ -1,0 +1,231 @@
+"""The whole job behind `gptlab train` and `gptlab eval`, as functions the Python API exposes:
+
+    gptlab.train(data=["notes/"], out="runs/notes", max_steps=2000)      # any option of `gptlab train`
+    gptlab.train(config="recipes/char-embedded.toml", out="runs/x")      # a recipe, with overrides
+    gptlab.train(out="runs/x", resume=True)                              # continue a run exactly
+    gptlab.evaluate("runs/x/best")                                       # the run's own held-out split
+
+train() resolves the settings (training/config.py), reads the corpus, chooses the tokenizer and the model
+(new, from --init, or the run's own when resuming), builds or reuses the token cache once per machine, and
+hands everything to the loop (training/trainer.py).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .. import data
+from ..checkpoint import read_config
+from ..config import GPTConfig, get_config
+from ..finetune.hooks import check_lora_head, finetune_hooks, lora_config
+from ..loading import load_model
+from ..report import parameter_report
+from ..tokenizer import Tokenizer, tokenizer_from_spec
+from .config import ConfigError, DataConfig, RunConfig, check_keys, check_types, read_toml, resolve, resume_settings, with_default_limit
+from .evaluation import EvalResult, evaluate as evaluate_tokens
+from .runtime import Runtime, TrainingError, barrier, pick_device, start_runtime, stop_runtime
+from .state import check_out_dir, read_run_config
+from .trainer import TrainingData, TrainResult
+from .trainer import train as train_loop
+
+# What a model loaded with --init keeps: its shape and tokenizer. Dropout, a shorter context and a padded
+# vocabulary can change (the last two by cropping the position table and padding the token table).
+SKIPPED_SHOWN = 10  # skipped files listed by name; the rest are counted
+
+FIXED_BY_INIT = ("model", "tokenizer", "merges", "emb_dim", "n_heads", "n_layers", "qkv_bias", "tie_embeddings",
+                 "pos_init")
+
+
+def gather_settings(config: str | os.PathLike | RunConfig | None, options: dict, resume: bool,
+                    overwrite: bool) -> tuple[dict, Path]:
+    """The settings given (a recipe's, then the options'), checked, and the run folder they name, checked
+    before anything is read (nothing is created yet)."""
+    given = dict(options)
+    check_keys(given, "the options")
+    check_types({k: v for k, v in given.items() if v is not None}, "the options")
+    if isinstance(config, RunConfig):
+        given = {**config.flat(), **given}
+    elif config is not None:
+        given = {**read_toml(config), **given}
+    out = Path(given.get("out") or RunConfig().train.out)
+    check_out_dir(out, resume, overwrite)
+    return given, out
+
+
+def train(config: str | os.PathLike | RunConfig | None = None, *, resume: bool = False, overwrite: bool = False,
+          log=print, **options) -> TrainResult:
+    """Train as `gptlab train` does. `config`: a TOML recipe's path or a RunConfig; `options`: any setting by
+    its option name (`out`, `data`, `max_steps`, ...), overriding the recipe."""
+    given, out = gather_settings(config, options, resume, overwrite)
+    if resume:
+        saved = read_run_config(out / "last")
+        if saved is None:
+            raise TrainingError(f"--resume: {out / 'last'} has no run.toml (it was written by an older gptlab); "
+                                "start a new run")
+        model_cfg, _, _ = read_config(out / "last")
+        run, note = resume_settings(saved, given, model_cfg.to_dict()), "the run's own"
+        given = {}
+    else:
+        run, note = with_default_limit(resolve(given))
+    runtime = start_runtime(run.train.device)
+    try:
+        return _train(run, note, given, runtime, resume, overwrite, log)
+    finally:
+        stop_runtime(runtime)
+
+
+def _train(run: RunConfig, limit_note: str, given: dict, runtime: Runtime, resume: bool, overwrite: bool, log) -> TrainResult:
+    out = Path(run.train.out)
+    lora = lora_config(run)
+    corpus = read_corpus(run.data)
+    if runtime.is_main:
+        log(f"data: {EMBEDDED_NAME if run.data.data is None else corpus.summary()}")
+        for path, reason in corpus.skipped[:SKIPPED_SHOWN]:
+            log(f"  skipped {path}: {reason}")
+        if len(corpus.skipped) > SKIPPED_SHOWN:
+            log(f"  ... and {len(corpus.skipped) - SKIPPED_SHOWN} more skipped (choose files with --include/--exclude)")
+    init_state = None
+    if resume:  # the model and tokenizer are the run's, from its last checkpoint
+        model_cfg, tokenizer, _ = read_config(out / "last")
+        if lora is not None:  # which holds the adapters: the frozen base comes from --init again
+            init_state = initial_model(run, {})[2]
+    elif run.model.init:
+        model_cfg, tokenizer, init_state = initial_model(run, given)
+        check_lora_head(run, model_cfg)
+    else:
+        tokenizer = new_tokenizer(run.data, corpus, runtime)
+        model_cfg = new_model_config(run, tokenizer)
+    cache = token_cache(corpus, tokenizer, run.data.cache_dir, runtime, progress=run.train.progress)
+    if runtime.is_main:
+        log(f"tokens: {len(cache.train_tokens):,} training and {len(cache.val_tokens):,} validation "
+            f"({type(tokenizer).__name__}, vocabulary {tokenizer.vocab_size:,}); token cache {cache.directory}")
+        log("\n".join(parameter_report(model_cfg).format(run.model.init or run.model.model).splitlines()[:2]))
+        log(f"settings: {out / 'run.toml'} (limits: {limit_note})")
+    corpus_data = TrainingData(cache.train_tokens, cache.val_tokens, cache.val_target_bytes)
+    hooks = finetune_hooks(run, meta={}, log=log if runtime.is_main else lambda line: None, report_parameters=False)
+    return train_loop(model_cfg, run.train, tokenizer, corpus_data, runtime=runtime, resume=resume,
+                      overwrite=overwrite, init_state=init_state, run=run, hooks=hooks, log=log)
+
+
+def read_corpus(settings: DataConfig) -> data.Corpus:
+    if settings.data is None:
+        return data.default_corpus()
+    return data.read_corpus(settings.data, settings.invalid_utf8, include=settings.include, exclude=settings.exclude)
+
+
+EMBEDDED_NAME = "the embedded corpus (pydoc_data.topics, Python's bundled documentation)"
+
+
+def describe_sources(settings: DataConfig) -> str:
+    return EMBEDDED_NAME if settings.data is None else " ".join(settings.data)
+
+
+def new_tokenizer(settings: DataConfig, corpus: data.Corpus, runtime: Runtime) -> Tokenizer:
+    """A character vocabulary is every character of the corpus: one process reads it, the others get its spec."""
+    if settings.tokenizer != "char" or not runtime.distributed:
+        return data.build_tokenizer(settings.tokenizer, corpus, settings.merges)
+    spec = [data.build_tokenizer("char", corpus).spec() if runtime.is_main else None]
+    torch.distributed.broadcast_object_list(spec, src=0)
+    return tokenizer_from_spec(spec[0])
+
+
+def new_model_config(run: RunConfig, tokenizer: Tokenizer) -> GPTConfig:
+    shape = {name: getattr(run.model, name) for name in ("context_length", "emb_dim", "n_heads", "n_layers",
+                                                          "drop_rate", "attn_drop_rate", "qkv_bias", "tie_embeddings")}
+    vocab_size = run.model.vocab_size or tokenizer.vocab_size
+    if vocab_size < tokenizer.vocab_size:
+        raise ConfigError(f"--vocab-size {vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size} ids; "
+                          "leave it out, or pad it to a larger size (nanoGPT pads 50257 to 50304)")
+    return get_config(run.model.model, vocab_size=vocab_size, **shape)
+
+
+def initial_model(run: RunConfig, given: dict) -> tuple[GPTConfig, Tokenizer, dict[str, torch.Tensor]]:
+    """The model to fine-tune from --init, with the changes a loaded model allows; `given`: the settings
+    the user chose, which must not include one that a loaded model fixes."""
+    fixed = [name for name in FIXED_BY_INIT if name in given]
+    if fixed:
+        raise ConfigError(f"--init takes the model's shape and tokenizer from {run.model.init}; drop "
+                          f"--{fixed[0].replace('_', '-')} (a fine-tune may change --drop-rate, --attn-drop-rate, "
+                          "--context-length and --vocab-size)")
+    model, tokenizer = load_model(run.model.init)
+    state = model.state_dict()
+    cfg = model.cfg
+    context = run.model.context_length or cfg.context_length
+    if context > cfg.context_length:
+        raise ConfigError(f"--context-length {context} is longer than {run.model.init}'s {cfg.context_length}: its "
+                          f"position table has no rows past that; choose at most {cfg.context_length}")
+    vocab_size = run.model.vocab_size or cfg.vocab_size
+    if vocab_size < cfg.vocab_size:
+        raise ConfigError(f"--vocab-size {vocab_size} is smaller than {run.model.init}'s {cfg.vocab_size}; "
+                          "a fine-tune can only pad the vocabulary")
+    changes = {"context_length": context, "vocab_size": vocab_size}
+    for name in ("drop_rate", "attn_drop_rate"):
+        if getattr(run.model, name) is not None:
+            changes[name] = getattr(run.model, name)
+    state["pos_emb.weight"] = state["pos_emb.weight"][:context]  # the first positions keep their meaning
+    for name in ("tok_emb.weight", "out_head.weight"):
+        if name in state and vocab_size > cfg.vocab_size:  # padded rows stand for ids the tokenizer never emits
+            rows = state[name]
+            state[name] = torch.cat([rows, rows.new_zeros(vocab_size - cfg.vocab_size, rows.shape[1])])
+    return cfg.replace(**changes), tokenizer, state
+
+
+def token_cache(corpus: data.Corpus, tokenizer: Tokenizer, cache_dir: str | None, runtime: Runtime,
+                progress: bool, train_fraction: float = data.TRAIN_FRACTION) -> data.TokenCache:
+    """Build the cache (or check and reuse it) once: rank 0 first; then local rank 0 of every other machine,
+    which on storage all machines share (--cache-dir) only checks the files' sizes and times, and on a
+    machine's own disk builds its copy; then every other process opens it."""
+    directory = Path(cache_dir) if cache_dir else data.default_cache_dir(corpus, tokenizer, train_fraction)
+
+    def build() -> data.TokenCache:
+        return data.build_token_cache(corpus, tokenizer, directory, progress=progress and runtime.is_main,
+                                      train_fraction=train_fraction)
+
+    cache = build() if runtime.is_main else None
+    barrier(runtime)
+    if runtime.local_rank == 0 and not runtime.is_main:
+        cache = build()
+    barrier(runtime)
+    return cache or data.open_token_cache(directory)
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    result: EvalResult
+    scored: str  # what text was scored, in words
+
+
+def evaluate(checkpoint: str | os.PathLike, data_paths: list[str] | None = None, *, batch_size: int = 8,
+             device: str = "auto", dtype: str = "float32", quantize: str | None = None,
+             include: list[str] = (), exclude: list[str] = (), invalid_utf8: str = "strict",
+             cache_dir: str | None = None, progress: bool = False) -> Evaluation:
+    """Loss, perplexity and bits per byte of a checkpoint, as `gptlab eval` reports them: on the whole of
+    `data_paths`, or without them on the held-out split of the data its run trained on (the embedded
+    corpus' for a checkpoint that no gptlab run wrote)."""
+    runtime = Runtime(pick_device(device))
+    model, tokenizer = load_model(checkpoint, device=runtime.device, dtype=getattr(torch, dtype))
+    if quantize:
+        from ..inference.quantize import quantize_model
+
+        model = quantize_model(model, quantize)
+    if data_paths:
+        settings = DataConfig(data=list(data_paths), include=list(include), exclude=list(exclude),
+                              invalid_utf8=invalid_utf8, cache_dir=cache_dir)
+        corpus = read_corpus(settings)
+        cache = token_cache(corpus, tokenizer, cache_dir, runtime, progress, train_fraction=0.0)
+        scored = f"the whole of {describe_sources(settings)}"
+    else:
+        run = read_run_config(checkpoint)
+        settings = run.data if run else DataConfig()
+        corpus = read_corpus(settings)
+        cache = token_cache(corpus, tokenizer, settings.cache_dir, runtime, progress)
+        scored = f"the held-out {1 - data.TRAIN_FRACTION:.0%} of {describe_sources(settings)}"
+        if run is None:
+            scored += " (no run.toml: this checkpoint was not written by a gptlab run)"
+    # The weights are already in `dtype`: no autocast on top (evaluation's "float32" means none).
+    result = evaluate_tokens(model, cache.val_tokens, cache.val_target_bytes, batch_size, runtime, dtype="float32")
+    return Evaluation(result, scored)
