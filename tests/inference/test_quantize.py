@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gptlab.checkpoint import save_model
+from gptlab.cli import main
 from gptlab.config import GPTConfig
 from gptlab.data import default_corpus_text, split_text
 from gptlab.inference.decoder import Decoder, DecoderSettings
@@ -295,3 +297,20 @@ def test_int4_perplexity_close_to_float_and_far_from_random(trained):
     assert abs(int4_ppl / float_ppl - 1) < 0.03
     assert int4_ppl < 0.5 * perplexity(random_model, val_ids, n_bytes)
     assert greedy_agreement(quantized, model, prompt) >= 0.85
+
+
+def test_generate_and_eval_take_quantize_on_the_cpu(tmp_path, capsys):
+    tokenizer = CharTokenizer("abcdefgh ")
+    torch.manual_seed(0)
+    model = GPTModel(GPTConfig(vocab_size=tokenizer.vocab_size, context_length=16, emb_dim=64, n_heads=2, n_layers=1))
+    save_model(tmp_path / "model", model, tokenizer)
+    argv = ["generate", "--checkpoint", str(tmp_path / "model"), "--prompt", "abc", "--temperature", "0",
+            "--max-new-tokens", "8", "--device", "cpu"]
+    assert main(argv) == 0
+    plain = capsys.readouterr().out
+    assert main([*argv, "--quantize", "int8"]) == 0
+    assert capsys.readouterr().out == plain  # a random model's clear greedy choices survive int8 weights
+    (tmp_path / "text.txt").write_text("abc defg hab " * 20)
+    assert main(["eval", "--checkpoint", str(tmp_path / "model"), "--data", str(tmp_path / "text.txt"),
+                 "--device", "cpu", "--quantize", "int8"]) == 0
+    assert "bits/byte" in capsys.readouterr().out

@@ -19,6 +19,7 @@ import torch
 
 from ..inference.decoder import DecoderSettings
 from ..inference.generate import GenerationOptions, stream_batch
+from ..inference.quantize import quantize_model
 from ..loading import load_model
 from ..model import GPTModel
 from ..tokenizer import Tokenizer, load_tokenizer
@@ -52,10 +53,18 @@ def unescape(text: str) -> str:
 
 
 def generation_model(args: argparse.Namespace, seed: int) -> tuple[GPTModel, Tokenizer]:
-    """The model to generate with, on --device in --dtype (its decoding layout is made once, on first use)."""
+    """The model to generate with, on --device in --dtype, its linear layers quantized with --quantize (its
+    decoding layout is made once, on first use)."""
+    model, tokenizer = unquantized_model(args, seed)
+    return (quantize_model(model, args.quantize) if args.quantize else model), tokenizer
+
+
+def unquantized_model(args: argparse.Namespace, seed: int) -> tuple[GPTModel, Tokenizer]:
     device, dtype = pick_device(args.device), getattr(torch, args.dtype)
     if args.compile and device.type != "cuda":
         raise UserError(f"--compile records the decode step as a CUDA graph and needs CUDA, not {device.type}; drop --compile")
+    if args.quantize and device.type != "cpu":
+        raise UserError(f"--quantize uses CPU kernels; add --device cpu (not {device.type}), or drop --quantize")
     if args.checkpoint is not None:
         reject_shape_options(args)
         return load_model(args.checkpoint, device=device, dtype=dtype)
@@ -205,6 +214,8 @@ def add_parsers(commands) -> None:
     gen.add_argument("--device", default="auto", help="auto (the default: CUDA, then MPS, then the CPU), cpu, cuda, "
                      "cuda:N or mps")
     gen.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="weights while generating")
+    gen.add_argument("--quantize", choices=["int8", "int4"], help="CPU only: int8 (per-channel) or int4 (groups of 32) "
+                     "weights for the linear layers; embeddings and norms stay in --dtype")
     gen.add_argument("--compile", action="store_true", help="CUDA only: compile the one-token step into a CUDA graph "
                      "(the first reply waits about a minute for the compiler)")
     gen.set_defaults(run=cmd_generate)
