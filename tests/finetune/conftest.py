@@ -51,13 +51,13 @@ def tiny_config(**changes) -> GPTConfig:
     return GPTConfig(**{**settings, **changes})
 
 
-def random_model(cfg: GPTConfig, seed: int = 0) -> GPTModel:
+def random_model(cfg: GPTConfig, seed: int = 0, noise: float = 0.05) -> GPTModel:
     """Every parameter random (biases and norms too), so that no misplaced term hides behind a zero."""
     torch.manual_seed(seed)
     model = GPTModel(cfg)
     with torch.no_grad():
         for param in model.parameters():
-            param.add_(0.05 * torch.randn_like(param))
+            param.add_(noise * torch.randn_like(param))
     return model.eval()
 
 

@@ -11,6 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import random_model as random_base_model
+
 from gptlab.cli import main
 from gptlab.checkpoint import save_model
 from gptlab.config import GPTConfig, get_config
@@ -41,13 +43,7 @@ TOKENIZER = CharTokenizer("abcdefghijklmnopqrstuvwxyz0123456789 .,")  # 39 chara
 
 
 def random_model(cfg: GPTConfig = TINY, seed: int = 0) -> GPTModel:
-    """Every parameter random (biases and LayerNorm shifts too), so that no misplaced term hides behind a zero."""
-    torch.manual_seed(seed)
-    model = GPTModel(cfg)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.add_(0.1 * torch.randn_like(param))
-    return model.eval()
+    return random_base_model(cfg, seed, noise=0.1)
 
 
 def random_adapters_(model: GPTModel, seed: int = 1) -> GPTModel:
