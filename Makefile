@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench bench-llama clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,16 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/train_throughput.py
 	$(BIN)/python benchmarks/generate_throughput.py
+
+# gptlab against llama.cpp on the same weights (benchmarks/llama_cpp_compare.py). The `bench` extra is
+# llama-cpp-python, which PyPI ships as source only: pip compiles llama.cpp, about 12 minutes on 2 cores,
+# once. -e keeps the package editable, as the set-up above installs it.
+$(VENV)/.bench-installed: $(STAMP)
+	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[bench]'
+	touch $@
+
+bench-llama: $(VENV)/.bench-installed
+	$(BIN)/python benchmarks/llama_cpp_compare.py
 
 clean:
 	rm -rf $(VENV) runs

@@ -4,8 +4,9 @@ For each Linear shape of GPT-2 124M and a few row counts (1 and 8: decoding at b
 prefill or an evaluation batch), times y = x·Wᵀ + b with:
 
     fp32              F.linear, the weight as nn.Linear stores it [out, in] (the baseline of every ratio)
-    fp32 [in,out]     F.linear on the transposed layout gptlab's decoder uses in float32
+    fp32 packed       the weight packed once into oneDNN's layout, as gptlab's decoder runs it on the CPU
     bf16              F.linear, weight and activations in bfloat16
+    bf16 packed       the same packing in bfloat16
     int8 wo bf16      torch._weight_int8pack_mm: int8 weights, per-channel scales, bfloat16 activations
     int8 wo fp32      the same kernel with float32 activations
     int8 dyn x86      PyTorch's dynamic int8 Linear (activations rounded to 8 bits per call), x86 engine
@@ -25,7 +26,7 @@ float32 F.linear, and at 128 rows a call of the head takes seconds.
 
 Then decoding itself: tokens/s of gptlab's KV-cached decoder (generate_ids, greedy, a 32-token prompt,
 DECODE_NEW_TOKENS new tokens, prefill included) on a GPT-2 124M-shape model with random weights (tied
-head, qkv bias), at batch 1 and 8, in float32 (the decoder's [in, out] copy), bfloat16, and
+head, qkv bias), at batch 1 and 8, in float32 and bfloat16 (the decoder's packed copies), and
 quantize_model's int8 and int4, interleaved round by round.
 
     .venv/bin/python benchmarks/quantize_kernels.py [--threads 1] [--rows 1 8 128] [--rounds 7] [--out FILE]
@@ -34,18 +35,18 @@ quantize_model's int8 and int4, interleaved round by round.
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from common import machine_info, write_report
 from torch import nn
 
 from gptlab.config import get_config
-from gptlab.inference.decoder import DecoderSettings
+from gptlab.inference.decoder import DecoderSettings, PackedLinear
 from gptlab.inference.generate import generate_ids
 from gptlab.inference.quantize import (
     DynamicInt8Linear,
@@ -92,19 +93,18 @@ def with_engine(engine: str, build: Callable[[], nn.Module]) -> nn.Module:
         torch.backends.quantized.engine = default
 
 
-def float_linear(linear: nn.Linear, dtype: torch.dtype, transposed: bool = False) -> Callable:
-    weight = linear.weight.detach().to(dtype)
-    if transposed:
-        weight = weight.t().contiguous().t()  # same values and shape, stored [in, out]
-    bias = None if linear.bias is None else linear.bias.detach().to(dtype)
-    return lambda x: F.linear(x.to(dtype), weight, bias)
+def float_linear(linear: nn.Linear, dtype: torch.dtype, packed: bool = False) -> Callable:
+    converted = copy.deepcopy(linear).to(dtype)
+    product = PackedLinear(converted) if packed else converted
+    return lambda x: product(x.to(dtype))
 
 
 # name: (bits per weight, float32 activations, how to build one callable from an nn.Linear)
 KERNELS: dict[str, tuple[int, bool, Callable[[nn.Linear], Callable]]] = {
     "fp32": (32, True, lambda linear: float_linear(linear, torch.float32)),
-    "fp32 [in,out]": (32, True, lambda linear: float_linear(linear, torch.float32, transposed=True)),
+    "fp32 packed": (32, True, lambda linear: float_linear(linear, torch.float32, packed=True)),
     "bf16": (16, False, lambda linear: float_linear(linear, torch.bfloat16)),
+    "bf16 packed": (16, False, lambda linear: float_linear(linear, torch.bfloat16, packed=True)),
     "int8 wo bf16": (8, False, lambda linear: Int8PackLinear(linear, torch.bfloat16)),
     "int8 wo fp32": (8, True, lambda linear: Int8PackLinear(linear, torch.float32)),
     "int8 dyn x86": (8, False, lambda linear: with_engine("x86", lambda: DynamicInt8Linear(linear))),

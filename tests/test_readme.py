@@ -25,6 +25,7 @@ NOT_HERE = {
     "gptlab download": "needs the network",
     "recipes/gpt2-124m.toml": "GPT-2 124M on 10B tokens needs GPUs",
     "--device cuda": "needs a GPU",
+    "gptlab serve": "serves until stopped; tests/serve starts it, with the same client code",
 }
 
 

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
+from gptlab.checkpoint import save_model
 from gptlab.config import GPTConfig
 from gptlab.model import GPTModel
+from gptlab.tokenizer import Tokenizer
 
 SHAPES = {
     "tied, qkv bias": GPTConfig(vocab_size=97, context_length=32, emb_dim=32, n_heads=4, n_layers=2,
@@ -18,6 +22,14 @@ MULTIBYTE = " 🙂 日本語, naïve 😀 テスト ok"
 def random_model(cfg: GPTConfig, seed: int = 0) -> GPTModel:
     torch.manual_seed(seed)
     return GPTModel(cfg).eval()
+
+
+def save_random_checkpoint(path: Path, tokenizer: Tokenizer) -> Path:
+    """A one-layer model with random weights over GPT-2's vocabulary, saved to path: samples differ with the
+    seed, and end-of-text is rare."""
+    save_model(path, random_model(GPTConfig(vocab_size=50257, context_length=32, emb_dim=16, n_heads=2, n_layers=1)),
+               tokenizer)
+    return path
 
 
 def random_prompts(cfg: GPTConfig, lengths: list[int], seed: int = 1) -> list[list[int]]:

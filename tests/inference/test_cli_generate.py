@@ -14,12 +14,16 @@ import time
 
 import pytest
 import torch
-from generation_helpers import MULTIBYTE, one_thread, random_model, scripted_model
+from generation_helpers import (
+    MULTIBYTE,
+    one_thread,
+    save_random_checkpoint,
+    scripted_model,
+)
 
 from gptlab.checkpoint import save_model
 from gptlab.cli import generate as cli
 from gptlab.cli import main
-from gptlab.config import GPTConfig
 from gptlab.inference.generate import GenerationOptions, generate_ids
 from gptlab.loading import load_model
 from gptlab.tokenizer import load_tokenizer
@@ -58,11 +62,7 @@ def paragraphs_checkpoint(tmp_path_factory, tokenizer):
 
 @pytest.fixture(scope="module")
 def random_checkpoint(tmp_path_factory, tokenizer):
-    """Random weights over GPT-2's vocabulary: samples differ with the seed, and end-of-text is rare."""
-    path = tmp_path_factory.mktemp("ckpt") / "random"
-    save_model(path, random_model(GPTConfig(vocab_size=50257, context_length=32, emb_dim=16, n_heads=2, n_layers=1)),
-               tokenizer)
-    return path
+    return save_random_checkpoint(tmp_path_factory.mktemp("ckpt") / "random", tokenizer)
 
 
 def run_cli(capsys, *args):

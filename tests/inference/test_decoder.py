@@ -12,29 +12,45 @@ from generation_helpers import SHAPES, one_thread, random_model, random_prompts
 
 from gptlab.config import GPTConfig
 from gptlab.inference import decoder as decoder_module
-from gptlab.inference.decoder import Decoder, DecoderSettings, StaticKVCache, next_token_logits
-from gptlab.inference.generate import GenerationOptions, generate, generate_ids, generate_uncached
+from gptlab.inference.decoder import (
+    Decoder,
+    DecoderSettings,
+    PackedLinear,
+    StaticKVCache,
+    next_token_logits,
+    packs_weights,
+)
+from gptlab.inference.generate import (
+    GenerationOptions,
+    generate,
+    generate_ids,
+    generate_uncached,
+)
 from gptlab.inference.quantize import quantize_model
 from gptlab.model import KVCache
 
 one_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
 
 
-def test_float32_cpu_layout_is_made_once_per_model_and_shares_what_it_can():
+def test_cpu_weights_are_packed_once_per_model_and_share_what_they_can():
     cfg = SHAPES["tied, qkv bias"]
     model = random_model(cfg)
     prepared = Decoder(model, 1).model
-    qkv = prepared.trf_blocks[0].att.qkv.weight
-    assert qkv.shape == (3 * cfg.emb_dim, cfg.emb_dim) and qkv.t().is_contiguous()  # stored [in, out]
-    assert torch.equal(qkv, model.trf_blocks[0].att.qkv.weight)
+    qkv = prepared.trf_blocks[0].att.qkv
+    assert isinstance(qkv, PackedLinear) and isinstance(prepared.out_head, PackedLinear)
+    x = torch.randn(2, 3, cfg.emb_dim)
+    reference = model.trf_blocks[0].att.qkv(x)
+    assert torch.allclose(qkv(x), reference, rtol=0, atol=1e-5)  # the same product, from the packed weight
+    assert torch.allclose(prepared.out_head(x), model.out_head(x), rtol=0, atol=1e-5)
     assert prepared.tok_emb.weight.data_ptr() == model.tok_emb.weight.data_ptr()  # shared, not copied
     assert Decoder(model, 4).model is prepared  # the next session reuses it
     generate_ids(model, [[1, 2]], GenerationOptions(max_new_tokens=3))
     assert Decoder(model, 1).model is prepared
 
     bf16 = Decoder(model, 1, DecoderSettings(dtype=torch.bfloat16)).model
-    assert bf16.trf_blocks[0].att.qkv.weight.is_contiguous()  # in bfloat16 [out, in] is the faster order
-    assert bf16.out_head.weight.data_ptr() == bf16.tok_emb.weight.data_ptr()  # the tied head converted once
+    packed = packs_weights(torch.bfloat16, torch.device("cpu"))
+    assert isinstance(bf16.trf_blocks[0].att.qkv, PackedLinear) == packed  # where oneDNN does bfloat16
+    assert torch.allclose(bf16.trf_blocks[0].att.qkv(x.bfloat16()).float(), reference, rtol=0, atol=0.05)
     assert Decoder(model, 1, DecoderSettings(dtype=torch.bfloat16)).model is bf16
     assert Decoder(model, 1).model is prepared  # one kept per dtype
 
@@ -57,7 +73,8 @@ def test_a_changed_model_gets_a_fresh_layout(change):
     fresh = Decoder(model, 1).model
     gc.collect()
     assert stale() is None  # the stale copy was let go, not kept beside the fresh one
-    assert torch.equal(fresh.out_head.weight, model.out_head.weight)
+    features = torch.randn(1, cfg.emb_dim)
+    assert torch.allclose(fresh.out_head(features), model.out_head(features), rtol=0, atol=1e-5)  # the new weights
     expected = generate_uncached(model, torch.tensor(prompt), 8)[0, 5:].tolist()
     assert generate_ids(model, prompt, greedy) == [expected]
 

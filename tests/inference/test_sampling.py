@@ -8,7 +8,13 @@ import math
 
 import pytest
 import torch
-from generation_helpers import SHAPES, one_thread, random_model, random_prompts, uncached_logits
+from generation_helpers import (
+    SHAPES,
+    one_thread,
+    random_model,
+    random_prompts,
+    uncached_logits,
+)
 from transformers.generation.logits_process import (
     LogitsProcessorList,
     MinPLogitsWarper,
@@ -19,7 +25,12 @@ from transformers.generation.logits_process import (
 )
 
 from gptlab.inference.generate import generate_ids, generate_tokens
-from gptlab.inference.sampling import GenerationOptions, Sampler, apply_repetition_penalty, filter_logits
+from gptlab.inference.sampling import (
+    GenerationOptions,
+    Sampler,
+    apply_repetition_penalty,
+    filter_logits,
+)
 
 one_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
 
@@ -120,6 +131,27 @@ def test_repetition_penalty_counts_the_prompt_and_every_generated_token():
     assert tokens[len(prompt):] != generate_ids(model, [prompt], options.replace(repetition_penalty=1.0))[0]
 
 
+def test_frequency_presence_penalties_and_logit_bias_follow_openais_formula():
+    """Greedy step by step on the uncached logits: logits + bias - frequency · count - presence · (count > 0),
+    counting generated tokens only (the prompt is not penalised)."""
+    cfg = SHAPES["tied, qkv bias"]
+    model = random_model(cfg)
+    prompt = random_prompts(cfg, [6])[0]
+    bias = {prompt[0]: 0.5, 3: -100.0}
+    options = GenerationOptions(max_new_tokens=15, temperature=0, frequency_penalty=0.7, presence_penalty=0.4,
+                                logit_bias=bias)
+    tokens, counts = list(prompt), torch.zeros(cfg.vocab_size)
+    added = torch.zeros(cfg.vocab_size)
+    added[list(bias)] = torch.tensor(list(bias.values()))
+    for _ in range(15):
+        scores = uncached_logits(model, tokens) + added - 0.7 * counts - 0.4 * (counts > 0).float()
+        tokens.append(int(scores.argmax()))
+        counts[tokens[-1]] += 1
+    assert generate_ids(model, [prompt], options) == [tokens[len(prompt):]]
+    assert 3 not in tokens[len(prompt):]
+    assert tokens[len(prompt):] != generate_ids(model, [prompt], GenerationOptions(max_new_tokens=15, temperature=0))[0]
+
+
 def test_batched_sampling_equals_each_row_alone_with_its_seed():
     """Row r of a batch (prompt r // num_samples) draws with seed + r, whatever rows are beside it."""
     cfg = SHAPES["untied, no bias"]
@@ -198,6 +230,9 @@ def test_logprobs_are_the_raw_models_whatever_the_filters():
     (dict(num_samples=0), "num-samples must be >= 1"),
     (dict(stop=("ok", "")), "stop must not be an empty string"),
     (dict(stop="ok"), "stop must be a sequence of strings"),
+    (dict(frequency_penalty=2.5), "frequency-penalty must be between -2 and 2"),
+    (dict(presence_penalty=-3), "presence-penalty must be between -2 and 2"),
+    (dict(logit_bias={5: 101}), "logit-bias values must be between -100 and 100"),
 ])
 def test_invalid_options_are_refused(change, message):
     with pytest.raises(ValueError, match=message):

@@ -9,7 +9,7 @@ from importlib.metadata import version
 
 from ..interop.hf import DownloadError
 from ..training.runtime import TrainingError
-from . import finetune, generate, models, train
+from . import finetune, generate, models, serve, train
 from .common import UserError
 
 
@@ -21,6 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_parsers(commands)
     train.add_parsers(commands)
     finetune.add_parsers(commands)
+    serve.add_parsers(commands)
     return parser
 
 

@@ -105,9 +105,17 @@ class LoRALinear(nn.Module):
         return self.alpha / self.rank
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_autocast_enabled(x.device.type):
+            # One cast of the input for both products (autocast would make one for each, and one more
+            # back and forth for a float32 A), and one for its gradient.
+            x = x.to(torch.get_autocast_dtype(x.device.type))
+            low_rank_input = self.dropout(x)
+        else:  # the update in A's float32, whatever the base's dtype
+            low_rank_input = self.dropout(x).to(self.lora_A.dtype)
         y = self.base(x)
-        update = self.dropout(x).to(self.lora_A.dtype) @ self.lora_A.T @ self.lora_B.T  # (..., in) → (..., out)
-        return y + (update * self.scale).to(y.dtype)
+        # scaled at rank width, where it costs least: (..., in) → (..., rank) → (..., out)
+        update = (low_rank_input @ self.lora_A.T * self.scale) @ self.lora_B.T
+        return y + update.to(y.dtype)
 
     def delta_weight(self) -> torch.Tensor:
         """The update as a weight (out, in), in float32."""

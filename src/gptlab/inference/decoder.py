@@ -1,13 +1,16 @@
 """The decoding session: weights prepared once per model, a KV cache, prefill and one-token steps.
 
 Weights. Decoding multiplies a few rows by every weight matrix, so its speed is how fast the weights
-stream from memory, and on the CPU the memory order matters: in float32 MKL reads a Linear weight
-faster stored [in, out] than nn.Linear's [out, in] (products with GPT-2 124M's matrices alone, 2-core
-Xeon: 17.1 vs 18.5 ms per step at batch 1, 32.6 vs 48.8 ms at batch 8). So on the CPU in float32 the
-decoder runs a copy of the model whose Linear weights are stored transposed and viewed back as
-[out, in] (same values and shape, the module code unchanged). In bfloat16 [out, in] is the faster
-order, and on CUDA and MPS the weights are used as they are: a copy is made there only to change the
-dtype.
+stream from memory, and on the CPU their memory layout matters. There the decoder runs a copy of the
+model whose Linear layers hold their weights packed once, ahead of time, into oneDNN's blocked layout
+(PackedLinear): PyTorch's own CPU linear reads nn.Linear's [out, in] weights through MKL, which is slow
+for a few rows on some CPUs (AMD's), and in bfloat16 it hands oneDNN the plain layout, to be repacked at
+every call. Products with GPT-2 124M's matrices alone, 2-core AMD EPYC, 2 threads, milliseconds per
+step (benchmarks/quantize_kernels.py measures the same shapes): float32 batch 1 17.7 as nn.Linear, 12.1
+stored [in, out] (what this decoder did before), 9.1 packed; float32 batch 8 44.1, 42.9, 13.5; bfloat16
+batch 1 11.9, 10.9, 4.8; batch 8 14.1, 13.9, 7.9. Packing uses PyTorch's own oneDNN ops (the ones its
+compiler uses to freeze CPU linears), only on the CPU, and in bfloat16 only where oneDNN supports it. On
+CUDA and MPS the weights are used as they are: a copy is made there only to change the dtype.
 
 That copy is made once per model and dtype, not per session: it is kept (in a weak-keyed table, so it
 goes when the model does) and reused while the model's parameters are the same tensors with the same
@@ -30,8 +33,8 @@ from __future__ import annotations
 
 import functools
 import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 from torch import nn
@@ -41,20 +44,41 @@ from ..model import GPTModel, KVCache
 from .quantize import is_quantized
 
 
-def decoding_model(model: GPTModel, dtype: torch.dtype, relayout: bool) -> GPTModel:
-    """An eval-mode copy of the model with its weights in dtype and, with relayout, every Linear weight
-    stored [in, out] (see the module docstring). Tensors that need no change are shared, not copied.
-    It is for generation only: a relaid tied head is a second, transposed copy of the token embedding."""
-    linear_weights = {f"{name}.weight" for name, module in model.named_modules() if isinstance(module, nn.Linear)}
-    state = {}
-    for name, tensor in model.state_dict().items():
-        tensor = tensor.to(dtype)
-        state[name] = tensor.t().contiguous().t() if relayout and name in linear_weights else tensor
-    if model.cfg.tie_embeddings and not relayout:
+class PackedLinear(nn.Module):
+    """nn.Linear's product for CPU decoding, its weight packed once into oneDNN's blocked layout. Inference
+    only: the packed weight is not a parameter and takes no gradient."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.register_buffer("packed_weight", torch.ops.mkldnn._reorder_linear_weight(linear.weight, None), persistent=False)
+        self.register_buffer("bias", linear.bias, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")  # (..., in) → (..., out)
+
+
+def packs_weights(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether decoding in dtype on device runs PackedLinear (see the module docstring)."""
+    if device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return False
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def decoding_model(model: GPTModel, dtype: torch.dtype, pack: bool) -> GPTModel:
+    """An eval-mode copy of the model with its weights in dtype and, with pack, every Linear a PackedLinear
+    (see the module docstring). Tensors that need no change are shared, not copied. It is for generation
+    only: a packed tied head is a second copy of the token embedding."""
+    state = {name: tensor.to(dtype) for name, tensor in model.state_dict().items()}
+    if model.cfg.tie_embeddings:
         state["out_head.weight"] = state["tok_emb.weight"]  # one converted copy, not two
     with torch.device("meta"):
         copy = GPTModel(model.cfg).requires_grad_(False)  # before loading: assign keeps it, inference tensors need it
     copy.load_state_dict(state, assign=True)
+    if pack:
+        linears = [(name, module) for name, module in copy.named_modules() if isinstance(module, nn.Linear)]
+        for name, linear in linears:
+            parent, _, attribute = name.rpartition(".")
+            setattr(copy.get_submodule(parent), attribute, PackedLinear(linear))
     return copy.eval()
 
 
@@ -74,8 +98,8 @@ def weights_identity(model: GPTModel) -> tuple | None:
 def prepared_model(model: GPTModel, dtype: torch.dtype | None = None, prepare: bool = True) -> GPTModel:
     """The model to decode with, in dtype (default: the model's); never the model in training mode.
 
-    prepare=True: on the CPU in float32 the [in, out] copy, and elsewhere a copy only to change the
-    dtype, made once per model and dtype and reused while its parameters are unchanged.
+    prepare=True: on the CPU the packed copy, and elsewhere a copy only to change the dtype, made once
+    per model and dtype and reused while its parameters are unchanged.
     prepare=False: the model's own weights, converted per call if dtype differs; nothing kept.
     Where the weights need no change, a model in training mode is replaced by an eval-mode module
     sharing every tensor (dropout must not touch the samples, and the caller's mode is left alone).
@@ -87,16 +111,16 @@ def prepared_model(model: GPTModel, dtype: torch.dtype | None = None, prepare: b
             raise ValueError(f"a quantized model decodes in the dtype it was quantized in "
                              f"({model.tok_emb.weight.dtype}), not {dtype}; convert the model before quantizing it")
         return model
-    relayout = prepare and dtype == torch.float32 and model.device.type == "cpu"
-    if dtype == model.tok_emb.weight.dtype and not relayout:
-        return decoding_model(model, dtype, relayout=False) if model.training else model
+    pack = prepare and packs_weights(dtype, model.device)
+    if dtype == model.tok_emb.weight.dtype and not pack:
+        return decoding_model(model, dtype, pack=False) if model.training else model
     identity = weights_identity(model) if prepare else None
     if identity is None:
-        return decoding_model(model, dtype, relayout)
+        return decoding_model(model, dtype, pack)
     copies = _prepared.setdefault(model, {})
     if dtype not in copies or copies[dtype][0] != identity:
         copies.pop(dtype, None)  # free the stale copy before making the new one
-        copies[dtype] = (identity, decoding_model(model, dtype, relayout))
+        copies[dtype] = (identity, decoding_model(model, dtype, pack))
     return copies[dtype][1]
 
 

@@ -11,6 +11,7 @@ The fast path, from the inside out:
     decode_steps       the loop: logits → Sampler → next ids, one step at a time, each row's Token per step
     generate_tokens    token lists in, Tokens (id and log-probabilities) out; generate_ids: ids only
     stream_batch       text in, (row, text piece) out as it is produced; stop strings, end-of-text
+    stream_ids         the same from prompts already tokenized (a chat template's ids)
     stream_text / generate_text   the one-prompt iterator and the collect-everything call
 
 Choosing the next token applies, in this order (as Hugging Face does): repetition_penalty, then
@@ -164,6 +165,13 @@ def stream_batch(model: GPTModel, tokenizer: Tokenizer, prompts: Sequence[str], 
     max_new_tokens; generation ends when every row has.
     """
     prompt_rows = [prompt_ids(tokenizer, prompt, model.cfg.context_length) for prompt in prompts]
+    yield from stream_ids(model, tokenizer, prompt_rows, options, settings)
+
+
+def stream_ids(model: GPTModel, tokenizer: Tokenizer, prompt_rows: Sequence[Sequence[int]], options: GenerationOptions,
+               settings: DecoderSettings = DecoderSettings()) -> Iterator[tuple[int, str]]:
+    """stream_batch for prompts already tokenized (each non-empty; cropped to its last context_length
+    ids), such as a chat template's, whose segments are encoded apart (finetune/templates.py)."""
     texts = [TextAssembler(options.stop) for _ in range(len(prompt_rows) * options.num_samples)]
     for tokens in decode_steps(model, prompt_rows, options, settings):
         for row, (token, text) in enumerate(zip(tokens, texts)):

@@ -1,6 +1,11 @@
 """Choosing the next token: the options, the filters, one random stream per row, and log-probabilities.
 
-The next-token scores of a row go through, in this order (Hugging Face's order):
+The next-token scores of a row go through, in this order (Hugging Face's order, with vLLM's
+additions in front):
+    0. logit_bias          a fixed amount added to the logits of chosen token ids (OpenAI's logit_bias)
+       frequency_penalty   minus the penalty times how often the token was generated so far, and
+       presence_penalty    minus the penalty once it was generated at all (OpenAI's definitions:
+                           generated tokens only, not the prompt); these three are the server's
     1. repetition_penalty  every token already in the row (prompt included): a negative logit is
                            multiplied by the penalty, a positive one divided by it (transformers'
                            RepetitionPenaltyLogitsProcessor); it applies to greedy decoding too
@@ -52,6 +57,9 @@ class GenerationOptions:
     stop: tuple[str, ...] = ()  # end a sample at the first of these strings (which is not returned)
     num_samples: int = 1  # samples per prompt
     logprobs: int | None = None  # None: none; N: the chosen token's log-probability and the N most likely
+    frequency_penalty: float = 0.0  # subtracted once per earlier occurrence in the generated tokens
+    presence_penalty: float = 0.0  # subtracted once a token occurs in the generated tokens
+    logit_bias: dict[int, float] | None = None  # token id → added to its logit (-100 bans it, 100 forces it)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -77,6 +85,11 @@ class GenerationOptions:
             raise ValueError(f"logprobs must be between 0 and {MAX_LOGPROBS} (alternatives per token), got {self.logprobs}")
         if any(not stop for stop in self.stop):
             raise ValueError("stop must not be an empty string")
+        for name in ("frequency_penalty", "presence_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise ValueError(f"{name.replace('_', '-')} must be between -2 and 2, got {getattr(self, name)}")
+        if self.logit_bias and any(not -100 <= bias <= 100 for bias in self.logit_bias.values()):
+            raise ValueError("logit-bias values must be between -100 and 100")
 
     def replace(self, **changes) -> "GenerationOptions":
         return dataclasses.replace(self, **changes)
@@ -130,8 +143,9 @@ def row_seeds(seed: int | None, num_rows: int) -> list[int]:
 class Sampler:
     """Chooses every row's next token for one generation session.
 
-    It holds what outlives a step: one torch.Generator per row (see the module docstring for seeds) and,
-    with a repetition penalty, a (B, V) mask of the tokens each row holds so far, prompt included.
+    It holds what outlives a step: one torch.Generator per row (see the module docstring for seeds),
+    with a repetition penalty a (B, V) mask of the tokens each row holds so far, prompt included, and
+    with a frequency or presence penalty a (B, V) count of the tokens each row has generated.
     """
 
     def __init__(self, options: GenerationOptions, rows: Sequence[Sequence[int]], vocab_size: int, device: torch.device):
@@ -145,13 +159,26 @@ class Sampler:
             self.seen = torch.zeros(len(rows), vocab_size, dtype=torch.bool, device=device)
             for row, tokens in enumerate(rows):
                 self.seen[row, list(tokens)] = True
+        self.counts = None
+        if options.frequency_penalty or options.presence_penalty:
+            self.counts = torch.zeros(len(rows), vocab_size, device=device)
+        self.bias = None
+        if options.logit_bias:
+            if any(not 0 <= token < vocab_size for token in options.logit_bias):
+                raise ValueError(f"logit-bias token ids must be between 0 and {vocab_size - 1} (the vocabulary)")
+            self.bias = torch.zeros(vocab_size, device=device)
+            self.bias[list(options.logit_bias)] = torch.tensor(list(options.logit_bias.values()), device=device)
 
     def choose(self, logits: torch.Tensor) -> tuple[torch.Tensor, list[Token]]:
         """(B, V) float32 logits → the next ids (B,) and each row's Token."""
         options = self.options
         scores = logits
+        if self.bias is not None:
+            scores = scores + self.bias
         if self.seen is not None:
             scores = apply_repetition_penalty(scores, self.seen, options.repetition_penalty)
+        if self.counts is not None:
+            scores = scores - options.frequency_penalty * self.counts - options.presence_penalty * (self.counts > 0)
         if options.temperature == 0:
             next_ids = scores.argmax(dim=-1)
         else:
@@ -161,6 +188,8 @@ class Sampler:
                                   for row_probs, generator in zip(probs, self.generators)])
         if self.seen is not None:
             self.seen[torch.arange(len(next_ids), device=next_ids.device), next_ids] = True
+        if self.counts is not None:
+            self.counts[torch.arange(len(next_ids), device=next_ids.device), next_ids] += 1
         return next_ids, self.tokens(logits, next_ids)
 
     def tokens(self, logits: torch.Tensor, next_ids: torch.Tensor) -> list[Token]:

@@ -1,0 +1,166 @@
+"""The continuous-batching engine: jobs that join a running batch, rows that leave it, and a bounded queue.
+Every job's tokens must equal gptlab.inference's generation of the same prompt alone."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from serve_helpers import noisy_model
+
+from gptlab.config import GPTConfig
+from gptlab.inference.generate import generate_tokens
+from gptlab.inference.sampling import GenerationOptions
+from gptlab.model import GPTModel
+from gptlab.serve.engine import (
+    Done,
+    Engine,
+    EngineStopped,
+    Job,
+    Piece,
+    Prefilled,
+    QueueFull,
+)
+from gptlab.tokenizer import load_tokenizer
+
+TOKENIZER = load_tokenizer()
+CFG = GPTConfig(vocab_size=TOKENIZER.vocab_size, context_length=96, emb_dim=32, n_heads=4, n_layers=2)
+
+
+@pytest.fixture(scope="module")
+def model() -> GPTModel:
+    return noisy_model(CFG)
+
+
+class Recorder:
+    """A job's events, in order, with a flag once it is done."""
+
+    def __init__(self):
+        self.events: list = []
+        self.done = threading.Event()
+
+    def __call__(self, event) -> None:
+        self.events.append(event)
+        if isinstance(event, Done):
+            self.done.set()
+
+    def rows(self, count: int) -> list[list[int]]:
+        rows = [[] for _ in range(count)]
+        for event in self.events:
+            if isinstance(event, Piece):
+                rows[event.row] += [token.id for token in event.tokens]
+        return rows
+
+    def finish_reasons(self) -> dict[int, str]:
+        return {event.row: event.finish_reason for event in self.events if isinstance(event, Piece) and event.finish_reason}
+
+
+def alone(model: GPTModel, prompt: list[int], options: GenerationOptions) -> list[list[int]]:
+    return [[token.id for token in row] for row in generate_tokens(model, [prompt], options, eot_id=TOKENIZER.eot_id)]
+
+
+JOBS = [  # prompts of different lengths, greedy and sampled, n of 1 to 3, lengths that end at different steps
+    (TOKENIZER.encode("Hello there"), GenerationOptions(max_new_tokens=20, temperature=0.0)),
+    (TOKENIZER.encode("The quick brown fox jumps over"), GenerationOptions(max_new_tokens=31, temperature=0.8, seed=5, num_samples=3, top_k=50)),
+    (TOKENIZER.encode("A"), GenerationOptions(max_new_tokens=12, temperature=1.0, seed=9, top_p=0.8, repetition_penalty=1.3)),
+    (TOKENIZER.encode("Once upon a time, in a land far away, there lived"), GenerationOptions(max_new_tokens=25, temperature=0.7, seed=3, num_samples=2, min_p=0.1)),
+]
+
+
+def test_jobs_joining_a_running_batch_get_what_they_get_alone(model):
+    """Each job is submitted from the engine's own thread when the one before it has produced 5 pieces, so it
+    joins a batch that is mid-flight, with rows at other lengths; rows finish at different steps."""
+    engine = Engine(model, TOKENIZER, max_batch=8).start()
+    recorders = [Recorder() for _ in JOBS]
+
+    def chained(index: int):
+        def on_event(event) -> None:
+            recorders[index](event)
+            pieces = sum(isinstance(seen, Piece) for seen in recorders[index].events)
+            if isinstance(event, Piece) and pieces == 5 and index + 1 < len(JOBS):
+                engine.submit(Job(*JOBS[index + 1], chained(index + 1)))
+        return on_event
+
+    engine.submit(Job(*JOBS[0], chained(0)))
+    for recorder in recorders:
+        assert recorder.done.wait(60)
+    engine.stop()
+    for (prompt, options), recorder in zip(JOBS, recorders):
+        assert recorder.rows(options.num_samples) == alone(model, prompt, options)
+        assert set(recorder.finish_reasons().values()) <= {"stop", "length"}
+    # the later jobs really joined while the first was decoding: its Done comes after job 1's first piece
+    first_done = next(i for i, event in enumerate(recorders[0].events) if isinstance(event, Done))
+    assert len([event for event in recorders[0].events[:first_done] if isinstance(event, Piece)]) == 20
+    assert engine.cache.active == 0 and all(row is None for row in engine.slot_rows)
+
+
+def test_text_pieces_stop_strings_and_finish_reasons(model):
+    prompt, options = JOBS[0]
+    (ids,) = alone(model, prompt, options)
+    text = TOKENIZER.decode(ids)
+    stop = TOKENIZER.decode(ids[6:8])
+    engine = Engine(model, TOKENIZER, max_batch=2).start()
+    recorder = Recorder()
+    engine.submit(Job(prompt, options.replace(stop=(stop,)), recorder))
+    assert recorder.done.wait(60)
+    engine.stop()
+    pieces = [event for event in recorder.events if isinstance(event, Piece)]
+    assert "".join(piece.text for piece in pieces) == text[: text.index(stop)]
+    assert pieces[-1].finish_reason == "stop" and isinstance(recorder.events[0], Prefilled)
+
+
+def test_a_cancelled_job_leaves_the_batch_at_once(model):
+    """Cancelled after its third piece (from the engine's thread, as a disconnect would arrive between steps),
+    a job produces at most one more step, frees its rows, and the job beside it is unaffected."""
+    engine = Engine(model, TOKENIZER, max_batch=4)
+    cancelled, kept = Recorder(), Recorder()
+    long_job = Job(TOKENIZER.encode("Cancel me"), GenerationOptions(max_new_tokens=60, temperature=0.0, num_samples=2), None)
+
+    def on_cancelled(event) -> None:
+        cancelled(event)
+        if sum(isinstance(seen, Piece) for seen in cancelled.events) == 6:  # 3 steps of 2 rows
+            engine.cancel(long_job)
+
+    long_job.on_event = on_cancelled
+    prompt, options = JOBS[2]
+    engine.submit(long_job)
+    engine.submit(Job(prompt, options, kept))
+    engine.start()
+    assert kept.done.wait(60)
+    engine.stop()
+    assert sum(isinstance(event, Piece) for event in cancelled.events) <= 8
+    assert not cancelled.done.is_set()
+    assert kept.rows(1) == alone(model, prompt, options)
+    assert engine.cache.active == 0 and engine.jobs == []
+
+
+def test_queue_bound_and_stop(model):
+    engine = Engine(model, TOKENIZER, max_batch=2, max_queue=1)  # not started: nothing leaves the queue
+    options = GenerationOptions(max_new_tokens=3, temperature=0.0)
+    engine.submit(Job([1, 2], options, Recorder()))
+    with pytest.raises(QueueFull):
+        engine.submit(Job([1, 2], options, Recorder()))
+    with pytest.raises(ValueError, match="n must be at most 2"):
+        engine.submit(Job([1, 2], options.replace(num_samples=3), Recorder()))
+    engine.start()
+    engine.stop()  # finishes the job it accepted, then takes no more
+    with pytest.raises(EngineStopped):
+        engine.submit(Job([1, 2], options, Recorder()))
+
+
+def test_prompt_logprobs_equal_the_uncached_log_softmax(model):
+    prompt = TOKENIZER.encode("Scores for every prompt token")
+    engine = Engine(model, TOKENIZER).start()
+    recorder = Recorder()
+    engine.submit(Job(prompt, GenerationOptions(max_new_tokens=0, logprobs=2), recorder, prompt_logprobs=True))
+    assert recorder.done.wait(60)
+    engine.stop()
+    (prefilled,) = [event for event in recorder.events if isinstance(event, Prefilled)]
+    with torch.no_grad():
+        logprobs = model(torch.tensor([prompt]))[0].log_softmax(-1)  # (T, V)
+    assert prefilled.prompt_logprobs[0].logprob is None
+    for position, token in enumerate(prefilled.prompt_logprobs[1:], start=1):
+        assert token.id == prompt[position]
+        assert token.logprob == pytest.approx(logprobs[position - 1, prompt[position]].item(), abs=1e-5)
+        assert [id_ for id_, _ in token.top_logprobs] == logprobs[position - 1].topk(2).indices.tolist()
