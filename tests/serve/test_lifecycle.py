@@ -14,8 +14,9 @@ import pytest
 from fastapi.testclient import TestClient
 from serve_helpers import get_json, wait_until_idle
 
-from gptlab.serve.app import ServerState, create_app
+from gptlab.serve.app import create_app
 from gptlab.serve.background import BackgroundServer
+from gptlab.serve.state import ServerState
 
 
 def test_health_and_api_answer_503_while_loading():

@@ -233,13 +233,13 @@ class Engine:
                     return
                 for job in [job for job in self.jobs if job.cancelled]:
                     self.leave(job)
-                admitted = []
-                while self.waiting and (self.waiting[0].cancelled or
-                                        self.waiting[0].options.num_samples <= self.max_batch - self.cache.active - sum(
-                                            job.options.num_samples for job in admitted)):
+                admitted, rows_free = [], self.max_batch - self.cache.active
+                # first come, first served: a job that needs more rows than are free holds the line
+                while self.waiting and (self.waiting[0].cancelled or self.waiting[0].options.num_samples <= rows_free):
                     job = self.waiting.popleft()
                     if not job.cancelled:
                         admitted.append(job)
+                        rows_free -= job.options.num_samples
             try:
                 for job in admitted:
                     self.prefill(job)

@@ -18,8 +18,9 @@ from ..finetune.templates import chat_template_of
 from ..inference.quantize import quantize_model
 from ..loading import load_model, read_model_config
 from ..training.runtime import pick_device
-from .app import ServerState, create_app
+from .app import create_app
 from .engine import Engine
+from .state import ServerState
 
 
 @dataclass(frozen=True)
