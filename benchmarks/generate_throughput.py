@@ -45,6 +45,13 @@ def build_models(seed: int = 0, hf_config: transformers.GPT2Config | None = None
     return model.eval(), hf_model
 
 
+@torch.inference_mode()
+def transformers_greedy(hf_model: transformers.GPT2LMHeadModel, ids: torch.Tensor, new_tokens: int) -> list[list[int]]:
+    """transformers' generate, greedy: the new ids of every row."""
+    out = hf_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False)
+    return out[:, ids.shape[1]:].tolist()
+
+
 def throughput_rounds(models: dict, hf_model, prompt: torch.Tensor, new_tokens: int, rounds: int) -> dict:
     """tokens/s of gptlab.generate (float32 and bfloat16) and transformers, interleaved, at batch sizes 1 and 8."""
     results = {}
@@ -53,13 +60,8 @@ def throughput_rounds(models: dict, hf_model, prompt: torch.Tensor, new_tokens: 
         runs = {"transformers": [], "gptlab float32": [], "gptlab bfloat16": []}
         same_tokens = True
 
-        def run_hf():
-            with torch.inference_mode():
-                out = hf_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False)
-            return out[:, ids.shape[1]:].tolist()
-
         jobs = {
-            "transformers": run_hf,
+            "transformers": lambda: transformers_greedy(hf_model, ids, new_tokens),
             "gptlab float32": lambda: generate(models["float32"], ids, new_tokens)[:, ids.shape[1]:].tolist(),
             "gptlab bfloat16": lambda: generate(models["bfloat16"], ids, new_tokens)[:, ids.shape[1]:].tolist(),
         }

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import transformers
 from common import machine_info, timed, write_report
-from generate_throughput import build_models
+from generate_throughput import build_models, transformers_greedy
 
 from gptlab.inference.decoder import DecoderSettings
 from gptlab.inference.generate import GenerationOptions, generate_ids
@@ -53,13 +53,8 @@ def measure(device: torch.device, dtype: torch.dtype, shape: str, new_tokens: in
     for batch in (1, 8):
         ids = prompt.repeat(batch, 1).to(device)  # (B, T)
 
-        def run_hf():
-            with torch.inference_mode():
-                out = hf_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False)
-            return out[:, ids.shape[1]:].tolist()
-
         jobs = {
-            "transformers": run_hf,
+            "transformers": lambda: transformers_greedy(hf_model, ids, new_tokens),
             "gptlab eager": lambda: generate_ids(model, ids.tolist(), greedy),
             "gptlab compiled": lambda: generate_ids(model, ids.tolist(), greedy, settings=DecoderSettings(compile=True)),
         }
