@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from ..config import GPTConfig
-from ..model import GPTModel, KVCache
+from ..model import GPTModel, KVCache, LayerCache
 from .quantize import is_quantized
 
 
@@ -176,11 +176,10 @@ class StaticKVCache:
         return (self.written[None] - self.padding[:, None]).clamp(min=0)  # (B, T)
 
 
-class StaticLayerCache:
-    def __init__(self, owner: StaticKVCache, keys: torch.Tensor, values: torch.Tensor):
-        self.owner = owner
-        self.keys = keys
-        self.values = values
+class StaticLayerCache(LayerCache):
+    """One layer's slice of a StaticKVCache."""
+
+    owner: StaticKVCache
 
     def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write the new keys and values (B, H, T, D) into their slots; return every slot (B, H, L_max, D)."""
