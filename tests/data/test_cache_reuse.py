@@ -159,6 +159,32 @@ def test_builders_of_one_cache_at_once_each_leave_a_whole_cache(tmp_path, gpt2):
     assert not cache.built and (True, cache.train_tokens.tolist(), cache.val_tokens.tolist()) == expected
 
 
+
+def test_a_builder_returns_its_own_cache_when_another_starts_replacing_it(tmp_path, gpt2, monkeypatch):
+    # The interleaving that the threads above hit only now and then: just after this build writes its
+    # manifest, another builder removes it and renames different files into place (here: another text's).
+    import gptlab.data.cache as cache_module
+
+    text, other = "this build's text\n" * 100, "another build's text, longer\n" * 300
+    corpus, cache_dir = read_corpus([write(tmp_path / "text.txt", text)]), tmp_path / "cache"
+    other_cache = build_token_cache(read_corpus([write(tmp_path / "other.txt", other)]), gpt2,
+                                    tmp_path / "other", progress=False)
+    write_manifest = cache_module.write_manifest
+
+    def write_then_lose(directory, manifest):
+        write_manifest(directory, manifest)
+        if directory == cache_dir:
+            (directory / MANIFEST_FILE).unlink()
+            for name in ("tokens-train.bin", "tokens-val.bin"):
+                os.replace(other_cache.directory / name, directory / name)
+
+    monkeypatch.setattr(cache_module, "write_manifest", write_then_lose)
+    cache = build_token_cache(corpus, gpt2, cache_dir, progress=False)
+    train_text, val_text = split_text(text)
+    assert cache.built and cache.train_tokens.tolist() == gpt2.encode(train_text)
+    assert cache.val_tokens.tolist() == gpt2.encode(val_text)
+
+
 # ---------------------------------------------------------------- a whole text for evaluation
 
 @pytest.mark.parametrize("kind", ["gpt2", "char"])

@@ -10,7 +10,7 @@ import os
 import sys
 import time
 import uuid
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -74,8 +74,13 @@ def open_token_cache(cache_dir: str | os.PathLike) -> TokenCache:
         path = directory / info["file"]
         if not path.is_file() or path.stat().st_size != info["tokens"] * dtype.itemsize:
             raise DataError(f"token cache file {path} is missing or has the wrong size; delete {directory} and rebuild")
-        arrays[side] = np.memmap(path, dtype=dtype, mode="r") if info["tokens"] else np.empty(0, dtype)
+        arrays[side] = map_tokens(path, dtype, info["tokens"])
     return TokenCache(directory, manifest, arrays["train"], arrays["val"], built=False)
+
+
+def map_tokens(path: Path, dtype: np.dtype, tokens: int) -> np.ndarray:
+    """A read-only memory map of a token file (an empty array for none: an empty file cannot be mapped)."""
+    return np.memmap(path, dtype=dtype, mode="r") if tokens else np.empty(0, dtype)
 
 
 def temporary_path(directory: Path, name: str) -> Path:
@@ -205,6 +210,9 @@ def build_token_cache(
             "split_char": split,
             "splits": splits,
         }
+        # Mapped before the renames, the arrays stay this build's own even if another builder of the same
+        # cache renames its files over these, or removes the manifest, before this call returns.
+        arrays = {side: map_tokens(temporary[side], dtype, info["tokens"]) for side, info in splits.items()}
         (directory / MANIFEST_FILE).unlink(missing_ok=True)  # no manifest: no cache, until the new one is whole
         for side, name in SPLIT_FILES.items():
             os.replace(temporary[side], directory / name)
@@ -212,7 +220,7 @@ def build_token_cache(
     finally:
         for path in temporary.values():
             path.unlink(missing_ok=True)
-    return replace(open_token_cache(directory), built=True)
+    return TokenCache(directory, manifest, arrays["train"], arrays["val"], built=True)
 
 
 def default_cache_dir(corpus: Corpus, tokenizer: Tokenizer, train_fraction: float = TRAIN_FRACTION) -> Path:
