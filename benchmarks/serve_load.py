@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
-import statistics
 import tempfile
 import threading
 import time

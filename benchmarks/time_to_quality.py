@@ -11,7 +11,8 @@ The 150 s column stands in for a machine half as fast as this one, 600 s for one
 scale, classic compressors: the size of (training text + held-out text) compressed, minus the training
 text compressed alone, in bits per held-out byte (bzip2 and xz/LZMA from the standard library).
 
-Extra rows (levers, `--lever NAME "ARGS"`, repeatable) run at --lever-budget only.
+Extra rows (levers, `--lever NAME "ARGS"`, repeatable) run at --lever-budget only; `--budgets` with no value
+runs the levers alone.
 Target (issue 10): defaults / nanoGPT recipe >= 1.10 at every budget (the ratio is nanoGPT's bits per
 byte over the defaults'), and <= 1.50 bits/byte at 300 s.
 
@@ -64,7 +65,8 @@ def train_and_measure(out_dir: Path, budget: float, args: list[str]) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--budgets", type=float, nargs="+", default=[150.0, 300.0, 600.0])
+    parser.add_argument("--budgets", type=float, nargs="*", default=[150.0, 300.0, 600.0],
+                        help="budgets for the defaults and nanoGPT's recipe; none (`--budgets` alone): the levers only")
     parser.add_argument("--lever", nargs=2, action="append", default=[], metavar=("NAME", "ARGS"),
                         help="an extra row: gptlab train arguments added to the defaults, run at --lever-budget")
     parser.add_argument("--lever-budget", type=float, default=300.0)

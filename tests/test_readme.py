@@ -49,7 +49,7 @@ def reader_folder(tmp_path, monkeypatch):
     text = default_corpus_text()
     (tmp_path / "notes").mkdir()
     (tmp_path / "books").mkdir()
-    for i in range(3):  # enough for the held-out 10% to fill a window of the default model's 256 characters
+    for i in range(3):  # enough for the held-out 10% to fill a window of the default model's 128 characters
         (tmp_path / "notes" / f"note-{i}.md").write_text(text[i * 4_000:(i + 1) * 4_000])
     (tmp_path / "books" / "book.txt").write_text(text[40_000:44_000])
     torch.manual_seed(0)

@@ -25,7 +25,8 @@ from gptlab.model import GPTModel
 from gptlab.tokenizer import CharTokenizer
 from gptlab.training import fsdp
 from gptlab.training.runtime import Runtime, stop_runtime
-from gptlab.training.trainer import TrainConfig, learning_rate, loss_fn, make_optimizer
+from gptlab.training.optimizers import make_optimizer
+from gptlab.training.trainer import TrainConfig, learning_rate, loss_fn
 
 TOKENIZER = CharTokenizer("abcdefghijklmnopqrstuvwxyz0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ,.")  # 65 ids
 BATCH, MICRO_BATCH, MAX_STEPS = 8, 2, 6  # global batch; sequences per forward pass per process
@@ -40,7 +41,7 @@ def model_config() -> GPTConfig:
 
 def train_config() -> TrainConfig:
     # grad_clip 0.5 clips every step here: the norm must then be taken over all ranks' shards.
-    return TrainConfig(batch_size=BATCH, lr=1e-2, warmup_steps=2, max_steps=MAX_STEPS, grad_clip=0.5, dtype="float32",
+    return TrainConfig(optimizer="adamw", batch_size=BATCH, lr=1e-2, warmup_steps=2, max_steps=MAX_STEPS, grad_clip=0.5, dtype="float32",
                        device="cpu")
 
 

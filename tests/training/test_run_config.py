@@ -23,10 +23,16 @@ RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 
 def test_the_layers_apply_in_order_defaults_then_fine_tuning_then_what_was_given():
     plain = resolve({})
-    assert plain == RunConfig() and plain.train.lr == 3e-3 and plain.train.stride == 1
+    assert plain == RunConfig() and (plain.train.lr, plain.train.stride, plain.train.optimizer) == (6e-3, 1, "muon")
     tuned = resolve({"init": "models/gpt2"})
-    assert (tuned.train.lr, tuned.train.stride, tuned.train.warmup_steps) == (6e-5, None, 20)
+    assert (tuned.train.lr, tuned.train.stride, tuned.train.warmup_steps, tuned.train.optimizer) == (6e-5, None, 20, "adamw")
     assert resolve({"init": "models/gpt2", "lr": 1e-4}).train.lr == 1e-4  # what was given wins
+
+
+def test_an_fsdp_run_trains_with_adamw_unless_told_muon_which_is_refused():
+    assert resolve({"fsdp": True}).train.optimizer == "adamw"  # Muon needs whole matrices
+    with pytest.raises(ConfigError, match="--optimizer muon needs whole matrices, which --fsdp shards"):
+        resolve({"fsdp": True, "optimizer": "muon"})
 
 
 def test_toml_round_trips_every_setting(tmp_path):
@@ -93,7 +99,7 @@ def test_a_resume_may_change_limits_and_reporting_but_nothing_else():
     assert resumed.data.data == ["notes.txt"] and resumed.train.lr == 1e-3
     for name, value, shown in [("lr", 3e-3, "0.003 here and 0.001 in the run"),
                                ("data", ["other.txt"], "['other.txt'] here and ['notes.txt'] in the run"),
-                               ("batch_size", 64, "64 here and 32 in the run")]:
+                               ("batch_size", 64, "64 here and 24 in the run")]:
         with pytest.raises(ConfigError, match=re.escape(f"--{name.replace('_', '-')} is {shown}; drop it")):
             resume_settings(saved, {name: value})
 

@@ -36,7 +36,8 @@ from gptlab.training.config import TrainConfig
 from gptlab.training.evaluation import evaluate
 from gptlab.training.runtime import TrainingError
 from gptlab.training.state import OPTIMIZER_FILE, STATE_FILE, load_trainer_state
-from gptlab.training.trainer import TrainingData, learning_rate, make_optimizer, train
+from gptlab.training.optimizers import make_optimizer
+from gptlab.training.trainer import TrainingData, learning_rate, train
 
 TEXT = default_corpus_text()[:6000]  # 5,400 training and 600 validation characters, a few of them multi-byte
 BATCH, CONTEXT = 8, 16
@@ -70,6 +71,7 @@ def model_config(tokenizer) -> GPTConfig:
 
 def train_config(out_dir: Path, **changes) -> TrainConfig:
     settings = dict(out=str(out_dir), batch_size=BATCH, micro_batch_size=4, stride=None, pos_init="gpt2", lr=1e-2,
+                    optimizer="adamw",
                     warmup_steps=2, max_steps=6,
                     eval_interval=1000, log_interval=1, sample_tokens=0, dtype="float32", device="cpu", progress=False)
     return TrainConfig(**{**settings, **changes})
@@ -131,13 +133,13 @@ def safetensors_equal(first: Path, second: Path) -> bool:
 # ---------------------------------------------------------------- exact resume
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("dtype, optimizer", [("float32", "adamw"), ("bfloat16", "adamw"), ("float32", "muon")])
 def test_an_interrupted_then_resumed_run_is_bit_identical_to_an_uninterrupted_one(
-    corpus_data, tmp_path, monkeypatch, capsys, dtype
+    corpus_data, tmp_path, monkeypatch, capsys, dtype, optimizer
 ):
     # dropout 0.1 (the RNG must be restored), 2 micro batches per step, and a stride that makes 3 batches
     # an epoch, so 8 steps cross two epochs and the run is cut mid-epoch.
-    settings = dict(dtype=dtype, max_steps=8, stride=200, eval_interval=3)
+    settings = dict(dtype=dtype, optimizer=optimizer, max_steps=8, stride=200, eval_interval=3)
     whole = run(corpus_data, tmp_path / "whole", **settings)
     assert whole.stopped_by == "max_steps" and whole.state.epoch == 2
 
@@ -358,6 +360,21 @@ def test_learning_rate_warms_up_linearly_then_follows_a_cosine_to_the_floor():
     assert learning_rate(no_warmup, 0, 0.0) == 1e-3
 
 
+def test_warmup_stable_decay_holds_the_rate_then_draws_a_line_to_the_floor():
+    cfg = TrainConfig(lr=1e-3, min_lr_ratio=0.1, warmup_steps=10, schedule="wsd", cooldown_fraction=0.25)
+    assert learning_rate(cfg, 4, 0.04) == pytest.approx(5e-4, rel=1e-12)  # the same warmup
+    for progress in (0.1, 0.5, 0.75):
+        assert learning_rate(cfg, 50, progress) == 1e-3
+    assert learning_rate(cfg, 80, 0.8) == pytest.approx(1e-3 - 9e-4 * 0.2, rel=1e-12)  # a fifth of the cooldown
+    assert learning_rate(cfg, 90, 0.875) == pytest.approx((1e-3 + 1e-4) / 2, rel=1e-12)
+    assert learning_rate(cfg, 100, 1.0) == pytest.approx(1e-4, rel=1e-12)
+    assert learning_rate(cfg, 150, 1.5) == pytest.approx(1e-4, rel=1e-12)
+    with pytest.raises(ValueError, match=r"--cooldown-fraction must be in \(0, 1\], got 0"):
+        TrainConfig(schedule="wsd", cooldown_fraction=0)
+    with pytest.raises(ValueError, match="--schedule must be cosine or wsd, got 'linear'"):
+        TrainConfig(schedule="linear")
+
+
 def spy_on_optimizer_steps(monkeypatch) -> list[dict]:
     """Record, at every optimizer.step() of a training run, each group's lr and all gradients as one vector."""
     make = train_module.make_optimizer
@@ -413,6 +430,50 @@ def test_weight_decay_applies_to_matrices_only(corpus_data):
     for name, param in model.named_parameters():
         expected = before[name] * (1 - lr * decay) if name in matrices else before[name]
         assert torch.equal(param.detach(), expected), name
+
+
+def test_muon_trains_the_blocks_matrices_and_adamw_the_rest_at_one_learning_rate(corpus_data):
+    tokenizer, _ = corpus_data
+    model = GPTModel(model_config(tokenizer))
+    lr, decay = 0.01, 0.1
+    optimizer = make_optimizer(model, train_config("unused", optimizer="muon", lr=lr, weight_decay=decay))
+    muon, adamw = optimizer.parts
+    names = {param: name for name, param in model.named_parameters()}
+    hidden = {f"trf_blocks.{i}.{layer}.weight" for i in range(2) for layer in ("att.qkv", "att.out_proj", "ff.fc", "ff.proj")}
+    assert {names[p] for group in muon.param_groups for p in group["params"]} == hidden
+    assert {names[p] for group in adamw.param_groups for p in group["params"]} == set(names.values()) - hidden
+    assert len(optimizer.param_groups) == len(muon.param_groups) + len(adamw.param_groups)
+    for group in optimizer.param_groups:  # the loop sets every group's rate; both optimizers take it
+        group["lr"] = lr / 2
+    assert muon.param_groups[0]["lr"] == adamw.param_groups[0]["lr"] == lr / 2
+
+    generator = torch.Generator().manual_seed(0)
+    before = {name: param.detach().double().clone() for name, param in model.named_parameters()}
+    grads = {name: torch.randn(param.shape, generator=generator, dtype=torch.float64) for name, param in model.named_parameters()}
+    for name, param in model.named_parameters():
+        param.grad = grads[name].float()
+    optimizer.step()
+    for name, param in model.named_parameters():
+        decayed = before[name] * (1 - lr / 2 * decay) if param.dim() == 2 else before[name]
+        update = (param.detach().double() - decayed) / (lr / 2)
+        if name in hidden:
+            # Muon: the gradient's singular vectors with every singular value near one (Newton-Schulz in
+            # bf16 spreads them over about 0.5-1.5), times 0.2 sqrt(max(rows, columns)) to match AdamW's RMS.
+            u, _, vh = torch.linalg.svd(grads[name], full_matrices=False)
+            spectrum = -(u.T @ update @ vh.T) / (0.2 * math.sqrt(max(param.shape)))
+            diagonal = spectrum.diagonal()
+            assert diagonal.min() > 0.4 and diagonal.max() < 1.6, name
+            assert (spectrum - torch.diag(diagonal)).abs().max() < 0.1 * diagonal.mean(), name
+        else:
+            # AdamW's first step: m / sqrt(v) = sign of the gradient (up to eps).
+            assert torch.allclose(update, -grads[name].sign(), atol=1e-4), name
+
+
+def test_muon_with_fsdp_is_refused():
+    with pytest.raises(ValueError, match="--optimizer muon needs whole matrices, which --fsdp shards"):
+        TrainConfig(optimizer="muon", fsdp=True)
+    with pytest.raises(ValueError, match="--optimizer must be adamw or muon, got 'sgd'"):
+        TrainConfig(optimizer="sgd")
 
 
 def test_gradients_are_clipped_to_the_norm_limit(corpus_data, tmp_path, monkeypatch):

@@ -255,9 +255,10 @@ def torchrun(argv: list[str]) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow
 def test_fsdp_trains_like_one_process_and_resumes_exactly(corpus, tmp_path, capsys):
-    # A constant learning rate, so that a run stopped at step 2 and resumed to 4 follows the same schedule.
+    # A constant learning rate, so that a run stopped at step 2 and resumed to 4 follows the same schedule;
+    # AdamW named, since it is what an --fsdp run defaults to and the one-process run must match it.
     options = ("--drop-rate", "0", "--micro-batch-size", "2", "--warmup-steps", "0", "--min-lr-ratio", "1",
-               "--max-steps", "4")
+               "--optimizer", "adamw", "--max-steps", "4")
     whole = torchrun(train_argv(corpus, tmp_path / "whole", tmp_path / "cache", *options, "--fsdp"))
     assert whole.returncode == 0, whole.stderr[-4000:]
     code, _, err = gptlab(capsys, train_argv(corpus, tmp_path / "one", tmp_path / "cache", *options))

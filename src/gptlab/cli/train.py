@@ -8,7 +8,7 @@ from pathlib import Path
 from ..config import PRESETS
 from ..finetune.hooks import BASE_DTYPES
 from ..finetune.lora import TARGETS
-from ..training.config import FINETUNE_DEFAULTS, RunConfig
+from ..training.config import FINETUNE_DEFAULTS, OPTIMIZERS, SCHEDULES, RunConfig
 from ..training.pipeline import evaluate, train
 from ..training.state import RUN_MARKER
 
@@ -65,9 +65,15 @@ SETTINGS: list[tuple[str, str, dict]] = [
                                        "up to --batch-size (default: batch / processes)")),
     ("train", "stride", dict(type=int, help="tokens between window starts; 1 puts a window at every token, like "
                              "nanoGPT's random offsets (default with --init: the context length)")),
+    ("train", "optimizer", dict(choices=list(OPTIMIZERS), help="adamw, or muon: Muon on the blocks' matrices and "
+                                "AdamW on embeddings, head, biases and norms, at one learning rate")),
     ("train", "lr", dict(type=float, help="peak learning rate (nanoGPT's learning_rate)")),
     ("train", "min_lr_ratio", dict(type=float, help="the cosine ends at lr x this (nanoGPT's min_lr / learning_rate)")),
     ("train", "warmup_steps", dict(type=int, help="linear warmup steps (nanoGPT's warmup_iters)")),
+    ("train", "schedule", dict(choices=list(SCHEDULES), help="after the warmup: cosine to the floor, or wsd "
+                               "(warmup-stable-decay): constant, then a line to the floor over the cooldown")),
+    ("train", "cooldown_fraction", dict(type=float, help="with --schedule wsd: the share of the run spent "
+                                        "decaying")),
     ("train", "weight_decay", dict(type=float, help="AdamW weight decay, on matrices only")),
     ("train", "beta1", dict(type=float, help="AdamW beta1")),
     ("train", "beta2", dict(type=float, help="AdamW beta2")),

@@ -26,6 +26,8 @@ RUN_FILE = "run.toml"
 EMBEDDED_TIME_BUDGET = 300.0
 DEFAULT_EPOCHS = 1.0
 LIMITS = ("max_steps", "max_tokens", "epochs", "time_budget")
+OPTIMIZERS = ("adamw", "muon")  # training/optimizers.py
+SCHEDULES = ("cosine", "wsd")
 
 
 class ConfigError(ValueError):
@@ -79,14 +81,21 @@ class TrainConfig:
     recipe for the embedded corpus (README, time to quality)."""
 
     out: str = "runs/default"
-    batch_size: int = 32  # sequences per optimizer step, over all processes
+    batch_size: int = 24  # sequences per optimizer step, over all processes
     micro_batch_size: int | None = None  # sequences per forward pass per process (default: batch / world)
     # Every token starts a window: on a small corpus each epoch then sees the text at new offsets, which
     # generalises far better than fixed non-overlapping windows. None: context_length (no overlap).
     stride: int | None = 1
-    lr: float = 3e-3
-    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    # "muon": Muon on the blocks' matrices, AdamW on the rest, one learning rate (training/optimizers.py);
+    # "adamw" everywhere. Fine-tuning (--init) uses AdamW.
+    optimizer: str = "muon"
+    lr: float = 6e-3
+    min_lr_ratio: float = 0.1  # the schedule ends at lr * min_lr_ratio
     warmup_steps: int = 50
+    # After the warmup: "cosine" from lr to the floor over the rest of the run, or "wsd" (warmup-stable-
+    # decay): lr until the last cooldown_fraction of the run, then a straight line to the floor.
+    schedule: str = "cosine"
+    cooldown_fraction: float = 0.2
     weight_decay: float = 0.1
     # A new model's position table: "sinusoidal" (the original Transformer's code, scaled to GPT-2's init
     # RMS) skips the plateau where a character model otherwise spends a seventh of its 5 minutes; "gpt2"
@@ -121,19 +130,28 @@ class TrainConfig:
                 raise ConfigError(f"--{dashed(name)} must be positive, got {value}")
         if self.dtype not in ("bfloat16", "float32"):
             raise ConfigError(f"--dtype must be bfloat16 or float32, got {self.dtype!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"--optimizer must be {' or '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        if self.optimizer == "muon" and self.fsdp:
+            raise ConfigError("--optimizer muon needs whole matrices, which --fsdp shards; use DDP (leave out --fsdp) or adamw")
         if self.pos_init not in ("gpt2", "sinusoidal"):
             raise ConfigError(f"--pos-init must be gpt2 or sinusoidal, got {self.pos_init!r}")
         if not self.lr > 0:
             raise ConfigError(f"--lr must be positive, got {self.lr}")
         if self.grad_clip < 0:
             raise ConfigError(f"--grad-clip must be >= 0 (0 turns clipping off), got {self.grad_clip}")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"--schedule must be {' or '.join(SCHEDULES)}, got {self.schedule!r}")
+        if not 0 < self.cooldown_fraction <= 1:
+            raise ConfigError(f"--cooldown-fraction must be in (0, 1], got {self.cooldown_fraction}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ConfigError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
 
 
 # Fine-tuning a pretrained model (--init) wants a rate about 50x lower than training from scratch, a short
 # warmup, and windows that do not overlap (the text is usually large next to the model's context).
-FINETUNE_DEFAULTS = {"lr": 6e-5, "warmup_steps": 20, "stride": None, "batch_size": 16, "weight_decay": 0.1}
+FINETUNE_DEFAULTS = {"lr": 6e-5, "warmup_steps": 20, "stride": None, "batch_size": 16, "weight_decay": 0.1,
+                     "optimizer": "adamw"}
 
 # What `--resume` lets the command line change: when and how often the run stops, reports and where it
 # runs. Everything else would make the resumed run a different run.
@@ -246,6 +264,8 @@ def check_types(values: dict, where: str) -> None:
 def resolve(given: dict) -> RunConfig:
     """The settings of a new run from the values given (a recipe's, then the command line's)."""
     defaults = dict(FINETUNE_DEFAULTS) if given.get("init") else {}
+    if given.get("fsdp"):
+        defaults["optimizer"] = "adamw"  # Muon needs whole matrices, which FSDP shards
     return RunConfig.from_flat({**defaults, **given})
 
 

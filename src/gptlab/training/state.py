@@ -2,7 +2,8 @@
 
 A training checkpoint is a model checkpoint (config.json + model.safetensors, loadable by
 gptlab.load_model) plus
-    optimizer.safetensors  AdamW's state per parameter, under the parameter's name ('tok_emb.weight.exp_avg')
+    optimizer.safetensors  the optimizer's state per parameter, under the parameter's name ('tok_emb.weight.exp_avg',
+                           'trf_blocks.0.ff.fc.weight.momentum_buffer' for Muon)
     rng.safetensors        each rank's random state ('cpu.0', 'cuda.0', ...)
     trainer_state.json     step, tokens seen, position in the epoch order, time spent, best validation loss
     run.toml               the run's settings (training/config.py), which `--resume` continues with
@@ -45,7 +46,7 @@ class TrainerState:
 
 
 def optimizer_tensors(optimizer: torch.optim.Optimizer, names: dict[torch.nn.Parameter, str]) -> dict[str, torch.Tensor]:
-    """AdamW's per-parameter state under the parameter's name, e.g. 'tok_emb.weight.exp_avg'."""
+    """The optimizer's per-parameter state under the parameter's name, e.g. 'tok_emb.weight.exp_avg'."""
     tensors = {}
     for param, state in optimizer.state.items():
         for key, value in state.items():

@@ -1,5 +1,5 @@
-"""The training loop: AdamW, warmup + cosine schedule, gradient accumulation, bf16 autocast, evaluation,
-checkpoints with exact resume, and DistributedDataParallel under `torchrun`.
+"""The training loop: Muon or AdamW (optimizers.py), warmup then cosine or WSD, gradient accumulation, bf16
+autocast, evaluation, checkpoints with exact resume, and DistributedDataParallel under `torchrun`.
 
 One process or many run the same code. The global batch (`batch_size` sequences per optimizer step)
 is fixed by the settings; each of the `world` processes computes `micro_batch_size` sequences per
@@ -37,6 +37,7 @@ from ..tokenizer import Tokenizer
 from .config import LIMITS, RunConfig, TrainConfig
 from .evaluation import EvalResult, autocast, evaluate, loss_fn
 from .fsdp import checkpoint_blocks, shard_model, unsharded_copy
+from .optimizers import make_optimizer
 from .runtime import (
     Runtime, TrainingError, agree_across_ranks, barrier, gather_rng_states, set_rng_state, start_runtime, stop_runtime,
     sum_across_ranks,
@@ -50,24 +51,17 @@ from .state import (
 # ----------------------------------------------------------------------------- optimisation
 
 
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW; weight decay only on matrices (linear weights, embeddings), not on biases or norms."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    fused = all(p.device.type in ("cpu", "cuda") for p in params)  # one kernel per step instead of a dozen
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
-
-
 def learning_rate(cfg: TrainConfig, step: int, progress: float, warmup_steps: int | None = None) -> float:
-    """Linear warmup over warmup_steps (default cfg's), then cosine from lr to lr * min_lr_ratio as progress
-    goes 0 → 1."""
+    """Linear warmup over warmup_steps (default cfg's), then from lr to lr * min_lr_ratio as progress goes
+    0 → 1: a cosine (cfg.schedule "cosine"), or lr held until 1 - cooldown_fraction and a line down ("wsd")."""
     warmup = cfg.warmup_steps if warmup_steps is None else warmup_steps
     if step < warmup:
         return cfg.lr * (step + 1) / warmup
-    floor = cfg.lr * cfg.min_lr_ratio
-    return floor + 0.5 * (cfg.lr - floor) * (1 + math.cos(math.pi * min(progress, 1.0)))
+    floor, progress = cfg.lr * cfg.min_lr_ratio, min(progress, 1.0)
+    if cfg.schedule == "wsd":
+        cooldown = max(0.0, progress - (1 - cfg.cooldown_fraction)) / cfg.cooldown_fraction
+        return cfg.lr - (cfg.lr - floor) * cooldown
+    return floor + 0.5 * (cfg.lr - floor) * (1 + math.cos(math.pi * progress))
 
 
 def training_loss_fn(cfg: TrainConfig):
@@ -178,8 +172,9 @@ class Plan:
         length = f"{self.steps:,} steps of {self.tokens_per_step:,} tokens" if self.steps else "the time budget"
         stop = limits[0] if len(limits) == 1 else f"{' or '.join(limits)}, whichever comes first"
         lines = [f"stop after: {stop}",
-                 f"schedule: lr {cfg.lr:g}, linear warmup over {self.warmup_steps} steps, then cosine to "
-                 f"{cfg.lr * cfg.min_lr_ratio:g} at the end of {length}"]
+                 f"schedule: lr {cfg.lr:g}, linear warmup over {self.warmup_steps} steps, then "
+                 + (f"constant until the last {cfg.cooldown_fraction:.0%}, then a line" if cfg.schedule == "wsd" else "cosine")
+                 + f" to {cfg.lr * cfg.min_lr_ratio:g} at the end of {length}"]
         if self.warmup_steps != cfg.warmup_steps:
             lines.append(f"warning: --warmup-steps {cfg.warmup_steps} is longer than the run's {self.steps} steps; "
                          f"warming up over {self.warmup_steps} instead")
