@@ -89,7 +89,8 @@ class MultiHeadAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)  # (B, H, T, D)
         else:
             k, v = cache.update(k, v)  # every key and value so far: (B, H, L, D)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=cache.owner.mask)  # (B, H, T, D)
+            # the cache may be wider than the model (float32 for bfloat16: inference.decoder.cache_dtype)
+            y = F.scaled_dot_product_attention(q.to(k.dtype), k, v, attn_mask=cache.owner.mask).to(q.dtype)  # (B, H, T, D)
         return self.merge_heads(y)
 
 

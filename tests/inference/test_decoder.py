@@ -4,6 +4,7 @@ own weights where asked, and the static cache of the compiled step against the o
 from __future__ import annotations
 
 import gc
+import threading
 import weakref
 
 import pytest
@@ -17,6 +18,7 @@ from gptlab.inference.decoder import (
     DecoderSettings,
     PackedLinear,
     StaticKVCache,
+    cache_dtype,
     next_token_logits,
     packs_weights,
 )
@@ -127,15 +129,58 @@ def test_a_quantized_model_decodes_as_it_is():
         Decoder(quantized, 1, DecoderSettings(dtype=torch.bfloat16))
 
 
+@torch.inference_mode()
 def test_bfloat16_decoding_stays_close_to_float32():
+    """The prefill and one-token steps (one-row products, a float32 cache on the CPU)."""
     cfg = SHAPES["tied, qkv bias"]
     model = random_model(cfg)
     prompt = random_prompts(cfg, [6])[0]
-    with torch.inference_mode():
-        fp32 = Decoder(model, 1).prefill([prompt])
-        bf16 = Decoder(model, 1, DecoderSettings(dtype=torch.bfloat16)).prefill([prompt])
-    assert bf16.dtype == torch.float32
-    assert (fp32 - bf16).abs().max() < 0.05 * fp32.abs().max()
+    fp32_session, bf16_session = Decoder(model, 1), Decoder(model, 1, DecoderSettings(dtype=torch.bfloat16))
+    assert bf16_session.cache.layers[0].keys.dtype == torch.float32 == cache_dtype(torch.bfloat16, torch.device("cpu"))
+    fp32, bf16 = fp32_session.prefill([prompt]), bf16_session.prefill([prompt])
+    for _ in range(8):
+        assert bf16.dtype == torch.float32
+        assert (fp32 - bf16).abs().max() < 0.05 * fp32.abs().max()
+        next_ids = fp32.argmax(-1)  # (1,)
+        fp32, bf16 = fp32_session.step(next_ids), bf16_session.step(next_ids)
+
+
+def test_a_bfloat16_row_alone_is_multiplied_by_the_plain_weight(monkeypatch):
+    """One row goes through aten_linear and the plain weight, more rows through the packed one; both give
+    the float32 product of the bfloat16 weights to bfloat16 rounding, and oneDNN's switch is left as it was."""
+    cfg = SHAPES["tied, qkv bias"]
+    if not packs_weights(torch.bfloat16, torch.device("cpu")):
+        pytest.skip("oneDNN has no bfloat16 on this CPU: nothing is packed")
+    prepared = Decoder(random_model(cfg), 1, DecoderSettings(dtype=torch.bfloat16)).model
+    qkv = prepared.trf_blocks[0].att.qkv
+    assert prepared.out_head.one_row_weight.data_ptr() == prepared.tok_emb.weight.data_ptr()  # no copy for a tied head
+    one_row_calls = []
+    monkeypatch.setattr(decoder_module, "aten_linear",
+                        lambda *args: one_row_calls.append(args[0].shape) or decoder_module.F.linear(*args))
+    for shape, one_row in (((1, 1, cfg.emb_dim), True), ((1, 2, cfg.emb_dim), False), ((3, 1, cfg.emb_dim), False)):
+        one_row_calls.clear()
+        x = torch.randn(shape).bfloat16()
+        expected = torch.nn.functional.linear(x.float(), qkv.one_row_weight.float(), qkv.bias.float())
+        product = qkv(x)
+        assert product.dtype == torch.bfloat16 and bool(one_row_calls) == one_row
+        assert torch.allclose(product.float(), expected, rtol=2**-7, atol=1e-3)
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_aten_linear_leaves_the_onednn_switch_as_it_was_across_threads(enabled):
+    weight, x = torch.randn(16, 8).bfloat16(), torch.randn(1, 8).bfloat16()
+    expected = torch.nn.functional.linear(x.float(), weight.float())
+    with torch.backends.mkldnn.flags(enabled=enabled):
+        products = []
+        threads = [threading.Thread(target=lambda: products.extend(decoder_module.aten_linear(x, weight, None)
+                                                                    for _ in range(200))) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert torch.backends.mkldnn.enabled == enabled
+    assert len(products) == 800
+    assert all(torch.allclose(product.float(), expected, rtol=2**-7, atol=1e-3) for product in products)
 
 
 @torch.inference_mode()

@@ -109,9 +109,10 @@ def test_dynamic_int8_linear_is_dequantized_weight_times_input(in_features, out_
     for the whole call: each y[n, o] is then within step/2 · Σ_i |q·s|[o, i] of the formula."""
     linear = gpt2_style_linear(in_features, out_features, bias)
     module = DynamicInt8Linear(linear)
-    q, scales = module.weight_int8()
+    q, scales, packed_bias = module.unpacked()
     expected_q, expected_scales = quantize_rows(linear.weight)
     assert torch.equal(q, expected_q) and torch.equal(scales, expected_scales)
+    assert packed_bias is None if not bias else torch.equal(packed_bias, linear.bias.float())
 
     x = torch.randn(rows, in_features) + shift
     weight = q.double() * scales.double()[:, None]  # (out, in)

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..config import GPTConfig
-from ..inference.decoder import next_token_logits, prepared_model
+from ..inference.decoder import cache_dtype, next_token_logits, prepared_model
 from ..inference.generate import TextAssembler
 from ..inference.sampling import GenerationOptions, Sampler, Token
 from ..model import GPTModel, KVCache, LayerCache
@@ -181,7 +181,8 @@ class Engine:
         self.context = model.cfg.context_length
         self.max_batch = max_batch
         self.max_queue = max_queue
-        dtype, device = model.tok_emb.weight.dtype, model.device
+        device = model.device
+        dtype = cache_dtype(model.tok_emb.weight.dtype, device)
         self.cache = SlotCache(model.cfg, max_batch, dtype, device)
         self.prompt_cache = KVCache(model.cfg, 1, dtype, device)
         self.slot_rows: list[Row | None] = [None] * max_batch  # the row decoding in each cache row
