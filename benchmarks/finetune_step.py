@@ -1,6 +1,6 @@
 """One fine-tuning step: full fine-tune and LoRA rank 16 in gptlab (LoRA eager, with the frozen base in
-bfloat16, and with --compile), against transformers + PEFT doing the same LoRA step, at GPT-2 124M's and
-gpt2-medium's shapes, context 256, batch 8.
+bfloat16, and that with --compile), against transformers + PEFT doing the same LoRA step, at GPT-2 124M's
+and gpt2-medium's shapes, context 256, batch 8.
 
 Every contestant starts from the same random weights (transformers' are gptlab's, converted), adapts the
 same projections (attention qkv and output, feed-forward in and out: PEFT's c_attn, attn.c_proj, c_fc,
@@ -41,7 +41,8 @@ from gptlab.training.trainer import Runtime, TrainConfig, training_loss_fn
 
 BATCH_SIZE, CONTEXT = 8, 256
 LORA = LoRAConfig(rank=16, alpha=16, targets=("qkv", "out_proj", "fc", "proj"))
-CONTESTANTS = ("gptlab full", "gptlab LoRA", "gptlab LoRA bf16 base", "gptlab LoRA compiled", "transformers + PEFT LoRA")
+CONTESTANTS = ("gptlab full", "gptlab LoRA", "gptlab LoRA bf16 base", "gptlab LoRA bf16 base compiled",
+               "transformers + PEFT LoRA")
 BASELINE = "transformers + PEFT LoRA"
 DEFAULT_OUT = Path(__file__).parent / "results" / "finetune_step.json"
 
@@ -61,7 +62,7 @@ def build(model_name: str, contestant: str, seed: int) -> torch.nn.Module:
         return twin.train()
     if contestant != "gptlab full":
         apply_lora(model, LORA)
-        lower_frozen(model, "bfloat16" if contestant.endswith("bf16 base") else "float32")
+        lower_frozen(model, "bfloat16" if "bf16 base" in contestant else "float32")
     return model.train()
 
 
@@ -129,11 +130,11 @@ def print_table(report: dict) -> None:
     print(f"torch {env['torch']}, transformers {env['transformers']}, {report['threads']} threads, "
           f"{env['cpu_capability']}, load average at start {env['load_average'][0]:.1f}; batch {BATCH_SIZE} x "
           f"context {CONTEXT}, bf16 autocast; {report['rounds']} rounds x {report['steps']} steps")
-    print(f"{'model':<12} {'contestant':<26} {'s/step':>7} {'vs PEFT':>8} {'peak RSS':>9} {'trainable':>12} "
+    print(f"{'model':<12} {'contestant':<31} {'s/step':>7} {'vs PEFT':>8} {'peak RSS':>9} {'trainable':>12} "
           f"{'first loss':>10}")
     for model_name, results in report["results"].items():
         for name, row in results.items():
-            print(f"{model_name:<12} {name:<26} {row['step_s']:>7.2f} {row['speedup_over_peft']:>7.2f}x "
+            print(f"{model_name:<12} {name:<31} {row['step_s']:>7.2f} {row['speedup_over_peft']:>7.2f}x "
                   f"{row['peak_rss_mib']:>6.0f} MiB {row['trainable']:>12,} {row['first_loss']:>10.5f}")
 
 

@@ -71,7 +71,7 @@ def model_config(tokenizer) -> GPTConfig:
 
 def train_config(out_dir: Path, **changes) -> TrainConfig:
     settings = dict(out=str(out_dir), batch_size=BATCH, micro_batch_size=4, stride=None, pos_init="gpt2", lr=1e-2,
-                    optimizer="adamw",
+                    optimizer="adamw", dropout_from_epoch=0.0,
                     warmup_steps=2, max_steps=6,
                     eval_interval=1000, log_interval=1, sample_tokens=0, dtype="float32", device="cpu", progress=False)
     return TrainConfig(**{**settings, **changes})
@@ -167,6 +167,46 @@ def test_an_interrupted_then_resumed_run_is_bit_identical_to_an_uninterrupted_on
     without_rng = train_losses(tmp_path / "no-rng")
     assert [without_rng[s] for s in range(1, 5)] == [expected[s] for s in range(1, 5)]
     assert all(without_rng[s] != expected[s] for s in range(5, 9))
+
+
+def test_dropout_starts_after_the_given_epochs_and_a_resumed_run_switches_where_the_whole_one_did(
+    corpus_data, tmp_path, monkeypatch, capsys
+):
+    # An epoch is 5,400 tokens (the training split) and a step 128: 0.13 epochs are 702 tokens, so steps
+    # 1-6 (0-640 tokens seen before them) run without dropout and steps 7-8 with it.
+    settings = dict(max_steps=8, eval_interval=3, dropout_from_epoch=0.13)
+    run(corpus_data, tmp_path / "whole", **settings)
+    assert "dropout: off for the first 0.13 epochs (6 steps), then on" in capsys.readouterr().out
+    run(corpus_data, tmp_path / "never", **{**settings, "dropout_from_epoch": 100.0})
+    run(corpus_data, tmp_path / "always", **{**settings, "dropout_from_epoch": 0.0})
+    whole, never, always = (train_losses(tmp_path / name) for name in ("whole", "never", "always"))
+    assert [whole[s] for s in range(1, 7)] == [never[s] for s in range(1, 7)]  # bit for bit: no dropout at all
+    assert all(whole[s] != never[s] for s in (7, 8))
+    assert all(always[s] != never[s] for s in range(1, 9))  # the model's dropout 0.1 does change every step
+
+    with monkeypatch.context() as patch:
+        press_ctrl_c_after(patch, 4)
+        run(corpus_data, tmp_path / "split", **settings)
+    run(corpus_data, tmp_path / "split", resume=True, **settings)
+    assert train_losses(tmp_path / "split") == whole
+    assert safetensors_equal(tmp_path / "whole" / "last" / "model.safetensors", tmp_path / "split" / "last" / "model.safetensors")
+
+
+def test_the_dropout_switch_turns_every_rate_off_and_back_to_its_own():
+    from gptlab.training.dropout import DropoutSwitch
+
+    cfg = GPTConfig(vocab_size=11, context_length=8, emb_dim=16, n_heads=2, n_layers=2, drop_rate=0.1, attn_drop_rate=0.2)
+    model = torch.nn.Sequential(GPTModel(cfg), torch.nn.Dropout(0.3))  # e.g. an adapter's own dropout
+    switch = DropoutSwitch(model)
+    rates = lambda: sorted({m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)}
+                           | {m.att.drop_rate for m in model[0].trf_blocks})
+    assert switch.any and rates() == [0.1, 0.2, 0.3]
+    switch.set(False)
+    assert rates() == [0.0]
+    switch.set(True)
+    assert rates() == [0.1, 0.2, 0.3]
+    assert not DropoutSwitch(GPTModel(GPTConfig(vocab_size=11, context_length=8, emb_dim=16, n_heads=2, n_layers=1,
+                                                drop_rate=0.0))).any
 
 
 def test_a_second_ctrl_c_aborts_at_once_and_the_previous_handler_comes_back(corpus_data, tmp_path, monkeypatch):

@@ -75,6 +75,9 @@ SETTINGS: list[tuple[str, str, dict]] = [
     ("train", "cooldown_fraction", dict(type=float, help="with --schedule wsd: the share of the run spent "
                                         "decaying")),
     ("train", "weight_decay", dict(type=float, help="AdamW weight decay, on matrices only")),
+    ("train", "dropout_from_epoch", dict(type=float, help="keep the model's dropout off until the run has seen "
+                                         "this many epochs of the training data; 0: from the first step "
+                                         "(0 with --init)")),
     ("train", "beta1", dict(type=float, help="AdamW beta1")),
     ("train", "beta2", dict(type=float, help="AdamW beta2")),
     ("train", "grad_clip", dict(type=float, help="clip the gradient norm to this; 0 turns clipping off")),

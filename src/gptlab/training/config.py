@@ -97,6 +97,10 @@ class TrainConfig:
     schedule: str = "cosine"
     cooldown_fraction: float = 0.2
     weight_decay: float = 0.1
+    # The model's dropout stays off until the run has seen this many epochs of the training data, then
+    # runs at the model's rates: on a small corpus a short run underfits, and dropout only slows it, while a
+    # long one overfits without it (README, time to quality). 0: dropout from the first step.
+    dropout_from_epoch: float = 4.0
     # A new model's position table: "sinusoidal" (the original Transformer's code, scaled to GPT-2's init
     # RMS) skips the plateau where a character model otherwise spends a seventh of its 5 minutes; "gpt2"
     # is GPT-2's random init. A loaded model keeps its table.
@@ -144,6 +148,8 @@ class TrainConfig:
             raise ConfigError(f"--schedule must be {' or '.join(SCHEDULES)}, got {self.schedule!r}")
         if not 0 < self.cooldown_fraction <= 1:
             raise ConfigError(f"--cooldown-fraction must be in (0, 1], got {self.cooldown_fraction}")
+        if not self.dropout_from_epoch >= 0:
+            raise ConfigError(f"--dropout-from-epoch must be >= 0 (0: dropout from the first step), got {self.dropout_from_epoch}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ConfigError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
 
@@ -151,7 +157,7 @@ class TrainConfig:
 # Fine-tuning a pretrained model (--init) wants a rate about 50x lower than training from scratch, a short
 # warmup, and windows that do not overlap (the text is usually large next to the model's context).
 FINETUNE_DEFAULTS = {"lr": 6e-5, "warmup_steps": 20, "stride": None, "batch_size": 16, "weight_decay": 0.1,
-                     "optimizer": "adamw"}
+                     "optimizer": "adamw", "dropout_from_epoch": 0.0}
 
 # What `--resume` lets the command line change: when and how often the run stops, reports and where it
 # runs. Everything else would make the resumed run a different run.

@@ -35,6 +35,7 @@ from ..data import Batch, TokenWindows, check_length
 from ..model import GPTModel
 from ..tokenizer import Tokenizer
 from .config import LIMITS, RunConfig, TrainConfig
+from .dropout import DropoutSwitch
 from .evaluation import EvalResult, autocast, evaluate, loss_fn
 from .fsdp import checkpoint_blocks, shard_model, unsharded_copy
 from .optimizers import make_optimizer
@@ -286,6 +287,10 @@ def _train(runtime, model_cfg, cfg, tokenizer, data, resume, overwrite, init_sta
             drop_metrics_after(out_dir, state.step)
         for line in plan.describe(cfg):
             log(line)
+    dropout = DropoutSwitch(model)
+    if cfg.dropout_from_epoch and dropout.any and runtime.is_main:
+        log(f"dropout: off for the first {cfg.dropout_from_epoch:g} epochs "
+            f"({math.ceil(cfg.dropout_from_epoch * plan.epoch_tokens / plan.tokens_per_step):,} steps), then on")
     net: torch.nn.Module = model  # FSDP shards the model itself; plain data parallelism wraps it
     if runtime.distributed and not cfg.fsdp:
         net = DistributedDataParallel(model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
@@ -344,6 +349,7 @@ def _train(runtime, model_cfg, cfg, tokenizer, data, resume, overwrite, init_sta
             lr = learning_rate(cfg, state.step, progress, plan.warmup_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
+            dropout.set(state.tokens_seen >= cfg.dropout_from_epoch * plan.epoch_tokens)
             batch = next(batches)  # this rank's rows of the global batch: (micro * accum_steps, context)
             x, y = torch.from_numpy(batch.inputs).to(runtime.device), torch.from_numpy(batch.targets).to(runtime.device)
             step_loss = 0.0
