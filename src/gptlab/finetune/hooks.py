@@ -24,7 +24,7 @@ from torch import nn
 
 from ..checkpoint import WEIGHTS_FILE, model_from_state_dict, with_tied_head, write_model_files
 from ..config import GPTConfig
-from ..inference.quantize import quantize_rows
+from ..inference.quantize import float32_bias, quantize_rows
 from ..model import GPTModel
 from ..training.config import ConfigError, RunConfig
 from ..training.state import load_model_weights
@@ -71,7 +71,7 @@ class FrozenInt8Linear(nn.Module):
         weight_int8, scales = quantize_rows(linear.weight)
         self.register_buffer("weight_int8", weight_int8)  # (out, in)
         self.register_buffer("scales", scales)  # (out,)
-        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float().clone())
+        self.register_buffer("bias", float32_bias(linear))
 
     def float_weight(self) -> torch.Tensor:
         return self.weight_int8.float() * self.scales[:, None]  # (out, in)

@@ -74,6 +74,11 @@ def quantize_groups(weight: torch.Tensor, group_size: int,
     return q, scales, offsets
 
 
+def float32_bias(linear: nn.Linear) -> torch.Tensor | None:
+    """A copy of the layer's bias in float32 (quantized layers keep it so), or None."""
+    return None if linear.bias is None else linear.bias.detach().float().clone()
+
+
 class QuantizedLinear(nn.Module):
     """A Linear layer with integer weights: (..., in) → (..., out) in the input's dtype; the bias stays
     float32. Subclasses give forward."""
@@ -102,8 +107,7 @@ class DynamicInt8Linear(QuantizedLinear):
         with warnings.catch_warnings():  # quantized tensors are deprecated, yet they are this kernel's only input format
             warnings.simplefilter("ignore", UserWarning)
             weight = torch._make_per_channel_quantized_tensor(q, scales.double(), zero_points, 0)
-        bias = None if linear.bias is None else linear.bias.detach().float().clone()
-        self.packed = torch.ops.quantized.linear_prepack(weight, bias)
+        self.packed = torch.ops.quantized.linear_prepack(weight, float32_bias(linear))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # reduce_range: 7-bit activations, which PyTorch's x86 engine needs on CPUs without VNNI
@@ -126,7 +130,7 @@ class Int4Linear(QuantizedLinear):
 
     def __init__(self, linear: nn.Linear, group_size: int):
         super().__init__(linear)
-        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float().clone())
+        self.register_buffer("bias", float32_bias(linear))
         self.group_size = group_size
         weight = F.pad(linear.weight.detach().float(), (0, 0, 0, -self.out_features % INT4_ROWS_MULTIPLE))  # (out', in)
         q, scales, offsets = quantize_groups(weight, group_size)
