@@ -12,7 +12,9 @@ from gptlab.model import (
     GPTModel,
     LayerNorm,
     MultiHeadAttention,
+    FLOAT32_ATTENTION_BELOW,
     TransformerBlock,
+    causal_attention,
 )
 
 TINY = GPTConfig(vocab_size=97, context_length=16, emb_dim=32, n_heads=4, n_layers=2, drop_rate=0.0)
@@ -110,6 +112,35 @@ def test_attention_dropout_can_be_switched_off_apart_from_the_shortcut_dropout()
     assert torch.equal(block.att(x), block.att(x))
     assert not torch.equal(block(x), block(x))
     assert TINY.replace(drop_rate=0.2).attention_drop_rate == 0.2  # unset: the textbook's single rate
+
+
+def test_bfloat16_attention_on_the_cpu_is_computed_in_float32():
+    """Under bf16 autocast the fused kernel would run in bfloat16 (and slowly on the CPU); causal_attention
+    casts up, so its output and gradients are float64's, rounded once to bfloat16 (relative error 2^-8)."""
+    B, H, T, D = 2, 3, 40, 16
+    q, k, v = (torch.randn(B, H, T, D).bfloat16().requires_grad_() for _ in range(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = causal_attention(q, k, v, dropout=0.0)
+    assert y.dtype == torch.bfloat16
+    grad = torch.randn(B, H, T, D)
+    y.backward(grad.bfloat16())
+
+    wide = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    future = torch.triu(torch.ones(T, T, dtype=torch.bool), diagonal=1)
+    scores = (wide[0] @ wide[1].transpose(-2, -1) / math.sqrt(D)).masked_fill(future, float("-inf"))
+    expected = torch.softmax(scores, dim=-1) @ wide[2]  # (B, H, T, D)
+    expected.backward(grad.bfloat16().double())
+    torch.testing.assert_close(y.double(), expected, rtol=2**-8, atol=1e-6)
+    for narrow, exact in zip((q, k, v), wide):
+        assert narrow.grad.dtype == torch.bfloat16
+        torch.testing.assert_close(narrow.grad.double(), exact.grad, rtol=2**-8, atol=1e-5)
+
+
+def test_long_bfloat16_attention_keeps_the_bfloat16_kernel():
+    q, k, v = (torch.randn(1, 2, FLOAT32_ATTENTION_BELOW, 16).bfloat16() for _ in range(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = causal_attention(q, k, v, dropout=0.0)
+    assert torch.equal(y, torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True))
 
 
 def test_feed_forward_is_fc_gelu_proj():

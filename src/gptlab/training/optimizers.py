@@ -4,8 +4,15 @@ everything else (embeddings, head, biases, norms), as modded-nanogpt trains.
 Muon orthogonalises each matrix's momentum (five Newton-Schulz steps) before applying it, so every direction
 of the update moves at the same rate. torch.optim.Muon is 2-D only and meant for hidden layers; with
 adjust_lr_fn="match_rms_adamw" its updates have AdamW's RMS, so one learning rate and one schedule drive both.
+
+torch's Muon orthogonalises one matrix at a time. The blocks repeat the same few shapes, and on a CPU a
+small product costs mostly its call: BatchedMuon runs the same arithmetic over each shape's matrices as
+one batched product (the char model's 16 matrices in 3 calls instead of 16; README, time to quality).
 """
 from __future__ import annotations
+
+import math
+from collections import defaultdict
 
 import torch
 
@@ -26,6 +33,51 @@ def adamw(params: list[torch.nn.Parameter], lr: float, betas: tuple[float, float
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     fused = all(p.device.type in ("cpu", "cuda") for p in params)  # one kernel per step instead of a dozen
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=betas, fused=fused)
+
+
+def orthogonalise(matrices: list[torch.Tensor], coefficients: tuple[float, float, float], steps: int,
+                  eps: float) -> list[torch.Tensor]:
+    """Newton-Schulz orthogonalisation as torch.optim.Muon computes it (bfloat16, on the matrix's wide
+    orientation, after dividing by the Frobenius norm so the spectral norm is at most 1), for all matrices
+    of one shape at once."""
+    a, b, c = coefficients
+    tall = [m.size(0) > m.size(1) for m in matrices]
+    by_shape: dict[torch.Size, list[int]] = defaultdict(list)
+    for index, (matrix, transpose) in enumerate(zip(matrices, tall)):
+        by_shape[(matrix.mT if transpose else matrix).shape].append(index)
+    result: list[torch.Tensor] = [torch.empty(0)] * len(matrices)
+    for indices in by_shape.values():
+        x = torch.stack([matrices[i].mT if tall[i] else matrices[i] for i in indices]).bfloat16()  # (N, short, long)
+        x = x / x.flatten(1).norm(dim=1).clamp(min=eps)[:, None, None]
+        for _ in range(steps):
+            gram = x @ x.mT  # (N, short, short)
+            x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+        for i, orthogonal in zip(indices, x):
+            result[i] = orthogonal.mT if tall[i] else orthogonal
+    return result
+
+
+class BatchedMuon(torch.optim.Muon):
+    """torch.optim.Muon with adjust_lr_fn="match_rms_adamw" (same state, same updates), its Newton-Schulz
+    steps batched over matrices of equal shape."""
+
+    def __init__(self, params: list[torch.nn.Parameter], lr: float, weight_decay: float, momentum: float):
+        super().__init__(params, lr=lr, weight_decay=weight_decay, momentum=momentum, adjust_lr_fn="match_rms_adamw")
+
+    @torch.no_grad()
+    def step(self) -> None:
+        for group in self.param_groups:
+            params, grads, buffers = [], [], []
+            self._init_group(group, params, grads, buffers)
+            momentum, lr = group["momentum"], group["lr"]
+            updates = []
+            for grad, buffer in zip(grads, buffers):
+                buffer.lerp_(grad, 1 - momentum)
+                updates.append(grad.lerp(buffer, momentum) if group["nesterov"] else buffer)
+            updates = orthogonalise(updates, group["ns_coefficients"], group["ns_steps"], group["eps"])
+            for param, update in zip(params, updates):
+                param.mul_(1 - lr * group["weight_decay"])
+                param.add_(update, alpha=-lr * 0.2 * math.sqrt(max(param.shape)))  # AdamW's update RMS
 
 
 class MuonWithAdamW:
@@ -81,7 +133,6 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opti
     hidden = [p for n, p in named if is_hidden_matrix(n, p)]
     if not hidden:  # e.g. LoRA adapters or a classification head alone: nothing for Muon to train
         return adamw([p for _, p in named], lr, betas, weight_decay)
-    muon = torch.optim.Muon(hidden, lr=lr, weight_decay=weight_decay, momentum=MUON_MOMENTUM,
-                            adjust_lr_fn="match_rms_adamw")
+    muon = BatchedMuon(hidden, lr=lr, weight_decay=weight_decay, momentum=MUON_MOMENTUM)
     rest = [p for n, p in named if not is_hidden_matrix(n, p)]
     return MuonWithAdamW(muon, adamw(rest, lr, betas, weight_decay))
