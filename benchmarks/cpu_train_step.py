@@ -38,7 +38,8 @@ from gptlab.config import get_config
 from gptlab.model import FLOAT32_ATTENTION_BELOW, GPTModel, causal_attention
 from gptlab.training.dropout import DropoutSwitch
 from gptlab.training.evaluation import loss_fn
-from gptlab.training.optimizers import BatchedMuon, MuonWithAdamW, adamw, is_hidden_matrix
+from gptlab.training.config import TrainConfig
+from gptlab.training.optimizers import BatchedMuon, MuonWithAdamW, adamw, is_hidden_matrix, make_optimizer
 
 ATTENTION_SHAPES = {"char model": (24, 4, 128, 32), "gpt2-mini": (8, 6, 256, 64), "gpt2 124M": (2, 12, 1024, 64)}  # (B, H, T, D)
 MUON_MODELS = ("gpt2-micro", "gpt2-mini")
@@ -127,7 +128,7 @@ def step_rows(rounds: int) -> list[dict]:
 
     before = MuonWithAdamW(torch.optim.Muon(hidden, lr=1e-4, weight_decay=0.1, adjust_lr_fn="match_rms_adamw"),
                            adamw(rest, 1e-4, (0.9, 0.95), 0.1))
-    now = MuonWithAdamW(BatchedMuon(hidden, lr=1e-4, weight_decay=0.1, momentum=0.95), adamw(rest, 1e-4, (0.9, 0.95), 0.1))
+    now = make_optimizer(model, TrainConfig(optimizer="muon", lr=1e-4, weight_decay=0.1))  # what gptlab train builds
     try:
         results = race({"before (bf16 attention, torch Muon)": step(before, 0),
                         "gptlab now": step(now, FLOAT32_ATTENTION_BELOW)}, rounds, 5)

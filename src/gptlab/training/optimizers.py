@@ -42,19 +42,20 @@ def orthogonalise(matrices: list[torch.Tensor], coefficients: tuple[float, float
     of one shape at once."""
     a, b, c = coefficients
     tall = [m.size(0) > m.size(1) for m in matrices]
+    wide = [m.mT if transpose else m for m, transpose in zip(matrices, tall)]  # each (short, long)
     by_shape: dict[torch.Size, list[int]] = defaultdict(list)
-    for index, (matrix, transpose) in enumerate(zip(matrices, tall)):
-        by_shape[(matrix.mT if transpose else matrix).shape].append(index)
-    result: list[torch.Tensor] = [torch.empty(0)] * len(matrices)
+    for index, matrix in enumerate(wide):
+        by_shape[matrix.shape].append(index)
+    result: dict[int, torch.Tensor] = {}
     for indices in by_shape.values():
-        x = torch.stack([matrices[i].mT if tall[i] else matrices[i] for i in indices]).bfloat16()  # (N, short, long)
+        x = torch.stack([wide[i] for i in indices]).bfloat16()  # (N, short, long)
         x = x / x.flatten(1).norm(dim=1).clamp(min=eps)[:, None, None]
         for _ in range(steps):
             gram = x @ x.mT  # (N, short, short)
             x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
         for i, orthogonal in zip(indices, x):
             result[i] = orthogonal.mT if tall[i] else orthogonal
-    return result
+    return [result[i] for i in range(len(matrices))]
 
 
 class BatchedMuon(torch.optim.Muon):
