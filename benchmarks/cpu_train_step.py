@@ -1,4 +1,4 @@
-"""The character model's training step on the CPU: two speed-ups against what they replaced, and the whole step.
+"""The character model's training step on the CPU: three speed-ups against what they replaced, and the whole step.
 
 1. Attention. Training under bf16 autocast hands attention bfloat16 queries, keys and values. PyTorch's
    fused CPU kernel (scaled_dot_product_attention) is much slower in bfloat16 than in float32 on short
@@ -11,9 +11,12 @@
 2. Muon. torch.optim.Muon (the baseline) orthogonalises one matrix at a time; gptlab's BatchedMuon runs
    the same arithmetic over equally shaped matrices at once. Timed: one optimizer step over the block
    matrices of gpt2-micro (the default: 4 layers, 128 dims) and gpt2-mini, with fixed random gradients.
-3. The whole step of `gptlab train`'s default model (gpt2-micro, vocabulary 104, batch 24, context 128,
-   bf16 autocast, dropout off as in its first epochs, clipping, Muon + AdamW), before (bfloat16 attention
-   kernel, torch's Muon: the baseline) and now.
+3. Dropout. torch.nn.Dropout (the baseline) draws a Bernoulli sample per value; gptlab.model.Dropout
+   compares 16 random bits per value with the rate. Timed: forward and backward at rate 0.1 on the char
+   model's bfloat16 activations (24 x 128 x 128), which it drops 9 times per step.
+4. The whole step of `gptlab train`'s default model (gpt2-micro, vocabulary 104, batch 24, context 128,
+   bf16 autocast, clipping, Muon + AdamW), before (bfloat16 attention kernel, torch's Muon, nn.Dropout:
+   the baseline) and now, with dropout off (a run's first 4 epochs) and at 0.1 (after them).
 
 Contestants take turns call by call, in rounds; a figure is the median over rounds and a ratio the
 median of the per-round ratios (baseline time / contestant time).
@@ -35,7 +38,7 @@ from common import machine_info, write_report
 
 import gptlab.model
 from gptlab.config import get_config
-from gptlab.model import FLOAT32_ATTENTION_BELOW, GPTModel, causal_attention
+from gptlab.model import FLOAT32_ATTENTION_BELOW, Dropout, GPTModel, causal_attention
 from gptlab.training.dropout import DropoutSwitch
 from gptlab.training.evaluation import loss_fn
 from gptlab.training.config import TrainConfig
@@ -44,6 +47,7 @@ from gptlab.training.optimizers import BatchedMuon, MuonWithAdamW, adamw, is_hid
 ATTENTION_SHAPES = {"char model": (24, 4, 128, 32), "gpt2-mini": (8, 6, 256, 64), "gpt2 124M": (2, 12, 1024, 64)}  # (B, H, T, D)
 MUON_MODELS = ("gpt2-micro", "gpt2-mini")
 STEP_BATCH, STEP_VOCAB = 24, 104
+DROPOUT_SHAPE, DROPOUT_RATE = (24, 128, 128), 0.1
 DEFAULT_OUT = Path(__file__).parent / "results" / "cpu_train_step.json"
 
 
@@ -104,17 +108,24 @@ def muon_rows(rounds: int) -> list[dict]:
     return rows
 
 
+def dropout_rows(rounds: int) -> list[dict]:
+    x = torch.randn(DROPOUT_SHAPE, dtype=torch.bfloat16, requires_grad=True)
+    grad = torch.randn(DROPOUT_SHAPE, dtype=torch.bfloat16)
+
+    def forward_backward(dropout: torch.nn.Module) -> Callable[[], None]:
+        return lambda: dropout.train()(x).backward(grad)
+
+    results = race({"torch.nn.Dropout": forward_backward(torch.nn.Dropout(DROPOUT_RATE)),
+                    "gptlab Dropout": forward_backward(Dropout(DROPOUT_RATE))}, rounds, 20)
+    return [{"part": "dropout", "case": f"{DROPOUT_RATE} on {'x'.join(map(str, DROPOUT_SHAPE))} bf16", "contestant": name,
+             **result} for name, result in results.items()]
+
+
 def step_rows(rounds: int) -> list[dict]:
-    torch.manual_seed(0)
     cfg = get_config("gpt2-micro", vocab_size=STEP_VOCAB)
-    model = GPTModel(cfg)
-    DropoutSwitch(model).set(False)
-    named = list(model.named_parameters())
-    hidden = [p for n, p in named if is_hidden_matrix(n, p)]
-    rest = [p for n, p in named if not is_hidden_matrix(n, p)]
     x, y = (torch.randint(0, STEP_VOCAB, (STEP_BATCH, cfg.context_length)) for _ in range(2))
 
-    def step(optimizer, float32_attention_below: int) -> Callable[[], None]:
+    def step(model, optimizer, float32_attention_below: int) -> Callable[[], None]:
         def run() -> None:
             gptlab.model.FLOAT32_ATTENTION_BELOW = float32_attention_below
             with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -126,16 +137,38 @@ def step_rows(rounds: int) -> list[dict]:
             optimizer.zero_grad(set_to_none=True)
         return run
 
-    before = MuonWithAdamW(torch.optim.Muon(hidden, lr=1e-4, weight_decay=0.1, adjust_lr_fn="match_rms_adamw"),
-                           adamw(rest, 1e-4, (0.9, 0.95), 0.1))
-    now = make_optimizer(model, TrainConfig(optimizer="muon", lr=1e-4, weight_decay=0.1))  # what gptlab train builds
+    def before() -> tuple[GPTModel, Callable[[], None]]:
+        torch.manual_seed(0)
+        model = GPTModel(cfg)
+        for module in model.modules():
+            if isinstance(module, Dropout):
+                module.__class__ = torch.nn.Dropout
+        named = list(model.named_parameters())
+        hidden = [p for n, p in named if is_hidden_matrix(n, p)]
+        optimizer = MuonWithAdamW(torch.optim.Muon(hidden, lr=1e-4, weight_decay=0.1, adjust_lr_fn="match_rms_adamw"),
+                                  adamw([p for n, p in named if not is_hidden_matrix(n, p)], 1e-4, (0.9, 0.95), 0.1))
+        return model, step(model, optimizer, 0)
+
+    def now() -> tuple[GPTModel, Callable[[], None]]:
+        torch.manual_seed(0)
+        model = GPTModel(cfg)
+        optimizer = make_optimizer(model, TrainConfig(optimizer="muon", lr=1e-4, weight_decay=0.1))  # what gptlab train builds
+        return model, step(model, optimizer, FLOAT32_ATTENTION_BELOW)
+
+    rows = []
+    (before_model, before_step), (now_model, now_step) = before(), now()
+    switches = [DropoutSwitch(before_model), DropoutSwitch(now_model)]
     try:
-        results = race({"before (bf16 attention, torch Muon)": step(before, 0),
-                        "gptlab now": step(now, FLOAT32_ATTENTION_BELOW)}, rounds, 5)
+        for dropout in (False, True):
+            for switch in switches:
+                switch.set(dropout)
+            results = race({"before (bf16 attention, torch Muon, nn.Dropout)": before_step, "gptlab now": now_step},
+                           rounds, 5)
+            rows += [{"part": "step", "case": f"gpt2-micro, dropout {cfg.drop_rate if dropout else 0:g}",
+                      "contestant": name, **result} for name, result in results.items()]
     finally:
         gptlab.model.FLOAT32_ATTENTION_BELOW = FLOAT32_ATTENTION_BELOW
-    return [{"part": "step", "case": f"gpt2-micro, batch {STEP_BATCH} x {cfg.context_length}", "contestant": name,
-             **result} for name, result in results.items()]
+    return rows
 
 
 def main() -> None:
@@ -145,11 +178,11 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.manual_seed(0)
-    rows = attention_rows(args.rounds) + muon_rows(args.rounds) + step_rows(args.rounds)
+    rows = attention_rows(args.rounds) + muon_rows(args.rounds) + dropout_rows(args.rounds) + step_rows(args.rounds)
     print(f"{torch.get_num_threads()} threads; ratio: the first contestant of each case (the baseline) / this one")
-    print(f"{'part':10} {'case':26} {'contestant':36} {'median ms':>10} {'best ms':>9} {'ratio':>7}")
+    print(f"{'part':10} {'case':26} {'contestant':48} {'median ms':>10} {'best ms':>9} {'ratio':>7}")
     for row in rows:
-        print(f"{row['part']:10} {row['case']:26} {row['contestant']:36} {row['median_ms']:10.2f} "
+        print(f"{row['part']:10} {row['case']:26} {row['contestant']:48} {row['median_ms']:10.2f} "
               f"{row['best_ms']:9.2f} {row['speedup_vs_baseline']:6.2f}x")
     write_report({"benchmark": "cpu_train_step", "machine": machine_info(), "rounds": args.rounds,
                   "float32_attention_below": FLOAT32_ATTENTION_BELOW, "rows": rows}, args.out)

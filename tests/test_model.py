@@ -8,6 +8,7 @@ import torch
 from gptlab.config import GPTConfig, get_config
 from gptlab.model import (
     GELU,
+    Dropout,
     FeedForward,
     GPTModel,
     LayerNorm,
@@ -141,6 +142,34 @@ def test_long_bfloat16_attention_keeps_the_bfloat16_kernel():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = causal_attention(q, k, v, dropout=0.0)
     assert torch.equal(y, torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True))
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_dropout_zeros_a_share_p_of_the_values_and_scales_the_rest(p):
+    """Its own CPU mask: 16 random bits per value, four per 64-bit draw. Every one of the four positions
+    must drop at rate p (a draw's top bits are not always random), and the gradient is the same mask."""
+    torch.manual_seed(0)
+    x = torch.rand(1000, 1000, dtype=torch.float64) + 1.0  # never 0, so the zeros are the dropped values
+    x.requires_grad_()
+    y = Dropout(p).train()(x)
+    kept = y != 0
+    dropped = round(p * 2**16) / 2**16  # the rate, rounded to 16 bits
+    torch.testing.assert_close(y[kept], x[kept] / (1 - dropped), rtol=1e-15, atol=0)
+    tolerance = 5 * math.sqrt(p * (1 - p) / (x.numel() / 4))  # five standard deviations of one position's share
+    for lane in range(4):
+        assert abs(1 - kept.flatten()[lane::4].double().mean().item() - p) < tolerance
+    y.backward(torch.ones_like(y))
+    torch.testing.assert_close(x.grad, kept.double() / (1 - dropped), rtol=1e-15, atol=0)
+
+
+def test_dropout_is_the_identity_in_eval_mode_or_at_rate_0_and_reproducible_under_a_seed():
+    x = torch.randn(3, 5, 7).bfloat16()
+    assert torch.equal(Dropout(0.3).eval()(x), x) and torch.equal(Dropout(0.0).train()(x), x)
+    assert torch.equal(Dropout(1.0).train()(x), torch.zeros_like(x))
+    torch.manual_seed(1)
+    first = Dropout(0.3).train()(x)
+    torch.manual_seed(1)
+    assert torch.equal(Dropout(0.3).train()(x), first) and first.dtype == torch.bfloat16
 
 
 def test_feed_forward_is_fc_gelu_proj():

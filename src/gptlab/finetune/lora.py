@@ -28,7 +28,7 @@ from torch import nn
 from ..checkpoint import read_json, save_model, write_folder_atomically
 from ..config import GPTConfig
 from ..loading import load_model
-from ..model import GPTModel
+from ..model import Dropout, GPTModel
 
 # Target name -> the module it wraps, relative to a transformer block (or to the model, for the head).
 BLOCK_TARGETS = {"qkv": "att.qkv", "out_proj": "att.out_proj", "fc": "ff.fc", "proj": "ff.proj"}
@@ -98,7 +98,7 @@ class LoRALinear(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=device))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=device))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # PEFT's default, which nn.Linear uses too
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     @property
     def scale(self) -> float:
