@@ -66,7 +66,7 @@ def test_resume_refuses_a_changed_setting_and_resume_with_overwrite(notes, tmp_p
 
 def test_without_a_limit_ones_own_text_trains_for_one_epoch_and_says_so(notes, tmp_path, capsys):
     code, out, err = gptlab(capsys, ["train", "--data", str(notes), "--out", str(tmp_path / "run"), *TINY,
-                                     "--eval-interval", "1000"])
+                                     "--eval-interval", "1000", "--tokenizer", "char"])
     assert code == 0, err
     steps = -(-5400 // (8 * 16))  # 5,400 training tokens, 128 per step: the step that completes the epoch counts
     assert f"stopped by epochs after {steps} steps" in out
@@ -131,7 +131,7 @@ def test_eval_without_data_scores_the_runs_own_held_out_split(notes, tmp_path, c
 
 def test_eval_of_text_outside_a_character_vocabulary_says_what_to_do(notes, tmp_path, capsys):
     run = tmp_path / "run"
-    assert main(["train", "--data", str(notes), "--out", str(run), "--max-steps", "1", *TINY]) == 0
+    assert main(["train", "--data", str(notes), "--out", str(run), "--max-steps", "1", *TINY, "--tokenizer", "char"]) == 0
     (tmp_path / "other.txt").write_text("Prices in € and ¥ " * 20)
     code, _, err = gptlab(capsys, ["eval", "--checkpoint", str(run / "last"), "--data", str(tmp_path / "other.txt")])
     assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
@@ -150,7 +150,7 @@ def test_the_python_api_trains_like_the_command(notes, tmp_path):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--merges", "100"], r"--merges 100 truncates GPT-2's BPE; add --tokenizer gpt2"),
+    (["--tokenizer", "char", "--merges", "100"], r"--merges 100 truncates GPT-2's BPE, but --tokenizer is char; drop one of them"),
     (["--time-budget", "0"], r"--time-budget must be positive, got 0"),
     (["--vocab-size", "10"], r"--vocab-size 10 is smaller than the tokenizer's \d+ ids"),
     (["--data", "no-such-notes.txt"], r"no such file or folder: no-such-notes.txt"),

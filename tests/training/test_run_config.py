@@ -10,6 +10,7 @@ import pytest
 from gptlab.training.config import (
     EMBEDDED_TIME_BUDGET,
     FINETUNE_DEFAULTS,
+    NEW_MODEL_DEFAULTS,
     ConfigError,
     RunConfig,
     read_toml,
@@ -23,10 +24,31 @@ RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 
 def test_the_layers_apply_in_order_defaults_then_fine_tuning_then_what_was_given():
     plain = resolve({})
-    assert plain == RunConfig() and (plain.train.lr, plain.train.stride, plain.train.optimizer) == (6e-3, 1, "muon")
+    assert plain == RunConfig.from_flat(NEW_MODEL_DEFAULTS) and (plain.train.lr, plain.train.stride, plain.train.optimizer) == (6e-3, 1, "muon")
+    assert (plain.data.tokenizer, plain.data.merges, plain.train.dropout_double_for_epochs) == ("gpt2", 128, 18.0)
     tuned = resolve({"init": "models/gpt2"})
     assert (tuned.train.lr, tuned.train.stride, tuned.train.warmup_steps, tuned.train.optimizer) == (6e-5, None, 20, "adamw")
+    assert tuned.train.dropout_double_for_epochs is None and tuned.data.merges is None  # the checkpoint's tokenizer
     assert resolve({"init": "models/gpt2", "lr": 1e-4}).train.lr == 1e-4  # what was given wins
+
+
+@pytest.mark.parametrize("given, tokenizer, merges", [
+    ({}, "gpt2", 128),
+    ({"tokenizer": "gpt2"}, "gpt2", None),  # GPT-2 named alone means all of its BPE
+    ({"merges": 512}, "gpt2", 512),
+    ({"tokenizer": "char"}, "char", None),
+])
+def test_a_new_model_gets_the_128_merge_tokenizer_unless_one_is_named(given, tokenizer, merges):
+    data = resolve(given).data
+    assert (data.tokenizer, data.merges) == (tokenizer, merges)
+
+
+def test_a_run_toml_written_before_the_new_model_defaults_resumes_as_it_ran(tmp_path):
+    old = RunConfig.from_flat({"tokenizer": "char"})  # what run.toml held: no merges, no doubling
+    (tmp_path / "run.toml").write_text(old.to_toml())
+    saved = RunConfig.from_flat(read_toml(tmp_path / "run.toml"))
+    assert saved == old and saved.train.dropout_double_for_epochs is None
+    assert resume_settings(saved, {"max_steps": 9}).data.tokenizer == "char"
 
 
 def test_an_fsdp_run_trains_with_adamw_unless_told_muon_which_is_refused():
@@ -54,7 +76,7 @@ def test_a_fine_tune_keeps_its_stride_unset_through_a_round_trip(tmp_path):
     ("lr = 'fast'\n", r"lr = 'fast' in --config .* should be float"),
     ("max_steps = 1.5\n", r"max_steps = 1.5 in --config .* should be int"),
     ("[train]\nlr = \n", r"--config .* is not valid TOML"),
-    ("tokenizer = 'char'\nmerges = 100\n", r"--merges 100 truncates GPT-2's BPE; add --tokenizer gpt2"),
+    ("tokenizer = 'char'\nmerges = 100\n", r"--merges 100 truncates GPT-2's BPE, but --tokenizer is char; drop one of them"),
     ("grad_clip = -1.0\n", r"--grad-clip must be >= 0 \(0 turns clipping off\)"),
     ("time_budget = 0\n", r"--time-budget must be positive, got 0"),
 ])
@@ -71,10 +93,10 @@ def test_a_missing_recipe_is_refused():
         read_toml("nowhere.toml")
 
 
-def test_the_shipped_recipes_parse_and_the_char_recipe_is_the_default():
+def test_the_shipped_recipes_parse_and_the_embedded_recipe_is_the_default():
     recipes = {path.stem: resolve(read_toml(path)) for path in RECIPES.glob("*.toml")}
-    assert set(recipes) == {"char-embedded", "gpt2-124m", "gpt2-finetune"}
-    assert recipes["char-embedded"] == with_default_limit(resolve({}))[0]
+    assert set(recipes) == {"embedded", "gpt2-124m", "gpt2-finetune"}
+    assert recipes["embedded"] == with_default_limit(resolve({}))[0]
     gpt2 = recipes["gpt2-124m"]
     assert (gpt2.train.lr, gpt2.train.beta2, gpt2.train.weight_decay, gpt2.train.min_lr_ratio) == (6e-4, 0.95, 0.1, 0.1)
     assert gpt2.train.batch_size * 1024 == 524_288 and gpt2.data.tokenizer == "gpt2" and gpt2.train.stride == 1024

@@ -32,7 +32,7 @@ from gptlab.data import (
     split_text,
 )
 from gptlab.model import GPTModel
-from gptlab.training.config import TrainConfig
+from gptlab.training.config import ConfigError, TrainConfig
 from gptlab.training.evaluation import evaluate
 from gptlab.training.runtime import TrainingError
 from gptlab.training.state import OPTIMIZER_FILE, STATE_FILE, load_trainer_state
@@ -173,16 +173,16 @@ def test_dropout_starts_after_the_given_epochs_and_a_resumed_run_switches_where_
     corpus_data, tmp_path, monkeypatch, capsys
 ):
     # An epoch is 5,400 tokens (the training split) and a step 128: 0.13 epochs are 702 tokens, so steps
-    # 1-6 (0-640 tokens seen before them) run without dropout and steps 7-8 with it.
-    settings = dict(max_steps=8, eval_interval=3, dropout_from_epoch=0.13)
+    # 1-6 (0-640 tokens seen before them) run without dropout and steps 7-10 with it.
+    settings = dict(max_steps=10, eval_interval=3, dropout_from_epoch=0.13)
     run(corpus_data, tmp_path / "whole", **settings)
-    assert "dropout: off for the first 0.13 epochs (6 steps), then on" in capsys.readouterr().out
+    assert "dropout: off for the first 0.13 epochs (6 steps), then on unless the run is 70% done" in capsys.readouterr().out
     run(corpus_data, tmp_path / "never", **{**settings, "dropout_from_epoch": 100.0})
     run(corpus_data, tmp_path / "always", **{**settings, "dropout_from_epoch": 0.0})
     whole, never, always = (train_losses(tmp_path / name) for name in ("whole", "never", "always"))
     assert [whole[s] for s in range(1, 7)] == [never[s] for s in range(1, 7)]  # bit for bit: no dropout at all
-    assert all(whole[s] != never[s] for s in (7, 8))
-    assert all(always[s] != never[s] for s in range(1, 9))  # the model's dropout 0.1 does change every step
+    assert all(whole[s] != never[s] for s in range(7, 11))
+    assert all(always[s] != never[s] for s in range(1, 11))  # the model's dropout 0.1 does change every step
 
     with monkeypatch.context() as patch:
         press_ctrl_c_after(patch, 4)
@@ -192,7 +192,77 @@ def test_dropout_starts_after_the_given_epochs_and_a_resumed_run_switches_where_
     assert safetensors_equal(tmp_path / "whole" / "last" / "model.safetensors", tmp_path / "split" / "last" / "model.safetensors")
 
 
-def test_the_dropout_switch_turns_every_rate_off_and_back_to_its_own():
+def test_a_run_that_will_see_enough_epochs_doubles_its_dropout_and_a_resumed_run_keeps_the_decision(
+    corpus_data, tmp_path, monkeypatch, capsys
+):
+    # 14 steps of 128 tokens are 0.33 epochs of 5,400: doubled for runs of 0.3 epochs, not for runs of 0.4.
+    settings = dict(max_steps=14, eval_interval=5, dropout_from_epoch=0.13)
+    run(corpus_data, tmp_path / "single", **settings)
+    capsys.readouterr()
+    run(corpus_data, tmp_path / "double", **settings, dropout_double_for_epochs=0.3)
+    assert "then on unless the run is 70% done; at twice the model's rates if the run will see 0.3 epochs or more" in capsys.readouterr().out
+    run(corpus_data, tmp_path / "short", **settings, dropout_double_for_epochs=0.4)
+    single, double = train_losses(tmp_path / "single"), train_losses(tmp_path / "double")
+    assert [double[s] for s in range(1, 7)] == [single[s] for s in range(1, 7)]  # bit for bit until dropout starts
+    assert all(double[s] != single[s] for s in range(7, 15))
+    assert train_losses(tmp_path / "short") == single
+
+    # The choice made at step 7 is in the checkpoint, and a run resumed after step 10 goes on with it.
+    with monkeypatch.context() as patch:
+        press_ctrl_c_after(patch, 10)
+        run(corpus_data, tmp_path / "split", **settings, dropout_double_for_epochs=0.3)
+    state = json.loads((tmp_path / "split" / "last" / "trainer_state.json").read_text())["trainer"]
+    assert state["dropout_scale"] == 2.0
+    run(corpus_data, tmp_path / "split", resume=True, **settings, dropout_double_for_epochs=0.3)
+    assert train_losses(tmp_path / "split") == double
+
+
+def test_dropout_due_in_the_last_30_percent_of_a_run_stays_off(corpus_data, tmp_path):
+    # Due at step 7 of 8 (6/8 = 75% through), dropout never starts: the run is the one without dropout.
+    settings = dict(max_steps=8, eval_interval=5)
+    run(corpus_data, tmp_path / "late", **settings, dropout_from_epoch=0.13)
+    run(corpus_data, tmp_path / "never", **settings, dropout_from_epoch=100.0)
+    assert train_losses(tmp_path / "late") == train_losses(tmp_path / "never")
+
+
+def test_dropout_that_doubling_would_take_to_one_is_refused_before_the_run_folder_is_made(corpus_data, tmp_path):
+    tokenizer, corpus = corpus_data
+    cfg = model_config(tokenizer).replace(drop_rate=0.5)
+    with pytest.raises(ConfigError, match=r"doubles the model's dropout rates, and 0.5 doubled drops every value"):
+        train(cfg, train_config(tmp_path / "run", max_steps=2, dropout_double_for_epochs=3.0), tokenizer, corpus)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("epochs_seen, run_epochs, progress, current, scale", [
+    (0.0, 30.0, 0.0, None, 0.0),  # before the first epochs: off
+    (3.9, 30.0, 0.13, 0.0, 0.0),
+    (4.0, 30.0, 0.13, 0.0, 2.0),  # switching on in a run of 30 epochs: doubled
+    (4.0, 12.0, 0.33, 0.0, 1.0),  # in a run of 12: the model's rates
+    (4.0, 5.0, 0.8, 0.0, 0.0),  # 80% through: stays off
+    (20.0, 5.0, 0.9, 2.0, 2.0),  # once chosen, kept
+    (20.0, 30.0, 0.9, 1.0, 1.0),
+    (20.0, 25.0, 0.8, None, 2.0),  # a checkpoint that did not record it: judged again, whatever the progress
+])
+def test_the_dropout_scale_is_off_then_chosen_once_by_the_runs_length(epochs_seen, run_epochs, progress, current, scale):
+    from gptlab.training.dropout import dropout_scale
+
+    cfg = TrainConfig(dropout_from_epoch=4.0, dropout_double_for_epochs=18.0)
+    assert dropout_scale(cfg, epochs_seen, run_epochs, progress, current) == scale
+    never = TrainConfig(dropout_from_epoch=4.0)
+    assert dropout_scale(never, epochs_seen, run_epochs, progress, current if current != 2.0 else 1.0) == min(scale, 1.0)
+
+
+def test_a_run_judges_its_epochs_from_its_plan_before_the_first_step_and_from_its_progress_after():
+    from gptlab.training.state import TrainerState
+
+    planned = train_module.Plan(tokens_per_step=100, epoch_tokens=1_000, steps=250, warmup_steps=0)
+    assert planned.epochs_at_end(TrainerState(), 0.0) == 25.0
+    timed = train_module.Plan(tokens_per_step=100, epoch_tokens=1_000, steps=None, warmup_steps=0)
+    assert timed.epochs_at_end(TrainerState(), 0.0) == 0.0
+    assert timed.epochs_at_end(TrainerState(tokens_seen=4_000), 0.2) == pytest.approx(20.0)  # 4 epochs in a fifth of the time
+
+
+def test_the_dropout_switch_scales_every_rate_and_back_to_its_own():
     from gptlab.training.dropout import DropoutSwitch
 
     cfg = GPTConfig(vocab_size=11, context_length=8, emb_dim=16, n_heads=2, n_layers=2, drop_rate=0.1, attn_drop_rate=0.2)
@@ -201,9 +271,11 @@ def test_the_dropout_switch_turns_every_rate_off_and_back_to_its_own():
     rates = lambda: sorted({m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)}
                            | {m.att.drop_rate for m in model[0].trf_blocks})
     assert switch.any and rates() == [0.1, 0.2, 0.3]
-    switch.set(False)
+    switch.set(0.0)
     assert rates() == [0.0]
-    switch.set(True)
+    switch.set(2.0)
+    assert rates() == pytest.approx([0.2, 0.4, 0.6])
+    switch.set(1.0)
     assert rates() == [0.1, 0.2, 0.3]
     assert not DropoutSwitch(GPTModel(GPTConfig(vocab_size=11, context_length=8, emb_dim=16, n_heads=2, n_layers=1,
                                                 drop_rate=0.0))).any

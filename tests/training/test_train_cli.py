@@ -137,7 +137,7 @@ def test_an_empty_corpus_is_refused(tmp_path, capsys):
 )
 def test_a_corpus_too_short_for_one_window_is_refused_before_training(tmp_path, capsys, chars, message):
     (tmp_path / "short.txt").write_text(TEXT[:chars])
-    code, _, err = gptlab(capsys, train_argv(tmp_path / "short.txt", tmp_path / "run", tmp_path / "cache"))
+    code, _, err = gptlab(capsys, train_argv(tmp_path / "short.txt", tmp_path / "run", tmp_path / "cache", "--tokenizer", "char"))
     assert_refused(code, err, message)
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 

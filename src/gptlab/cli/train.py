@@ -8,15 +8,15 @@ from pathlib import Path
 from ..config import PRESETS
 from ..finetune.hooks import BASE_DTYPES
 from ..finetune.lora import TARGETS
-from ..training.config import FINETUNE_DEFAULTS, OPTIMIZERS, SCHEDULES, RunConfig
+from ..training.config import FINETUNE_DEFAULTS, OPTIMIZERS, SCHEDULES, resolve
 from ..training.pipeline import evaluate, train
 from ..training.state import RUN_MARKER
 
-DEFAULTS = RunConfig().flat()
+DEFAULTS = resolve({}).flat()
 
-# Every setting of a run: (option, argparse keywords, meaning). Defaults are shown from RunConfig, so the
-# help cannot drift from what runs. Every option is parsed with default SUPPRESS: the namespace then holds
-# only what was typed, which is what overrides a recipe and what a resume must check.
+# Every setting of a run: (option, argparse keywords, meaning). Defaults are shown as a new model gets them
+# (resolve), so the help cannot drift from what runs. Every option is parsed with default SUPPRESS: the
+# namespace then holds only what was typed, which is what overrides a recipe and what a resume must check.
 SETTINGS: list[tuple[str, str, dict]] = [
     ("data", "data", dict(nargs="+", metavar="PATH", help="files, folders or glob patterns to train on; a folder is "
                           "read recursively (hidden files skipped, binary files reported). Default: the embedded "
@@ -28,8 +28,8 @@ SETTINGS: list[tuple[str, str, dict]] = [
                                   help="read invalid UTF-8 bytes as U+FFFD instead of failing")),
     ("data", "tokenizer", dict(choices=["char", "gpt2"], help="char: one id per character of the corpus; gpt2: "
                                "GPT-2's byte-level BPE")),
-    ("data", "merges", dict(type=int, help="with --tokenizer gpt2: keep only GPT-2's first N merges (vocabulary "
-                            "257 + N)")),
+    ("data", "merges", dict(type=int, help="GPT-2's BPE with only its first N merges (vocabulary 257 + N); "
+                            "--tokenizer gpt2 alone keeps all 50,000")),
     ("data", "cache_dir", dict(help="token cache folder; may be on storage every machine shares (default: under "
                                "~/.cache/gptlab/tokens)")),
     ("model", "model", dict(choices=list(PRESETS), help="preset shape")),
@@ -78,6 +78,9 @@ SETTINGS: list[tuple[str, str, dict]] = [
     ("train", "dropout_from_epoch", dict(type=float, help="keep the model's dropout off until the run has seen "
                                          "this many epochs of the training data; 0: from the first step "
                                          "(0 with --init)")),
+    ("train", "dropout_double_for_epochs", dict(type=float, help="a run that will see at least this many epochs "
+                                                "(judged when its dropout switches on) runs every dropout at twice "
+                                                "the model's rate (never with --init)")),
     ("train", "beta1", dict(type=float, help="AdamW beta1")),
     ("train", "beta2", dict(type=float, help="AdamW beta2")),
     ("train", "grad_clip", dict(type=float, help="clip the gradient norm to this; 0 turns clipping off")),

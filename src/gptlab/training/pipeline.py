@@ -1,7 +1,7 @@
 """The whole job behind `gptlab train` and `gptlab eval`, as functions the Python API exposes:
 
     gptlab.train(data=["notes/"], out="runs/notes", max_steps=2000)      # any option of `gptlab train`
-    gptlab.train(config="recipes/char-embedded.toml", out="runs/x")      # a recipe, with overrides
+    gptlab.train(config="recipes/embedded.toml", out="runs/x")           # a recipe, with overrides
     gptlab.train(out="runs/x", resume=True)                              # continue a run exactly
     gptlab.evaluate("runs/x/best")                                       # the run's own held-out split
 

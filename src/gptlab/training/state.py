@@ -5,7 +5,8 @@ gptlab.load_model) plus
     optimizer.safetensors  the optimizer's state per parameter, under the parameter's name ('tok_emb.weight.exp_avg',
                            'trf_blocks.0.ff.fc.weight.momentum_buffer' for Muon)
     rng.safetensors        each rank's random state ('cpu.0', 'cuda.0', ...)
-    trainer_state.json     step, tokens seen, position in the epoch order, time spent, best validation loss
+    trainer_state.json     step, tokens seen, position in the epoch order, time spent, best validation loss,
+                           the dropout multiple in force
     run.toml               the run's settings (training/config.py), which `--resume` continues with
 """
 
@@ -42,6 +43,7 @@ class TrainerState:
     windows_in_epoch: int = 0  # windows of this epoch's order already consumed
     elapsed: float = 0.0  # training seconds before this process started
     best_val_loss: float | None = None
+    dropout_scale: float | None = None  # the multiple of the model's dropout rates in force (training/dropout.py)
     rng_states: list[dict[str, torch.Tensor]] = field(default_factory=list, repr=False)  # one per rank
 
 

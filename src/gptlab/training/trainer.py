@@ -35,7 +35,7 @@ from ..data import Batch, TokenWindows, check_length
 from ..model import GPTModel
 from ..tokenizer import Tokenizer
 from .config import LIMITS, RunConfig, TrainConfig
-from .dropout import DropoutSwitch
+from .dropout import DropoutSwitch, describe_dropout, dropout_scale
 from .evaluation import EvalResult, autocast, evaluate, loss_fn
 from .fsdp import checkpoint_blocks, shard_model, unsharded_copy
 from .optimizers import make_optimizer
@@ -160,6 +160,13 @@ class Plan:
         warmup = cfg.warmup_steps if steps is None or cfg.warmup_steps < steps else steps // 10
         return cls(tokens_per_step, epoch_tokens, steps, warmup)
 
+    def epochs_at_end(self, state: TrainerState, progress: float) -> float:
+        """The epochs the run will have seen when it stops: the tokens so far over the progress toward its
+        nearest limit (for a time budget, an estimate from the speed so far); before any, the planned steps'."""
+        if state.tokens_seen and progress > 0:
+            return state.tokens_seen / self.epoch_tokens / progress
+        return self.steps * self.tokens_per_step / self.epoch_tokens if self.steps else 0.0
+
     def describe(self, cfg: TrainConfig) -> list[str]:
         limits = []
         if cfg.max_steps:
@@ -263,6 +270,8 @@ def _train(runtime, model_cfg, cfg, tokenizer, data, resume, overwrite, init_sta
     elif cfg.pos_init == "sinusoidal":  # a resumed run loads its trained table over this below
         model.init_sinusoidal_positions()
     model = hooks.prepare(model)
+    dropout = DropoutSwitch(model)
+    dropout_note = describe_dropout(cfg, dropout, plan.epoch_tokens / plan.tokens_per_step)
     if cfg.fsdp:
         if not runtime.distributed:
             raise TrainingError("--fsdp shards the model across processes; launch them with "
@@ -287,10 +296,8 @@ def _train(runtime, model_cfg, cfg, tokenizer, data, resume, overwrite, init_sta
             drop_metrics_after(out_dir, state.step)
         for line in plan.describe(cfg):
             log(line)
-    dropout = DropoutSwitch(model)
-    if cfg.dropout_from_epoch and dropout.any and runtime.is_main:
-        log(f"dropout: off for the first {cfg.dropout_from_epoch:g} epochs "
-            f"({math.ceil(cfg.dropout_from_epoch * plan.epoch_tokens / plan.tokens_per_step):,} steps), then on")
+    if dropout_note and runtime.is_main:
+        log(dropout_note)
     net: torch.nn.Module = model  # FSDP shards the model itself; plain data parallelism wraps it
     if runtime.distributed and not cfg.fsdp:
         net = DistributedDataParallel(model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
@@ -349,7 +356,9 @@ def _train(runtime, model_cfg, cfg, tokenizer, data, resume, overwrite, init_sta
             lr = learning_rate(cfg, state.step, progress, plan.warmup_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            dropout.set(state.tokens_seen >= cfg.dropout_from_epoch * plan.epoch_tokens)
+            state.dropout_scale = dropout_scale(cfg, state.tokens_seen / plan.epoch_tokens,
+                                                plan.epochs_at_end(state, progress), progress, state.dropout_scale)
+            dropout.set(state.dropout_scale)
             batch = next(batches)  # this rank's rows of the global batch: (micro * accum_steps, context)
             x, y = torch.from_numpy(batch.inputs).to(runtime.device), torch.from_numpy(batch.targets).to(runtime.device)
             step_loss = 0.0
