@@ -58,7 +58,7 @@ def test_resume_refuses_a_changed_setting_and_resume_with_overwrite(notes, tmp_p
     assert main(["train", "--data", str(notes), "--out", str(run), "--max-steps", "2", *TINY]) == 0
     before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
     code, _, err = gptlab(capsys, ["train", "--out", str(run), "--resume", "--lr", "0.5"])
-    assert_refused(code, err, r"--lr is 0.5 here and 0.006 in the run; drop it \(a resume may change only")
+    assert_refused(code, err, r"--lr is 0.5 here and 0.008 in the run; drop it \(a resume may change only")
     code, _, err = gptlab(capsys, ["train", "--out", str(run), "--resume", "--overwrite"])
     assert_refused(code, err, r"--resume continues a run and --overwrite replaces it; give one of them")
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
@@ -71,7 +71,7 @@ def test_without_a_limit_ones_own_text_trains_for_one_epoch_and_says_so(notes, t
     steps = -(-5400 // (8 * 16))  # 5,400 training tokens, 128 per step: the step that completes the epoch counts
     assert f"stopped by epochs after {steps} steps" in out
     assert "stop after: 1 epoch (5,400 tokens)" in out and "limits: the default on your own text" in out
-    assert f"cosine to 0.0006 at the end of {steps} steps of 128 tokens" in out
+    assert f"cosine to 0.0008 at the end of {steps} steps of 128 tokens" in out
 
 
 def test_a_step_limit_alone_sets_no_time_budget(notes, tmp_path):
@@ -166,7 +166,7 @@ def test_help_shows_defaults_and_the_nanogpt_names(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "--lr LR peak learning rate (nanoGPT's learning_rate) (default: 0.006)" in text
+    assert "--lr LR peak learning rate (nanoGPT's learning_rate) (default: 0.008)" in text
     assert "n_embd" in text and "the global batch" in text and "0 turns clipping off (default: 1.0)" in text
     assert "--config FILE.toml" in text
 

@@ -24,7 +24,7 @@ RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 
 def test_the_layers_apply_in_order_defaults_then_fine_tuning_then_what_was_given():
     plain = resolve({})
-    assert plain == RunConfig.from_flat(NEW_MODEL_DEFAULTS) and (plain.train.lr, plain.train.stride, plain.train.optimizer) == (6e-3, 1, "muon")
+    assert plain == RunConfig.from_flat(NEW_MODEL_DEFAULTS) and (plain.train.lr, plain.train.stride, plain.train.optimizer) == (8e-3, 1, "muon")
     assert (plain.data.tokenizer, plain.data.merges, plain.train.dropout_double_for_epochs) == ("gpt2", 128, 18.0)
     tuned = resolve({"init": "models/gpt2"})
     assert (tuned.train.lr, tuned.train.stride, tuned.train.warmup_steps, tuned.train.optimizer) == (6e-5, None, 20, "adamw")

@@ -198,9 +198,11 @@ def test_a_run_that_will_see_enough_epochs_doubles_its_dropout_and_a_resumed_run
     # 14 steps of 128 tokens are 0.33 epochs of 5,400: doubled for runs of 0.3 epochs, not for runs of 0.4.
     settings = dict(max_steps=14, eval_interval=5, dropout_from_epoch=0.13)
     run(corpus_data, tmp_path / "single", **settings)
-    capsys.readouterr()
+    assert "step 6: dropout on at 0.1 (the model's)\n" in capsys.readouterr().out
     run(corpus_data, tmp_path / "double", **settings, dropout_double_for_epochs=0.3)
-    assert "then on unless the run is 70% done; at twice the model's rates if the run will see 0.3 epochs or more" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "then on unless the run is 70% done; at twice the model's rates if the run will see 0.3 epochs or more" in out
+    assert "step 6: dropout on at 0.2 (twice the model's, for a run of about 0.3 epochs)\n" in out
     run(corpus_data, tmp_path / "short", **settings, dropout_double_for_epochs=0.4)
     single, double = train_losses(tmp_path / "single"), train_losses(tmp_path / "double")
     assert [double[s] for s in range(1, 7)] == [single[s] for s in range(1, 7)]  # bit for bit until dropout starts
@@ -213,7 +215,9 @@ def test_a_run_that_will_see_enough_epochs_doubles_its_dropout_and_a_resumed_run
         run(corpus_data, tmp_path / "split", **settings, dropout_double_for_epochs=0.3)
     state = json.loads((tmp_path / "split" / "last" / "trainer_state.json").read_text())["trainer"]
     assert state["dropout_scale"] == 2.0
+    capsys.readouterr()
     run(corpus_data, tmp_path / "split", resume=True, **settings, dropout_double_for_epochs=0.3)
+    assert "dropout on" not in capsys.readouterr().out  # said once, when it switched on
     assert train_losses(tmp_path / "split") == double
 
 

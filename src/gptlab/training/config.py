@@ -90,7 +90,7 @@ class TrainConfig:
     # "muon": Muon on the blocks' matrices, AdamW on the rest, one learning rate (training/optimizers.py);
     # "adamw" everywhere. Fine-tuning (--init) uses AdamW.
     optimizer: str = "muon"
-    lr: float = 6e-3
+    lr: float = 8e-3
     min_lr_ratio: float = 0.1  # the schedule ends at lr * min_lr_ratio
     warmup_steps: int = 50
     # After the warmup: "cosine" from lr to the floor over the rest of the run, or "wsd" (warmup-stable-

@@ -65,6 +65,13 @@ def dropout_scale(cfg: TrainConfig, epochs_seen: float, run_epochs: float, progr
     return 2.0 if double_for is not None and run_epochs >= double_for else 1.0
 
 
+def dropout_switch_note(switch: DropoutSwitch, scale: float, run_epochs: float) -> str:
+    """What a run logs when its dropout switches on: the rates it chose, and why."""
+    rates = sorted({rate * scale for _, _, rate in switch.rates if rate})
+    why = f"twice the model's, for a run of about {run_epochs:.1f} epochs" if scale == 2 else "the model's"
+    return f"dropout on at {', '.join(f'{rate:g}' for rate in rates)} ({why})"
+
+
 def describe_dropout(cfg: TrainConfig, switch: DropoutSwitch, steps_per_epoch: float) -> str | None:
     """The log line that says when dropout switches on, or None where nothing changes. Refuses a doubling
     that would take a rate to 1 or past it (every value dropped)."""

@@ -35,7 +35,7 @@ from ..data import Batch, TokenWindows, check_length
 from ..model import GPTModel
 from ..tokenizer import Tokenizer
 from .config import LIMITS, RunConfig, TrainConfig
-from .dropout import DropoutSwitch, describe_dropout, dropout_scale
+from .dropout import DropoutSwitch, describe_dropout, dropout_scale, dropout_switch_note
 from .evaluation import EvalResult, autocast, evaluate, loss_fn
 from .fsdp import checkpoint_blocks, shard_model, unsharded_copy
 from .optimizers import make_optimizer
@@ -356,9 +356,12 @@ def _train(runtime, model_cfg, cfg, tokenizer, data, resume, overwrite, init_sta
             lr = learning_rate(cfg, state.step, progress, plan.warmup_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            state.dropout_scale = dropout_scale(cfg, state.tokens_seen / plan.epoch_tokens,
-                                                plan.epochs_at_end(state, progress), progress, state.dropout_scale)
-            dropout.set(state.dropout_scale)
+            run_epochs = plan.epochs_at_end(state, progress)
+            scale = dropout_scale(cfg, state.tokens_seen / plan.epoch_tokens, run_epochs, progress, state.dropout_scale)
+            if scale and scale != state.dropout_scale and dropout.any and runtime.is_main:
+                say(f"step {state.step}: {dropout_switch_note(dropout, scale, run_epochs)}")
+            state.dropout_scale = scale
+            dropout.set(scale)
             batch = next(batches)  # this rank's rows of the global batch: (micro * accum_steps, context)
             x, y = torch.from_numpy(batch.inputs).to(runtime.device), torch.from_numpy(batch.targets).to(runtime.device)
             step_loss = 0.0
