@@ -5,7 +5,7 @@
    sequences, above all its backward pass, so gptlab.model.causal_attention casts them up on the CPU below
    FLOAT32_ATTENTION_BELOW tokens. Timed: one forward and backward pass on bfloat16 inputs, of the kernel
    in bfloat16 (the baseline), in float32 (cast up and back), and causal_attention (which picks one), at
-       char model    the embedded corpus's default: batch 24, 4 heads of 32, context 128
+       char model    the embedded corpus's default in round 3: batch 24, 4 heads of 32, context 128
        gpt2-mini     benchmarks/train_throughput.py's model: batch 8, 6 heads of 64, context 256
        gpt2 124M     batch 2, 12 heads of 64, context 1024
 2. Muon. torch.optim.Muon (the baseline) orthogonalises one matrix at a time; gptlab's BatchedMuon runs
@@ -14,7 +14,7 @@
 3. Dropout. torch.nn.Dropout (the baseline) draws a Bernoulli sample per value; gptlab.model.Dropout
    compares 16 random bits per value with the rate. Timed: forward and backward at rate 0.1 on the char
    model's bfloat16 activations (24 x 128 x 128), which it drops 9 times per step.
-4. The whole step of `gptlab train`'s default model (gpt2-micro, vocabulary 104, batch 24, context 128,
+4. The whole step of `gptlab train`'s round-3 default model (gpt2-micro, vocabulary 104, batch 24, context 128,
    bf16 autocast, clipping, Muon + AdamW), before (bfloat16 attention kernel, torch's Muon, nn.Dropout:
    the baseline) and now, with dropout off (a run's first 4 epochs) and at 0.1 (after them).
 

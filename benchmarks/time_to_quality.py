@@ -39,7 +39,7 @@ TARGET_BITS_PER_BYTE, TARGET_RATIO = 1.50, 1.10
 NANOGPT_RECIPE = ("--tokenizer char --model gpt2-micro --n-layers 4 --n-heads 4 --emb-dim 128 --context-length 64 "
                   "--batch-size 12 --drop-rate 0 --attn-drop-rate 0 --qkv-bias --tie-embeddings --pos-init gpt2 "
                   "--lr 1e-3 --warmup-steps 100 --min-lr-ratio 0.1 --beta1 0.9 --beta2 0.99 --weight-decay 0.1 "
-                  "--grad-clip 1.0 --dtype float32 --stride 1 --optimizer adamw")
+                  "--grad-clip 1.0 --dtype float32 --stride 1 --optimizer adamw --ema-decay 0")
 
 
 def compressor_bits_per_byte() -> dict[str, float]:

@@ -24,3 +24,4 @@ def test_the_baseline_is_nanogpts_cpu_recipe_setting_for_setting():
     assert (train.optimizer, train.lr, train.warmup_steps, train.min_lr_ratio, train.schedule) == ("adamw", 1e-3, 100, 0.1, "cosine")
     assert (train.beta1, train.beta2, train.weight_decay, train.grad_clip) == (0.9, 0.99, 0.1, 1.0)
     assert (train.batch_size, train.stride, train.dtype, train.pos_init, train.compile) == (12, 1, "float32", "gpt2", False)
+    assert train.ema_decay == 0.0  # nanoGPT evaluates the weights themselves

@@ -26,9 +26,11 @@ def test_the_layers_apply_in_order_defaults_then_fine_tuning_then_what_was_given
     plain = resolve({})
     assert plain == RunConfig.from_flat(NEW_MODEL_DEFAULTS) and (plain.train.lr, plain.train.stride, plain.train.optimizer) == (8e-3, 1, "muon")
     assert (plain.data.tokenizer, plain.data.merges, plain.train.dropout_double_for_epochs) == ("gpt2", 128, 18.0)
+    assert plain.train.ema_decay == 0.99
     tuned = resolve({"init": "models/gpt2"})
     assert (tuned.train.lr, tuned.train.stride, tuned.train.warmup_steps, tuned.train.optimizer) == (6e-5, None, 20, "adamw")
     assert tuned.train.dropout_double_for_epochs is None and tuned.data.merges is None  # the checkpoint's tokenizer
+    assert tuned.train.ema_decay == 0.0
     assert resolve({"init": "models/gpt2", "lr": 1e-4}).train.lr == 1e-4  # what was given wins
 
 
@@ -44,17 +46,21 @@ def test_a_new_model_gets_the_128_merge_tokenizer_unless_one_is_named(given, tok
 
 
 def test_a_run_toml_written_before_the_new_model_defaults_resumes_as_it_ran(tmp_path):
-    old = RunConfig.from_flat({"tokenizer": "char"})  # what run.toml held: no merges, no doubling
-    (tmp_path / "run.toml").write_text(old.to_toml())
+    old = RunConfig.from_flat({"tokenizer": "char"})  # what run.toml held: no merges, no doubling, no average
+    text = old.to_toml()
+    (tmp_path / "run.toml").write_text("".join(line for line in text.splitlines(keepends=True)
+                                               if not line.startswith("ema_decay")))  # a key it did not have
     saved = RunConfig.from_flat(read_toml(tmp_path / "run.toml"))
-    assert saved == old and saved.train.dropout_double_for_epochs is None
+    assert saved == old and saved.train.dropout_double_for_epochs is None and saved.train.ema_decay == 0.0
     assert resume_settings(saved, {"max_steps": 9}).data.tokenizer == "char"
 
 
-def test_an_fsdp_run_trains_with_adamw_unless_told_muon_which_is_refused():
-    assert resolve({"fsdp": True}).train.optimizer == "adamw"  # Muon needs whole matrices
+def test_an_fsdp_run_trains_with_adamw_and_no_average_unless_told_otherwise_which_is_refused():
+    assert (resolve({"fsdp": True}).train.optimizer, resolve({"fsdp": True}).train.ema_decay) == ("adamw", 0.0)
     with pytest.raises(ConfigError, match="--optimizer muon needs whole matrices, which --fsdp shards"):
         resolve({"fsdp": True, "optimizer": "muon"})
+    with pytest.raises(ConfigError, match="--ema-decay keeps whole weights, which --fsdp shards"):
+        resolve({"fsdp": True, "ema_decay": 0.99})
 
 
 def test_toml_round_trips_every_setting(tmp_path):
@@ -99,6 +105,7 @@ def test_the_shipped_recipes_parse_and_the_embedded_recipe_is_the_default():
     assert recipes["embedded"] == with_default_limit(resolve({}))[0]
     gpt2 = recipes["gpt2-124m"]
     assert (gpt2.train.lr, gpt2.train.beta2, gpt2.train.weight_decay, gpt2.train.min_lr_ratio) == (6e-4, 0.95, 0.1, 0.1)
+    assert gpt2.train.ema_decay == 0.0
     assert gpt2.train.batch_size * 1024 == 524_288 and gpt2.data.tokenizer == "gpt2" and gpt2.train.stride == 1024
     tune = recipes["gpt2-finetune"]
     assert tune.model.init and tune.train.stride is None and 3e-5 <= tune.train.lr <= 1e-4
@@ -121,7 +128,7 @@ def test_a_resume_may_change_limits_and_reporting_but_nothing_else():
     assert resumed.data.data == ["notes.txt"] and resumed.train.lr == 1e-3
     for name, value, shown in [("lr", 3e-3, "0.003 here and 0.001 in the run"),
                                ("data", ["other.txt"], "['other.txt'] here and ['notes.txt'] in the run"),
-                               ("batch_size", 64, "64 here and 24 in the run")]:
+                               ("batch_size", 64, "64 here and 16 in the run")]:
         with pytest.raises(ConfigError, match=re.escape(f"--{name.replace('_', '-')} is {shown}; drop it")):
             resume_settings(saved, {name: value})
 

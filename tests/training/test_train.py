@@ -25,10 +25,7 @@ from gptlab.checkpoint import load_gptlab_checkpoint
 from gptlab.config import GPTConfig
 from gptlab.data import (
     DataError,
-    build_token_cache,
-    build_tokenizer,
     default_corpus_text,
-    read_corpus,
     split_text,
 )
 from gptlab.model import GPTModel
@@ -52,16 +49,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def corpus_data(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("corpus")
-    (folder / "text.txt").write_text(TEXT, encoding="utf-8")
-    corpus = read_corpus([folder / "text.txt"])
-    tokenizer = build_tokenizer("char", corpus)
-    cache = build_token_cache(corpus, tokenizer, folder / "cache", progress=False)
-    return tokenizer, TrainingData(cache.train_tokens, cache.val_tokens, cache.val_target_bytes)
 
 
 def model_config(tokenizer) -> GPTConfig:

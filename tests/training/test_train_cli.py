@@ -54,13 +54,6 @@ def folder_contents(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-@pytest.fixture
-def corpus(tmp_path) -> Path:
-    path = tmp_path / "corpus.txt"
-    path.write_text(TEXT, encoding="utf-8")
-    return path
-
-
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory) -> tuple[Path, Path]:
     """A 4-step run of the tiny model, made once; tests that change it work on a copy."""
@@ -256,9 +249,10 @@ def torchrun(argv: list[str]) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 def test_fsdp_trains_like_one_process_and_resumes_exactly(corpus, tmp_path, capsys):
     # A constant learning rate, so that a run stopped at step 2 and resumed to 4 follows the same schedule;
-    # AdamW named, since it is what an --fsdp run defaults to and the one-process run must match it.
+    # AdamW and no average named, since that is what an --fsdp run defaults to and the one-process run must
+    # match it.
     options = ("--drop-rate", "0", "--micro-batch-size", "2", "--warmup-steps", "0", "--min-lr-ratio", "1",
-               "--optimizer", "adamw", "--max-steps", "4")
+               "--optimizer", "adamw", "--ema-decay", "0", "--max-steps", "4")
     whole = torchrun(train_argv(corpus, tmp_path / "whole", tmp_path / "cache", *options, "--fsdp"))
     assert whole.returncode == 0, whole.stderr[-4000:]
     code, _, err = gptlab(capsys, train_argv(corpus, tmp_path / "one", tmp_path / "cache", *options))

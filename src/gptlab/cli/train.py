@@ -84,6 +84,8 @@ SETTINGS: list[tuple[str, str, dict]] = [
     ("train", "beta1", dict(type=float, help="AdamW beta1")),
     ("train", "beta2", dict(type=float, help="AdamW beta2")),
     ("train", "grad_clip", dict(type=float, help="clip the gradient norm to this; 0 turns clipping off")),
+    ("train", "ema_decay", dict(type=float, help="evaluate and save a moving average of the weights with this decay "
+                                "per step; 0 turns it off (a new model: 0.99; 0 with --init)")),
     ("train", "pos_init", dict(choices=["gpt2", "sinusoidal"], help="a new model's position table")),
     ("train", "max_steps", dict(type=int, help="stop after this many optimizer steps (nanoGPT's max_iters)")),
     ("train", "max_tokens", dict(type=int, help="stop after this many training tokens")),

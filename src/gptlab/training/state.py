@@ -8,6 +8,8 @@ gptlab.load_model) plus
     trainer_state.json     step, tokens seen, position in the epoch order, time spent, best validation loss,
                            the dropout multiple in force
     run.toml               the run's settings (training/config.py), which `--resume` continues with
+    training_weights.safetensors  with --ema-decay only: the weights the optimizer moves, while the model
+                           files hold their average (training/averaging.py)
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from ..checkpoint import is_gptlab_checkpoint, restore_interrupted_swap, with_tied_head, write_folder_atomically, write_model_files
 from ..model import GPTModel
 from ..tokenizer import Tokenizer
+from .averaging import WeightAverage
 from .config import RUN_FILE, RunConfig, read_toml, resolve
 from .fsdp import is_sharded, load_sharded, save_sharded
 from .runtime import TrainingError
@@ -74,9 +77,10 @@ def load_optimizer_tensors(optimizer: torch.optim.Optimizer, names: dict[torch.n
 
 def save_checkpoint(path: Path, model: GPTModel, tokenizer: Tokenizer, optimizer: torch.optim.Optimizer,
                     state: TrainerState, run: RunConfig | None = None, write_model=write_model_files,
-                    full_model: GPTModel | None = None) -> None:
+                    full_model: GPTModel | None = None, average: WeightAverage | None = None) -> None:
     """`write_model(folder, model, tokenizer, extra)` writes the model's own files (config.json and
-    model.safetensors by default; fine-tuning may write adapters instead).
+    model.safetensors by default; fine-tuning may write adapters instead). With `average` in the model,
+    they hold the average and the training weights go beside them.
 
     With `full_model` (an --fsdp run: `model` is sharded, full_model its unsharded copy on rank 0, None on
     the others), every rank calls this: the weights and AdamW state go to shards/ through
@@ -91,6 +95,8 @@ def save_checkpoint(path: Path, model: GPTModel, tokenizer: Tokenizer, optimizer
         (folder / STATE_FILE).write_text(json.dumps({"trainer": fields}, indent=2) + "\n")
         if run is not None:
             (folder / RUN_FILE).write_text(run.to_toml())
+        if average is not None:
+            average.save(folder)
 
     if is_sharded(model):
         save_sharded(path, model, optimizer, write_main=lambda folder: write_rest(folder, full_model))

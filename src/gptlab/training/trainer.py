@@ -1,5 +1,6 @@
 """The training loop: Muon or AdamW (optimizers.py), warmup then cosine or WSD, gradient accumulation, bf16
-autocast, evaluation, checkpoints with exact resume, and DistributedDataParallel under `torchrun`.
+autocast, an average of the weights (averaging.py), evaluation, checkpoints with exact resume, and
+DistributedDataParallel under `torchrun`.
 
 One process or many run the same code. The global batch (`batch_size` sequences per optimizer step)
 is fixed by the settings; each of the `world` processes computes `micro_batch_size` sequences per
@@ -34,6 +35,7 @@ from ..config import GPTConfig
 from ..data import Batch, TokenWindows, check_length
 from ..model import GPTModel
 from ..tokenizer import Tokenizer
+from .averaging import WeightAverage
 from .config import LIMITS, RunConfig, TrainConfig
 from .dropout import DropoutSwitch, describe_dropout, dropout_scale, dropout_switch_note
 from .evaluation import EvalResult, autocast, evaluate, loss_fn
@@ -183,6 +185,8 @@ class Plan:
                  f"schedule: lr {cfg.lr:g}, linear warmup over {self.warmup_steps} steps, then "
                  + (f"constant until the last {cfg.cooldown_fraction:.0%}, then a line" if cfg.schedule == "wsd" else "cosine")
                  + f" to {cfg.lr * cfg.min_lr_ratio:g} at the end of {length}"]
+        if cfg.ema_decay:
+            lines.append(f"weights: evaluated and saved as their moving average (--ema-decay {cfg.ema_decay:g})")
         if self.warmup_steps != cfg.warmup_steps:
             lines.append(f"warning: --warmup-steps {cfg.warmup_steps} is longer than the run's {self.steps} steps; "
                          f"warming up over {self.warmup_steps} instead")
@@ -285,6 +289,9 @@ def _train(runtime, model_cfg, cfg, tokenizer, data, resume, overwrite, init_sta
         state = load_trainer_state(out_dir / "last", model, optimizer, hooks.read_model)
         if len(state.rng_states) == runtime.world:
             set_rng_state(runtime, state.rng_states[runtime.rank])
+    average = WeightAverage(model, cfg.ema_decay) if cfg.ema_decay else None
+    if average and resume:
+        average.resume(out_dir / "last")
     if runtime.is_main:
         make_out_dir(out_dir)
         (out_dir / RUN_MARKER).write_text(json.dumps({"format": "gptlab-run"}) + "\n")
@@ -312,6 +319,10 @@ def _train(runtime, model_cfg, cfg, tokenizer, data, resume, overwrite, init_sta
             bar.write(line, file=sys.stdout)
 
     def evaluate_and_save(final: bool) -> EvalResult:
+        with average.in_model() if average else nullcontext():  # the average is what a run reports and saves
+            return evaluate_and_save_weights(final)
+
+    def evaluate_and_save_weights(final: bool) -> EvalResult:
         nonlocal last_eval
         result = source.evaluate(net, micro, runtime, cfg.dtype)
         if not math.isfinite(result.loss):  # the last step broke the weights: keep them out of the checkpoints
@@ -327,7 +338,8 @@ def _train(runtime, model_cfg, cfg, tokenizer, data, resume, overwrite, init_sta
             record_metrics(out_dir, {"step": state.step, "tokens": state.tokens_seen,
                                      **{f"val_{name}": value for name, value in result.metrics().items()}})
             if not cfg.fsdp:
-                save_checkpoint(out_dir / "last", model, tokenizer, optimizer, state, run, hooks.write_model)
+                save_checkpoint(out_dir / "last", model, tokenizer, optimizer, state, run, hooks.write_model,
+                                average=average)
             if improved:
                 write_folder_atomically(out_dir / "best", lambda folder: link_or_copy_folder(out_dir / "last", folder))
             plot_losses(out_dir)
@@ -386,6 +398,8 @@ def _train(runtime, model_cfg, cfg, tokenizer, data, resume, overwrite, init_sta
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             state.step += 1
+            if average:
+                average.update(state.step)
             state.tokens_seen += plan.tokens_per_step
             state.epoch, state.windows_in_epoch = batch.resume_at
             state.elapsed = time.perf_counter() - start
