@@ -192,7 +192,8 @@ class Sampler:
             if any(not 0 <= token < self.size for token in options.logit_bias):
                 raise ValueError(f"logit-bias token ids must be between 0 and {self.size - 1} (the vocabulary)")
             self.bias = torch.zeros(self.size, device=device)
-            self.bias[list(options.logit_bias)] = torch.tensor(list(options.logit_bias.values()), device=device)
+            self.bias[list(options.logit_bias)] = torch.tensor(list(options.logit_bias.values()), dtype=torch.float32,
+                                                               device=device)
 
     def choose(self, logits: torch.Tensor) -> tuple[torch.Tensor, list[Token]]:
         """(B, V) float32 logits → the next ids (B,) and each row's Token."""

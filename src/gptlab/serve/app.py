@@ -6,7 +6,7 @@
     GET  /health                503 while the model loads, once shutting down, or if the decoding loop is dead
                                 or wedged; else 200
     GET  /metrics               Prometheus' text format (metrics.py)
-    POST /tokenize, /detokenize as llama.cpp's server has them
+    POST /tokenize, /detokenize as llama.cpp's and vLLM's servers have them; GET /tokenizer_info as vLLM's
     GET  /                      the playground page (HEAD too)
 
 One model is served, so the `model` a request names is not checked (as llama-server does): every answer
@@ -28,6 +28,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Res
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..finetune.templates import chat_prompt_ids
+from ..tokenizer import EOT_TEXT
 from .answers import Chat, Completion, Run, event_stream, unless_disconnected
 from .checks import (
     chat_messages,
@@ -113,14 +114,27 @@ def create_app(state: ServerState, allowed_hosts: frozenset[str] | None = None, 
 
     @app.post("/tokenize", dependencies=protected)
     def tokenize(body: TokenizeRequest) -> dict:
+        """The ids of a text; `<|endoftext|>` in it is that token, as Hugging Face tokenizers read it."""
         state.ready()
-        return {"tokens": state.tokenizer.encode(body.content)}
+        if (body.content is None) == (body.prompt is None):
+            raise APIError(400, "give the text as exactly one of content (llama.cpp's) or prompt (vLLM's)", param="content")
+        tokens = state.tokenizer.encode(body.content if body.content is not None else body.prompt, allow_special=True)
+        return {"tokens": tokens, "count": len(tokens), "max_model_len": state.context_length}
 
     @app.post("/detokenize", dependencies=protected)
     def detokenize(body: DetokenizeRequest) -> dict:
         state.ready()
         check_ids(state, body.tokens, "tokens")
-        return {"content": state.tokenizer.decode(body.tokens)}
+        text = state.tokenizer.decode(body.tokens)
+        return {"content": text, "prompt": text}  # llama.cpp's and vLLM's names
+
+    @app.get("/tokenizer_info", dependencies=protected)
+    def tokenizer_info() -> dict:
+        """vLLM's: what lm-eval's remote tokenizer reads, so that `lm_eval --model local-completions` tokenizes with
+        the served model's own tokenizer and needs no tokenizer files."""
+        state.ready()
+        return {"eos_token": EOT_TEXT, "bos_token": None, "pad_token": None, "model_max_length": state.context_length,
+                "vocab_size": state.tokenizer.vocab_size, "tokenizer_class": type(state.tokenizer).__name__}
 
     @app.post("/v1/completions", dependencies=protected)
     async def completions(body: CompletionRequest, request: Request) -> Response:

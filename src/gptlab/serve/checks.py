@@ -105,11 +105,13 @@ def chat_messages(messages: list[ChatMessage]) -> list[dict]:
     A part that is not text, and a tool or function turn (GPT-2's templates have none), is a 400 naming it."""
     result = []
     for index, message in enumerate(messages):
-        if message.role not in CHAT_ROLES:
-            raise APIError(400, f"messages[{index}] has role {message.role!r}: gptlab's chat templates have no tool or "
-                           "function turns; send system (or developer), user and assistant messages",
-                           param=f"messages[{index}].role")
+        if message.role not in CHAT_ROLES or message.tool_calls:
+            what = f"has role {message.role!r}" if message.role not in CHAT_ROLES else "calls tools"
+            raise APIError(400, f"messages[{index}] {what}: gptlab's chat templates have no tool or function turns; "
+                           "send system (or developer), user and assistant messages", param=f"messages[{index}].role")
         content = message.content
+        if content is None:
+            raise APIError(400, f"messages[{index}] has no content", param=f"messages[{index}].content")
         if not isinstance(content, str):
             texts = []
             for part_index, part in enumerate(content):

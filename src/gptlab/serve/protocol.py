@@ -62,8 +62,10 @@ class CompletionRequest(SamplingRequest):
 class ChatMessage(Strict):
     # developer is OpenAI's newer name for system; tool and function turns are refused by the route, naming them
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
-    content: str | list[dict]  # a string, or OpenAI's parts: [{"type": "text", "text": ...}, ...]
+    content: str | list[dict] | None = None  # a string, or OpenAI's parts: [{"type": "text", "text": ...}, ...]
     name: str | None = None
+    tool_call_id: str | None = None  # read so that a tool turn is refused for what it is (checks.chat_messages)
+    tool_calls: list | None = None
 
 
 class ChatRequest(SamplingRequest):
@@ -78,7 +80,12 @@ class ChatRequest(SamplingRequest):
 
 
 class TokenizeRequest(Strict):
-    content: str
+    """llama.cpp's body ({"content"}) or vLLM's ({"prompt", "add_special_tokens"}, which lm-eval's remote tokenizer
+    sends); GPT-2's tokenizers add no special tokens, so add_special_tokens changes nothing."""
+
+    content: str | None = None
+    prompt: str | None = None
+    add_special_tokens: bool = False
 
 
 class DetokenizeRequest(Strict):
