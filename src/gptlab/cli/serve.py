@@ -32,7 +32,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
                         max_batch=args.max_batch, max_queue=args.max_queue,
                         allowed_hosts=tuple(args.allowed_hosts or ()), allowed_origins=tuple(args.allowed_origins or ()),
                         header_timeout=args.header_timeout, body_timeout=args.body_timeout,
-                        idle_timeout=args.idle_timeout, max_connections=args.max_connections))
+                        idle_timeout=args.idle_timeout, max_connections=args.max_connections,
+                        wedged_after=args.wedged_after))
 
 
 def add_parsers(commands) -> None:
@@ -63,4 +64,6 @@ def add_parsers(commands) -> None:
                         "(default 5)")
     parser.add_argument("--max-connections", type=int, default=256, help="open connections at once; more get 503 "
                         "(default 256)")
+    parser.add_argument("--wedged-after", type=float, default=60.0, help="seconds without progress, with work to do, "
+                        "before /health answers 503 'wedged' (default 60)")
     parser.set_defaults(run=cmd_serve)

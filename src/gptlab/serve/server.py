@@ -58,8 +58,8 @@ class ServeSettings:
             raise ValueError(f"--quantize uses CPU kernels; add --device cpu (not {device.type}), or drop --quantize")
         if self.max_batch < 1 or self.max_queue < 0:
             raise ValueError("--max-batch must be >= 1 and --max-queue >= 0")
-        if min(self.header_timeout, self.body_timeout, self.idle_timeout) <= 0 or self.max_connections < 1:
-            raise ValueError("--header-timeout, --body-timeout and --idle-timeout must be positive, and "
+        if min(self.header_timeout, self.body_timeout, self.idle_timeout, self.wedged_after) <= 0 or self.max_connections < 1:
+            raise ValueError("--header-timeout, --body-timeout, --idle-timeout and --wedged-after must be positive, and "
                              "--max-connections at least 1")
 
     @property
