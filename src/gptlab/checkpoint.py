@@ -59,6 +59,7 @@ def write_folder_atomically(path: Path, write: Callable[[Path], None]) -> None:
     try:
         write(tmp)
         apply_umask(tmp)
+        fsync_tree(tmp)
         if path.exists():
             shutil.rmtree(old, ignore_errors=True)
             os.replace(path, old)
@@ -66,6 +67,7 @@ def write_folder_atomically(path: Path, write: Callable[[Path], None]) -> None:
             shutil.rmtree(old)
         else:
             os.replace(tmp, path)
+        fsync_path(path.parent)  # the renames themselves
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         restore_interrupted_swap(path)
@@ -89,9 +91,32 @@ def apply_umask(folder: Path) -> None:
 
 
 def restore_interrupted_swap(path: Path) -> None:
+    """Put back the previous folder that a swap interrupted between its renames left at `.NAME.old`. Safe
+    when several processes (the ranks of one run) do it at once: the one that loses the race finds it done."""
     old = path.with_name(f".{path.name}.old")
     if not path.exists() and old.is_dir():
-        os.replace(old, path)
+        try:
+            os.replace(old, path)
+        except FileNotFoundError:  # another process renamed it first
+            pass
+
+
+def fsync_tree(folder: Path) -> None:
+    """Flush every file under `folder`, and the folder itself, to the disk: renamed into place afterwards,
+    a checkpoint is whole after a power cut, not a set of empty files."""
+    for path in sorted(folder.rglob("*"), reverse=True):
+        fsync_path(path)
+    fsync_path(folder)
+
+
+def fsync_path(path: Path) -> None:
+    if os.name == "nt" and path.is_dir():
+        return  # Windows cannot open a folder to flush it; its renames are durable as they are
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def write_model_files(folder: Path, model: GPTModel, tokenizer: Tokenizer, extra: dict | None = None) -> None:

@@ -1,6 +1,9 @@
 """Which files a corpus reads (data/files.py): text by content, not by suffix; include/exclude patterns;
 what was skipped and why."""
 
+import bz2
+import gzip
+import lzma
 import os
 
 import pytest
@@ -40,7 +43,8 @@ def test_a_folder_gives_every_text_file_whatever_its_name_and_says_what_it_skipp
     assert corpus.hidden == 2
     n_bytes = sum(len(doc.read_text().encode("utf-8")) for doc in corpus.documents)
     assert corpus.summary() == (
-        f"read 3 documents ({n_bytes:,} bytes); skipped 4 files: 1 not UTF-8, 1 binary, "
+        f"read 3 documents ({n_bytes:,} bytes: {tmp_path / 'BOOK'}, {tmp_path / 'notes.log'}, "
+        f"{tmp_path / 'src' / 'Makefile'}); skipped 4 files: 1 not UTF-8, 1 binary, "
         "1 not a regular file, 1 empty; left out 2 hidden files or folders"
     )
 
@@ -122,3 +126,35 @@ def test_bad_patterns_and_nothing_left_are_one_line_errors(tree):
     os.mkfifo(tree / "pipe")
     with pytest.raises(DataError, match=r"pipe is not a regular file; name text files"):
         read_corpus([tree / "pipe"])
+
+
+def test_links_never_read_a_text_twice_and_are_said(tmp_path):
+    write(tmp_path / "notes" / "a.txt", "alpha\n")
+    write(tmp_path / "elsewhere" / "b.txt", "beta\n")
+    os.symlink(tmp_path / "notes" / "a.txt", tmp_path / "notes" / "a-again.txt")  # found before a.txt
+    os.symlink(tmp_path / "elsewhere", tmp_path / "notes" / "linked-folder")
+    corpus = read_corpus([tmp_path / "notes", tmp_path / "notes" / "a.txt"])
+    assert corpus.text() == "alpha\n"  # once, whichever name is met first
+    assert corpus.skipped == (
+        (str(tmp_path / "notes" / "linked-folder"), "link: to a folder, not followed (name the folder itself to read it)"),
+        (str(tmp_path / "notes" / "a.txt"), f"duplicate: the same file as {tmp_path / 'notes' / 'a-again.txt'}"),
+    )
+    assert "skipped 2 files: 1 link, 1 duplicate" in corpus.summary()
+
+
+@pytest.mark.parametrize("kind, compress", [("gzip", gzip.compress), ("bzip2", bz2.compress), ("xz", lzma.compress)])
+def test_a_compressed_file_is_named_as_such(tmp_path, kind, compress):
+    write(tmp_path / "folder" / "corpus.txt.gz", compress(b"some text\n" * 100))
+    write(tmp_path / "folder" / "plain.txt", "plain\n")
+    corpus = read_corpus([tmp_path / "folder"])
+    assert corpus.skipped == ((str(tmp_path / "folder" / "corpus.txt.gz"), f"compressed: {kind} (decompress it to read it)"),)
+    with pytest.raises(DataError, match=rf"corpus.txt.gz is {kind}-compressed, not text; decompress it first"):
+        read_corpus([tmp_path / "folder" / "corpus.txt.gz"])
+
+
+def test_a_summary_counts_many_documents_by_extension(tmp_path):
+    for index in range(4):
+        write(tmp_path / f"note-{index}.md", "x\n")
+    write(tmp_path / "a.txt", "y\n")
+    write(tmp_path / "README", "z\n")
+    assert read_corpus([tmp_path]).summary() == "read 6 documents (12 bytes: 4 .md, 1 without extension, 1 .txt)"

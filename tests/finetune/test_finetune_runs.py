@@ -150,8 +150,12 @@ def test_an_interrupted_finetune_resumes_exactly(tiny_base, tmp_path, monkeypatc
     code, out, _ = gptlab(capsys, [*argv, "--out", str(tmp_path / "parts")])
     assert code == 0 and "stopped by Ctrl-C at step 4" in out
     monkeypatch.undo()
-    code, _, err = gptlab(capsys, ["finetune", task, "--out", str(tmp_path / "parts"), "--resume", "--no-progress"])
+    for log in ["metrics.jsonl"] + ["samples.jsonl"] * (task == "instruct"):  # as if it crashed mid-write
+        with open(tmp_path / "parts" / log, "a") as file:
+            file.write('{"step": 5, "trai')
+    code, out, err = gptlab(capsys, ["finetune", task, "--out", str(tmp_path / "parts"), "--resume", "--no-progress"])
     assert code == 0, err
+    assert f"{tmp_path / 'parts' / 'metrics.jsonl'}: dropped its last line, cut short by the crash" in out
     whole, parts = train_losses(tmp_path / "whole"), train_losses(tmp_path / "parts")
     assert list(parts) == [1, 2, 3, 4, 5, 6] and list(parts.values()) == list(whole.values())
     assert validation_losses(tmp_path / "parts") == validation_losses(tmp_path / "whole")

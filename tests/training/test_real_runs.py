@@ -213,3 +213,55 @@ def test_best_shares_the_files_of_last_instead_of_copying_them(notes, tmp_path):
     for name in ("model.safetensors", "optimizer.safetensors", "config.json"):
         assert os.stat(run / "best" / name).st_ino == os.stat(run / "last" / name).st_ino
     torch.testing.assert_close(api.load_model(run / "best")[0].state_dict(), api.load_model(run / "last")[0].state_dict())
+
+
+@pytest.fixture
+def notes_folder(tmp_path, monkeypatch) -> Path:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
+    folder = tmp_path / "notes"
+    folder.mkdir()
+    for index in range(3):
+        (folder / f"note-{index}.txt").write_text(TEXT[index * 2000:(index + 1) * 2000] * 2, encoding="utf-8")
+    return folder
+
+
+def test_a_resume_or_eval_refuses_data_that_changed_and_records_an_accepted_change(notes_folder, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(notes_folder), "--out", str(run), "--max-steps", "2", *TINY]) == 0
+    record = json.loads((run / "data.json").read_text())
+    assert [Path(source["path"]).name for source in record["sources"]] == ["note-0.txt", "note-1.txt", "note-2.txt"]
+    assert record["sources"][0]["bytes"] == len((notes_folder / "note-0.txt").read_bytes()) and not record["changes"]
+    code, out, _ = gptlab(capsys, ["eval", "--checkpoint", str(run / "best")])
+    assert code == 0 and "changed" not in out
+    (notes_folder / "note-3.txt").write_text(TEXT[1000:3000], encoding="utf-8")  # added
+    (notes_folder / "note-0.txt").write_text(TEXT[:2000] * 2 + "!", encoding="utf-8")  # modified
+    (notes_folder / "note-2.txt").unlink()  # removed
+    before = folder_bytes(run)
+    code, _, err = gptlab(capsys, ["train", "--out", str(run), "--resume", "--max-steps", "4"])
+    assert_refused(code, err, r"the run's data changed since it started \(added \S*note-3.txt; removed \S*note-2.txt; "
+                              r"modified \S*note-0.txt\): restore it, or pass --accept-data-change")
+    assert folder_bytes(run) == before  # nothing lost, nothing written
+    code, _, err = gptlab(capsys, ["eval", "--checkpoint", str(run / "best")])
+    assert code == 2 and "--accept-data-change to score its held-out split" in err and err.count("\n") == 1
+    code, out, _ = gptlab(capsys, ["eval", "--checkpoint", str(run / "best"), "--accept-data-change"])
+    assert code == 0 and "the run's data changed since it started (added" in out
+    code, out, err = gptlab(capsys, ["train", "--out", str(run), "--resume", "--max-steps", "4", "--accept-data-change"])
+    assert code == 0, err
+    assert "going on with it as --accept-data-change asks" in out and "stopped by max_steps after 4 steps" in out
+    record = json.loads((run / "data.json").read_text())
+    assert [Path(source["path"]).name for source in record["sources"]] == ["note-0.txt", "note-1.txt", "note-3.txt"]
+    assert [change["what"] for change in record["changes"]] == ["resume"]
+    assert record["changes"][0]["changes"][0].startswith("added")
+    code, out, _ = gptlab(capsys, ["eval", "--checkpoint", str(run / "best")])  # the record now names today's data
+    assert code == 0 and "changed" not in out
+
+
+def test_accept_data_change_without_resume_is_refused(notes_folder, tmp_path, capsys):
+    code, _, err = gptlab(capsys, ["train", "--data", str(notes_folder), "--out", str(tmp_path / "run"), "--max-steps",
+                                   "2", "--accept-data-change", *TINY])
+    assert_refused(code, err, r"--accept-data-change lets a resumed run go on with changed data; add --resume")
+    assert not (tmp_path / "run").exists()
+
+
+def folder_bytes(folder: Path) -> dict[str, bytes]:
+    return {str(path.relative_to(folder)): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}

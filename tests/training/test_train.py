@@ -5,6 +5,7 @@ Every run is a tiny model (2 layers, 32 features, 16 tokens of context) on 6,000
 CPython's docs with a character-level tokenizer, so a run takes well under a second.
 """
 
+import os
 import json
 import math
 import pickle
@@ -747,3 +748,34 @@ def test_evaluate_equals_the_explicit_sum_over_every_prediction(corpus_data):
     # The denominator: the UTF-8 bytes of the validation text less its first character, which is only context.
     val_text = split_text(TEXT)[1]
     assert data.val_bytes == len(val_text[1:].encode("utf-8")) > len(val_text) - 1
+
+
+def test_checkpoint_files_reach_the_disk_before_they_are_renamed_into_place(tmp_path, monkeypatch):
+    """Every file of a new checkpoint folder, the folder, and then its parent (the renames) are fsync'd."""
+    from gptlab.checkpoint import save_model
+    from gptlab.tokenizer import CharTokenizer
+
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real_fsync(fd)))
+    save_model(tmp_path / "model", GPTModel(GPTConfig(vocab_size=8, context_length=8, emb_dim=8, n_heads=2, n_layers=1)), CharTokenizer("abcdefg"))
+    names = [Path(path).name for path in synced]
+    assert names[:2] in (["model.safetensors", "config.json"], ["config.json", "model.safetensors"])
+    assert names[2].startswith(".model.tmp-") and synced[3] == str(tmp_path)
+
+
+def test_an_interrupted_swap_is_restored_once_when_ranks_race(tmp_path, monkeypatch):
+    """All ranks restore `.last.old` before the process group exists; the ones that lose the race find it done."""
+    from gptlab.checkpoint import restore_interrupted_swap
+
+    (tmp_path / ".last.old").mkdir()
+    (tmp_path / ".last.old" / "config.json").write_text("{}")
+    real_replace = os.replace
+
+    def another_rank_first(source, target):
+        real_replace(source, target)  # the winner's rename, then this rank's own, which finds nothing
+        real_replace(source, target)
+
+    monkeypatch.setattr(os, "replace", another_rank_first)
+    restore_interrupted_swap(tmp_path / "last")
+    assert (tmp_path / "last" / "config.json").read_text() == "{}" and not (tmp_path / ".last.old").exists()

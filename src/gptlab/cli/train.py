@@ -126,7 +126,8 @@ def add_settings(parser: argparse.ArgumentParser, only: set[str] | None = None) 
 
 def cmd_train(args: argparse.Namespace) -> None:
     options = {name: value for name, value in vars(args).items() if name in DEFAULTS}
-    result = train(args.config, resume=args.resume, overwrite=args.overwrite, **options)
+    result = train(args.config, resume=args.resume, overwrite=args.overwrite,
+                   accept_data_change=args.accept_data_change, **options)
     if not result.is_main:
         return
     out = result.out_dir
@@ -140,7 +141,8 @@ def cmd_train(args: argparse.Namespace) -> None:
 def cmd_eval(args: argparse.Namespace) -> None:
     report = evaluate(args.checkpoint, args.data, batch_size=args.batch_size, device=args.device, dtype=args.dtype,
                       quantize=args.quantize, include=args.include or [], exclude=args.exclude or [],
-                      invalid_utf8=args.invalid_utf8, cache_dir=args.cache_dir)
+                      invalid_utf8=args.invalid_utf8, cache_dir=args.cache_dir,
+                      accept_data_change=args.accept_data_change)
     print(f"{args.checkpoint} on {report.scored}:")
     print(report.result.format())
 
@@ -176,6 +178,8 @@ def add_parsers(commands) -> None:
                     "typed here override it")
     tr.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
     tr.add_argument("--overwrite", action="store_true", help="replace an earlier gptlab run in --out")
+    tr.add_argument("--accept-data-change", action="store_true", help="with --resume: go on although files of the "
+                    "run's data were added, removed or modified since it started (recorded in the run's data.json)")
     add_settings(tr)
     tr.set_defaults(run=cmd_train, config=None)
 
@@ -190,6 +194,8 @@ def add_parsers(commands) -> None:
     ev.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda or mps")
     ev.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="weights' dtype")
     ev.add_argument("--quantize", choices=["int8", "int4"], help="quantize the linear layers' weights (CPU)")
+    ev.add_argument("--accept-data-change", action="store_true", help="without --data: score the run's held-out "
+                    "split although its data changed since the run started")
     ev.add_argument("--cache-dir", help="token cache folder (default: under ~/.cache/gptlab/tokens)")
     ev.add_argument("--replace-invalid-utf8", dest="invalid_utf8", action="store_const", const="replace",
                     default="strict", help="read invalid UTF-8 bytes as U+FFFD instead of failing")

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import codecs
 import os
+from collections import Counter
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -35,6 +36,7 @@ from .files import FileSearch, check_patterns, summarise
 TRAIN_FRACTION = 0.9
 EMBEDDED_PATH = "<pydoc_data.topics>"
 READ_BLOCK_BYTES = 1 << 20
+NAMED_DOCUMENTS = 5  # a summary names this many documents; more are counted by file extension
 
 
 # ----------------------------------------------------------------------------------------------
@@ -93,7 +95,12 @@ class Corpus:
     def summary(self) -> str:
         """One line: what was read, what was skipped and why (by category), how many hidden entries."""
         count = len(self.documents)
-        line = f"read {count} document{'s' if count != 1 else ''} ({self.n_bytes:,} bytes)"
+        if count <= NAMED_DOCUMENTS:
+            what = ", ".join(doc.path for doc in self.documents)
+        else:
+            suffixes = Counter(os.path.splitext(doc.path)[1] or "without extension" for doc in self.documents)
+            what = ", ".join(f"{number:,} {suffix}" for suffix, number in suffixes.most_common())
+        line = f"read {count} document{'s' if count != 1 else ''} ({self.n_bytes:,} bytes: {what})"
         if self.skipped:
             line += f"; skipped {summarise([reason for _, reason in self.skipped])}"
         if self.hidden:
@@ -151,7 +158,7 @@ def read_corpus(
     whole: a stat per file, and the first block of each file found by a search to tell text from binary.
 
     Each path contributes its files in sorted order; paths keep the order given; a file named twice is
-    read once. Folders and patterns give every non-hidden file that holds text (files.py says how that
+    read once, and so is a file reached twice through links (the second is in `skipped`). Folders and patterns give every non-hidden file that holds text (files.py says how that
     is decided, and how include/exclude patterns filter them); a file named directly is taken as it is.
     Files must be UTF-8, which is checked when they are tokenized (build_token_cache); errors="replace"
     reads invalid bytes as U+FFFD instead. Empty files are left out (in `skipped`).
@@ -163,8 +170,13 @@ def read_corpus(
     search = FileSearch(errors, check_patterns(include, "include"), check_patterns(exclude, "exclude"))
     for path in paths:
         search.add(os.fspath(path))
-    documents, skipped = [], search.skipped
+    documents, skipped, first_name = [], search.skipped, {}
     for file in dict.fromkeys(search.files):
+        real = os.path.realpath(file)
+        if real in first_name:  # a link to a file read already, or its second name: the same text once
+            skipped.append((file, f"duplicate: the same file as {first_name[real]}"))
+            continue
+        first_name[real] = file
         stat = os.stat(file)
         if stat.st_size:
             documents.append(Document(file, stat.st_size, stat.st_mtime_ns, errors))

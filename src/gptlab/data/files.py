@@ -4,7 +4,8 @@ file found was left out.
 A file named directly is read as given. Files found by searching a folder or matching a glob are read
 when they hold text, decided by content rather than by suffix, from their first SNIFF_BYTES: a NUL byte
 means binary; bytes that are not UTF-8 mean not text, unless invalid bytes are to be read as U+FFFD.
-Hidden files and folders (names starting with ".") are not searched; they are counted. include/exclude
+Hidden files and folders (names starting with ".") are not searched; they are counted. Links to folders
+are not followed, and a compressed file is named as such. include/exclude
 are shell-style patterns (fnmatch) tried on a found file's path relative to the folder searched (for a
 file that a glob matched, to the folder before the glob's first wildcard) and on its name; an excluded
 folder is not searched; a file named directly is not filtered.
@@ -46,6 +47,15 @@ def matches(patterns: tuple[str, ...], relative: str, name: str) -> str | None:
     return next((p for p in patterns if fnmatch.fnmatch(relative, p) or fnmatch.fnmatch(name, p)), None)
 
 
+COMPRESSED = {b"\x1f\x8b": "gzip", b"\x28\xb5\x2f\xfd": "zstd", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz",
+              b"PK\x03\x04": "zip"}  # each format's first bytes
+
+
+def compression(head: bytes) -> str | None:
+    """The compression format a file's first bytes announce, if any."""
+    return next((kind for magic, kind in COMPRESSED.items() if head.startswith(magic)), None)
+
+
 def not_text_reason(path: str, errors: str) -> str | None:
     """Why a found file is not read as text (a "category: detail" string), or None if it is text."""
     try:
@@ -55,6 +65,8 @@ def not_text_reason(path: str, errors: str) -> str | None:
             head = file.read(SNIFF_BYTES)
     except OSError as error:
         return f"unreadable: {error.strerror}"
+    if kind := compression(head):
+        return f"compressed: {kind} (decompress it to read it)"
     if b"\0" in head:
         return f"binary: NUL byte at offset {head.index(0)}"
     if errors == "strict":
@@ -86,6 +98,11 @@ class FileSearch:
         elif os.path.exists(path):
             if not stat.S_ISREG(os.stat(path).st_mode):
                 raise DataError(f"{path} is not a regular file; name text files, folders or glob patterns")
+            with open(path, "rb") as file:
+                kind = compression(file.read(8))
+            if kind:
+                raise DataError(f"{path} is {kind}-compressed, not text; decompress it first (for gzip: gunzip -k "
+                                f"{path}) and name the text file")
             self.files.append(path)
         elif any(char in path for char in WILDCARDS):
             found = sorted(glob.glob(path, recursive=True))
@@ -123,6 +140,9 @@ class FileSearch:
                 relative = relative_to(os.path.join(root, name), folder)
                 if name.startswith("."):
                     self.hidden += 1
+                elif os.path.islink(os.path.join(root, name)):
+                    self.skipped.append((os.path.join(root, name), "link: to a folder, not followed (name the folder "
+                                         "itself to read it)"))
                 elif pattern := matches(self.exclude, relative, name):
                     self.skipped.append((os.path.join(root, name), f"excluded: matches {pattern!r}"))
                 else:

@@ -10,7 +10,6 @@ documents do in pretraining), which wastes no compute on padding.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -25,6 +24,7 @@ from ..inference.sampling import GenerationOptions
 from ..tokenizer import Tokenizer
 from ..training.evaluation import autocast, loss_fn, unwrap
 from ..training.runtime import Runtime, sum_across_ranks
+from ..training.state import read_log, write_log
 from .records import field as record_field
 from .records import read_records, split_off
 from .rows import Row, RowBatches, rank_batches
@@ -187,9 +187,8 @@ def write_samples(out_dir: Path, step: int, result: InstructionEval) -> None:
     """Append this evaluation's responses to samples.jsonl, next to metrics.jsonl. Lines from a step this
     late or later are a crashed run's, which the resumed run repeats: they are replaced."""
     path = out_dir / SAMPLES_FILE
-    kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] < step] if path.exists() else []
-    new = [json.dumps({"step": step, **sample}) for sample in result.samples]
-    path.write_text("".join(line + "\n" for line in kept + new))
+    kept = [record for record in read_log(path)[0] if record["step"] < step]  # a line a crash cut short goes too
+    write_log(path, kept + [{"step": step, **sample} for sample in result.samples])
 
 
 def instruction_source(tokenizer: Tokenizer, data: str, val_data: str | None, val_fraction: float, template: str,

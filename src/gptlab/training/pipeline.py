@@ -25,7 +25,8 @@ from ..finetune.hooks import check_lora_head, finetune_hooks, lora_config
 from ..loading import load_model
 from ..report import parameter_report
 from ..tokenizer import Tokenizer, tokenizer_from_spec
-from .config import ConfigError, DataConfig, RunConfig, check_keys, check_types, read_toml, resolve, resume_settings, with_default_limit
+from .config import LIMITS, ConfigError, DataConfig, RunConfig, check_keys, check_types, read_toml, resolve, resume_settings, with_default_limit
+from .data_record import check_data, sources_of
 from .evaluation import EvalResult, evaluate as evaluate_tokens
 from .runtime import Runtime, TrainingError, barrier, pick_device, start_runtime, stop_runtime
 from .state import check_out_dir, read_run_config
@@ -57,10 +58,13 @@ def gather_settings(config: str | os.PathLike | RunConfig | None, options: dict,
 
 
 def train(config: str | os.PathLike | RunConfig | None = None, *, resume: bool = False, overwrite: bool = False,
-          log=print, **options) -> TrainResult:
+          accept_data_change: bool = False, log=print, **options) -> TrainResult:
     """Train as `gptlab train` does. `config`: a TOML recipe's path or a RunConfig; `options`: any setting by
-    its option name (`out`, `data`, `max_steps`, ...), overriding the recipe."""
+    its option name (`out`, `data`, `max_steps`, ...), overriding the recipe. A resume refuses data that
+    changed since the run started unless `accept_data_change` (data_record.py)."""
     given, out = gather_settings(config, options, resume, overwrite)
+    if accept_data_change and not resume:
+        raise TrainingError("--accept-data-change lets a resumed run go on with changed data; add --resume, or drop it")
     if resume:
         saved = read_run_config(out / "last")
         if saved is None:
@@ -68,17 +72,21 @@ def train(config: str | os.PathLike | RunConfig | None = None, *, resume: bool =
                                 "start a new run")
         model_cfg, _, _ = read_config(out / "last")
         run, note = resume_settings(saved, given, model_cfg.to_dict()), "the run's own"
+        changed = [f"--{name.replace('_', '-')} {given[name]:g}" for name in LIMITS if given.get(name) is not None]
+        if changed:
+            note += f" with {', '.join(changed)} from here; it stops at whichever comes first"
         given = {}
     else:
         run, note = with_default_limit(resolve(given))
     runtime = start_runtime(run.train.device)
     try:
-        return _train(run, note, given, runtime, resume, overwrite, log)
+        return _train(run, note, given, runtime, resume, overwrite, accept_data_change, log)
     finally:
         stop_runtime(runtime)
 
 
-def _train(run: RunConfig, limit_note: str, given: dict, runtime: Runtime, resume: bool, overwrite: bool, log) -> TrainResult:
+def _train(run: RunConfig, limit_note: str, given: dict, runtime: Runtime, resume: bool, overwrite: bool,
+           accept_data_change: bool, log) -> TrainResult:
     out = Path(run.train.out)
     lora = lora_config(run)
     corpus = read_corpus(run.data)
@@ -105,7 +113,11 @@ def _train(run: RunConfig, limit_note: str, given: dict, runtime: Runtime, resum
             f"({type(tokenizer).__name__}, vocabulary {tokenizer.vocab_size:,}); token cache {cache.directory}")
         log("\n".join(parameter_report(model_cfg).format(run.model.init or run.model.model).splitlines()[:2]))
         log(f"settings: {out / 'run.toml'} (limits: {limit_note})")
-    corpus_data = TrainingData(cache.train_tokens, cache.val_tokens, cache.val_target_bytes)
+    if resume:
+        note = check_data(out, cache.manifest, accept_data_change, "resume", write=runtime.is_main)
+        if note and runtime.is_main:
+            log(note)
+    corpus_data = TrainingData(cache.train_tokens, cache.val_tokens, cache.val_target_bytes, sources_of(cache.manifest))
     hooks = finetune_hooks(run, meta={}, log=log if runtime.is_main else lambda line: None, report_parameters=False)
     return train_loop(model_cfg, run.train, tokenizer, corpus_data, runtime=runtime, resume=resume,
                       overwrite=overwrite, init_state=init_state, run=run, hooks=hooks, log=log)
@@ -202,10 +214,11 @@ class Evaluation:
 def evaluate(checkpoint: str | os.PathLike, data_paths: list[str] | None = None, *, batch_size: int = 8,
              device: str = "auto", dtype: str = "float32", quantize: str | None = None,
              include: list[str] = (), exclude: list[str] = (), invalid_utf8: str = "strict",
-             cache_dir: str | None = None, progress: bool = False) -> Evaluation:
+             cache_dir: str | None = None, progress: bool = False, accept_data_change: bool = False) -> Evaluation:
     """Loss, perplexity and bits per byte of a checkpoint, as `gptlab eval` reports them: on the whole of
     `data_paths`, or without them on the held-out split of the data its run trained on (the embedded
-    corpus' for a checkpoint that no gptlab run wrote)."""
+    corpus' for a checkpoint that no gptlab run wrote), refusing data changed since the run unless
+    `accept_data_change`."""
     runtime = Runtime(pick_device(device))
     model, tokenizer = load_model(checkpoint, device=runtime.device, dtype=getattr(torch, dtype))
     if quantize:
@@ -226,6 +239,9 @@ def evaluate(checkpoint: str | os.PathLike, data_paths: list[str] | None = None,
         scored = f"the held-out {1 - data.TRAIN_FRACTION:.0%} of {describe_sources(settings)}"
         if run is None:
             scored += " (no run.toml: this checkpoint was not written by a gptlab run)"
+        else:  # a run's checkpoint: runs/NAME/best or last, with the run's data record beside it
+            note = check_data(Path(checkpoint).parent, cache.manifest, accept_data_change, "eval", write=False)
+            scored += f" ({note})" if note else ""
     # The weights are already in `dtype`: no autocast on top (evaluation's "float32" means none).
     result = evaluate_tokens(model, cache.val_tokens, cache.val_target_bytes, batch_size, runtime, dtype="float32")
     return Evaluation(result, scored)

@@ -186,3 +186,25 @@ def read_run_config(checkpoint: Path) -> RunConfig | None:
     path = Path(checkpoint) / RUN_FILE
     return resolve(read_toml(path)) if path.is_file() else None  # resolve: a fine-tune's unset stride stays unset
 
+
+def read_log(path: Path) -> tuple[list[dict], bool]:
+    """The records of a JSON-lines log (metrics.jsonl, samples.jsonl), and whether its last line was torn
+    (a crash mid-write), which is left out. A bad line before the last is damage: a TrainingError."""
+    if not path.exists():
+        return [], False
+    lines = path.read_text().split("\n")  # the last item is "" when the file ends with its newline
+    records = []
+    for index, line in enumerate(lines):
+        try:
+            if line:
+                records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if index < len(lines) - 1:
+                raise TrainingError(f"{path}, line {index + 1}, is not JSON; repair or remove that line, then resume"
+                                    ) from None
+            return records, True
+    return records, False
+
+
+def write_log(path: Path, records: list[dict]) -> None:
+    path.write_text("".join(json.dumps(record) + "\n" for record in records))

@@ -37,6 +37,7 @@ from ..model import GPTModel
 from ..tokenizer import Tokenizer
 from .averaging import WeightAverage
 from .config import LIMITS, RunConfig, TrainConfig
+from .data_record import write_record
 from .dropout import DropoutSwitch, describe_dropout, dropout_scale, dropout_switch_note
 from .evaluation import EvalResult, autocast, evaluate, loss_fn
 from .fsdp import checkpoint_blocks, shard_model, unsharded_copy
@@ -47,7 +48,7 @@ from .runtime import (
 )
 from .state import (
     RUN_MARKER, TrainerState, check_out_dir, link_or_copy_folder, load_model_weights, load_trainer_state, make_out_dir,
-    save_checkpoint,
+    read_log, save_checkpoint, write_log,
 )
 
 
@@ -96,6 +97,7 @@ class TrainingData:
     train_tokens: np.ndarray
     val_tokens: np.ndarray
     val_bytes: int  # UTF-8 bytes that the validation targets stand for: the bits-per-byte denominator
+    sources: list[dict] | None = None  # what the tokens were read from (data_record.py), recorded by a new run
 
     def source(self, context_length: int, stride: int | None) -> "TokenSource":
         windows = TokenWindows(self.train_tokens, context_length, stride or context_length)
@@ -187,6 +189,10 @@ class Plan:
                  + f" to {cfg.lr * cfg.min_lr_ratio:g} at the end of {length}"]
         if cfg.ema_decay:
             lines.append(f"weights: evaluated and saved as their moving average (--ema-decay {cfg.ema_decay:g})")
+        if cfg.time_budget:
+            lines.append("resume: the learning rate and dropout follow the clock toward the time budget, so a resumed "
+                         "run continues from the time spent but its steps are not an uninterrupted run's (a resume is "
+                         "exact under --max-steps, --max-tokens or --epochs alone)")
         if self.warmup_steps != cfg.warmup_steps:
             lines.append(f"warning: --warmup-steps {cfg.warmup_steps} is longer than the run's {self.steps} steps; "
                          f"warming up over {self.warmup_steps} instead")
@@ -289,6 +295,10 @@ def _train(runtime, model_cfg, cfg, tokenizer, data, resume, overwrite, init_sta
         state = load_trainer_state(out_dir / "last", model, optimizer, hooks.read_model)
         if len(state.rng_states) == runtime.world:
             set_rng_state(runtime, state.rng_states[runtime.rank])
+        elif runtime.is_main:
+            log(f"random state: the run was saved by {len(state.rng_states)} processes and resumes in {runtime.world}, "
+                "so each starts from its seed again: random draws from here (dropout masks) differ "
+                "from an uninterrupted run")
     average = WeightAverage(model, cfg.ema_decay) if cfg.ema_decay else None
     if average and resume:
         average.resume(out_dir / "last")
@@ -297,10 +307,12 @@ def _train(runtime, model_cfg, cfg, tokenizer, data, resume, overwrite, init_sta
         (out_dir / RUN_MARKER).write_text(json.dumps({"format": "gptlab-run"}) + "\n")
         if run is not None:
             (out_dir / "run.toml").write_text(run.to_toml())
+        if not resume and getattr(data, "sources", None) is not None:
+            write_record(out_dir, data.sources)
         if not resume:
             (out_dir / "metrics.jsonl").unlink(missing_ok=True)
         else:
-            drop_metrics_after(out_dir, state.step)
+            drop_metrics_after(out_dir, state.step, log)
         for line in plan.describe(cfg):
             log(line)
     if dropout_note and runtime.is_main:
@@ -353,6 +365,7 @@ def _train(runtime, model_cfg, cfg, tokenizer, data, resume, overwrite, init_sta
     last_eval: tuple[int, EvalResult] | None = None
     batches = source.batches(cfg.batch_size, cfg.seed, state.epoch, state.windows_in_epoch, runtime.rank, runtime.world)
     start = time.perf_counter() - state.elapsed
+    resumed_at = state.step
     stopped_by, window_start, window_tokens = "max_steps", time.perf_counter(), 0
     model.train()
     with StopRequest() as stop:
@@ -416,6 +429,12 @@ def _train(runtime, model_cfg, cfg, tokenizer, data, resume, overwrite, init_sta
             if state.step % cfg.eval_interval == 0:
                 evaluate_and_save(final=False)
     bar.close()
+    if resume and state.step == resumed_at and stopped_by == "time_budget" and runtime.is_main:
+        log(f"nothing to train: the run's time budget of {cfg.time_budget:g} s is spent ({state.elapsed:.0f} s trained) "
+            "and a run stops at whichever limit comes first; to train on, resume with a larger --time-budget")
+    elif resume and state.step == resumed_at and stopped_by not in ("interrupt", "terminate") and runtime.is_main:
+        log(f"nothing to train: the run's --{stopped_by.replace('_', '-')} is reached at step {state.step}; to train "
+            f"on, resume with a larger --{stopped_by.replace('_', '-')}")
     final = last_eval[1] if last_eval and last_eval[0] == state.step else evaluate_and_save(final=True)
     if stopped_by in ("interrupt", "terminate") and runtime.is_main:
         what = "SIGTERM" if stopped_by == "terminate" else "Ctrl-C"
@@ -444,12 +463,15 @@ def format_log_line(record: dict, steps: int | None) -> str:
     return (f"step {record['step']:,}{of} | loss {record['train_loss']:.4f} | lr {record['lr']:.2e} | "
             f"grad norm {record['grad_norm']:.3f} | {record['tokens_per_s']:,.0f} tok/s | {record['elapsed']:.1f} s")
 
-def drop_metrics_after(out_dir: Path, step: int) -> None:
-    """A run that crashed or was aborted logged steps after its last checkpoint; resuming trains them again."""
+def drop_metrics_after(out_dir: Path, step: int, log) -> None:
+    """A run that crashed or was aborted logged steps after its last checkpoint; resuming trains them again.
+    A last line the crash cut short is dropped too, and said."""
     path = out_dir / "metrics.jsonl"
+    records, torn = read_log(path)
+    if torn:
+        log(f"{path}: dropped its last line, cut short by the crash")
     if path.exists():
-        lines = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
-        path.write_text("".join(line + "\n" for line in lines))
+        write_log(path, [record for record in records if record["step"] <= step])
 
 
 def record_metrics(out_dir: Path, record: dict) -> None:
@@ -464,7 +486,7 @@ def plot_losses(out_dir: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    records = read_log(out_dir / "metrics.jsonl")[0]
     fig, ax = plt.subplots(figsize=(7, 4))
     for key, label in [("train_loss", "train"), ("val_loss", "validation")]:
         points = [(r["tokens"], r[key]) for r in records if key in r]
