@@ -36,6 +36,7 @@ from gptlab.inference.quantize import is_quantized, quantize_model
 from gptlab.loading import load_model
 from gptlab.model import GPTModel
 from gptlab.tokenizer import CharTokenizer
+from gptlab.training.dropout import DropoutSwitch
 
 TINY = GPTConfig(vocab_size=40, context_length=16, emb_dim=32, n_heads=4, n_layers=2, drop_rate=0.0, qkv_bias=True)
 ALL_TARGETS = ("qkv", "out_proj", "fc", "proj", "head")
@@ -217,6 +218,20 @@ def test_adapter_folder_round_trip(tmp_path):
     loaded = load_adapter(tmp_path / "adapter", random_model())
     assert lora_config_of(loaded) == config
     assert torch.equal(logits(loaded, ids()), logits(model, ids()))
+
+
+def test_the_dropout_switch_scales_the_models_dropout_and_leaves_the_adapters_at_their_setting(tmp_path):
+    config = LoRAConfig(rank=4, alpha=8, dropout=0.25, targets=ALL_TARGETS)
+    model = apply_lora(random_model(TINY.replace(drop_rate=0.1, attn_drop_rate=0.05)), config).train()
+    switch = DropoutSwitch(model)
+    assert sorted({rate for _, _, rate in switch.rates}) == [0.05, 0.1]  # the model's own rates only
+    for scale in (0.0, 2.0):
+        switch.set(scale)
+        assert {module.dropout.p for module in lora_modules(model).values()} == {0.25}
+        assert model.trf_blocks[0].drop_shortcut.p == pytest.approx(0.1 * scale)
+        assert lora_config_of(model) == config
+        save_adapter(tmp_path / "adapter", model, config, base="models/base")  # its check agrees with the model
+        assert read_adapter(tmp_path / "adapter").config.dropout == 0.25
 
 
 @pytest.mark.parametrize("change, field", [

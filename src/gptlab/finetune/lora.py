@@ -80,6 +80,14 @@ class LoRAConfig:
         return cls(**data)
 
 
+class AdapterDropout(Dropout):
+    """The dropout on an adapter's input. Its rate is the adapter's own setting (LoRAConfig.dropout, saved with
+    the adapter and exported to PEFT), so the training loop's dropout schedule, which switches and doubles the
+    model's own dropout, leaves it as it is (training.dropout.DropoutSwitch reads this flag)."""
+
+    follows_dropout_schedule = False
+
+
 class LoRALinear(nn.Module):
     """A frozen linear layer plus a trainable low-rank update: (..., in) → (..., out).
 
@@ -98,7 +106,7 @@ class LoRALinear(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=device))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=device))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # PEFT's default, which nn.Linear uses too
-        self.dropout = Dropout(dropout)
+        self.dropout = AdapterDropout(dropout)
 
     @property
     def scale(self) -> float:
