@@ -281,8 +281,10 @@ def base_and_adapter(tmp_path):
 def test_merge_lora_command_writes_a_checkpoint_with_the_merged_logits(base_and_adapter, capsys):
     tmp_path, adapted_logits = base_and_adapter
     assert main(["merge-lora", "--adapter", str(tmp_path / "adapter"), "--out", str(tmp_path / "merged")]) == 0
-    assert capsys.readouterr().out == (f"merged {tmp_path / 'adapter'} (LoRA rank 4, alpha 8 on qkv, fc, head) into "
-                                       f"{tmp_path / 'base'}; wrote {tmp_path / 'merged'}\n")
+    assert capsys.readouterr().out == (
+        f"wrote {tmp_path / 'merged'}, a new checkpoint: {tmp_path / 'base'} with the adapter in "
+        f"{tmp_path / 'adapter'} (LoRA rank 4, alpha 8 on qkv, fc, head) folded in, a language model without a chat "
+        f"template; {tmp_path / 'base'} is unchanged\n")
     merged, tokenizer = load_model(tmp_path / "merged")
     assert tokenizer.spec() == TOKENIZER.spec()
     torch.testing.assert_close(logits(merged, ids()), adapted_logits, atol=1e-5, rtol=0)
