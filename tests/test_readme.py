@@ -1,6 +1,7 @@
-"""The README's command examples run as written: every `gptlab ...` line of its plain code blocks, in the
-order the README gives them, in a fresh folder holding what a reader would have (some text in notes/ and
-books/, GPT-2-shaped weights in models/gpt2, the recipes). Each must exit 0.
+"""The README's and the docs' examples run as written: every `gptlab ...` line of their plain code blocks and
+every ```python block, in the order the pages give them (README.md first, then DOC_PAGES), in one fresh folder
+holding what a reader would have (some text in notes/ and books/, GPT-2-shaped weights in models/gpt2, the
+recipes). Each command must exit 0 and each Python block must run without an exception.
 
 A few cannot run on a test machine, and are left out for the reason given in NOT_HERE. The GPT-2 weights
 are a tiny random model with GPT-2's real vocabulary, so the examples that load OpenAI's GPT-2 run too.
@@ -21,26 +22,40 @@ from gptlab.cli import main
 from gptlab.data import default_corpus_text
 
 ROOT = Path(__file__).resolve().parents[1]
+DOC_PAGES = ["README.md", "docs/training.md", "docs/generation.md", "docs/finetuning.md", "docs/serving.md",
+             "docs/interop.md"]
 NOT_HERE = {
     "gptlab download": "needs the network",
     "recipes/gpt2-124m.toml": "GPT-2 124M on 10B tokens needs GPUs",
     "--device cuda": "needs a GPU",
     "gptlab serve": "serves until stopped; tests/serve starts it, with the same client code",
+    "OpenAI(": "talks to a running `gptlab serve`; tests/serve runs the same client code against one",
 }
 
 
-def readme_commands() -> list[str]:
-    commands, fence = [], None  # fence: the open code block's language ("" for a plain block), None outside
-    for line in (ROOT / "README.md").read_text().splitlines():
+def examples(page: str) -> list[tuple[str, str]]:
+    """The page's runnable examples in order: ("command", a `gptlab ...` line) from plain code blocks and
+    ("python", a block's source) from ```python blocks, less those NOT_HERE names."""
+    found, fence, block = [], None, []  # fence: the open code block's language ("" for a plain block), None outside
+    for line in (ROOT / page).read_text().splitlines():
         if line.startswith("```"):
-            fence = line[3:].strip() if fence is None else None
+            if fence is None:
+                fence, block = line[3:].strip(), []
+            else:
+                if fence == "python":
+                    found.append(("python", "\n".join(block)))
+                fence = None
             continue
+        if fence == "python":
+            block.append(line)
         command = re.split(r"\s{2,}#", line)[0].strip()
-        if fence != "" or not command.startswith("gptlab ") or " [" in command:  # `[--opt ...]`: a synopsis
-            continue
-        if not any(marker in command for marker in NOT_HERE):
-            commands.append(command)
-    return commands
+        if fence == "" and command.startswith("gptlab ") and " [" not in command:  # `[--opt ...]`: a synopsis
+            found.append(("command", command))
+    return [(kind, text) for kind, text in found if not any(marker in text for marker in NOT_HERE)]
+
+
+def readme_commands() -> list[str]:
+    return [text for page in DOC_PAGES for kind, text in examples(page) if kind == "command"]
 
 
 @pytest.fixture
@@ -66,17 +81,23 @@ def reader_folder(tmp_path, monkeypatch):
     return tmp_path
 
 
-def test_the_readme_names_the_commands_this_test_runs():
+def test_the_pages_name_the_examples_this_test_runs():
     commands = readme_commands()
     assert any(c.startswith("gptlab train --data") for c in commands)
     assert any(c.startswith("gptlab eval") for c in commands) and any(c.startswith("gptlab generate") for c in commands)
+    assert all(any(kind == "python" for kind, _ in examples(page)) for page in ("README.md", "docs/generation.md"))
 
 
 @pytest.mark.slow
-def test_every_readme_command_runs_as_written(reader_folder, capsys):
-    for command in readme_commands():
-        started = time.perf_counter()
-        code = main(shlex.split(command)[1:])
-        print(f"{time.perf_counter() - started:6.1f} s  {command}", file=sys.__stderr__)
-        captured = capsys.readouterr()
-        assert code == 0, f"{command!r} exited {code}: {captured.err[-2000:]}"
+def test_every_example_runs_as_written(reader_folder, capsys):
+    for page in DOC_PAGES:
+        for kind, text in examples(page):
+            started = time.perf_counter()
+            if kind == "command":
+                code = main(shlex.split(text)[1:])
+                captured = capsys.readouterr()
+                assert code == 0, f"{page}: {text!r} exited {code}: {captured.err[-2000:]}"
+            else:
+                exec(compile(text, f"{page} (python block)", "exec"), {"__name__": "__main__"})
+                capsys.readouterr()
+            print(f"{time.perf_counter() - started:6.1f} s  {page}: {text.splitlines()[0]}", file=sys.__stderr__)

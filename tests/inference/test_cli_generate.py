@@ -152,7 +152,7 @@ def test_interactive_terminal_banner_prompt_marker_and_advancing_seeds(capsys, r
     (["--top-p", "1.5"], "--top-p must be in (0, 1]"),
     (["--top-p", "0"], "--top-p must be in (0, 1]"),
     (["--min-p", "2"], "--min-p must be in [0, 1]"),
-    (["--repetition-penalty", "0"], "--repetition-penalty must be > 0"),
+    (["--repetition-penalty", "0"], "--repetition-penalty must be between 0.01 and 100"),
     (["--seed", "-3"], "--seed must be between 0 and 2**63 - 1"),
     (["--temperature", "-1"], "--temperature must be >= 0"),
     (["--top-k", "0"], "--top-k must be >= 1"),

@@ -101,7 +101,9 @@ def test_filters_match_the_explicit_computation_and_transformers(temperature, to
         expected = explicit_filter(logits[row].tolist(), temperature, top_k, top_p, min_p)
         assert torch.isfinite(filtered[row]).tolist() == expected
         kept = torch.tensor(expected)
-        assert torch.allclose(filtered[row][kept], logits[row][kept] / temperature)
+        # the largest logit is subtracted first, which leaves the softmax as it is
+        assert torch.allclose(filtered[row][kept], (logits[row][kept] - logits[row].max()) / temperature)
+        assert torch.allclose(filtered[row].softmax(-1), theirs[row].softmax(-1), atol=1e-6)
 
 
 @pytest.mark.parametrize("penalty", [1.3, 0.7])
@@ -223,7 +225,9 @@ def test_logprobs_are_the_raw_models_whatever_the_filters():
     (dict(top_p=1.5), r"top-p must be in \(0, 1\]"),
     (dict(min_p=-0.1), r"min-p must be in \[0, 1\]"),
     (dict(min_p=1.5), r"min-p must be in \[0, 1\]"),
-    (dict(repetition_penalty=0.0), "repetition-penalty must be > 0"),
+    (dict(repetition_penalty=0.0), "repetition-penalty must be between 0.01 and 100"),
+    (dict(repetition_penalty=1e-40), "repetition-penalty must be between 0.01 and 100"),
+    (dict(temperature=float("inf")), "temperature must be a finite number"),
     (dict(seed=-1), r"seed must be between 0 and 2\*\*63 - 1"),
     (dict(logprobs=6), "logprobs must be between 0 and 5"),
     (dict(max_new_tokens=-1), "max-new-tokens must be >= 0"),
@@ -237,3 +241,42 @@ def test_logprobs_are_the_raw_models_whatever_the_filters():
 def test_invalid_options_are_refused(change, message):
     with pytest.raises(ValueError, match=message):
         GenerationOptions(**change)
+
+
+def test_a_tiny_temperature_is_greedy_and_never_nan():
+    """Dividing logits by 1e-40 overflows to inf, and inf - inf is NaN, which torch.multinomial refuses: the
+    shift by the largest logit keeps every value finite or -inf, so a tiny temperature draws the argmax."""
+    logits = random_logits(3, 50) * 10
+    for temperature in (1e-40, 1e-30, 1e-8):
+        probs = filter_logits(logits, temperature).softmax(dim=-1)
+        assert not probs.isnan().any()
+        assert torch.equal(probs.argmax(-1), logits.argmax(-1)) and torch.allclose(probs.amax(-1), torch.ones(3))
+    options = GenerationOptions(temperature=1e-40, seed=0, repetition_penalty=0.01, frequency_penalty=2)
+    ids, _ = Sampler(options, [[1, 2]] * 3, 50, torch.device("cpu")).choose(logits)
+    assert ids.tolist() == [int(i) for i in apply_repetition_penalty(
+        logits, torch.zeros(3, 50, dtype=torch.bool).index_fill_(1, torch.tensor([1, 2]), True), 0.01).argmax(-1)]
+
+
+def test_the_largest_seed_with_several_rows_wraps_to_zero():
+    """Row r draws with seed + r modulo 2**63: the largest seed's second row is seed 0's first."""
+    from gptlab.inference.sampling import MAX_SEED, offset_seed, row_seeds
+
+    assert row_seeds(MAX_SEED, 3) == [MAX_SEED, 0, 1] and offset_seed(MAX_SEED, 2) == 1 and offset_seed(None, 5) is None
+    logits = random_logits(1, 50)
+    first = Sampler(GenerationOptions(seed=MAX_SEED, temperature=1.0), [[1]] * 2, 50, torch.device("cpu"))
+    zero = Sampler(GenerationOptions(seed=0, temperature=1.0), [[1]], 50, torch.device("cpu"))
+    draws = [first.choose(logits.repeat(2, 1))[0].tolist() for _ in range(20)]
+    assert [row[1] for row in draws] == [zero.choose(logits)[0].item() for _ in range(20)]
+
+
+def test_a_padded_vocabulary_never_yields_an_id_the_tokenizer_lacks():
+    """A model of 60 logits whose tokenizer has 50 ids: the padded rows, made the most likely by far, are never
+    drawn (greedy or sampled), nor listed among the alternatives."""
+    logits = random_logits(2, 60)
+    logits[:, 50:] += 100
+    for options in (GenerationOptions(temperature=0, logprobs=5), GenerationOptions(temperature=1.0, seed=1, logprobs=5)):
+        sampler = Sampler(options, [[1], [2]], 60, torch.device("cpu"), vocab_limit=50)
+        for _ in range(10):
+            ids, tokens = sampler.choose(logits)
+            assert (ids < 50).all() and all(i < 50 for token in tokens for i, _ in token.top_logprobs)
+            assert tokens[0].logprob == pytest.approx(logits.log_softmax(-1)[0, ids[0]].item())  # the model's own

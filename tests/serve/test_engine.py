@@ -17,6 +17,7 @@ from gptlab.serve.engine import (
     Done,
     Engine,
     EngineStopped,
+    Failed,
     Job,
     Piece,
     Prefilled,
@@ -164,3 +165,122 @@ def test_prompt_logprobs_equal_the_uncached_log_softmax(model):
         assert token.id == prompt[position]
         assert token.logprob == pytest.approx(logprobs[position - 1, prompt[position]].item(), abs=1e-5)
         assert [id_ for id_, _ in token.top_logprobs] == logprobs[position - 1].topk(2).indices.tolist()
+
+
+def run_jobs(engine: Engine, jobs: list[Job], timeout: float = 60) -> None:
+    """Queue every job before the loop starts (so they decode side by side), then wait for all to end."""
+    for job in jobs:
+        engine.submit(job)
+    engine.start()
+    assert all(job.on_event.done.wait(timeout) for job in jobs)
+    engine.stop()
+
+
+class Ending(Recorder):
+    """A Recorder whose `done` is also set by Failed."""
+
+    def __call__(self, event) -> None:
+        super().__call__(event)
+        if isinstance(event, Failed):
+            self.done.set()
+
+
+def test_samples_that_end_on_their_first_token_beside_other_jobs(model):
+    """n rows of a job, all ending on the first token (max_new_tokens 1, a stop string, end-of-text first), while
+    other jobs decode: every row gets its finish reason, and the other jobs what they get alone."""
+    prompt = TOKENIZER.encode("Once upon a time")
+    first = alone(model, prompt, GenerationOptions(max_new_tokens=1, temperature=0))[0][0]
+    cases = [GenerationOptions(max_new_tokens=1, temperature=1.0, seed=3, num_samples=3),
+             GenerationOptions(max_new_tokens=8, temperature=0, num_samples=2, stop=(TOKENIZER.decode([first]),)),
+             GenerationOptions(max_new_tokens=8, temperature=0.7, seed=1, num_samples=2,
+                               logit_bias={TOKENIZER.eot_id: 100})]
+    steady = GenerationOptions(max_new_tokens=12, temperature=0.9, seed=5, num_samples=2)
+    jobs = [Job(prompt, options, Ending()) for options in cases] + [Job(prompt[:2], steady, Ending())]
+    run_jobs(Engine(model, TOKENIZER, max_batch=16), jobs)
+    assert not any(isinstance(event, Failed) for job in jobs for event in job.on_event.events)
+    assert jobs[0].on_event.finish_reasons() == {0: "length", 1: "length", 2: "length"}
+    assert jobs[1].on_event.finish_reasons() == {0: "stop", 1: "stop"}
+    assert jobs[2].on_event.finish_reasons() == {0: "stop", 1: "stop"}
+    assert jobs[3].on_event.rows(2) == alone(model, prompt[:2], steady)
+
+
+def test_a_failure_fails_its_own_job_and_the_loop_goes_on(model, monkeypatch):
+    """A job whose token choice raises gets Failed and leaves the batch; the jobs beside it, and one queued after,
+    get what they get alone, and no cache row is left claimed."""
+    from gptlab.inference import sampling
+
+    choose = sampling.Sampler.choose
+
+    def broken(self, logits):
+        if self.options.seed == 666:
+            raise RuntimeError("a bug in sampling")
+        return choose(self, logits)
+
+    monkeypatch.setattr(sampling.Sampler, "choose", broken)
+    prompt = TOKENIZER.encode("A list of")
+    good = GenerationOptions(max_new_tokens=10, temperature=0.8, seed=7, num_samples=2)
+    jobs = [Job(prompt, good, Ending()), Job(prompt, good.replace(seed=666, num_samples=3), Ending()),
+            Job(prompt[:3], good.replace(seed=9), Ending())]
+    engine = Engine(model, TOKENIZER, max_batch=8)
+    run_jobs(engine, jobs)
+    failed = [event for event in jobs[1].on_event.events if isinstance(event, Failed)]
+    assert len(failed) == 1 and "a bug in sampling" in failed[0].message
+    assert jobs[0].on_event.rows(2) == alone(model, prompt, good)
+    assert jobs[2].on_event.rows(2) == alone(model, prompt[:3], good.replace(seed=9))
+    assert engine.cache.active == 0 and engine.jobs == [] and engine.health() == "ok"
+    assert engine.metrics.errors.values.get("engine") == 1
+
+
+def test_a_failing_forward_pass_fails_the_batch_then_serves_the_next(model, monkeypatch):
+    from gptlab.serve import engine as engine_module
+
+    calls = {"n": 0}
+    real = engine_module.next_token_logits
+
+    def flaky(*args):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("out of memory, say")
+        return real(*args)
+
+    monkeypatch.setattr(engine_module, "next_token_logits", flaky)
+    prompt, options = TOKENIZER.encode("def f"), GenerationOptions(max_new_tokens=6, temperature=0)
+    engine = Engine(model, TOKENIZER, max_batch=4).start()
+    first = Ending()
+    engine.submit(Job(prompt, options, first))
+    assert first.done.wait(30) and isinstance(first.events[-1], Failed)
+    second = Ending()
+    engine.submit(Job(prompt, options, second))
+    assert second.done.wait(30) and second.rows(1) == alone(model, prompt, options)
+    engine.stop()
+    assert engine.cache.active == 0
+
+
+def test_a_cancelled_waiting_job_leaves_the_queue_at_once(model):
+    engine = Engine(model, TOKENIZER, max_batch=1, max_queue=2)  # not started: nothing leaves the queue by itself
+    options = GenerationOptions(max_new_tokens=2, temperature=0)
+    engine.submit(Job([1, 2], options, Recorder()))
+    waiting = engine.submit(Job([1, 2], options, Recorder()))
+    with pytest.raises(QueueFull):
+        engine.submit(Job([1, 2], options, Recorder()))
+    engine.cancel(waiting)
+    assert waiting not in engine.waiting
+    engine.submit(Job([1, 2], options, Recorder()))  # its place is free again
+
+
+def test_a_dead_loop_says_so_and_refuses_new_jobs(model, monkeypatch):
+    engine = Engine(model, TOKENIZER)
+    monkeypatch.setattr(engine, "loop", lambda: (_ for _ in ()).throw(RuntimeError("the thread broke")))
+    engine.start()
+    engine.thread.join(5)
+    assert engine.health() == "dead" and "the thread broke" in repr(engine.failure)
+    with pytest.raises(EngineStopped, match="the thread broke"):
+        engine.submit(Job([1], GenerationOptions(max_new_tokens=1), Recorder()))
+
+
+def test_a_loop_without_progress_is_wedged(model):
+    engine = Engine(model, TOKENIZER, wedged_after=0.05)
+    engine.submit(Job([1], GenerationOptions(max_new_tokens=1), Recorder()))  # never started: no progress
+    assert engine.health() == "ok"
+    threading.Event().wait(0.1)
+    assert engine.health() == "wedged"

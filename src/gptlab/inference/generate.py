@@ -44,32 +44,36 @@ def generate_uncached(model: GPTModel, ids: torch.Tensor, max_new_tokens: int) -
     return ids
 
 
-def generate(model: GPTModel, ids: torch.Tensor, max_new_tokens: int, **sampling) -> torch.Tensor:
+def generate(model: GPTModel, ids: torch.Tensor, max_new_tokens: int, vocab_limit: int | None = None,
+             **sampling) -> torch.Tensor:
     """(B, T) ids → (B · num_samples, T + max_new_tokens) ids, through the KV cache.
 
     Greedy by default, giving the same tokens as generate_uncached, past the context too (there each
     new token re-runs the last context_length tokens, as the textbook loop does). `sampling` takes
     GenerationOptions' other fields: temperature, top_k, top_p, min_p, repetition_penalty, seed,
     num_samples (row r of the output continues ids[r // num_samples]). stop strings and logprobs need
-    text or more than ids: use generate_text or generate_tokens.
+    text or more than ids: use generate_text or generate_tokens. vocab_limit: the tokenizer's vocabulary
+    size when the model's is padded past it (ids from it on are never drawn; sampling.py).
     """
     options = GenerationOptions(max_new_tokens=max_new_tokens, **{"temperature": 0.0, **sampling})
     if options.stop or options.logprobs is not None:
         raise ValueError("generate returns ids only: for stop strings use generate_text, for logprobs generate_tokens")
     prompts = ids.tolist()
     settings = DecoderSettings(keep=model.cfg.context_length)
-    new_ids = torch.tensor(generate_ids(model, prompts, options, settings=settings), dtype=ids.dtype, device=ids.device)
+    new_ids = generate_ids(model, prompts, options, settings=settings, vocab_limit=vocab_limit)
+    new_ids = torch.tensor(new_ids, dtype=ids.dtype, device=ids.device)
     return torch.cat([ids.repeat_interleave(options.num_samples, dim=0), new_ids], dim=1)  # (B · n, T + new)
 
 
 @torch.inference_mode()
 def decode_steps(model: GPTModel, prompts: Sequence[Sequence[int]], options: GenerationOptions,
-                 settings: DecoderSettings = DecoderSettings()) -> Iterator[list[Token]]:
+                 settings: DecoderSettings = DecoderSettings(), vocab_limit: int | None = None) -> Iterator[list[Token]]:
     """Yield each step's Token for every row, for up to options.max_new_tokens steps.
 
     The rows are the prompts (lists of ids, each cropped to its last context_length tokens as
     `generate_uncached` does) each repeated num_samples times: row r continues prompts[r // num_samples].
     A step's logits are computed only when that step is asked for, so stop iterating once done.
+    vocab_limit: the tokenizer's vocabulary size, when the model's is padded past it (see sampling.py).
     """
     if not prompts:
         raise ValueError("give at least one prompt")
@@ -78,7 +82,7 @@ def decode_steps(model: GPTModel, prompts: Sequence[Sequence[int]], options: Gen
     context = model.cfg.context_length
     rows = [list(prompt)[-context:] for prompt in prompts for _ in range(options.num_samples)]
     decoder = Decoder(model, len(rows), settings)
-    sampler = Sampler(options, rows, model.cfg.vocab_size, decoder.device)
+    sampler = Sampler(options, rows, model.cfg.vocab_size, decoder.device, vocab_limit)
     next_ids, tokens = sampler.choose(decoder.prefill(rows))  # (B,)
     yield tokens
     for _ in range(options.max_new_tokens - 1):
@@ -87,11 +91,12 @@ def decode_steps(model: GPTModel, prompts: Sequence[Sequence[int]], options: Gen
 
 
 def generate_tokens(model: GPTModel, prompts: Sequence[Sequence[int]], options: GenerationOptions,
-                    eot_id: int | None = None, settings: DecoderSettings = DecoderSettings()) -> list[list[Token]]:
+                    eot_id: int | None = None, settings: DecoderSettings = DecoderSettings(),
+                    vocab_limit: int | None = None) -> list[list[Token]]:
     """The new Tokens of every row (rows as in decode_steps); a row ends before eot_id when one is given."""
     outputs: list[list[Token]] = [[] for _ in range(len(prompts) * options.num_samples)]
     finished = [False] * len(outputs)
-    for tokens in decode_steps(model, prompts, options, settings):
+    for tokens in decode_steps(model, prompts, options, settings, vocab_limit):
         for row, token in enumerate(tokens):
             if finished[row] or token.id == eot_id:
                 finished[row] = True
@@ -103,9 +108,11 @@ def generate_tokens(model: GPTModel, prompts: Sequence[Sequence[int]], options: 
 
 
 def generate_ids(model: GPTModel, prompts: Sequence[Sequence[int]], options: GenerationOptions,
-                 eot_id: int | None = None, settings: DecoderSettings = DecoderSettings()) -> list[list[int]]:
+                 eot_id: int | None = None, settings: DecoderSettings = DecoderSettings(),
+                 vocab_limit: int | None = None) -> list[list[int]]:
     """generate_tokens' ids only."""
-    return [[token.id for token in row] for row in generate_tokens(model, prompts, options, eot_id, settings)]
+    return [[token.id for token in row]
+            for row in generate_tokens(model, prompts, options, eot_id, settings, vocab_limit)]
 
 
 class TextAssembler:
@@ -147,8 +154,18 @@ class TextAssembler:
         return min((start for start in starts if start >= 0), default=None)
 
     def held_back(self) -> int:
-        """Length of the longest end of the text that is the beginning of a stop string."""
-        return max((size for stop in self.stop for size in range(1, len(stop)) if self.text.endswith(stop[:size])), default=0)
+        """Length of the longest end of the text that is the beginning of a stop string. Only ends that start
+        with a stop's first character are compared, so a long stop costs little per token."""
+        longest = 0
+        for stop in self.stop:
+            window = self.text[-(len(stop) - 1):] if len(stop) > 1 else ""
+            start = window.find(stop[0])
+            while start >= 0:
+                if stop.startswith(window[start:]):
+                    longest = max(longest, len(window) - start)
+                    break  # the first match from the left is the longest
+                start = window.find(stop[0], start + 1)
+        return longest
 
 
 def prompt_ids(tokenizer: Tokenizer, prompt: str, context_length: int) -> list[int]:
@@ -173,7 +190,7 @@ def stream_ids(model: GPTModel, tokenizer: Tokenizer, prompt_rows: Sequence[Sequ
     """stream_batch for prompts already tokenized (each non-empty; cropped to its last context_length
     ids), such as a chat template's, whose segments are encoded apart (finetune/templates.py)."""
     texts = [TextAssembler(options.stop) for _ in range(len(prompt_rows) * options.num_samples)]
-    for tokens in decode_steps(model, prompt_rows, options, settings):
+    for tokens in decode_steps(model, prompt_rows, options, settings, vocab_limit=tokenizer.vocab_size):
         for row, (token, text) in enumerate(zip(tokens, texts)):
             if text.finished:
                 continue

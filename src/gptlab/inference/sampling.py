@@ -18,7 +18,13 @@ additions in front):
 
 Seeds: row r of a batch draws from a generator seeded with seed + r (rows are prompt 0's samples,
 then prompt 1's, ...), so a row's tokens do not depend on the rows beside it: running prompt p alone
-with seed + p·num_samples gives the same samples as in the batch. seed=None draws a random seed.
+with seed + p·num_samples gives the same samples as in the batch. Seeds are taken modulo 2**63, so the
+largest seed's next row is 0 (offset_seed). seed=None draws a random seed.
+
+Vocabulary: a model's vocabulary may be padded past its tokenizer's (nanoGPT pads 50,257 ids to 50,304
+for speed). The rows no token stands for cannot be decoded, so the Sampler never draws them, nor lists
+them among the most likely alternatives, when given the tokenizer's size (vocab_limit); every caller
+that decodes text passes it.
 
 Log-probabilities (options.logprobs = N, at most 5) are the model's own: log_softmax of its raw logits,
 before the penalty, temperature or any filter, for the chosen token and the N most likely tokens
@@ -29,6 +35,7 @@ sampling settings.
 from __future__ import annotations
 
 import dataclasses
+import math
 import secrets
 from dataclasses import dataclass
 from typing import Sequence
@@ -37,6 +44,8 @@ import torch
 
 MAX_LOGPROBS = 5  # the most alternatives OpenAI's completions API returns
 MAX_SEED = 2**63 - 1
+# The rates that keep penalised logits finite (a penalty of 1e-40 would divide them to infinity).
+REPETITION_PENALTY_RANGE = (0.01, 100.0)
 
 
 @dataclass(frozen=True)
@@ -75,8 +84,12 @@ class GenerationOptions:
             raise ValueError(f"top-p must be in (0, 1] (1 keeps every token), got {self.top_p}")
         if not 0 <= self.min_p <= 1:
             raise ValueError(f"min-p must be in [0, 1] (0 keeps every token), got {self.min_p}")
-        if not self.repetition_penalty > 0:
-            raise ValueError(f"repetition-penalty must be > 0 (1 is off, 1.1-1.3 is usual), got {self.repetition_penalty}")
+        low, high = REPETITION_PENALTY_RANGE
+        if not low <= self.repetition_penalty <= high:
+            raise ValueError(f"repetition-penalty must be between {low:g} and {high:g} (1 is off, 1.1-1.3 is usual), "
+                             f"got {self.repetition_penalty}")
+        if not math.isfinite(self.temperature):
+            raise ValueError(f"temperature must be a finite number (0 means greedy), got {self.temperature}")
         if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
             raise ValueError(f"seed must be between 0 and 2**63 - 1, got {self.seed}")
         if self.num_samples < 1:
@@ -117,8 +130,10 @@ def filter_logits(logits: torch.Tensor, temperature: float, top_k: int | None = 
 
     Top-k keeps every token tied with the k-th. Top-p keeps a token while the tokens more likely than it
     sum to less than top_p, so the most likely token always stays; min-p keeps it too (its ratio is 1).
+    The largest logit is subtracted before dividing by the temperature (which leaves the softmax as it
+    is), so that a tiny temperature gives -inf for the others rather than inf - inf = NaN: greedy.
     """
-    logits = logits / temperature
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
     if top_k is not None and top_k < logits.shape[-1]:
         kth_largest = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth_largest, float("-inf"))
@@ -134,10 +149,16 @@ def filter_logits(logits: torch.Tensor, temperature: float, top_k: int | None = 
     return logits
 
 
+def offset_seed(seed: int | None, offset: int) -> int | None:
+    """seed + offset, modulo 2**63 so that it stays a valid seed (None stays None: a random seed)."""
+    return None if seed is None else (seed + offset) % (MAX_SEED + 1)
+
+
 def row_seeds(seed: int | None, num_rows: int) -> list[int]:
-    """Row r's seed: seed + r (seed=None: a random one, from the OS, leaving torch's global RNG alone)."""
+    """Row r's seed: seed + r modulo 2**63 (seed=None: a random one, from the OS, leaving torch's global RNG
+    alone)."""
     base = secrets.randbits(62) if seed is None else seed
-    return [base + row for row in range(num_rows)]
+    return [offset_seed(base, row) for row in range(num_rows)]
 
 
 class Sampler:
@@ -148,31 +169,36 @@ class Sampler:
     with a frequency or presence penalty a (B, V) count of the tokens each row has generated.
     """
 
-    def __init__(self, options: GenerationOptions, rows: Sequence[Sequence[int]], vocab_size: int, device: torch.device):
+    def __init__(self, options: GenerationOptions, rows: Sequence[Sequence[int]], vocab_size: int, device: torch.device,
+                 vocab_limit: int | None = None):
+        """vocab_size: the model's logits per row; vocab_limit: the ids the tokenizer can decode, if fewer (a
+        padded vocabulary): only ids below it are ever drawn or listed among the alternatives."""
         self.options = options
+        self.size = vocab_size if vocab_limit is None else min(vocab_size, vocab_limit)  # the ids that can be drawn
         self.generators = []
         if options.temperature > 0:
             self.generators = [torch.Generator(device=device).manual_seed(seed)
                                for seed in row_seeds(options.seed, len(rows))]
         self.seen = None
         if options.repetition_penalty != 1.0:
-            self.seen = torch.zeros(len(rows), vocab_size, dtype=torch.bool, device=device)
+            self.seen = torch.zeros(len(rows), self.size, dtype=torch.bool, device=device)
             for row, tokens in enumerate(rows):
-                self.seen[row, list(tokens)] = True
+                self.seen[row, [token for token in tokens if token < self.size]] = True
         self.counts = None
         if options.frequency_penalty or options.presence_penalty:
-            self.counts = torch.zeros(len(rows), vocab_size, device=device)
+            self.counts = torch.zeros(len(rows), self.size, device=device)
         self.bias = None
         if options.logit_bias:
-            if any(not 0 <= token < vocab_size for token in options.logit_bias):
-                raise ValueError(f"logit-bias token ids must be between 0 and {vocab_size - 1} (the vocabulary)")
-            self.bias = torch.zeros(vocab_size, device=device)
-            self.bias[list(options.logit_bias)] = torch.tensor(list(options.logit_bias.values()), device=device)
+            if any(not 0 <= token < self.size for token in options.logit_bias):
+                raise ValueError(f"logit-bias token ids must be between 0 and {self.size - 1} (the vocabulary)")
+            self.bias = torch.zeros(self.size, device=device)
+            self.bias[list(options.logit_bias)] = torch.tensor(list(options.logit_bias.values()), dtype=torch.float32,
+                                                               device=device)
 
     def choose(self, logits: torch.Tensor) -> tuple[torch.Tensor, list[Token]]:
         """(B, V) float32 logits → the next ids (B,) and each row's Token."""
         options = self.options
-        scores = logits
+        scores = logits[:, : self.size]  # the ids a padded vocabulary adds are never drawn
         if self.bias is not None:
             scores = scores + self.bias
         if self.seen is not None:
@@ -198,6 +224,6 @@ class Sampler:
             return [Token(token) for token in next_ids.tolist()]
         logprobs = logits.log_softmax(dim=-1)  # (B, V)
         chosen = logprobs.gather(-1, next_ids[:, None])[:, 0].tolist()  # (B,)
-        top = logprobs.topk(self.options.logprobs, dim=-1)  # (B, N) values and indices
+        top = logprobs[:, : self.size].topk(self.options.logprobs, dim=-1)  # (B, N) values and indices
         return [Token(token, logprob, tuple(zip(ids, values)))
                 for token, logprob, ids, values in zip(next_ids.tolist(), chosen, top.indices.tolist(), top.values.tolist())]

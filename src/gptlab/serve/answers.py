@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Awaitable
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from ..inference.sampling import GenerationOptions, Token
+from ..inference.sampling import GenerationOptions, Token, offset_seed
 from .engine import (
     Done,
     Engine,
@@ -55,7 +55,7 @@ class Run:
         self.jobs = []
         try:
             for index, prompt in enumerate(prompts):
-                seed = None if options.seed is None else options.seed + index * options.num_samples
+                seed = offset_seed(options.seed, index * options.num_samples)
                 deliver = functools.partial(self.deliver, loop, index)
                 self.jobs.append(engine.submit(Job(prompt, options.replace(seed=seed), deliver, prompt_logprobs)))
         except QueueFull as error:
@@ -113,6 +113,9 @@ class Completion:
         self.offsets = [0] * run.choices  # each choice's text length so far, for logprobs' text_offset
 
     def logprobs(self, choice: int, tokens: tuple[Token, ...]) -> CompletionLogprobs | None:
+        """The legacy format's entries for these tokens. A generated end-of-text token has one too (as OpenAI's
+        and vLLM's servers give it: evaluation harnesses drop the last entry of an echoed prompt), though it
+        adds nothing to the text."""
         if self.body.logprobs is None:
             return None
         tokenizer, result = self.state.tokenizer, CompletionLogprobs()
@@ -123,7 +126,8 @@ class Completion:
             result.top_logprobs.append({tokenizer.decode([id_]): value for id_, value in token.top_logprobs}
                                        if token.logprob is not None else None)
             result.text_offset.append(self.offsets[choice])
-            self.offsets[choice] += len(text)
+            if token.id != tokenizer.eot_id:
+                self.offsets[choice] += len(text)
         return result
 
     async def pieces(self) -> AsyncIterator[tuple[CompletionChoice | None, Usage | None]]:
@@ -177,9 +181,11 @@ class Chat:
         self.id, self.created = f"chatcmpl-{secrets.token_hex(12)}", int(time.time())
 
     def logprobs(self, tokens: tuple[Token, ...]) -> ChatLogprobs | None:
+        """The chat format's entries; the end-of-text token that ends a reply has none (as in OpenAI's)."""
         if not self.body.logprobs:
             return None
         tokenizer = self.state.tokenizer
+        tokens = tuple(token for token in tokens if token.id != tokenizer.eot_id)
 
         def entry(token: int, logprob: float) -> dict:
             return {"token": tokenizer.decode([token]), "logprob": logprob, "bytes": list(tokenizer.decode_bytes([token]))}
@@ -195,13 +201,17 @@ class Chat:
             if isinstance(event, Prefilled):  # OpenAI's first chunk of each choice names the role
                 yield self.chunk([ChatChunkChoice(index=index, delta=ChatDelta(role="assistant", content=""))
                                   for index in range(self.run.choices)])
-            elif isinstance(event, Piece) and (event.text or event.finish_reason or (event.tokens and self.body.logprobs)):
+            elif isinstance(event, Piece) and (event.text or event.finish_reason or
+                                               (self.body.logprobs and self.replies_with(event.tokens))):
                 yield self.chunk([ChatChunkChoice(index=self.run.choice(prompt, event.row), delta=ChatDelta(content=event.text),
                                                   logprobs=self.logprobs(event.tokens), finish_reason=event.finish_reason)])
             elif isinstance(event, Done):
                 completion_tokens += event.completion_tokens
         if include_usage:
             yield self.chunk([], self.run.usage(completion_tokens))
+
+    def replies_with(self, tokens: tuple[Token, ...]) -> bool:
+        return any(token.id != self.state.tokenizer.eot_id for token in tokens)
 
     def chunk(self, choices: list[ChatChunkChoice], usage: Usage | None = None) -> str:
         return ChatChunk(id=self.id, created=self.created, model=self.state.name, choices=choices,

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 from fastapi.exceptions import RequestValidationError
 
-from ..inference.sampling import GenerationOptions
-from .protocol import MAX_STOP_STRINGS, SamplingRequest
+from ..inference.sampling import GenerationOptions, offset_seed
+from .protocol import MAX_STOP_CHARS, MAX_STOP_STRINGS, ChatMessage, SamplingRequest
 from .state import APIError, ServerState
+
+CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
 
 def invalid_request(error: RequestValidationError) -> APIError:
@@ -25,45 +27,6 @@ def invalid_request(error: RequestValidationError) -> APIError:
     return APIError(400, f"{field}: {problem['msg']}", param=field)
 
 
-class BodyLimit:
-    """Refuse request bodies over max_bytes with 413, whether or not they declare their length. The body is
-    read here, up to the limit, and handed on whole (a body is at most max_bytes, 1 MiB by default)."""
-
-    def __init__(self, app, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        declared = dict(scope["headers"]).get(b"content-length", b"0")
-        body, more = b"", True
-        while more and len(body) <= self.max_bytes and not (declared.isdigit() and int(declared) > self.max_bytes):
-            message = await receive()
-            if message["type"] != "http.request":  # the client went away
-                return
-            body += message.get("body", b"")
-            more = message.get("more_body", False)
-        if more or len(body) > self.max_bytes:
-            return await APIError(413, f"the request body is larger than {self.max_bytes:,} bytes")\
-                .response()(scope, receive, send)
-        delivered = False
-
-        async def replay():
-            nonlocal delivered
-            if delivered:
-                return await receive()  # after the body: wait for the client to go away
-            delivered = True
-            return {"type": "http.request", "body": body, "more_body": False}
-
-        return await self.app(scope, replay, send)
-
-
-def check_model(state: ServerState, requested: str | None) -> None:
-    if requested is not None and requested != state.name:
-        raise APIError(400, f"model {requested!r} is not served here; this server serves {state.name!r} "
-                       "(GET /v1/models)", param="model", code="model_not_found")
-
-
 def check_ids(state: ServerState, ids: list[int], param: str) -> None:
     vocab = state.tokenizer.vocab_size
     bad = next((token for token in ids if not 0 <= token < vocab), None)
@@ -73,13 +36,17 @@ def check_ids(state: ServerState, ids: list[int], param: str) -> None:
 
 def prompt_rows(state: ServerState, prompt) -> list[list[int]]:
     """A prompt in any of OpenAI's four forms → a list of token id lists. An empty string starts from
-    end-of-text, as `gptlab generate` does."""
+    end-of-text, as `gptlab generate` does. Each prompt waits in the engine's queue as a job of its own, so
+    a request may carry at most state.max_prompts of them."""
     if isinstance(prompt, str) or prompt and all(isinstance(item, int) for item in prompt):
         prompts = [prompt]
     else:
         prompts = prompt
     if not prompts:
         raise APIError(400, "prompt must not be an empty list", param="prompt")
+    if len(prompts) > state.max_prompts:
+        raise APIError(400, f"this server takes at most {state.max_prompts} prompts per request (its --max-queue), "
+                       f"got {len(prompts)}; send the others in further requests", param="prompt")
     rows = []
     for item in prompts:
         ids = (state.tokenizer.encode(item) or [state.tokenizer.eot_id]) if isinstance(item, str) else list(item)
@@ -109,6 +76,12 @@ def generation_options(state: ServerState, body: SamplingRequest, max_tokens: in
     stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     if len(stops) > MAX_STOP_STRINGS:
         raise APIError(400, f"stop takes at most {MAX_STOP_STRINGS} strings, got {len(stops)}", param="stop")
+    if any(len(stop) > MAX_STOP_CHARS for stop in stops):
+        longest = max(len(stop) for stop in stops)
+        raise APIError(400, f"a stop string may have at most {MAX_STOP_CHARS:,} characters, got {longest:,}", param="stop")
+    if body.n > state.max_batch:
+        raise APIError(400, f"n must be at most {state.max_batch} (the server's --max-batch rows), got {body.n}",
+                       param="n")
     try:
         bias = {int(token): value for token, value in (body.logit_bias or {}).items()}
     except ValueError:
@@ -118,9 +91,42 @@ def generation_options(state: ServerState, body: SamplingRequest, max_tokens: in
     try:
         return GenerationOptions(
             max_new_tokens=max_tokens, temperature=body.temperature, top_k=body.top_k if body.top_k and body.top_k > 0 else None,
-            top_p=body.top_p, min_p=body.min_p, repetition_penalty=body.repetition_penalty, seed=body.seed,
+            top_p=body.top_p, min_p=body.min_p, repetition_penalty=body.repetition_penalty,
+            seed=offset_seed(body.seed, 0),
             stop=tuple(stops), num_samples=body.n, logprobs=logprobs, frequency_penalty=body.frequency_penalty,
             presence_penalty=body.presence_penalty, logit_bias=bias or None)
     except ValueError as error:  # its message begins with the option's name, hyphenated
         name = str(error).split(" ", 1)[0].replace("-", "_")
         raise APIError(400, str(error).replace(name.replace("_", "-"), name, 1), param=name) from None
+
+
+def chat_messages(messages: list[ChatMessage]) -> list[dict]:
+    """OpenAI's messages as {"role", "content"} in gptlab's roles: text parts joined, developer read as system.
+    A part that is not text, and a tool or function turn (GPT-2's templates have none), is a 400 naming it."""
+    result = []
+    for index, message in enumerate(messages):
+        if message.role not in CHAT_ROLES or message.tool_calls:
+            what = f"has role {message.role!r}" if message.role not in CHAT_ROLES else "calls tools"
+            raise APIError(400, f"messages[{index}] {what}: gptlab's chat templates have no tool or function turns; "
+                           "send system (or developer), user and assistant messages", param=f"messages[{index}].role")
+        content = message.content
+        if content is None:
+            raise APIError(400, f"messages[{index}] has no content", param=f"messages[{index}].content")
+        if not isinstance(content, str):
+            texts = []
+            for part_index, part in enumerate(content):
+                if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                    raise APIError(400, f"messages[{index}].content[{part_index}] is a {part.get('type')!r} part: "
+                                   "gptlab reads text parts only ({\"type\": \"text\", \"text\": ...})",
+                                   param=f"messages[{index}].content")
+                texts.append(part["text"])
+            content = "".join(texts)
+        result.append({"role": CHAT_ROLES[message.role], "content": content})
+    return result
+
+
+def check_response_format(response_format: dict | None) -> None:
+    kind = (response_format or {}).get("type", "text")
+    if kind != "text":
+        raise APIError(400, f"response_format {kind!r} is not supported: gptlab cannot constrain a reply to JSON; "
+                       "drop response_format or send {\"type\": \"text\"}", param="response_format")

@@ -18,11 +18,21 @@ place is taken by the last one), so a step reads the cache through plain views.
 
 The engine runs in a thread of its own and talks back through each job's `on_event`, called from that
 thread with Piece, Prefilled, Done or Failed.
+
+Faults. A job's rows (samplers, random generators, text assemblers) are built in full before any cache row
+is claimed for them. An exception while prefilling a job, or while choosing one of its tokens, fails that
+job alone: its rows leave the batch, it gets Failed, and the others decode on. An exception in the batched
+forward pass cannot be pinned on one job, so it fails the jobs in the batch and empties the cache, and the
+loop goes on with the jobs waiting. Nothing ends the loop but stop(); should the thread die all the same,
+`failure` says why, `health()` says "dead", and submit() refuses new jobs at once. While it has work, the
+loop records the time of its last progress (`heartbeat`): `health()` says "wedged" once that is older
+than `wedged_after` seconds.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 import traceback
 from collections import deque
 from collections.abc import Callable
@@ -33,15 +43,17 @@ import torch
 from ..config import GPTConfig
 from ..inference.decoder import cache_dtype, next_token_logits, prepared_model
 from ..inference.generate import TextAssembler
-from ..inference.sampling import GenerationOptions, Sampler, Token
+from ..inference.sampling import GenerationOptions, Sampler, Token, offset_seed
 from ..model import GPTModel, KVCache, LayerCache
 from ..tokenizer import Tokenizer
+from .metrics import EngineMetrics
 
 
 @dataclass(frozen=True)
 class Piece:
     """New text of one row (maybe empty while a stop string might be forming), the tokens that made it
-    (with log-probabilities when asked for), and why the row ended, if it did: "stop" or "length"."""
+    (with log-probabilities when asked for; a generated end-of-text token is among them, though it adds no
+    text), and why the row ended, if it did: "stop" or "length"."""
 
     row: int
     text: str
@@ -91,6 +103,7 @@ class Row:
     text: TextAssembler
     next_id: int = 0  # the token to feed at the next step
     generated: int = 0
+    last_token_at: float = 0.0  # time.monotonic() of its last token, for the latency histogram
 
 
 @dataclass
@@ -103,6 +116,8 @@ class Job:
     live_rows: int = 0
     completion_tokens: int = 0
     cancelled: bool = False
+    ended: bool = False  # Done or Failed was sent: no more events
+    submitted_at: float = 0.0  # time.monotonic() when it was queued, for the time to first token
 
 
 class SlotCache:
@@ -175,45 +190,65 @@ class SlotLayer(LayerCache):
 class Engine:
     """The decoding loop (see the module docstring). submit() from any thread; the loop runs in its own."""
 
-    def __init__(self, model: GPTModel, tokenizer: Tokenizer, max_batch: int = 16, max_queue: int = 64):
+    def __init__(self, model: GPTModel, tokenizer: Tokenizer, max_batch: int = 16, max_queue: int = 64,
+                 wedged_after: float = 60.0, metrics: EngineMetrics | None = None):
         self.model = prepared_model(model)  # the decoding layout, made once
         self.tokenizer = tokenizer
         self.context = model.cfg.context_length
         self.max_batch = max_batch
         self.max_queue = max_queue
+        self.wedged_after = wedged_after
+        self.metrics = metrics or EngineMetrics()
         device = model.device
-        dtype = cache_dtype(model.tok_emb.weight.dtype, device)
-        self.cache = SlotCache(model.cfg, max_batch, dtype, device)
-        self.prompt_cache = KVCache(model.cfg, 1, dtype, device)
+        self.cache_dtype = cache_dtype(model.tok_emb.weight.dtype, device)
+        self.cache = SlotCache(model.cfg, max_batch, self.cache_dtype, device)
+        self.prompt_cache = KVCache(model.cfg, 1, self.cache_dtype, device)
         self.slot_rows: list[Row | None] = [None] * max_batch  # the row decoding in each cache row
         self.waiting: deque[Job] = deque()
         self.jobs: list[Job] = []  # admitted, with rows still decoding
         self.wakeup = threading.Condition()
         self.accepting = True
+        self.heartbeat = time.monotonic()
+        self.failure: BaseException | None = None  # why the loop's thread ended, if it did other than by stop()
         self.thread = threading.Thread(target=self.run, name="gptlab-engine", daemon=True)
 
     def start(self) -> Engine:
         self.thread.start()
         return self
 
+    def health(self) -> str:
+        """"ok", "dead" (the loop's thread ended without stop()) or "wedged" (it has work but has made no
+        progress for wedged_after seconds)."""
+        if self.failure is not None or (self.accepting and self.thread.ident is not None and not self.thread.is_alive()):
+            return "dead"
+        busy = bool(self.jobs or self.waiting)
+        return "wedged" if busy and time.monotonic() - self.heartbeat > self.wedged_after else "ok"
+
     def submit(self, job: Job) -> Job:
-        """Queue a job; QueueFull when max_queue jobs already wait, EngineStopped once stop() was called."""
+        """Queue a job; QueueFull when max_queue jobs already wait, EngineStopped once stop() was called or
+        the loop has died."""
         if job.options.num_samples > self.max_batch:
             raise ValueError(f"n must be at most {self.max_batch} (the server's --max-batch), got {job.options.num_samples}")
         with self.wakeup:
-            if not self.accepting:
-                raise EngineStopped("the server is shutting down")
+            if not self.accepting or self.health() == "dead":
+                raise EngineStopped("the server is shutting down" if not self.accepting else
+                                    f"the decoding loop has stopped ({self.failure!r})")
             rows_free = self.max_batch - self.cache.active
             if len(self.waiting) >= self.max_queue and (self.waiting or job.options.num_samples > rows_free):
                 raise QueueFull(f"{len(self.waiting)} requests are waiting already")
+            if not (self.jobs or self.waiting):
+                self.heartbeat = time.monotonic()  # idle until now: the wait for progress starts here
+            job.submitted_at = time.monotonic()
             self.waiting.append(job)
             self.wakeup.notify()
         return job
 
     def cancel(self, job: Job) -> None:
-        """The client went away: the job's rows leave the batch before the next step."""
+        """The client went away: a waiting job leaves the queue now, a decoding one's rows before the next step."""
         with self.wakeup:
             job.cancelled = True
+            if job in self.waiting:
+                self.waiting.remove(job)
             self.wakeup.notify()
 
     def stop(self, timeout: float | None = None) -> None:
@@ -224,8 +259,17 @@ class Engine:
         if self.thread.is_alive():
             self.thread.join(timeout)
 
-    @torch.inference_mode()
     def run(self) -> None:
+        try:
+            self.loop()
+        except BaseException as error:  # noqa: BLE001 (the loop catches its jobs' errors; this is the last resort)
+            self.failure = error
+            traceback.print_exc()
+            for job in [*self.jobs, *self.waiting]:
+                self.fail(job, f"the decoding loop stopped: {error!r}")
+
+    @torch.inference_mode()
+    def loop(self) -> None:
         while True:
             with self.wakeup:
                 while not (self.waiting or self.jobs) and self.accepting:
@@ -236,69 +280,94 @@ class Engine:
                     self.leave(job)
                 admitted, rows_free = [], self.max_batch - self.cache.active
                 # first come, first served: a job that needs more rows than are free holds the line
-                while self.waiting and (self.waiting[0].cancelled or self.waiting[0].options.num_samples <= rows_free):
+                while self.waiting and self.waiting[0].options.num_samples <= rows_free:
                     job = self.waiting.popleft()
-                    if not job.cancelled:
-                        admitted.append(job)
-                        rows_free -= job.options.num_samples
-            try:
-                for job in admitted:
-                    self.prefill(job)
-                if self.cache.active:
-                    self.step()
-            except Exception as error:  # noqa: BLE001 (a bug, not a user's mistake: fail every job rather than hang them)
-                traceback.print_exc()
-                for job in {id(job): job for job in admitted + self.jobs}.values():
-                    job.on_event(Failed(f"the engine failed: {error}"))
-                    if job in self.jobs:
-                        self.leave(job)
+                    admitted.append(job)
+                    rows_free -= job.options.num_samples
+                self.heartbeat = time.monotonic()
+            for job in admitted:
+                self.guarded(job, self.prefill)
+            if self.cache.active:
+                self.step()
+            self.heartbeat = time.monotonic()
+
+    def guarded(self, job: Job, work: Callable[[Job], None]) -> None:
+        """work(job); an exception fails that job alone."""
+        try:
+            work(job)
+        except Exception as error:  # noqa: BLE001 (a bug or a bad request that passed the checks: this job fails)
+            traceback.print_exc()
+            self.fail(job, f"the engine failed on this request: {error!r}")
+        self.heartbeat = time.monotonic()
+
+    def fail(self, job: Job, message: str) -> None:
+        """End the job with Failed, its rows out of the batch."""
+        self.metrics.errors.inc("engine")
+        self.leave(job)
+        self.send(job, Failed(message))
+
+    def send(self, job: Job, event: Event) -> None:
+        if not job.ended:
+            job.ended = isinstance(event, (Done, Failed))
+            job.on_event(event)
 
     def prefill(self, job: Job) -> None:
-        """Run the job's prompt, give its n rows cache rows and their first tokens."""
+        """Run the job's prompt, give its n rows cache rows and their first tokens. The rows are built before
+        any cache row is claimed, so a request that cannot be served leaves the cache as it was."""
         model, options = self.model, job.options
+        rows = [Row(job, index, -1, Sampler(options.replace(seed=offset_seed(options.seed, index)), [job.prompt],
+                                            model.cfg.vocab_size, model.device, self.tokenizer.vocab_size),
+                    TextAssembler(options.stop))
+                for index in range(options.num_samples)]  # row r of a job draws with seed + r, as in gptlab.generate
         ids = torch.tensor([job.prompt], device=model.device)  # (1, T)
         self.prompt_cache.reset(torch.zeros(1, dtype=torch.long, device=model.device))
         features = model.hidden_states(ids, self.prompt_cache)  # (1, T, C)
-        job.on_event(Prefilled(self.prompt_logprobs(job, features) if job.prompt_logprobs else None))
+        self.metrics.prompt_tokens.inc(amount=len(job.prompt))
+        self.send(job, Prefilled(self.prompt_logprobs(job, features) if job.prompt_logprobs else None))
         if options.max_new_tokens == 0:  # only the prompt was wanted (echo with logprobs)
             for index in range(options.num_samples):
-                job.on_event(Piece(index, "", (), "length"))
-            job.on_event(Done(0))
+                self.send(job, Piece(index, "", (), "length"))
+            self.send(job, Done(0))
             return
         logits = model.out_head(features[:, -1]).float()  # (1, V)
+        job.rows, job.live_rows = rows, len(rows)
         self.jobs.append(job)
-        for index in range(options.num_samples):
-            slot = self.cache.active
+        for row in rows:
+            row.slot = self.cache.active
             self.cache.active += 1
-            self.cache.store(slot, self.prompt_cache, len(job.prompt))
-            # row r of a job draws with seed + r, as row r of a batch does in gptlab.generate
-            seed = None if options.seed is None else options.seed + index
-            sampler = Sampler(options.replace(seed=seed), [job.prompt], model.cfg.vocab_size, model.device)
-            row = Row(job, index, slot, sampler, TextAssembler(options.stop))
-            self.slot_rows[slot] = row
-            job.rows.append(row)
-            job.live_rows += 1
-            self.take(row, logits)
+            self.cache.store(row.slot, self.prompt_cache, len(job.prompt))
+            self.slot_rows[row.slot] = row
+        for row in rows:
+            if row.slot >= 0:  # a row may already have ended, and with it the job, if a token failed
+                self.take(row, logits)
 
     def prompt_logprobs(self, job: Job, features: torch.Tensor) -> tuple[Token, ...]:
-        """Each prompt token's log-probability given the tokens before it, and the most likely alternatives."""
+        """Each prompt token's log-probability given the tokens before it, and the most likely alternatives
+        among the ids the tokenizer can decode."""
         logprobs = self.model.out_head(features[0, :-1]).float().log_softmax(dim=-1)  # (T-1, V)
         following = torch.tensor(job.prompt[1:], device=logprobs.device)
         chosen = logprobs.gather(-1, following[:, None])[:, 0].tolist()
-        top = logprobs.topk(job.options.logprobs, dim=-1)
+        top = logprobs[:, : self.tokenizer.vocab_size].topk(job.options.logprobs, dim=-1)
         return (Token(job.prompt[0]),) + tuple(
             Token(token, logprob, tuple(zip(ids, values)))
             for token, logprob, ids, values in zip(job.prompt[1:], chosen, top.indices.tolist(), top.values.tolist()))
 
     def step(self) -> None:
-        """One token for every active row."""
+        """One token for every active row. A failure of the forward pass fails every job in the batch."""
         active = self.cache.active
         next_ids = torch.tensor([self.slot_rows[slot].next_id for slot in range(active)], device=self.model.device)
-        logits = next_token_logits(self.model, next_ids[:, None], self.cache)  # (B, V)
+        try:
+            logits = next_token_logits(self.model, next_ids[:, None], self.cache)  # (B, V)
+        except Exception as error:  # noqa: BLE001 (cannot be pinned on one job: all of them fail, the loop goes on)
+            traceback.print_exc()
+            for job in list(self.jobs):
+                self.fail(job, f"the engine failed on a batch of requests: {error!r}")
+            return
         self.cache.advance()
         # rows that end in take() hand their cache row to another, so list them by cache row before any does
         for slot, row in enumerate(self.slot_rows[:active]):
-            self.take(row, logits[slot : slot + 1])
+            if row.slot >= 0:  # not gone with a job that failed in this loop
+                self.guarded(row.job, lambda job, row=row, slot=slot: self.take(row, logits[slot : slot + 1]))
 
     def take(self, row: Row, logits: torch.Tensor) -> None:
         """Choose the row's next token from its logits (1, V), pass its text on, end the row if it is done."""
@@ -306,10 +375,17 @@ class Engine:
         _, (token,) = row.sampler.choose(logits)
         row.next_id = token.id
         row.generated += 1
-        if token.id == self.tokenizer.eot_id:
-            text, tokens = row.text.finish(), ()
+        now = time.monotonic()
+        if row.generated == 1:
+            self.metrics.time_to_first_token.observe(now - job.submitted_at)
         else:
-            text, tokens = row.text.feed(self.tokenizer.decode_bytes([token.id])), (token,)
+            self.metrics.inter_token_latency.observe(now - row.last_token_at)
+        row.last_token_at = now
+        self.metrics.generation_tokens.inc()
+        if token.id == self.tokenizer.eot_id:
+            text = row.text.finish()
+        else:
+            text = row.text.feed(self.tokenizer.decode_bytes([token.id]))
             job.completion_tokens += 1
         finish_reason = "stop" if row.text.finished else None
         # the next step would write at position prompt + generated - 1, which must be inside the context
@@ -317,13 +393,14 @@ class Engine:
                                       len(job.prompt) + row.generated > self.context):
             text += row.text.finish()
             finish_reason = "length"
-        job.on_event(Piece(row.index, text, tokens, finish_reason))
+        self.send(job, Piece(row.index, text, (token,), finish_reason))
         if finish_reason is not None:
             self.free(row)
             job.live_rows -= 1
             if job.live_rows == 0:
                 self.jobs.remove(job)
-                job.on_event(Done(job.completion_tokens))
+                self.metrics.requests_finished.inc()
+                self.send(job, Done(job.completion_tokens))
 
     def free(self, row: Row) -> None:
         """Give the row's cache row up; the last active row moves into it, keeping rows 0..active-1 dense."""
@@ -338,9 +415,10 @@ class Engine:
         row.slot = -1
 
     def leave(self, job: Job) -> None:
-        """Drop a job's remaining rows (its client went away, or the engine failed)."""
+        """Drop a job's remaining rows (its client went away, or it failed); it may hold none yet."""
         for row in job.rows:
             if row.slot >= 0:
                 self.free(row)
         job.live_rows = 0
-        self.jobs.remove(job)
+        if job in self.jobs:
+            self.jobs.remove(job)

@@ -2,7 +2,10 @@
 
 Requests follow OpenAI's completions and chat completions, plus the extras vLLM users expect (top_k,
 min_p, repetition_penalty). A field OpenAI defines that gptlab does not do (`suffix`, `best_of` other
-than n, `tools`, ...) is refused by name rather than ignored: unknown fields are an error (400).
+than n, `tools`, ...) is refused by name rather than ignored: unknown fields are an error (400). Fields
+that only ask OpenAI to keep or label a request (`user`, `store`, `metadata`) are accepted and have no
+effect, as on a server that stores nothing. Types are strict, as OpenAI's server checks them: "5" is not
+a number (an integer is accepted where a number is wanted).
 """
 
 from __future__ import annotations
@@ -11,13 +14,15 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..inference.sampling import MAX_LOGPROBS
+from ..inference.sampling import MAX_LOGPROBS, REPETITION_PENALTY_RANGE
 
 MAX_STOP_STRINGS = 4  # as OpenAI
+MAX_STOP_CHARS = 1000  # per stop string: each is searched for at every token
+INT64 = 2**63  # OpenAI's seed is any signed 64-bit integer
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class StreamOptions(Strict):
@@ -32,7 +37,7 @@ class SamplingRequest(Strict):
     top_p: float = Field(1.0, gt=0, le=1)
     n: int = Field(1, ge=1)
     stop: str | list[str] | None = None
-    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    seed: int | None = Field(None, ge=-INT64, le=INT64 - 1)  # taken modulo 2**63 (sampling.offset_seed)
     stream: bool = False
     stream_options: StreamOptions | None = None
     presence_penalty: float = Field(0.0, ge=-2, le=2)
@@ -42,7 +47,7 @@ class SamplingRequest(Strict):
     # vLLM's extras
     top_k: int | None = Field(None, ge=-1)  # None, -1 or 0: every token
     min_p: float = Field(0.0, ge=0, le=1)
-    repetition_penalty: float = Field(1.0, gt=0)
+    repetition_penalty: float = Field(1.0, ge=REPETITION_PENALTY_RANGE[0], le=REPETITION_PENALTY_RANGE[1])
 
 
 class CompletionRequest(SamplingRequest):
@@ -55,9 +60,12 @@ class CompletionRequest(SamplingRequest):
 
 
 class ChatMessage(Strict):
-    role: Literal["system", "user", "assistant"]
-    content: str
+    # developer is OpenAI's newer name for system; tool and function turns are refused by the route, naming them
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: str | list[dict] | None = None  # a string, or OpenAI's parts: [{"type": "text", "text": ...}, ...]
     name: str | None = None
+    tool_call_id: str | None = None  # read so that a tool turn is refused for what it is (checks.chat_messages)
+    tool_calls: list | None = None
 
 
 class ChatRequest(SamplingRequest):
@@ -66,10 +74,18 @@ class ChatRequest(SamplingRequest):
     max_completion_tokens: int | None = Field(None, ge=0)  # OpenAI's newer name for max_tokens
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    response_format: dict | None = None  # {"type": "text"}; JSON modes are refused by the route
+    store: bool | None = None  # accepted, as OpenAI does, and not used: nothing is stored
+    metadata: dict[str, str] | None = None  # likewise
 
 
 class TokenizeRequest(Strict):
-    content: str
+    """llama.cpp's body ({"content"}) or vLLM's ({"prompt", "add_special_tokens"}, which lm-eval's remote tokenizer
+    sends); GPT-2's tokenizers add no special tokens, so add_special_tokens changes nothing."""
+
+    content: str | None = None
+    prompt: str | None = None
+    add_special_tokens: bool = False
 
 
 class DetokenizeRequest(Strict):

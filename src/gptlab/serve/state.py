@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from fastapi.responses import JSONResponse
 
 from ..tokenizer import Tokenizer
 from .engine import Engine
+from .metrics import EngineMetrics
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-               413: "invalid_request_error", 429: "rate_limit_error", 500: "server_error", 503: "service_unavailable"}
+               405: "invalid_request_error", 408: "timeout_error", 413: "invalid_request_error",
+               429: "rate_limit_error", 500: "server_error", 503: "service_unavailable"}
 RETRY_AFTER_S = 1
 
 
@@ -22,9 +24,12 @@ class APIError(Exception):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
 
+    @property
+    def type(self) -> str:
+        return ERROR_TYPES.get(self.status, "error")
+
     def response(self) -> JSONResponse:
-        body = {"error": {"message": self.message, "type": ERROR_TYPES.get(self.status, "error"),
-                          "param": self.param, "code": self.code}}
+        body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
         return JSONResponse(body, status_code=self.status, headers=self.headers)
 
 
@@ -35,6 +40,9 @@ class ServerState:
     name: str
     api_key: str | None = None
     max_body_bytes: int = 1 << 20
+    max_batch: int = 16  # rows decoded together: the most samples (n) one request may ask for
+    max_prompts: int = 64  # prompts one request may carry (each waits in the queue as a job)
+    metrics: EngineMetrics = field(default_factory=EngineMetrics)
     engine: Engine | None = None
     tokenizer: Tokenizer | None = None
     chat_template: str | None = None
@@ -46,6 +54,8 @@ class ServerState:
     def ready(self) -> Engine:
         if self.status == "stopping":
             raise APIError(503, "the server is shutting down")
+        if self.engine is not None and self.engine.health() != "ok":
+            raise APIError(503, f"the decoding loop is {self.engine.health()}; the server cannot answer (see its log)")
         if self.engine is None:
             raise APIError(503, "the model is still loading; retry in a moment (GET /health says when it is ready)",
                            headers={"Retry-After": str(RETRY_AFTER_S)})
