@@ -87,7 +87,12 @@ def test_a_lora_run_changes_only_the_adapters(tiny_base, instructions, tmp_path,
             assert torch.equal(tuned[name], base[name]), name  # frozen: bit for bit the base's
 
     # the adapter on its own: merge-lora folds it into the base as the run did
-    assert gptlab(capsys, ["merge-lora", "--adapter", str(checkpoint), "--out", str(tmp_path / "merged")])[0] == 0
+    code, out, _ = gptlab(capsys, ["merge-lora", "--adapter", str(checkpoint), "--out", str(tmp_path / "merged")])
+    assert code == 0 and f"wrote {tmp_path / 'merged'}, a new checkpoint: {tiny_base} with the adapter" in out
+    assert f"{tiny_base} is unchanged" in out
+    template = json.loads((checkpoint / "config.json").read_text()).get("chat_template")
+    assert template == ("alpaca" if command == "finetune" else None)  # an instruction run's template...
+    assert json.loads((tmp_path / "merged" / "config.json").read_text()).get("chat_template") == template  # ...kept
     merged, _ = load_model(tmp_path / "merged")
     run_model, _ = load_model(checkpoint)
     ids = torch.tensor([TOKENIZER.encode("Sort: a e")])
