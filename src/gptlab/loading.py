@@ -1,20 +1,35 @@
-"""Loading any model folder gptlab understands: its own checkpoints and Hugging Face GPT-2 folders.
+"""Loading any model folder gptlab understands: its own checkpoints and Hugging Face GPT-2 folders, each
+either a language model (load_model) or a classifier (load_classifier).
 
 It imports both formats (checkpoint.py and interop/hf.py), so checkpoint.py need not import interop.
-A path that is not such a folder gets a one-line ValueError saying what it is and what to pass instead.
+A path that is not such a folder gets a one-line ValueError saying what it is and what to pass instead,
+and so does a classifier where a language model is needed (check_language_model): its head scores labels,
+so generating, serving or evaluating it as a language model would read label scores as token logits.
 """
 
 from __future__ import annotations
 
 import difflib
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 
-from .checkpoint import CONFIG_FILE, FORMAT, WEIGHTS_FILE, is_gptlab_checkpoint, load_gptlab_checkpoint, read_json
+from .checkpoint import (
+    CONFIG_FILE,
+    FORMAT,
+    WEIGHTS_FILE,
+    ClassifierHead,
+    classifier_head,
+    is_gptlab_checkpoint,
+    load_gptlab_checkpoint,
+    read_config,
+    read_json,
+)
 from .config import GPTConfig
-from .interop.hf import check_hf_config, config_from_hf, hf_weight_files, load_hf_checkpoint
+from .interop.hf import check_hf_config, classifier_head_from_hf, config_from_hf, hf_weight_files, load_hf_checkpoint
+from .interop.hf_tokenizer import load_hf_tokenizer
 from .model import GPTModel
 from .tokenizer import Tokenizer
 
@@ -93,24 +108,75 @@ def read_model_config(path: Path) -> tuple[GPTConfig, str]:
     return config_from_hf(meta), kind
 
 
+def read_tokenizer(path: Path) -> Tokenizer:
+    """The tokenizer of a loadable folder, without its weights."""
+    meta = read_json(Path(path) / CONFIG_FILE)
+    return read_config(path)[1] if checkpoint_format(path) == "gptlab" else load_hf_tokenizer(Path(path), meta)
+
+
+def read_classifier_head(path: Path) -> ClassifierHead | None:
+    """The classifier head of a loadable folder (gptlab's "classifier", or a GPT2ForSequenceClassification
+    export's labels), or None for a language model; from config.json alone."""
+    kind = checkpoint_format(path)
+    meta = read_json(Path(path) / CONFIG_FILE)
+    return classifier_head(meta) if kind == "gptlab" else classifier_head_from_hf(meta)
+
+
+def not_a_language_model(path: Path, head: ClassifierHead) -> str:
+    return (f"{path} is {head.describe()}: its head scores labels, not next tokens, so it cannot generate text, be "
+            f"served or be scored as a language model; label texts with `gptlab classify --checkpoint {path}`, or "
+            f"export it with `gptlab convert --to-hf {path} DIR` (transformers' GPT2ForSequenceClassification)")
+
+
+def check_language_model(path: Path) -> None:
+    """A one-line ValueError if `path` is not a loadable language model: a bad folder says what it is, and a
+    classifier what to use instead. Reads config.json only, so commands can check before they start."""
+    head = read_classifier_head(path)
+    if head is not None:
+        raise ValueError(not_a_language_model(path, head))
+
+
 def load_model(
     path: Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
 ) -> tuple[GPTModel, Tokenizer]:
-    """The model and tokenizer in a gptlab checkpoint or a Hugging Face GPT-2 folder (any of the four
-    sizes), memory-mapped rather than copied where the device and dtype allow. Bad folders, missing
-    weights and shape mismatches raise a one-line ValueError. A classifier (`gptlab finetune classify`)
-    loads with its head of one row per label, and its labels as `model.labels`."""
+    """The language model and tokenizer in a gptlab checkpoint or a Hugging Face GPT-2 folder (any of the
+    four sizes), memory-mapped rather than copied where the device and dtype allow. Bad folders, missing
+    weights and shape mismatches raise a one-line ValueError, and so does a classifier (load_classifier
+    reads it)."""
+    check_language_model(path)
+    return load_weights(path, device, dtype)[:2]
+
+
+@dataclass(frozen=True)
+class Classifier:
+    """A classifier checkpoint's model (out_head: one row per label), tokenizer and head."""
+
+    model: GPTModel
+    tokenizer: Tokenizer
+    head: ClassifierHead
+
+    @property
+    def labels(self) -> list[str]:
+        return list(self.head.labels)
+
+
+def load_classifier(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> Classifier:
+    """The classifier in a gptlab checkpoint (`gptlab finetune classify`) or in its Hugging Face export."""
+    path = Path(path)
+    if read_classifier_head(path) is None:
+        raise ValueError(f"{path} is a language model, not a classifier (its config.json lists no labels); "
+                         "fine-tune one with `gptlab finetune classify`")
+    return Classifier(*load_weights(path, device, dtype))
+
+
+def load_weights(path: Path, device: str | torch.device, dtype: torch.dtype | None
+                 ) -> tuple[GPTModel, Tokenizer, ClassifierHead | None]:
+    """Whatever model the folder holds, its tokenizer, and its classifier head (None: a language model)."""
     try:
         if checkpoint_format(path) == "hf":
-            return load_hf_checkpoint(path, device, dtype)
-        if read_json(Path(path) / CONFIG_FILE).get("labels"):
-            from .finetune.classify import load_classifier  # fine-tuning builds on this module
-
-            classifier = load_classifier(path, device)
-            classifier.model.labels = classifier.labels
-            model, tokenizer = classifier.model, classifier.tokenizer
+            model, tokenizer = load_hf_checkpoint(path, device, dtype)
         else:
             model, tokenizer = load_gptlab_checkpoint(path, device)
     except SafetensorError as error:
         raise ValueError(f"a weights file in {path} is damaged or not safetensors ({error}); re-create it") from None
-    return (model if dtype is None else model.to(dtype)), tokenizer
+    return (model if dtype is None else model.to(dtype)), tokenizer, read_classifier_head(path)

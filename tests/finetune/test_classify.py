@@ -13,8 +13,9 @@ from conftest import LETTERS, TOKENIZER, random_model, tiny_config
 from safetensors.torch import load_file
 
 from gptlab.cli import main
-from gptlab.loading import load_model
-from gptlab.finetune.classify import LabeledText, class_rows, last_token_logits, load_classifier, new_head
+from gptlab.checkpoint import give_classifier_head
+from gptlab.finetune.classify import LabeledText, class_rows, last_token_logits
+from gptlab.loading import load_classifier, load_model
 from gptlab.finetune.pipeline import finetune
 from gptlab.finetune.rows import pad_rows
 from gptlab.training.evaluation import loss_fn
@@ -24,7 +25,7 @@ TEXTS = [LabeledText("buy now", "spam", "t"), LabeledText("hi", "ham", "t"), Lab
 
 
 def test_the_last_real_tokens_logits_classify_each_padded_row_as_if_alone():
-    model = new_head(random_model(tiny_config()), len(LABELS)).eval()
+    model = give_classifier_head(random_model(tiny_config()), len(LABELS)).eval()
     rows = class_rows(TOKENIZER, TEXTS, LABELS, context_length=256)
     inputs, targets = (torch.from_numpy(a) for a in pad_rows(rows, TOKENIZER.eot_id))
     assert inputs.shape == (3, len("see you at noon."))
@@ -81,10 +82,9 @@ def test_classification_learns_a_rule_and_the_classifier_loads_back(pretrained, 
     assert json.loads((tmp_path / "run/scores.json").read_text())["test"]["accuracy"] == scores["test"]
 
     classifier = load_classifier(tmp_path / "run/last")
-    assert classifier.labels == ["no", "yes"]
-    model, _ = load_model(tmp_path / "run/last")  # the public loader gives the same classifier
-    assert model.labels == ["no", "yes"] and model.out_head.out_features == 2
-    torch.testing.assert_close(model.state_dict(), classifier.model.state_dict(), rtol=0, atol=0)
+    assert classifier.labels == ["no", "yes"] and classifier.model.out_head.out_features == 2
+    assert json.loads((tmp_path / "run/last/config.json").read_text())["classifier"] == {
+        "labels": ["no", "yes"], "pooling": "last_token"}
     texts = ["abcdef", "habcde"]
     capsys.readouterr()
     assert main(["classify", "--checkpoint", str(tmp_path / "run/last"), "--text", texts[0], "--text", texts[1]]) == 0

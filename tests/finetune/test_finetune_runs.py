@@ -2,6 +2,7 @@
 on a bfloat16 or int8 base), its adapter merges and exports to PEFT, an interrupted fine-tune resumes
 exactly, torchrun trains like one process, and bad input ends in one line, exit code 2, nothing written."""
 
+import json
 import os
 import subprocess
 import sys
@@ -15,7 +16,8 @@ from test_train import press_ctrl_c_after, train_losses, validation_losses
 from gptlab import load_model
 from gptlab.checkpoint import save_model
 from gptlab.cli import main
-from gptlab.finetune.lora import read_adapter
+from gptlab.finetune.lora import AdapterDropout, read_adapter
+from gptlab.finetune.pipeline import finetune
 from gptlab.tokenizer import CharTokenizer
 
 RUN = ["--batch-size", "4", "--eval-interval", "2", "--log-interval", "1", "--sample-tokens", "8", "--lr", "1e-2",
@@ -85,7 +87,12 @@ def test_a_lora_run_changes_only_the_adapters(tiny_base, instructions, tmp_path,
             assert torch.equal(tuned[name], base[name]), name  # frozen: bit for bit the base's
 
     # the adapter on its own: merge-lora folds it into the base as the run did
-    assert gptlab(capsys, ["merge-lora", "--adapter", str(checkpoint), "--out", str(tmp_path / "merged")])[0] == 0
+    code, out, _ = gptlab(capsys, ["merge-lora", "--adapter", str(checkpoint), "--out", str(tmp_path / "merged")])
+    assert code == 0 and f"wrote {tmp_path / 'merged'}, a new checkpoint: {tiny_base} with the adapter" in out
+    assert f"{tiny_base} is unchanged" in out
+    template = json.loads((checkpoint / "config.json").read_text()).get("chat_template")
+    assert template == ("alpaca" if command == "finetune" else None)  # an instruction run's template...
+    assert json.loads((tmp_path / "merged" / "config.json").read_text()).get("chat_template") == template  # ...kept
     merged, _ = load_model(tmp_path / "merged")
     run_model, _ = load_model(checkpoint)
     ids = torch.tensor([TOKENIZER.encode("Sort: a e")])
@@ -254,3 +261,35 @@ def test_an_adapter_is_refused_by_a_base_of_another_vocabulary_or_shape(tiny_bas
 def test_impossible_settings_are_refused(tiny_base, instructions, tmp_path, capsys, argv, message):
     argv = [{"BASE": str(tiny_base), "DATA": instructions}.get(item, item) for item in argv]
     refused(capsys, tmp_path, [*argv, "--out", str(tmp_path / "out"), "--no-progress", "--device", "cpu"], message)
+
+
+def test_the_dropout_schedule_leaves_the_adapters_dropout_at_its_setting(tiny_base, instructions, tmp_path):
+    """The model's dropout is off for the first steps and doubled after them; every training call of an
+    adapter's dropout runs at --lora-dropout and drops that share of its input, and the saved adapter says so."""
+    seen = {"adapter": [], "model": set()}
+
+    def record(module, inputs, output):
+        if not (module.training and isinstance(module, torch.nn.Dropout)):
+            return
+        if isinstance(module, AdapterDropout):
+            seen["adapter"].append((module.p, (output == 0).sum().item(), output.numel()))
+        else:
+            seen["model"].add(round(module.p, 6))
+
+    lines = []
+    handle = torch.nn.modules.module.register_module_forward_hook(record)
+    try:
+        finetune("instruct", init=str(tiny_base), data=instructions, out=str(tmp_path / "run"), max_steps=8,
+                 batch_size=4, lr=1e-2, warmup_steps=1, eval_interval=100, sample_tokens=0, progress=False,
+                 device="cpu", lora_rank=4, lora_dropout=0.25, drop_rate=0.1, dropout_from_epoch=0.5,
+                 dropout_double_for_epochs=0.5, log=lines.append)
+    finally:
+        handle.remove()
+    assert any("dropout on at 0.2 (twice the model's" in line for line in lines), lines
+    assert seen["model"] == {0.0, 0.2}  # the schedule ran: off, then doubled
+    assert {p for p, _, _ in seen["adapter"]} == {0.25}
+    dropped, values = (sum(column) for column in list(zip(*seen["adapter"]))[1:])
+    assert values > 20_000 and dropped / values == pytest.approx(0.25, abs=0.01)
+    assert read_adapter(tmp_path / "run/last").config.dropout == 0.25
+    assert main(["convert", "--to-hf", "--adapter", str(tmp_path / "run/last"), str(tmp_path / "peft")]) == 0
+    assert json.loads((tmp_path / "peft/adapter_config.json").read_text())["lora_dropout"] == 0.25

@@ -36,6 +36,7 @@ from gptlab.inference.quantize import is_quantized, quantize_model
 from gptlab.loading import load_model
 from gptlab.model import GPTModel
 from gptlab.tokenizer import CharTokenizer
+from gptlab.training.dropout import DropoutSwitch
 
 TINY = GPTConfig(vocab_size=40, context_length=16, emb_dim=32, n_heads=4, n_layers=2, drop_rate=0.0, qkv_bias=True)
 ALL_TARGETS = ("qkv", "out_proj", "fc", "proj", "head")
@@ -219,6 +220,20 @@ def test_adapter_folder_round_trip(tmp_path):
     assert torch.equal(logits(loaded, ids()), logits(model, ids()))
 
 
+def test_the_dropout_switch_scales_the_models_dropout_and_leaves_the_adapters_at_their_setting(tmp_path):
+    config = LoRAConfig(rank=4, alpha=8, dropout=0.25, targets=ALL_TARGETS)
+    model = apply_lora(random_model(TINY.replace(drop_rate=0.1, attn_drop_rate=0.05)), config).train()
+    switch = DropoutSwitch(model)
+    assert sorted({rate for _, _, rate in switch.rates}) == [0.05, 0.1]  # the model's own rates only
+    for scale in (0.0, 2.0):
+        switch.set(scale)
+        assert {module.dropout.p for module in lora_modules(model).values()} == {0.25}
+        assert model.trf_blocks[0].drop_shortcut.p == pytest.approx(0.1 * scale)
+        assert lora_config_of(model) == config
+        save_adapter(tmp_path / "adapter", model, config, base="models/base")  # its check agrees with the model
+        assert read_adapter(tmp_path / "adapter").config.dropout == 0.25
+
+
 @pytest.mark.parametrize("change, field", [
     ({"vocab_size": 41}, "vocab_size 40, but this base has vocab_size 41"),
     ({"emb_dim": 48}, "emb_dim 32, but this base has emb_dim 48"),
@@ -266,8 +281,10 @@ def base_and_adapter(tmp_path):
 def test_merge_lora_command_writes_a_checkpoint_with_the_merged_logits(base_and_adapter, capsys):
     tmp_path, adapted_logits = base_and_adapter
     assert main(["merge-lora", "--adapter", str(tmp_path / "adapter"), "--out", str(tmp_path / "merged")]) == 0
-    assert capsys.readouterr().out == (f"merged {tmp_path / 'adapter'} (LoRA rank 4, alpha 8 on qkv, fc, head) into "
-                                       f"{tmp_path / 'base'}; wrote {tmp_path / 'merged'}\n")
+    assert capsys.readouterr().out == (
+        f"wrote {tmp_path / 'merged'}, a new checkpoint: {tmp_path / 'base'} with the adapter in "
+        f"{tmp_path / 'adapter'} (LoRA rank 4, alpha 8 on qkv, fc, head) folded in, a language model without a chat "
+        f"template; {tmp_path / 'base'} is unchanged\n")
     merged, tokenizer = load_model(tmp_path / "merged")
     assert tokenizer.spec() == TOKENIZER.spec()
     torch.testing.assert_close(logits(merged, ids()), adapted_logits, atol=1e-5, rtol=0)

@@ -152,5 +152,5 @@ def test_cli_convert_of_a_char_model_writes_its_tokenizer_without_a_note(tmp_pat
     assert main(["convert", "--to-hf", str(tmp_path / "ckpt"), str(tmp_path / "hf")]) == 0
     captured = capsys.readouterr()
     assert captured.out == (f"wrote {tmp_path / 'hf'}: config.json, generation_config.json, model.safetensors, "
-                            "tokenizer.json, tokenizer_config.json\n")
+                            "tokenizer.json, tokenizer_config.json (GPT2LMHeadModel)\n")
     assert captured.err == ""

@@ -8,12 +8,13 @@ import dataclasses
 from pathlib import Path
 
 from ..data import DataError
-from ..finetune.classify import classify_texts, load_classifier
+from ..finetune.classify import classify_texts
 from ..finetune.instruct import SAMPLES_FILE
 from ..finetune.lora import merge_adapter_checkpoint
 from ..finetune.pipeline import SCORES_FILE, TASKS, finetune
 from ..finetune.records import read_records
 from ..finetune.templates import TEMPLATES
+from ..loading import load_classifier
 from ..training.runtime import pick_device
 from .train import DEFAULTS, add_settings
 
@@ -82,8 +83,7 @@ def cmd_classify(args: argparse.Namespace) -> None:
 
 
 def cmd_merge_lora(args: argparse.Namespace) -> None:
-    base, config = merge_adapter_checkpoint(args.adapter, args.out, args.base, force=args.force)
-    print(f"merged {args.adapter} ({config.describe()}) into {base}; wrote {args.out}")
+    print(merge_adapter_checkpoint(args.adapter, args.out, args.base, force=args.force).format())
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ..checkpoint import is_gptlab_checkpoint
 from ..finetune.lora import is_adapter_folder, read_adapter
+from ..finetune.templates import chat_template_of, jinja_template
 from ..interop.gguf import OUTTYPES, export_gguf
 from ..interop.hf import (
     HUB_REPOS,
@@ -14,8 +15,9 @@ from ..interop.hf import (
     export_hf,
     is_hf_gpt2_folder,
 )
+from ..interop.hf_tokenizer import HF_TOKENIZER_CONFIG, SEGMENT_MARK
 from ..interop.peft import export_peft_adapter
-from ..loading import load_model, read_model_config
+from ..loading import load_classifier, load_model, read_classifier_head, read_model_config, read_tokenizer
 from ..report import parameter_report
 from .common import (
     CHECKPOINT_FORMAT_NAMES,
@@ -38,21 +40,56 @@ def cmd_info(args: argparse.Namespace) -> None:
 
 def cmd_convert(args: argparse.Namespace) -> None:
     if args.adapter or (is_adapter_folder(args.checkpoint) and not is_gptlab_checkpoint(args.checkpoint)):
-        base = read_adapter(args.checkpoint).base
-        # PEFT's AutoPeftModelForCausalLM loads the recorded base, which must be a transformers folder
-        hf_base = base if is_hf_gpt2_folder(Path(base)) else None
-        files = export_peft_adapter(args.checkpoint, args.outdir, hf_base, force=args.force)
-        print(f"wrote {args.outdir}: {', '.join(files)} (a PEFT adapter); load it with PeftModel.from_pretrained("
-              f"GPT2LMHeadModel.from_pretrained(BASE), '{args.outdir}'), BASE being {hf_base or f'the export of {base}'}")
+        convert_adapter(args)
         return
-    model, tokenizer = load_model(args.checkpoint)
+    head = read_classifier_head(args.checkpoint)
     if args.to_gguf:
-        print(export_gguf(model, tokenizer, args.outdir, outtype=args.outtype, force=args.force).format())
+        if head is not None:
+            raise UserError(f"{args.checkpoint} is {head.describe()}, and GGUF's gpt2 architecture is a language "
+                            f"model with no classification head; export it with `gptlab convert --to-hf "
+                            f"{args.checkpoint} DIR` (transformers' GPT2ForSequenceClassification), or label texts "
+                            f"with `gptlab classify --checkpoint {args.checkpoint}`")
+        model, tokenizer = load_model(args.checkpoint)
+        template = chat_template_of(args.checkpoint)
+        print(export_gguf(model, tokenizer, args.outdir, outtype=args.outtype, force=args.force,
+                          chat_template=template and jinja_template(template)).format())
         return
     if args.outtype != "f32":
         raise UserError("--outtype applies to --to-gguf only")
-    files = export_hf(model, tokenizer, args.outdir, force=args.force)
-    print(f"wrote {args.outdir}: {', '.join(files)}")
+    if head is not None:
+        classifier = load_classifier(args.checkpoint)
+        files = export_hf(classifier.model, classifier.tokenizer, args.outdir, force=args.force, head=head)
+        what = f"GPT2ForSequenceClassification with labels {', '.join(head.labels)}"
+    else:
+        model, tokenizer = load_model(args.checkpoint)
+        template = chat_template_of(args.checkpoint)
+        files = export_hf(model, tokenizer, args.outdir, force=args.force,
+                          chat_template=template and jinja_template(template, SEGMENT_MARK))
+        what = "GPT2LMHeadModel" + (f", chat template {template} in {HF_TOKENIZER_CONFIG}" if template else "")
+    print(f"wrote {args.outdir}: {', '.join(files)} ({what})")
+
+
+def convert_adapter(args: argparse.Namespace) -> None:
+    """`convert --to-hf --adapter`: the adapter in a fine-tune's checkpoint (or an adapter folder) for PEFT."""
+    if args.to_gguf:
+        raise UserError("--adapter writes a PEFT adapter for transformers; use --to-hf (GGUF takes a whole model: "
+                        "merge the adapter with `gptlab merge-lora` first)")
+    adapter = read_adapter(args.checkpoint)
+    # PEFT's AutoPeftModel loads the recorded base, which must be a transformers folder
+    hf_base = adapter.base if is_hf_gpt2_folder(Path(adapter.base)) else None
+    files = export_peft_adapter(args.checkpoint, args.outdir, hf_base, force=args.force)
+    base = hf_base or f"the export of {adapter.base}"
+    if adapter.classifier is None:
+        load = "GPT2LMHeadModel.from_pretrained(BASE)"
+    else:
+        try:
+            pad = read_tokenizer(Path(adapter.base)).eot_id
+        except ValueError:  # the base has moved: the id is its end-of-text token's
+            pad = "EOT"
+        load = (f"AutoModelForSequenceClassification.from_pretrained(BASE, id2label="
+                f"{dict(enumerate(adapter.classifier.labels))}, pad_token_id={pad})")
+    print(f"wrote {args.outdir}: {', '.join(files)} (a PEFT adapter); load it with PeftModel.from_pretrained({load}, "
+          f"'{args.outdir}'), BASE being {base}")
 
 
 def cmd_download(args: argparse.Namespace) -> None:

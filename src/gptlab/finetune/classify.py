@@ -6,8 +6,9 @@ Rows are right-padded with the end-of-text id, so the last real token is at a di
 row; the row's one target (its class index) sits there, every other target is IGNORE_INDEX, and the
 training loop's cross-entropy is then exactly the classification loss.
 
-A classifier checkpoint is a gptlab checkpoint whose config.json also lists the labels ("labels", in
-class order) and whose out_head.weight has one row per label; `load_classifier` reads it back.
+A classifier checkpoint is a gptlab checkpoint whose config.json also has the head ("classifier": the
+labels in class order, and the pooling rule) and whose out_head.weight has one row per label
+(checkpoint.ClassifierHead); gptlab.loading.load_classifier reads it back.
 """
 
 from __future__ import annotations
@@ -19,21 +20,15 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
-from torch import nn
 
-from ..checkpoint import WEIGHTS_FILE, read_config
-from ..config import GPTConfig
 from ..data import IGNORE_INDEX, DataError
-from ..loading import checkpoint_format
+from ..loading import Classifier
 from ..model import GPTModel
 from ..tokenizer import Tokenizer
 from ..training.evaluation import autocast
 from ..training.runtime import Runtime, sum_across_ranks
 from .records import field, read_records
 from .rows import Row, RowBatches, pad_rows, rank_batches
-
-HEAD = "out_head"
 
 
 @dataclass(frozen=True)
@@ -94,12 +89,6 @@ def class_rows(tokenizer: Tokenizer, items: list[LabeledText], labels: list[str]
     return rows
 
 
-def new_head(model: GPTModel, n_classes: int) -> GPTModel:
-    """Replace the output head with one of n_classes rows (nn.Linear's initialisation, as the textbook's)."""
-    model.out_head = nn.Linear(model.cfg.emb_dim, n_classes, bias=False, device=model.device)
-    return model
-
-
 def freeze_for_classification(model: GPTModel, train_blocks: int | None) -> GPTModel:
     """Train only the last `train_blocks` blocks, the final norm and the head (None: everything)."""
     if train_blocks is not None:
@@ -107,34 +96,6 @@ def freeze_for_classification(model: GPTModel, train_blocks: int | None) -> GPTM
         for module in [*model.trf_blocks[len(model.trf_blocks) - train_blocks:], model.final_norm, model.out_head]:
             module.requires_grad_(True)
     return model
-
-
-def classifier_from_state_dict(cfg: GPTConfig, state: dict[str, torch.Tensor], n_classes: int) -> GPTModel:
-    """A classifier holding the given tensors themselves (built on the meta device, then assigned)."""
-    with torch.device("meta"):
-        model = new_head(GPTModel(cfg), n_classes)
-    model.load_state_dict(state, assign=True)
-    return model.eval()
-
-
-@dataclass(frozen=True)
-class Classifier:
-    model: GPTModel
-    tokenizer: Tokenizer
-    labels: list[str]
-
-
-def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> Classifier:
-    """The classifier `gptlab finetune classify` saved in `path`."""
-    path = Path(path)
-    checkpoint_format(path)  # a missing or foreign folder: the same one-line messages as load_model
-    cfg, tokenizer, meta = read_config(path)
-    labels = meta.get("labels")
-    if not labels:
-        raise ValueError(f"{path} is not a classifier (its config.json lists no labels); fine-tune one with "
-                         "`gptlab finetune classify`")
-    state = load_file(str(path / WEIGHTS_FILE), device=str(device))
-    return Classifier(classifier_from_state_dict(cfg, state, len(labels)), tokenizer, list(labels))
 
 
 def last_token_logits(model: torch.nn.Module, inputs: torch.Tensor,

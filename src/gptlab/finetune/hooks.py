@@ -22,7 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
-from ..checkpoint import WEIGHTS_FILE, model_from_state_dict, with_tied_head, write_model_files
+from ..checkpoint import WEIGHTS_FILE, classifier_head, model_from_state_dict, with_tied_head, write_model_files
 from ..config import GPTConfig
 from ..inference.quantize import float32_bias, quantize_rows
 from ..model import GPTModel
@@ -134,10 +134,6 @@ def merged_state_dict(model: GPTModel) -> dict[str, torch.Tensor]:
     return {name: tensor.detach().float() for name, tensor in state.items()}
 
 
-def language_model(cfg: GPTConfig, state: dict[str, torch.Tensor]) -> GPTModel:
-    return model_from_state_dict(cfg, with_tied_head(cfg, state))
-
-
 def restore_trained(folder: Path, model: GPTModel) -> None:
     """A LoRA run's resume (its base already rebuilt from --init): A and B from the adapter file, any other
     trained tensor from model.safetensors, where it is stored as trained (it is not merged into anything)."""
@@ -149,14 +145,13 @@ def restore_trained(folder: Path, model: GPTModel) -> None:
 
 
 def finetune_hooks(run: RunConfig, meta: dict, prepare_task: Callable[[GPTModel], GPTModel] = lambda model: model,
-                   keep_training: Iterable[str] = (), plain_model: Callable[..., GPTModel] = language_model,
-                   log: Callable[[str], None] = print, report_parameters: bool = True) -> ModelHooks:
+                   keep_training: Iterable[str] = (), log: Callable[[str], None] = print,
+                   report_parameters: bool = True) -> ModelHooks:
     """The loop's hooks for a fine-tune: `prepare_task` changes the model for the task (a classification
     head, frozen blocks); with LoRA the adapters go on after it, and `keep_training` names the task's new
     modules that train in full beside them. The trainable and total parameters are logged (with
     report_parameters=False only for LoRA: pretraining's own report says the rest). `meta` goes into each
-    checkpoint's config.json (a chat template, the labels); `plain_model(cfg, state)` builds the model that
-    a checkpoint's merged weights load into."""
+    checkpoint's config.json (a chat template, a classifier's head) and into the adapter's own config."""
     lora = lora_config(run)
 
     def prepare(model: GPTModel) -> GPTModel:
@@ -172,8 +167,10 @@ def finetune_hooks(run: RunConfig, meta: dict, prepare_task: Callable[[GPTModel]
         if lora is None:
             write_model_files(folder, model, tokenizer, extra)
             return
-        write_model_files(folder, plain_model(model.cfg, merged_state_dict(model)), tokenizer, extra)
-        write_adapter_files(folder, model, lora, run.model.init)
+        cfg = model.cfg
+        plain = model_from_state_dict(cfg, with_tied_head(cfg, merged_state_dict(model)), classifier_head(meta))
+        write_model_files(folder, plain, tokenizer, extra)
+        write_adapter_files(folder, model, lora, run.model.init, meta)
 
     return ModelHooks(prepare=prepare, write_model=write_model,
                       read_model=load_model_weights if lora is None else restore_trained)

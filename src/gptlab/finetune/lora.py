@@ -10,6 +10,9 @@ computes exactly what the base model does. The update can be folded into the wei
 
 An adapter folder holds only A and B (adapter.safetensors) and adapter_config.json: the LoRA settings,
 the path of the base checkpoint and the base model's config, so that it is never put on another model.
+The adapter of an instruction-tuned model records its chat template too; a classifier's records its head
+(labels) and holds the head's weight (out_head.weight), which trains in full beside the adapters, so that
+the adapter folder alone rebuilds the classifier from its base language model.
 """
 
 from __future__ import annotations
@@ -25,7 +28,18 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..checkpoint import read_json, save_model, write_folder_atomically
+from ..checkpoint import (
+    CHAT_TEMPLATE_FIELD,
+    CLASSIFIER_FIELD,
+    CONFIG_FILE,
+    ClassifierHead,
+    classifier_head,
+    give_classifier_head,
+    is_gptlab_checkpoint,
+    read_json,
+    save_model,
+    write_folder_atomically,
+)
 from ..config import GPTConfig
 from ..loading import load_model
 from ..model import Dropout, GPTModel
@@ -42,6 +56,7 @@ ADAPTER_WEIGHTS_FILE = "adapter.safetensors"
 # The base config fields an adapter depends on. context_length is not one: A and B do not depend on
 # it, and a run may crop the base's position table (--context-length) without changing any weight.
 BASE_FIELDS = ("vocab_size", "emb_dim", "n_heads", "n_layers", "qkv_bias", "tie_embeddings")
+HEAD_WEIGHT = f"{HEAD_MODULE}.weight"  # a classifier adapter's head, trained in full
 
 
 @dataclass(frozen=True)
@@ -80,6 +95,14 @@ class LoRAConfig:
         return cls(**data)
 
 
+class AdapterDropout(Dropout):
+    """The dropout on an adapter's input. Its rate is the adapter's own setting (LoRAConfig.dropout, saved with
+    the adapter and exported to PEFT), so the training loop's dropout schedule, which switches and doubles the
+    model's own dropout, leaves it as it is (training.dropout.DropoutSwitch reads this flag)."""
+
+    follows_dropout_schedule = False
+
+
 class LoRALinear(nn.Module):
     """A frozen linear layer plus a trainable low-rank update: (..., in) → (..., out).
 
@@ -98,7 +121,7 @@ class LoRALinear(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=device))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=device))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # PEFT's default, which nn.Linear uses too
-        self.dropout = Dropout(dropout)
+        self.dropout = AdapterDropout(dropout)
 
     @property
     def scale(self) -> float:
@@ -214,12 +237,21 @@ def parameter_summary(model: nn.Module) -> str:
 
 @dataclass(frozen=True)
 class Adapter:
-    """An adapter folder's contents: settings, the base it was made for, and the A and B tensors."""
+    """An adapter folder's contents: settings, the base it was made for, the A and B tensors, and what the
+    model it belongs to is beyond its base: a classifier's head (and its weight), a chat template."""
 
     config: LoRAConfig
     base: str  # the base checkpoint's path, as given to save_adapter
     base_config: GPTConfig
     tensors: dict[str, torch.Tensor]
+    classifier: ClassifierHead | None = None
+    head_weight: torch.Tensor | None = None  # the classifier's out_head.weight (one row per label)
+    chat_template: str | None = None
+
+    def model_fields(self) -> dict:
+        """The config.json fields of the model it makes with its base (a classifier's head, a chat template)."""
+        fields = {CLASSIFIER_FIELD: self.classifier.to_dict()} if self.classifier else {}
+        return {**fields, **({CHAT_TEMPLATE_FIELD: self.chat_template} if self.chat_template else {})}
 
 
 def is_adapter_folder(path: Path) -> bool:
@@ -229,11 +261,13 @@ def is_adapter_folder(path: Path) -> bool:
         return False
 
 
-def save_adapter(folder: Path, model: GPTModel, config: LoRAConfig, base: str) -> None:
+def save_adapter(folder: Path, model: GPTModel, config: LoRAConfig, base: str, classifier: ClassifierHead | None = None,
+                 chat_template: str | None = None) -> None:
     """Write the model's adapters to `folder` (adapter.safetensors + adapter_config.json), atomically.
 
-    `base` is the checkpoint the adapters were trained on, recorded for merge-lora. An existing folder
-    is only replaced when it is an earlier adapter folder.
+    `base` is the checkpoint the adapters were trained on, recorded for merge-lora; `classifier` the head of
+    a classifier (its weight is saved too), `chat_template` the template an instruction-tuned model was
+    trained with. An existing folder is only replaced when it is an earlier adapter folder.
     """
     folder = Path(folder)
     if lora_config_of(model) != config:
@@ -241,14 +275,28 @@ def save_adapter(folder: Path, model: GPTModel, config: LoRAConfig, base: str) -
                          f"({lora_config_of(model).describe()})")
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir())) and not is_adapter_folder(folder):
         raise ValueError(f"{folder} exists and is not a LoRA adapter folder; choose a new folder")
-    write_folder_atomically(folder, lambda tmp: write_adapter_files(tmp, model, config, base))
+    fields = {CLASSIFIER_FIELD: classifier.to_dict()} if classifier else {}
+    fields.update({CHAT_TEMPLATE_FIELD: chat_template} if chat_template else {})
+    write_folder_atomically(folder, lambda tmp: write_adapter_files(tmp, model, config, base, fields))
 
 
-def write_adapter_files(folder: Path, model: GPTModel, config: LoRAConfig, base: str) -> None:
-    """adapter_config.json and adapter.safetensors into an existing folder (a training checkpoint holds them too)."""
-    meta = {"format": ADAPTER_FORMAT, "lora": asdict(config), "base": str(base), "base_config": model.cfg.to_dict()}
+def write_adapter_files(folder: Path, model: GPTModel, config: LoRAConfig, base: str, model_fields: dict | None = None
+                        ) -> None:
+    """adapter_config.json and adapter.safetensors into an existing folder (a training checkpoint holds them too).
+    `model_fields`: the model's config.json fields; its classifier head and chat template are recorded."""
+    model_fields = model_fields or {}
+    kept = {name: model_fields[name] for name in (CLASSIFIER_FIELD, CHAT_TEMPLATE_FIELD) if model_fields.get(name)}
+    tensors = adapter_state_dict(model)
+    if CLASSIFIER_FIELD in kept:
+        head = model.get_submodule(HEAD_MODULE)
+        if isinstance(head, LoRALinear):
+            raise ValueError("a classifier's head trains in full; it cannot also take an adapter (leave head out of "
+                             "the LoRA targets)")
+        tensors[HEAD_WEIGHT] = head.weight.detach().float().contiguous()
+    meta = {"format": ADAPTER_FORMAT, "lora": asdict(config), "base": str(base), "base_config": model.cfg.to_dict(),
+            **kept}
     (folder / ADAPTER_CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-    save_file({name: tensor.cpu() for name, tensor in adapter_state_dict(model).items()}, str(folder / ADAPTER_WEIGHTS_FILE))
+    save_file({name: tensor.cpu() for name, tensor in tensors.items()}, str(folder / ADAPTER_WEIGHTS_FILE))
 
 
 def read_adapter(folder: Path) -> Adapter:
@@ -266,20 +314,44 @@ def read_adapter(folder: Path) -> Adapter:
         config = LoRAConfig.from_dict(meta["lora"])
         base_config = GPTConfig.from_dict(meta["base_config"])
         base = meta["base"]
+        classifier = classifier_head({CLASSIFIER_FIELD: meta[CLASSIFIER_FIELD]} if CLASSIFIER_FIELD in meta else {})
     except (KeyError, TypeError) as error:
         raise ValueError(f"{folder / ADAPTER_CONFIG_FILE} lacks or garbles {error}; re-create the adapter") from None
     try:
         tensors = load_file(str(folder / ADAPTER_WEIGHTS_FILE))
     except (OSError, SafetensorError) as error:
         raise ValueError(f"cannot read {folder / ADAPTER_WEIGHTS_FILE} ({error}); re-create the adapter") from None
-    return Adapter(config, base, base_config, tensors)
+    head_weight = tensors.pop(HEAD_WEIGHT, None)
+    if classifier is not None and head_weight is None:
+        raise ValueError(f"{folder / ADAPTER_WEIGHTS_FILE} lacks {HEAD_WEIGHT}, the head of the classifier "
+                         f"{ADAPTER_CONFIG_FILE} describes; re-create the adapter")
+    template = meta.get(CHAT_TEMPLATE_FIELD)
+    if is_gptlab_checkpoint(folder):  # the run checkpoint it lives in, written before adapters recorded these
+        model_meta = read_json(folder / CONFIG_FILE)
+        template = template or model_meta.get(CHAT_TEMPLATE_FIELD)
+        if classifier is None and classifier_head(model_meta) is not None:
+            raise ValueError(f"{folder} is a classifier whose adapter was saved without the classifier's head (by "
+                             f"an earlier gptlab); its {CONFIG_FILE} and model.safetensors already hold the merged "
+                             f"classifier: use {folder} itself")
+    return Adapter(config, base, base_config, tensors, classifier, head_weight, template)
 
 
 def apply_adapter(base_model: GPTModel, adapter: Adapter) -> GPTModel:
     """Put a saved adapter on its base model (in place, as apply_lora does); returns the model.
 
-    A base whose shape or vocabulary differs from the adapter's own base is refused in one line.
+    A classifier's adapter gives the base its head first. A base whose shape or vocabulary differs from the
+    adapter's own base is refused in one line.
     """
+    if adapter.classifier is not None:
+        rows = base_model.out_head.out_features
+        if rows != base_model.cfg.vocab_size or list(adapter.head_weight.shape) != [len(adapter.classifier.labels),
+                                                                                   base_model.cfg.emb_dim]:
+            raise ValueError(f"the adapter is {adapter.classifier.describe()} made from a language model with "
+                             f"emb_dim {adapter.base_config.emb_dim}; load it onto the model it was trained from "
+                             f"({adapter.base})")
+        give_classifier_head(base_model, len(adapter.classifier.labels))
+        with torch.no_grad():
+            base_model.out_head.weight.copy_(adapter.head_weight)
     for field in BASE_FIELDS:
         ours, theirs = getattr(adapter.base_config, field), getattr(base_model.cfg, field)
         if ours != theirs:
@@ -307,12 +379,33 @@ def load_adapter(folder: Path, base_model: GPTModel) -> GPTModel:
     return apply_adapter(base_model, read_adapter(folder))
 
 
+@dataclass(frozen=True)
+class Merged:
+    """What merge_adapter_checkpoint wrote: a new checkpoint `out` from `base` (which it left as it was)."""
+
+    adapter: Path
+    base: Path
+    out: Path
+    config: LoRAConfig
+    classifier: ClassifierHead | None
+    chat_template: str | None
+
+    def format(self) -> str:
+        if self.classifier is not None:
+            kind = self.classifier.describe()
+        else:
+            kind = f"a language model {f'with chat template {self.chat_template}' if self.chat_template else 'without a chat template'}"
+        return (f"wrote {self.out}, a new checkpoint: {self.base} with the adapter in {self.adapter} "
+                f"({self.config.describe()}) folded in, {kind}; {self.base} is unchanged")
+
+
 def merge_adapter_checkpoint(adapter_folder: Path, out: Path, base: Path | None = None,
-                             force: bool = False) -> tuple[Path, LoRAConfig]:
-    """Fold a saved adapter into its base checkpoint and write the result as a full gptlab checkpoint.
+                             force: bool = False) -> Merged:
+    """Fold a saved adapter into its base checkpoint and write the result as a new full gptlab checkpoint,
+    with the adapter's chat template (else the base's) and a classifier adapter's head.
 
     `base` defaults to the checkpoint recorded in the adapter. `out` must be new or empty (or `force`),
-    and never the base or the adapter itself. Returns the base used and the adapter's settings.
+    and never the base or the adapter itself.
     """
     adapter = read_adapter(adapter_folder)
     base_path, out = Path(base if base is not None else adapter.base), Path(out)
@@ -325,5 +418,8 @@ def merge_adapter_checkpoint(adapter_folder: Path, out: Path, base: Path | None 
     if out.exists() and not force and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"{out} exists and is not empty; choose a new folder, or pass --force to replace it")
     model, tokenizer = load_model(base_path)
-    save_model(out, merge_lora(apply_adapter(model, adapter)), tokenizer)
-    return base_path, adapter.config
+    base_template = read_json(base_path / CONFIG_FILE).get(CHAT_TEMPLATE_FIELD)
+    fields = {**({CHAT_TEMPLATE_FIELD: base_template} if base_template else {}), **adapter.model_fields()}
+    save_model(out, merge_lora(apply_adapter(model, adapter)), tokenizer, fields)
+    return Merged(Path(adapter_folder), base_path, out, adapter.config, adapter.classifier,
+                  fields.get(CHAT_TEMPLATE_FIELD))

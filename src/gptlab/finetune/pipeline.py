@@ -18,7 +18,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..checkpoint import read_config
+from ..checkpoint import CLASSIFIER_FIELD, ClassifierHead, give_classifier_head, read_config
+from ..loading import load_classifier
 from ..training.config import (
     ConfigError, RunConfig, resolve, resume_settings, with_default_limit,
 )
@@ -31,12 +32,9 @@ from .classify import (
     ClassificationEval,
     ClassificationSource,
     class_rows,
-    classifier_from_state_dict,
     evaluate_rows,
     freeze_for_classification,
     label_set,
-    load_classifier,
-    new_head,
     parse_train_blocks,
     read_labeled,
 )
@@ -180,19 +178,23 @@ def instruct_job(settings: InstructTask, run: RunConfig, model_cfg, tokenizer, m
 def classify_job(settings: ClassifyTask, run: RunConfig, model_cfg, tokenizer, meta: dict, say):
     """The loop's data and hooks for classification, and the splits to score the final model on."""
     blocks = parse_train_blocks(settings.train_blocks, model_cfg.n_layers)
-    if blocks is not None and lora_config(run) is not None:
+    lora = lora_config(run)
+    if blocks is not None and lora is not None:
         raise ConfigError("with LoRA the adapters and the new head train, not whole blocks; drop --train-blocks "
                           "or the LoRA options")
+    if lora is not None and "head" in lora.targets:
+        raise ConfigError("--lora-targets head: a classifier's new head trains in full beside the adapters; "
+                          "leave head out")
     splits = classification_splits(settings, run.train.seed)
     labels = label_set(splits["train"], {k: v for k, v in splits.items() if k != "train"}, settings.data)
     rows = {name: class_rows(tokenizer, items, labels, model_cfg.context_length) for name, items in splits.items()}
     say(f"labels: {', '.join(labels)}; " + ", ".join(f"{len(r):,} {name}" for name, r in rows.items()) + " texts")
     source = ClassificationSource(rows["train"], rows["validation"], tokenizer.eot_id, model_cfg.context_length,
                                   run.train.batch_size)
-    meta["labels"] = labels
-    hooks = finetune_hooks(run, meta, lambda model: freeze_for_classification(new_head(model, len(labels)), blocks),
-                           keep_training=("out_head",),
-                           plain_model=lambda cfg, state: classifier_from_state_dict(cfg, state, len(labels)), log=say)
+    meta[CLASSIFIER_FIELD] = ClassifierHead(tuple(labels)).to_dict()
+    hooks = finetune_hooks(run, meta,
+                           lambda model: freeze_for_classification(give_classifier_head(model, len(labels)), blocks),
+                           keep_training=("out_head",), log=say)
     return source, hooks, rows
 
 

@@ -28,7 +28,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..checkpoint import CONFIG_FILE, read_json
+import json
+
+from ..checkpoint import CHAT_TEMPLATE_FIELD, CONFIG_FILE, read_json
 from ..tokenizer import EOT_TEXT, Tokenizer
 
 ROLES = ("system", "user", "assistant")
@@ -147,7 +149,49 @@ def chat_prompt_ids(tokenizer: Tokenizer, messages: list[dict], template: str = 
 
 def chat_template_of(checkpoint: str | Path) -> str | None:
     """The template a fine-tuned checkpoint was trained with (config.json's "chat_template"), or None."""
-    return read_json(Path(checkpoint) / CONFIG_FILE).get("chat_template")
+    return read_json(Path(checkpoint) / CONFIG_FILE).get(CHAT_TEMPLATE_FIELD)
+
+
+def jinja_template(template: str, segment_mark: str = "") -> str:
+    """The template as the Jinja source transformers' apply_chat_template and llama.cpp render: messages in,
+    format_chat's text out (add_generation_prompt: ending with the assistant prefix). It is rendered from
+    render()'s definitions, and a message with another role, or a system message after the first, is
+    refused with raise_exception.
+
+    `segment_mark` is written between the pieces that encode_chat encodes apart (none where end-of-text,
+    a special token, already parts them): a tokenizer that splits the text at it and drops it, as
+    interop.hf_tokenizer's does, then gives encode_chat's ids although it tokenizes the whole text at once.
+    Every tag trims the whitespace before it, so the source's line breaks never reach the text."""
+    chat = get_template(template)
+
+    def text(value: str) -> str:  # a Jinja string literal: JSON's escapes are Jinja's
+        return json.dumps(value)
+
+    def joined(*parts: str) -> str:  # Jinja's sum of string literals (given as text) and variables (as names)
+        return " + ".join(part.removeprefix("=") if part.startswith("=") else text(part) for part in parts if part)
+
+    system_before, _, system_after = chat.system_format.partition("{content}")
+    user_before, _, user_after = chat.user_format.partition("{content}")
+    content = "=message['content']"
+    lines = [
+        "{%- if messages and messages[0]['role'] == 'system' -%}",
+        "{%- set system = messages[0]['content'] -%}{%- set rest = messages[1:] -%}",
+        f"{{%- else -%}}{{%- set system = {text(chat.system)} -%}}{{%- set rest = messages -%}}",
+        "{%- endif -%}",
+        f"{{%- if system -%}}{{{{- {joined(system_before, '=system', system_after, segment_mark)} }}}}{{%- endif -%}}",
+        "{%- for message in rest -%}",
+        "{%- if message['role'] == 'user' -%}",
+        f"{{{{- {joined(user_before, content, user_after, segment_mark)} }}}}",
+        "{%- elif message['role'] == 'assistant' -%}",
+        f"{{{{- {joined(chat.assistant_prefix, segment_mark, content, EOT_TEXT)} }}}}",
+        "{%- else -%}",
+        "{{- raise_exception('gptlab\\'s ' + " + text(chat.name) + " + ' template takes system (first only), user "
+        "and assistant messages, not ' + message['role']) }}",
+        "{%- endif -%}",
+        "{%- endfor -%}",
+        f"{{%- if add_generation_prompt -%}}{{{{- {text(chat.assistant_prefix)} }}}}{{%- endif -%}}",
+    ]
+    return "\n".join(lines)
 
 
 def check_messages(messages: list, where: str = "messages") -> None:

@@ -11,7 +11,9 @@ The file holds what llama.cpp's own convert_hf_to_gguf.py writes for a transform
   metadata  gpt2.{context_length, embedding_length, feed_forward_length, block_count, attention.head_count,
             attention.layer_norm_epsilon}, general.file_type, and the tokenizer as tokenizer.ggml.model
             "gpt2", pre-tokenizer "gpt-2", tokens (byte-level strings, as in vocab.json), token types,
-            merges and bos/eos = end-of-text.
+            merges and bos/eos = end-of-text; an instruction-tuned model's chat template as Jinja
+            (tokenizer.chat_template), which llama.cpp renders and then tokenizes as one text.
+A classifier is refused: llama.cpp's gpt2 architecture has no classification head.
 
 Character-level vocabularies become a byte-level BPE that encodes exactly as CharTokenizer (char_merges).
 """
@@ -28,7 +30,7 @@ import torch
 
 from ..model import GPTModel
 from ..tokenizer import EOT_TEXT, Tokenizer, gpt2_byte_alphabet
-from .hf import key_map
+from .hf import check_head_rows, key_map
 from .hf_tokenizer import GPT2_BYTES, gpt2_vocabulary
 
 ARCH = gguf.MODEL_ARCH.GPT2
@@ -134,8 +136,10 @@ def check_destination(path: Path, force: bool) -> None:
 
 
 def export_gguf(model: GPTModel, tokenizer: Tokenizer, out_path: Path, outtype: str = "f32",
-                force: bool = False) -> GGUFExport:
+                force: bool = False, chat_template: str | None = None) -> GGUFExport:
     """Write the model and its tokenizer as one GGUF file (see the module docstring for what it holds).
+    `chat_template`: Jinja (templates.jinja_template(name), without a segment mark: llama.cpp's tokenizer
+    would keep it), stored as tokenizer.chat_template.
 
     The file is written next to `out_path` under a temporary name and renamed into place, so a failed
     export leaves nothing behind and an existing file is only replaced (with `force`) by a complete one.
@@ -144,6 +148,7 @@ def export_gguf(model: GPTModel, tokenizer: Tokenizer, out_path: Path, outtype: 
     if outtype not in OUTTYPES:
         raise ValueError(f"unknown GGUF outtype {outtype!r}; choose one of: {', '.join(OUTTYPES)}")
     check_destination(out_path, force)
+    check_head_rows(model, None)
     cfg = model.cfg
     if tokenizer.vocab_size > cfg.vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {cfg.vocab_size}")
@@ -167,6 +172,8 @@ def export_gguf(model: GPTModel, tokenizer: Tokenizer, out_path: Path, outtype: 
     writer.add_token_merges(merges)
     writer.add_bos_token_id(tokenizer.eot_id)
     writer.add_eos_token_id(tokenizer.eot_id)
+    if chat_template:
+        writer.add_chat_template(chat_template)
     tensors = gguf_tensors(model)
     for name, tensor in tensors.items():
         data, qtype = encode_tensor(tensor, stored_type(name, tensor, outtype))

@@ -2,7 +2,9 @@
 and the reading, writing and downloading of Hugging Face GPT-2 folders built on that mapping.
 
 HF's GPT-2 keeps its projections as Conv1D modules whose weights are stored [in, out] (transposed
-relative to nn.Linear), fuses q|k|v into `c_attn`, and ties `lm_head` to `wte`.
+relative to nn.Linear), fuses q|k|v into `c_attn`, and ties `lm_head` to `wte`. A classifier is
+GPT2ForSequenceClassification: the same `transformer.*` weights, and `score` (one row per label, no bias)
+in place of `lm_head`, with its labels in config.json's id2label.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Mapping
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..checkpoint import model_from_state_dict, read_json, write_folder_atomically
+from ..checkpoint import ClassifierHead, model_from_state_dict, read_json, write_folder_atomically
 from ..config import GPTConfig
 from ..model import GPTModel
 from ..tokenizer import Tokenizer
@@ -53,6 +55,12 @@ TOP_KEYS: dict[str, tuple[str, bool]] = {
 }
 
 
+HF_LM = "GPT2LMHeadModel"
+HF_CLASSIFIER = "GPT2ForSequenceClassification"
+HF_LM_HEAD = "lm_head.weight"
+HF_SCORE = "score.weight"  # GPT2ForSequenceClassification's head
+
+
 def key_map(cfg: GPTConfig) -> dict[str, tuple[str, bool]]:
     """Every gptlab parameter name (except the head) -> (HF name without 'transformer.', transposed?)."""
     mapping = dict(TOP_KEYS)
@@ -64,8 +72,21 @@ def key_map(cfg: GPTConfig) -> dict[str, tuple[str, bool]]:
     return mapping
 
 
+def classifier_head_from_hf(hf: Mapping) -> ClassifierHead | None:
+    """The labels of a GPT2ForSequenceClassification config.json (id2label, in id order; transformers' own
+    LABEL_0, LABEL_1, ... where it has none) as gptlab's classifier head, or None for any other model."""
+    if HF_CLASSIFIER not in (hf.get("architectures") or []):
+        return None
+    id2label = hf.get("id2label") or {str(i): f"LABEL_{i}" for i in range(hf.get("num_labels", 2))}
+    if set(map(str, id2label)) != {str(i) for i in range(len(id2label))}:
+        raise ValueError(f"config.json's id2label must number the labels 0 to {len(id2label) - 1}, got ids "
+                         f"{', '.join(map(str, id2label))}; fix config.json")
+    return ClassifierHead(tuple(id2label[str(i)] for i in range(len(id2label))))
+
+
 def config_from_hf(hf: Mapping) -> GPTConfig:
-    """A GPTConfig from the fields of a transformers GPT2Config (its config.json)."""
+    """A GPTConfig from the fields of a transformers GPT2Config (its config.json). A classifier's head (score)
+    is never tied to the token embedding, whatever tie_word_embeddings says."""
     context = hf.get("n_positions", hf.get("n_ctx", 1024))
     return GPTConfig(
         vocab_size=hf.get("vocab_size", 50257),
@@ -76,12 +97,14 @@ def config_from_hf(hf: Mapping) -> GPTConfig:
         drop_rate=hf.get("resid_pdrop", 0.1),
         attn_drop_rate=hf.get("attn_pdrop", 0.1),
         qkv_bias=True,
-        tie_embeddings=hf.get("tie_word_embeddings", True),
+        tie_embeddings=hf.get("tie_word_embeddings", True) and classifier_head_from_hf(hf) is None,
     )
 
 
-def state_dict_from_hf(hf_state: Mapping[str, torch.Tensor], cfg: GPTConfig) -> dict[str, torch.Tensor]:
-    """Rename and transpose an HF GPT-2 state dict into gptlab's names.
+def state_dict_from_hf(hf_state: Mapping[str, torch.Tensor], cfg: GPTConfig,
+                       head: ClassifierHead | None = None) -> dict[str, torch.Tensor]:
+    """Rename and transpose an HF GPT-2 state dict into gptlab's names (with `head`, a classifier's: its score
+    weight becomes out_head.weight).
 
     Accepts keys with or without the 'transformer.' prefix, with or without lm_head.weight (tied),
     and ignores the old attn.bias / attn.masked_bias mask buffers.
@@ -93,7 +116,11 @@ def state_dict_from_hf(hf_state: Mapping[str, torch.Tensor], cfg: GPTConfig) -> 
             raise ValueError(f"checkpoint is missing weight {theirs!r} (for {ours}); is it a GPT-2 checkpoint of this shape?")
         tensor = hf[theirs]
         state[ours] = tensor.t() if transposed else tensor
-    if cfg.tie_embeddings:
+    if head is not None:
+        if HF_SCORE not in hf:
+            raise ValueError(f"checkpoint is missing weight {HF_SCORE!r}, the head of its {HF_CLASSIFIER}")
+        state["out_head.weight"] = hf[HF_SCORE]
+    elif cfg.tie_embeddings:
         state["out_head.weight"] = state["tok_emb.weight"]
     elif "lm_head.weight" in hf:
         state["out_head.weight"] = hf["lm_head.weight"]
@@ -102,13 +129,16 @@ def state_dict_from_hf(hf_state: Mapping[str, torch.Tensor], cfg: GPTConfig) -> 
     return state
 
 
-def state_dict_to_hf(state: Mapping[str, torch.Tensor], cfg: GPTConfig) -> dict[str, torch.Tensor]:
-    """gptlab names -> HF GPT2LMHeadModel names (with the 'transformer.' prefix and lm_head.weight)."""
+def state_dict_to_hf(state: Mapping[str, torch.Tensor], cfg: GPTConfig,
+                     head: ClassifierHead | None = None) -> dict[str, torch.Tensor]:
+    """gptlab names -> HF GPT2LMHeadModel names (with the 'transformer.' prefix and lm_head.weight), or with
+    `head` GPT2ForSequenceClassification's (score.weight in place of lm_head.weight)."""
     hf: dict[str, torch.Tensor] = {}
     for ours, (theirs, transposed) in key_map(cfg).items():
         tensor = state[ours]
         hf[f"transformer.{theirs}"] = (tensor.t() if transposed else tensor).contiguous()
-    hf["lm_head.weight"] = state["tok_emb.weight" if cfg.tie_embeddings else "out_head.weight"]
+    head_name = HF_LM_HEAD if head is None else HF_SCORE
+    hf[head_name] = state["tok_emb.weight" if cfg.tie_embeddings else "out_head.weight"]
     return hf
 
 
@@ -182,13 +212,15 @@ def check_hf_config(hf: Mapping) -> None:
             )
 
 
-def check_hf_state(hf_state: Mapping[str, torch.Tensor], cfg: GPTConfig) -> None:
+def check_hf_state(hf_state: Mapping[str, torch.Tensor], cfg: GPTConfig, head: ClassifierHead | None = None) -> None:
     """Every weight the config needs is present with its shape, and nothing else is: else a one-line ValueError."""
     with torch.device("meta"):
         shapes = {name: tuple(tensor.shape) for name, tensor in GPTModel(cfg).state_dict().items()}
     expected = {theirs: shapes[ours][::-1] if transposed else shapes[ours]
                 for ours, (theirs, transposed) in key_map(cfg).items()}
-    if not cfg.tie_embeddings:
+    if head is not None:
+        expected[HF_SCORE] = (len(head.labels), cfg.emb_dim)
+    elif not cfg.tie_embeddings:
         expected["lm_head.weight"] = shapes["out_head.weight"]
     found = {key.removeprefix("transformer."): tuple(tensor.shape) for key, tensor in hf_state.items()}
     for name, shape in expected.items():
@@ -235,7 +267,8 @@ def read_hf_weights(files: list[Path]) -> dict[str, torch.Tensor]:
 def load_hf_checkpoint(
     path: Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
 ) -> tuple[GPTModel, Tokenizer]:
-    """A GPTModel and its tokenizer from a Hugging Face GPT-2 folder (config.json + weights).
+    """A GPTModel and its tokenizer from a Hugging Face GPT-2 folder (config.json + weights); for a
+    GPT2ForSequenceClassification folder, the classifier (out_head: one row per label).
 
     The model is built on the meta device and takes the memory-mapped tensors themselves (assign=True);
     Conv1D weights stay transposed views of them (nn.Linear computes the same with either layout), so
@@ -244,7 +277,7 @@ def load_hf_checkpoint(
     folder = Path(path)
     hf_config = read_json(folder / HF_CONFIG_FILE)
     check_hf_config(hf_config)
-    cfg = config_from_hf(hf_config)
+    cfg, head = config_from_hf(hf_config), classifier_head_from_hf(hf_config)
     tokenizer = load_hf_tokenizer(folder, hf_config)
     if tokenizer.vocab_size > cfg.vocab_size:
         raise ValueError(
@@ -252,17 +285,25 @@ def load_hf_checkpoint(
             f"put the model's own vocab.json and merges.txt in {folder}"
         )
     hf_state = read_hf_weights(hf_weight_files(folder))
-    check_hf_state(hf_state, cfg)
+    check_hf_state(hf_state, cfg, head)
     hf_state = {name: tensor.to(device=device, dtype=dtype) for name, tensor in hf_state.items()}
-    return model_from_state_dict(cfg, state_dict_from_hf(hf_state, cfg)), tokenizer
+    return model_from_state_dict(cfg, state_dict_from_hf(hf_state, cfg, head), head), tokenizer
 
 
-def hf_config_for(model: GPTModel, tokenizer: Tokenizer) -> dict:
-    """transformers' GPT2Config fields for the model (config.json of an export)."""
+def hf_config_for(model: GPTModel, tokenizer: Tokenizer, head: ClassifierHead | None = None) -> dict:
+    """transformers' GPT2Config fields for the model (config.json of an export). A classifier's name its
+    labels and the padding id, end-of-text: GPT2ForSequenceClassification reads each row at its last token
+    that is not padding, which is gptlab's last token (a text's own ids never hold end-of-text)."""
     cfg = model.cfg
+    labels = {} if head is None else {
+        "id2label": dict(enumerate(head.labels)),
+        "label2id": {label: index for index, label in enumerate(head.labels)},
+        "pad_token_id": tokenizer.eot_id,
+    }
     return {
         "model_type": "gpt2",
-        "architectures": ["GPT2LMHeadModel"],
+        "architectures": [HF_LM if head is None else HF_CLASSIFIER],
+        **labels,
         "vocab_size": cfg.vocab_size,
         "n_positions": cfg.context_length,
         "n_embd": cfg.emb_dim,
@@ -287,14 +328,15 @@ def hf_config_for(model: GPTModel, tokenizer: Tokenizer) -> dict:
     }
 
 
-def hf_export_tensors(model: GPTModel) -> dict[str, torch.Tensor]:
-    """The model's weights under GPT2LMHeadModel's names, filled in where GPT-2 has more than gptlab:
-    a model without qkv bias gets zero c_attn biases (the same function); a tied head is left out
-    (safetensors refuses a tensor stored twice; transformers re-ties it from tie_word_embeddings)."""
+def hf_export_tensors(model: GPTModel, head: ClassifierHead | None = None) -> dict[str, torch.Tensor]:
+    """The model's weights under GPT2LMHeadModel's names (GPT2ForSequenceClassification's with `head`),
+    filled in where GPT-2 has more than gptlab: a model without qkv bias gets zero c_attn biases (the same
+    function); a tied head is left out (safetensors refuses a tensor stored twice; transformers re-ties it
+    from tie_word_embeddings)."""
     cfg = model.cfg
-    tensors = state_dict_to_hf(model.state_dict(), cfg)
+    tensors = state_dict_to_hf(model.state_dict(), cfg, head)
     if cfg.tie_embeddings:
-        del tensors["lm_head.weight"]
+        del tensors[HF_LM_HEAD]
     if not cfg.qkv_bias:
         qkv_bias_name = BLOCK_KEYS["att.qkv.bias"][0]
         weight = model.trf_blocks[0].att.qkv.weight
@@ -314,9 +356,25 @@ def is_previous_export(folder: Path) -> bool:
     return marked and {entry.name for entry in folder.iterdir()} <= EXPORT_FILES
 
 
-def export_hf(model: GPTModel, tokenizer: Tokenizer, outdir: Path, force: bool = False) -> list[str]:
+def check_head_rows(model: GPTModel, head: ClassifierHead | None) -> None:
+    """The output head has a row per token (a language model) or, with `head`, one per label; else a one-line
+    ValueError, before anything is written in a shape transformers would refuse to load."""
+    rows = model.out_head.out_features
+    if head is not None and rows != len(head.labels):
+        raise ValueError(f"the classifier's head has {rows} rows but {len(head.labels)} labels "
+                         f"({', '.join(head.labels)}); give the labels it was trained with")
+    if head is None and rows != model.cfg.vocab_size:
+        raise ValueError(f"the model's output head has {rows} rows, not one per token (vocab_size "
+                         f"{model.cfg.vocab_size}): it is a classifier; export it with its labels (load_classifier)")
+
+
+def export_hf(model: GPTModel, tokenizer: Tokenizer, outdir: Path, force: bool = False,
+              head: ClassifierHead | None = None, chat_template: str | None = None) -> list[str]:
     """Write the model as a Hugging Face GPT-2 folder that transformers' GPT2LMHeadModel.from_pretrained
-    and AutoTokenizer.from_pretrained load offline. Returns the file names.
+    (with `head`, a classifier: GPT2ForSequenceClassification, AutoModelForSequenceClassification and
+    pipeline("text-classification")) and AutoTokenizer.from_pretrained load offline. Returns the file names.
+    `chat_template` (Jinja, templates.jinja_template(name, hf_tokenizer.SEGMENT_MARK)) goes into
+    tokenizer_config.json, for apply_chat_template (hf_tokenizer.py says why the mark).
 
     A model without qkv bias is written with zero c_attn biases (GPT-2 always has them; zeros compute the
     same function), so it loads back as a qkv_bias=True model with those zeros.
@@ -332,15 +390,17 @@ def export_hf(model: GPTModel, tokenizer: Tokenizer, outdir: Path, force: bool =
                 f"{outdir} is not empty and is not an earlier gptlab export; choose a new folder, "
                 "or pass --force to replace it"
             )
-    config = hf_config_for(model, tokenizer)
-    tensors = hf_export_tensors(model)
+    check_head_rows(model, head)
+    config = hf_config_for(model, tokenizer, head)
+    tensors = hf_export_tensors(model, head)
 
     def write(folder: Path) -> None:
         (folder / HF_CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
         generation = {"bos_token_id": tokenizer.eot_id, "eos_token_id": tokenizer.eot_id}
         (folder / HF_GENERATION_CONFIG).write_text(json.dumps(generation, indent=2) + "\n")
         save_file(tensors, str(folder / HF_SAFETENSORS_FILE), metadata={"format": "pt"})
-        write_tokenizer_files(folder, tokenizer, model.cfg.context_length)
+        write_tokenizer_files(folder, tokenizer, model.cfg.context_length, padding=head is not None,
+                              chat_template=chat_template)
 
     write_folder_atomically(outdir, write)
     return sorted(entry.name for entry in outdir.iterdir())

@@ -18,7 +18,7 @@ import uvicorn
 
 from ..finetune.templates import chat_template_of
 from ..inference.quantize import quantize_model
-from ..loading import RUN_CHECKPOINTS, load_model, read_model_config
+from ..loading import RUN_CHECKPOINTS, check_language_model, load_model
 from ..training.runtime import pick_device
 from ..training.state import RUN_MARKER
 from .app import create_app
@@ -52,7 +52,7 @@ class ServeSettings:
 
     def check(self) -> None:
         """Problems worth one line before anything starts: a ValueError naming the option."""
-        read_model_config(Path(self.checkpoint))  # a bad folder says what it is and what to pass
+        check_language_model(Path(self.checkpoint))  # a bad folder or a classifier says what it is and what to pass
         device = pick_device(self.device)
         if self.quantize and device.type != "cpu":
             raise ValueError(f"--quantize uses CPU kernels; add --device cpu (not {device.type}), or drop --quantize")

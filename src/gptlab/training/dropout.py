@@ -28,11 +28,13 @@ LAST_SWITCH_PROGRESS = 0.7
 
 
 class DropoutSwitch:
-    """Every dropout in a model (nn.Dropout modules, the attention weights' rate), set to a multiple (0, 1
-    or 2) of the rate each had when the switch was made."""
+    """Every dropout of the model's own (nn.Dropout modules, the attention weights' rate), set to a multiple (0,
+    1 or 2) of the rate each had when the switch was made. A dropout module whose class sets
+    `follows_dropout_schedule = False` keeps its rate: a LoRA adapter's, which is a setting of the adapter."""
 
     def __init__(self, model: nn.Module):
-        self.rates = [(module, "p", module.p) for module in model.modules() if isinstance(module, nn.Dropout)]
+        self.rates = [(module, "p", module.p) for module in model.modules()
+                      if isinstance(module, nn.Dropout) and getattr(module, "follows_dropout_schedule", True)]
         self.rates += [(module, "drop_rate", module.drop_rate) for module in model.modules()
                        if isinstance(module, MultiHeadAttention)]
         self.scale = 1.0
