@@ -50,6 +50,8 @@ def test_resume_with_only_out_continues_a_run_on_ones_own_text_exactly(notes, tm
     assert "stopped by max_steps after 4 steps" in out
     assert main(["train", "--out", str(tmp_path / "whole"), *settings]) == 0
     assert train_losses(tmp_path / "run") == train_losses(tmp_path / "whole")
+    learning_rates = [{r["step"]: r["lr"] for r in read_metrics(tmp_path / name) if "lr" in r} for name in ("run", "whole")]
+    assert learning_rates[0] == learning_rates[1] and len(learning_rates[0]) == 4  # the schedule too, step by step
     assert read_toml(tmp_path / "run" / "last" / "run.toml")["lr"] == 0.02
 
 
@@ -265,3 +267,28 @@ def test_accept_data_change_without_resume_is_refused(notes_folder, tmp_path, ca
 
 def folder_bytes(folder: Path) -> dict[str, bytes]:
     return {str(path.relative_to(folder)): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+def test_a_time_budgeted_run_says_which_resumes_are_exact_and_how_to_extend_it(notes, tmp_path, capsys):
+    run = tmp_path / "run"
+    code, out, err = gptlab(capsys, ["train", "--data", str(notes), "--out", str(run), "--time-budget", "0.5", *TINY,
+                                     "--eval-interval", "1000"])  # saved when the budget is spent, not before
+    assert code == 0, err
+    assert "resume: the learning rate and dropout follow the clock toward the time budget" in out
+    assert "a resume is exact under --max-steps, --max-tokens or --epochs alone" in out
+    code, out, err = gptlab(capsys, ["train", "--out", str(run), "--resume", "--max-steps", "1000"])
+    assert code == 0, err
+    assert "(limits: the run's own with --max-steps 1000 from here; it stops at whichever comes first)" in out
+    assert re.search(r"nothing to train: the run's time budget of 0.5 s is spent \(\d+ s trained\) and a run stops "
+                     r"at whichever limit comes first; to train on, resume with a larger --time-budget", out), out
+    steps = max(train_losses(run))
+    code, out, err = gptlab(capsys, ["train", "--out", str(run), "--resume", "--time-budget", "1.5"])
+    assert code == 0 and max(train_losses(run)) > steps, err  # a larger budget trains on
+
+
+def test_a_step_limited_run_resumed_with_nothing_left_says_so(notes, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(notes), "--out", str(run), "--max-steps", "2", *TINY]) == 0
+    code, out, _ = gptlab(capsys, ["train", "--out", str(run), "--resume"])
+    assert code == 0
+    assert "nothing to train: the run's --max-steps is reached at step 2; to train on, resume with a larger --max-steps" in out

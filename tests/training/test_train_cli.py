@@ -271,3 +271,12 @@ def test_fsdp_trains_like_one_process_and_resumes_exactly(corpus, tmp_path, caps
     resumed = torchrun(["train", "--out", str(tmp_path / "half"), "--resume", "--max-steps", "4"])
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     assert train_losses(tmp_path / "half") == train_losses(tmp_path / "whole")
+
+
+def test_gptlab_traceback_shows_where_an_error_came_from(tmp_path, capsys, monkeypatch):
+    argv = ["train", "--out", str(tmp_path / "run"), "--max-steps", "1", "--lr", "-1", "--device", "cpu"]
+    code, _, err = gptlab(capsys, argv)
+    assert code == 2 and err.count("\n") == 1 and "--lr" in err
+    monkeypatch.setenv("GPTLAB_TRACEBACK", "1")
+    with pytest.raises(ValueError, match="--lr"):
+        main(argv)
