@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 from serve_helpers import API_KEY, tiny_checkpoint
 
+from gptlab.loading import load_model
 from gptlab.serve.background import BackgroundServer
 
 
@@ -39,3 +40,17 @@ def keyed_server(base_checkpoint) -> BackgroundServer:
     server = BackgroundServer(base_checkpoint, "--api-key", API_KEY, "--max-batch", "1", "--max-queue", "0")
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    """The official openai client against the shared server, retrying nothing (a test sees every answer)."""
+    import openai
+
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def local(chat_checkpoint):
+    """The served model, loaded here, to generate the expected answers independently of the server."""
+    return load_model(chat_checkpoint)

@@ -30,16 +30,6 @@ from gptlab.tokenizer import load_tokenizer
 PROMPT = "The meaning of life is"
 
 
-@pytest.fixture(scope="module")
-def client(server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
-
-
-@pytest.fixture(scope="module")
-def local(chat_checkpoint):
-    return load_model(chat_checkpoint)
-
-
 def texts_alone(local, prompt: str, **options) -> list[str]:
     model, tokenizer = local
     rows = generate_tokens(model, [tokenizer.encode(prompt)], GenerationOptions(**options), eot_id=tokenizer.eot_id)

@@ -16,21 +16,9 @@ from serve_helpers import API_KEY, get_json, wait_until_idle
 from gptlab.finetune.templates import chat_prompt_ids
 from gptlab.inference.generate import generate_tokens
 from gptlab.inference.sampling import GenerationOptions
-from gptlab.loading import load_model
 
 PROMPT = "The meaning of life is"
 JSON = {"Content-Type": "application/json"}
-
-
-@pytest.fixture(scope="module")
-def client(server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
-
-
-@pytest.fixture(scope="module")
-def local(chat_checkpoint):
-    """The served model, loaded here, to generate the expected answers independently of the server."""
-    return load_model(chat_checkpoint)
 
 
 def expected(local, prompt_ids: list[int], **options) -> list[list[int]]:
