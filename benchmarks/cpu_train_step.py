@@ -39,9 +39,9 @@ from common import machine_info, write_report
 import gptlab.model
 from gptlab.config import get_config
 from gptlab.model import FLOAT32_ATTENTION_BELOW, Dropout, GPTModel, causal_attention
+from gptlab.training.config import TrainConfig
 from gptlab.training.dropout import DropoutSwitch
 from gptlab.training.evaluation import loss_fn
-from gptlab.training.config import TrainConfig
 from gptlab.training.optimizers import BatchedMuon, MuonWithAdamW, adamw, is_hidden_matrix, make_optimizer
 
 ATTENTION_SHAPES = {"char model": (24, 4, 128, 32), "gpt2-mini": (8, 6, 256, 64), "gpt2 124M": (2, 12, 1024, 64)}  # (B, H, T, D)

@@ -7,13 +7,13 @@ import torch
 
 from gptlab.config import GPTConfig, get_config
 from gptlab.model import (
+    FLOAT32_ATTENTION_BELOW,
     GELU,
     Dropout,
     FeedForward,
     GPTModel,
     LayerNorm,
     MultiHeadAttention,
-    FLOAT32_ATTENTION_BELOW,
     TransformerBlock,
     causal_attention,
 )

@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .config import GPTConfig
+from .errors import UserError
 from .model import GPTModel
 from .tokenizer import Tokenizer, tokenizer_from_spec
 
@@ -54,9 +55,9 @@ class ClassifierHead:
         labels = self.labels
         if (not isinstance(labels, (list, tuple)) or len(labels) < 2 or len(set(labels)) != len(labels)
                 or not all(isinstance(label, str) and label for label in labels)):
-            raise ValueError(f"a classifier's labels must be two or more distinct non-empty strings, got {labels!r}")
+            raise UserError(f"a classifier's labels must be two or more distinct non-empty strings, got {labels!r}")
         if self.pooling not in POOLINGS:
-            raise ValueError(f"unknown classifier pooling {self.pooling!r}; this gptlab reads {', '.join(POOLINGS)}")
+            raise UserError(f"unknown classifier pooling {self.pooling!r}; this gptlab reads {', '.join(POOLINGS)}")
         object.__setattr__(self, "labels", tuple(labels))
 
     def to_dict(self) -> dict:
@@ -75,7 +76,7 @@ def classifier_head(meta: dict) -> ClassifierHead | None:
     if spec is None:
         return None
     if not isinstance(spec, dict) or set(spec) - {"labels", "pooling"} or "labels" not in spec:
-        raise ValueError(f'config.json\'s "{CLASSIFIER_FIELD}" must be {{"labels": [...], "pooling": '
+        raise UserError(f'config.json\'s "{CLASSIFIER_FIELD}" must be {{"labels": [...], "pooling": '
                          f'"{LAST_TOKEN}"}}, got {spec!r}; re-create the checkpoint')
     return ClassifierHead(tuple(spec["labels"]), spec.get("pooling", LAST_TOKEN))
 
@@ -212,9 +213,9 @@ def read_json(path: Path) -> dict:
     try:
         data = json.loads(Path(path).read_text("utf-8"))
     except json.JSONDecodeError as error:
-        raise ValueError(f"{path} is not valid JSON ({error}); re-create or re-download it") from None
+        raise UserError(f"{path} is not valid JSON ({error}); re-create or re-download it") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{path} holds a JSON {type(data).__name__}, not an object; re-create or re-download it")
+        raise UserError(f"{path} holds a JSON {type(data).__name__}, not an object; re-create or re-download it")
     return data
 
 
@@ -223,7 +224,7 @@ def model_from_state_dict(cfg: GPTConfig, state: dict[str, torch.Tensor],
     """A GPTModel that holds the given tensors themselves, not copies: built on the meta device, then assigned.
     With `head`, a classifier: its out_head has one row per label."""
     if head is not None and cfg.tie_embeddings:
-        raise ValueError("a classifier's head cannot be tied to the token embedding (tie_embeddings is true); "
+        raise UserError("a classifier's head cannot be tied to the token embedding (tie_embeddings is true); "
                          "re-create the checkpoint")
     with torch.device("meta"):
         model = GPTModel(cfg)

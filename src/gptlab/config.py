@@ -6,6 +6,8 @@ import dataclasses
 import json
 from dataclasses import dataclass
 
+from .errors import UserError
+
 
 @dataclass(frozen=True)
 class GPTConfig:
@@ -27,17 +29,17 @@ class GPTConfig:
         for name in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+                raise UserError(f"{name} must be a positive integer, got {value!r}")
         if self.emb_dim % self.n_heads != 0:
             hint = " (GPT-2 124M uses emb_dim 768 with 12 heads)" if self.n_heads == 12 else ""
-            raise ValueError(
+            raise UserError(
                 f"emb_dim {self.emb_dim} is not divisible by n_heads {self.n_heads}: "
                 f"each head gets emb_dim / n_heads dimensions, so choose a multiple of {self.n_heads}{hint}"
             )
         rates = {"drop_rate": self.drop_rate, "attn_drop_rate": self.attention_drop_rate}
         for name, value in rates.items():
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
-                raise ValueError(f"{name} must be in [0, 1), got {value!r}")
+                raise UserError(f"{name} must be in [0, 1), got {value!r}")
 
     @property
     def head_dim(self) -> int:
@@ -61,7 +63,7 @@ class GPTConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"unknown GPTConfig field(s) {', '.join(unknown)}; known fields: {', '.join(sorted(known))}")
+            raise UserError(f"unknown GPTConfig field(s) {', '.join(unknown)}; known fields: {', '.join(sorted(known))}")
         return cls(**data)
 
     @classmethod
@@ -89,6 +91,6 @@ PRESETS: dict[str, GPTConfig] = {
 def get_config(name: str, **overrides) -> GPTConfig:
     """A preset by name, with any fields overridden (None values are ignored)."""
     if name not in PRESETS:
-        raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(PRESETS)}")
+        raise UserError(f"unknown model {name!r}; choose one of: {', '.join(PRESETS)}")
     changes = {key: value for key, value in overrides.items() if value is not None}
     return PRESETS[name].replace(**changes)

@@ -28,7 +28,14 @@ from .checkpoint import (
     read_json,
 )
 from .config import GPTConfig
-from .interop.hf import check_hf_config, classifier_head_from_hf, config_from_hf, hf_weight_files, load_hf_checkpoint
+from .errors import UserError
+from .interop.hf import (
+    check_hf_config,
+    classifier_head_from_hf,
+    config_from_hf,
+    hf_weight_files,
+    load_hf_checkpoint,
+)
 from .interop.hf_tokenizer import load_hf_tokenizer
 from .model import GPTModel
 from .tokenizer import Tokenizer
@@ -73,26 +80,26 @@ def checkpoint_format(path: Path) -> str:
     """'gptlab' or 'hf' for a folder load_model can read; else a ValueError saying what it should hold."""
     folder = Path(path)
     if not folder.exists():
-        raise ValueError(missing_path_message(folder))
+        raise UserError(missing_path_message(folder))
     if not folder.is_dir():
-        raise ValueError(f"{folder} is a file, not a folder; expected {EXPECTED_LAYOUTS}")
+        raise UserError(f"{folder} is a file, not a folder; expected {EXPECTED_LAYOUTS}")
     if not (folder / CONFIG_FILE).is_file():
         checkpoint = run_folder_checkpoint(folder)
         if checkpoint is not None:
-            raise ValueError(f"{folder} is a training run folder, not a checkpoint; did you mean {checkpoint}?")
-        raise ValueError(f"{folder} has no {CONFIG_FILE}; expected {EXPECTED_LAYOUTS}")
+            raise UserError(f"{folder} is a training run folder, not a checkpoint; did you mean {checkpoint}?")
+        raise UserError(f"{folder} has no {CONFIG_FILE}; expected {EXPECTED_LAYOUTS}")
     meta = read_json(folder / CONFIG_FILE)
     if meta.get("format") == FORMAT:
         if not isinstance(meta.get("config"), dict) or not isinstance(meta.get("tokenizer"), dict):
-            raise ValueError(f"{folder / CONFIG_FILE} lacks the 'config' or 'tokenizer' object of a gptlab checkpoint")
+            raise UserError(f"{folder / CONFIG_FILE} lacks the 'config' or 'tokenizer' object of a gptlab checkpoint")
         if not (folder / WEIGHTS_FILE).is_file():
-            raise ValueError(f"{folder} is a gptlab checkpoint without {WEIGHTS_FILE}; expected {EXPECTED_LAYOUTS}")
+            raise UserError(f"{folder} is a gptlab checkpoint without {WEIGHTS_FILE}; expected {EXPECTED_LAYOUTS}")
         return "gptlab"
     if meta.get("model_type") == "gpt2":
         if not hf_weight_files(folder):
-            raise ValueError(f"{folder} has a GPT-2 {CONFIG_FILE} but no weights; expected {EXPECTED_LAYOUTS}")
+            raise UserError(f"{folder} has a GPT-2 {CONFIG_FILE} but no weights; expected {EXPECTED_LAYOUTS}")
         return "hf"
-    raise ValueError(
+    raise UserError(
         f"{folder / CONFIG_FILE} is neither gptlab's nor a GPT-2 one (format {meta.get('format')!r}, "
         f"model_type {meta.get('model_type')!r}); expected {EXPECTED_LAYOUTS}"
     )
@@ -133,7 +140,7 @@ def check_language_model(path: Path) -> None:
     classifier what to use instead. Reads config.json only, so commands can check before they start."""
     head = read_classifier_head(path)
     if head is not None:
-        raise ValueError(not_a_language_model(path, head))
+        raise UserError(not_a_language_model(path, head))
 
 
 def load_model(
@@ -164,7 +171,7 @@ def load_classifier(path: str | Path, device: str | torch.device = "cpu", dtype:
     """The classifier in a gptlab checkpoint (`gptlab finetune classify`) or in its Hugging Face export."""
     path = Path(path)
     if read_classifier_head(path) is None:
-        raise ValueError(f"{path} is a language model, not a classifier (its config.json lists no labels); "
+        raise UserError(f"{path} is a language model, not a classifier (its config.json lists no labels); "
                          "fine-tune one with `gptlab finetune classify`")
     return Classifier(*load_weights(path, device, dtype))
 
@@ -178,5 +185,5 @@ def load_weights(path: Path, device: str | torch.device, dtype: torch.dtype | No
         else:
             model, tokenizer = load_gptlab_checkpoint(path, device)
     except SafetensorError as error:
-        raise ValueError(f"a weights file in {path} is damaged or not safetensors ({error}); re-create it") from None
+        raise UserError(f"a weights file in {path} is damaged or not safetensors ({error}); re-create it") from None
     return (model if dtype is None else model.to(dtype)), tokenizer, read_classifier_head(path)

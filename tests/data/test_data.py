@@ -5,6 +5,7 @@ import os
 
 import numpy as np
 import pytest
+from data_helpers import CountingTokenizer, write
 
 from gptlab.data import (
     EMBEDDED_PATH,
@@ -21,11 +22,9 @@ from gptlab.data import (
     split_text,
     validation_batches,
 )
-from gptlab.data.tokens import token_dtype
 from gptlab.data.corpus import decode_file
+from gptlab.data.tokens import token_dtype
 from gptlab.tokenizer import EOT_TEXT
-
-from data_helpers import CountingTokenizer, write
 
 # ---------------------------------------------------------------- corpus
 

@@ -7,12 +7,11 @@ import lzma
 import os
 
 import pytest
+from data_helpers import write
 
 from gptlab.data import DataError, build_token_cache, read_corpus
 from gptlab.data.files import SNIFF_BYTES
 from gptlab.tokenizer import EOT_TEXT
-
-from data_helpers import write
 
 BOOK = "Call me Ishmael. Some years ago — never mind how long precisely — I went to sea.\n" * 4000  # 336 KB
 

@@ -12,12 +12,12 @@ import torch.nn.functional as F
 from conftest import LETTERS, TOKENIZER, random_model, tiny_config
 from safetensors.torch import load_file
 
-from gptlab.cli import main
 from gptlab.checkpoint import give_classifier_head
+from gptlab.cli import main
 from gptlab.finetune.classify import LabeledText, class_rows, last_token_logits
-from gptlab.loading import load_classifier, load_model
 from gptlab.finetune.pipeline import finetune
 from gptlab.finetune.rows import pad_rows
+from gptlab.loading import load_classifier
 from gptlab.training.evaluation import loss_fn
 
 LABELS = ["ham", "other", "spam"]

@@ -41,7 +41,7 @@ def test_a_classifier_exports_as_gpt2_for_sequence_classification(classifier, tm
     assert "GPT2ForSequenceClassification with labels ham, spam, eggs" in out
     hf = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf").eval()
     assert type(hf).__name__ == "GPT2ForSequenceClassification"
-    assert hf.config.id2label == dict(enumerate(LABELS)) and hf.config.label2id == {l: i for i, l in enumerate(LABELS)}
+    assert hf.config.id2label == dict(enumerate(LABELS)) and hf.config.label2id == {label: i for i, label in enumerate(LABELS)}
     assert hf.config.pad_token_id == TOKENIZER.eot_id
     ours = load_classifier(classifier)
     expected = classify_texts(ours, TEXTS)  # [(label, probability)]

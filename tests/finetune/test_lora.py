@@ -10,11 +10,10 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import random_model as random_base_model
 
-from gptlab.cli import main
 from gptlab.checkpoint import save_model
+from gptlab.cli import main
 from gptlab.config import GPTConfig, get_config
 from gptlab.finetune.lora import (
     ADAPTER_CONFIG_FILE,

@@ -9,8 +9,8 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import random_model
+
 from gptlab.config import GPTConfig
 from gptlab.finetune.hooks import lower_frozen
 from gptlab.finetune.lora import LoRAConfig, apply_lora, lora_modules

@@ -5,11 +5,8 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
-import os
 import signal
 import socket
-import subprocess
-import sys
 import time
 import urllib.request
 
@@ -20,7 +17,6 @@ from serve_helpers import TINY, get_json, noisy_model, wait_until_idle
 
 from gptlab.checkpoint import save_model
 from gptlab.cli import main
-from gptlab.config import GPTConfig
 from gptlab.inference.generate import generate_text, generate_tokens
 from gptlab.inference.sampling import MAX_SEED, GenerationOptions
 from gptlab.loading import load_model

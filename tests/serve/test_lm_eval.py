@@ -11,16 +11,14 @@ leaves a generated end-of-text out of `logprobs` makes it drop a continuation to
 from __future__ import annotations
 
 import json
-import os
-import sys
 
 import pytest
 import torch
+from serve_helpers import TINY, noisy_model
 
 from gptlab.checkpoint import save_model
 from gptlab.serve.background import BackgroundServer
 from gptlab.tokenizer import load_tokenizer
-from serve_helpers import TINY, noisy_model
 
 ITEMS = [("The capital of France is", " Paris."), ("One, two, three,", " four, five"),
          ("def main():", "\n    return 0"), ("Grüße aus", " Köln und Zürich")]

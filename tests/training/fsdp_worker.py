@@ -24,8 +24,8 @@ from gptlab.config import GPTConfig
 from gptlab.model import GPTModel
 from gptlab.tokenizer import CharTokenizer
 from gptlab.training import fsdp
-from gptlab.training.runtime import Runtime, stop_runtime
 from gptlab.training.optimizers import make_optimizer
+from gptlab.training.runtime import Runtime, stop_runtime
 from gptlab.training.trainer import TrainConfig, learning_rate, loss_fn
 
 TOKENIZER = CharTokenizer("abcdefghijklmnopqrstuvwxyz0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ,.")  # 65 ids

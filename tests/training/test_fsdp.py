@@ -11,11 +11,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import fsdp_worker
 import pytest
 import torch
 from safetensors import safe_open
 
-import fsdp_worker
 from gptlab.checkpoint import load_gptlab_checkpoint
 from gptlab.training import fsdp
 

@@ -5,9 +5,9 @@ Every run is a tiny model (2 layers, 32 features, 16 tokens of context) on 6,000
 CPython's docs with a character-level tokenizer, so a run takes well under a second.
 """
 
-import os
 import json
 import math
+import os
 import pickle
 import shutil
 import signal
@@ -32,9 +32,9 @@ from gptlab.data import (
 from gptlab.model import GPTModel
 from gptlab.training.config import ConfigError, TrainConfig
 from gptlab.training.evaluation import evaluate
+from gptlab.training.optimizers import make_optimizer
 from gptlab.training.runtime import TrainingError
 from gptlab.training.state import OPTIMIZER_FILE, STATE_FILE, load_trainer_state
-from gptlab.training.optimizers import make_optimizer
 from gptlab.training.trainer import TrainingData, learning_rate, train
 
 TEXT = default_corpus_text()[:6000]  # 5,400 training and 600 validation characters, a few of them multi-byte
@@ -260,8 +260,11 @@ def test_the_dropout_switch_scales_every_rate_and_back_to_its_own():
     cfg = GPTConfig(vocab_size=11, context_length=8, emb_dim=16, n_heads=2, n_layers=2, drop_rate=0.1, attn_drop_rate=0.2)
     model = torch.nn.Sequential(GPTModel(cfg), torch.nn.Dropout(0.3))  # e.g. an adapter's own dropout
     switch = DropoutSwitch(model)
-    rates = lambda: sorted({m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)}
-                           | {m.att.drop_rate for m in model[0].trf_blocks})
+
+    def rates():
+        return sorted({m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)}
+                      | {m.att.drop_rate for m in model[0].trf_blocks})
+
     assert switch.any and rates() == [0.1, 0.2, 0.3]
     switch.set(0.0)
     assert rates() == [0.0]

@@ -1,17 +1,21 @@
-"""The `gptlab` command line: a thin shell over the package's functions. User mistakes end in one line on
-stderr and exit code 2; with GPTLAB_TRACEBACK=1 in the environment they raise, with their traceback."""
+"""The `gptlab` command line: a thin shell over the package's functions.
+
+A mistake in what the user gave (a UserError, gptlab/errors.py) ends in one line on stderr and exit code
+2; a failed download in one line and exit code 1. Anything else is a bug in gptlab: its traceback is
+printed with a line asking for a report, exit code 1. GPTLAB_TRACEBACK=1 in the environment shows the
+traceback of any error.
+"""
 
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+import traceback
 from importlib.metadata import version
 
-from ..interop.hf import DownloadError
-from ..training.runtime import TrainingError
+from ..errors import DownloadError, UserError
 from . import finetune, generate, models, serve, train
-from .common import UserError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,14 +38,14 @@ def main(argv: list[str] | None = None) -> int:
     show_traceback = os.environ.get(TRACEBACK_VARIABLE, "") not in ("", "0")
     try:
         args.run(args)
-    except (UserError, TrainingError, ValueError) as error:
+    except (UserError, DownloadError) as error:
         if show_traceback:
             raise
         print(f"gptlab {args.command}: error: {error}", file=sys.stderr)
-        return 2
-    except DownloadError as error:  # not the user's mistake: the network or an optional package is missing
-        if show_traceback:
-            raise
-        print(f"gptlab {args.command}: error: {error}", file=sys.stderr)
+        return 2 if isinstance(error, UserError) else 1  # a download failed: not the user's mistake
+    except Exception:
+        traceback.print_exc()
+        print(f"gptlab {args.command}: internal error: this is a bug in gptlab {version('gptlab')}, not in what you "
+              f"gave it; please report it with the traceback above", file=sys.stderr)
         return 1
     return 0

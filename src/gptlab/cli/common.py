@@ -5,11 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..config import PRESETS, GPTConfig, get_config
-
-
-class UserError(Exception):
-    """A mistake in what the user asked for: printed as one line, exit code 2."""
-
+from ..errors import UserError
 
 CHECKPOINT_FORMAT_NAMES = {"gptlab": "gptlab checkpoint", "hf": "Hugging Face GPT-2 folder"}
 

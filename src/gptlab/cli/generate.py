@@ -23,6 +23,7 @@ from typing import Iterator
 
 import torch
 
+from ..errors import UserError
 from ..finetune.templates import chat_prompt_ids, chat_template_of
 from ..inference.decoder import DecoderSettings
 from ..inference.generate import GenerationOptions, prompt_ids, stream_ids
@@ -32,7 +33,6 @@ from ..model import GPTModel
 from ..tokenizer import Tokenizer, load_tokenizer
 from ..training.runtime import pick_device
 from .common import (
-    UserError,
     add_model_arguments,
     config_from_args,
     reject_shape_options,

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from ..checkpoint import is_gptlab_checkpoint
+from ..errors import UserError
 from ..finetune.lora import is_adapter_folder, read_adapter
 from ..finetune.templates import chat_template_of, jinja_template
 from ..interop.gguf import OUTTYPES, export_gguf
@@ -17,11 +18,16 @@ from ..interop.hf import (
 )
 from ..interop.hf_tokenizer import HF_TOKENIZER_CONFIG, SEGMENT_MARK
 from ..interop.peft import export_peft_adapter
-from ..loading import load_classifier, load_model, read_classifier_head, read_model_config, read_tokenizer
+from ..loading import (
+    load_classifier,
+    load_model,
+    read_classifier_head,
+    read_model_config,
+    read_tokenizer,
+)
 from ..report import parameter_report
 from .common import (
     CHECKPOINT_FORMAT_NAMES,
-    UserError,
     add_model_arguments,
     config_from_args,
     reject_shape_options,

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data import IGNORE_INDEX, DataError
+from ..errors import UserError
 from ..loading import Classifier
 from ..model import GPTModel
 from ..tokenizer import Tokenizer
@@ -178,5 +179,5 @@ def parse_train_blocks(value: str | int, n_layers: int) -> int | None:
     except ValueError:
         blocks = 0
     if not 1 <= blocks <= n_layers:
-        raise ValueError(f"--train-blocks must be 'all' or a number of final blocks from 1 to {n_layers}, got {value!r}")
+        raise UserError(f"--train-blocks must be 'all' or a number of final blocks from 1 to {n_layers}, got {value!r}")
     return blocks

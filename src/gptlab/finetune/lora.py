@@ -41,6 +41,7 @@ from ..checkpoint import (
     write_folder_atomically,
 )
 from ..config import GPTConfig
+from ..errors import UserError
 from ..loading import load_model
 from ..model import Dropout, GPTModel
 
@@ -70,16 +71,16 @@ class LoRAConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank <= 0:
-            raise ValueError(f"LoRA rank must be a positive integer, got {self.rank!r} (16 is the textbook's)")
+            raise UserError(f"LoRA rank must be a positive integer, got {self.rank!r} (16 is the textbook's)")
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not self.alpha > 0:
-            raise ValueError(f"LoRA alpha must be a positive number, got {self.alpha!r} (the update is scaled "
+            raise UserError(f"LoRA alpha must be a positive number, got {self.alpha!r} (the update is scaled "
                              "by alpha / rank; alpha = rank scales it by 1)")
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
-            raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout!r}")
+            raise UserError(f"LoRA dropout must be in [0, 1), got {self.dropout!r}")
         targets = (self.targets,) if isinstance(self.targets, str) else tuple(self.targets)
         unknown = [target for target in targets if target not in TARGETS]
         if unknown or not targets:
-            raise ValueError(f"LoRA targets must be some of {', '.join(TARGETS)}, got {unknown[0] if unknown else 'none'!r}")
+            raise UserError(f"LoRA targets must be some of {', '.join(TARGETS)}, got {unknown[0] if unknown else 'none'!r}")
         # Canonical order, no repeats: equal configs compare equal whatever order they were written in.
         object.__setattr__(self, "targets", tuple(target for target in TARGETS if target in targets))
 
@@ -162,7 +163,7 @@ def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
 def apply_lora(model: GPTModel, config: LoRAConfig) -> GPTModel:
     """Freeze every parameter of the model and wrap each target in a LoRALinear (in place); returns the model."""
     if lora_modules(model):
-        raise ValueError("the model already has LoRA adapters; merge them (merge_lora) before adding others")
+        raise UserError("the model already has LoRA adapters; merge them (merge_lora) before adding others")
     model.requires_grad_(False)
     for name in target_modules(model, config.targets):
         parent_name, _, child = name.rpartition(".")
@@ -183,7 +184,7 @@ def lora_config_of(model: nn.Module) -> LoRAConfig:
     """The LoRAConfig that apply_lora was given, read back from the model's adapters."""
     modules = lora_modules(model)
     if not modules:
-        raise ValueError("the model has no LoRA adapters; call apply_lora(model, LoRAConfig(...)) first")
+        raise UserError("the model has no LoRA adapters; call apply_lora(model, LoRAConfig(...)) first")
     first = next(iter(modules.values()))
     targets = {TARGET_OF_MODULE[re.sub(r"^trf_blocks\.\d+\.", "", name)] for name in modules}
     return LoRAConfig(first.rank, first.alpha, first.dropout.p, tuple(targets))
@@ -200,7 +201,7 @@ def merge_lora(model: GPTModel) -> GPTModel:
     for name, module in modules.items():  # all checked before any is changed
         weight = getattr(module.base, "weight", None)
         if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
-            raise ValueError(f"cannot merge the adapter of {name} into a {type(module.base).__name__} (no float "
+            raise UserError(f"cannot merge the adapter of {name} into a {type(module.base).__name__} (no float "
                              "weight); merge into the float model, then quantize it")
     for name, module in modules.items():
         weight = module.base.weight
@@ -271,10 +272,10 @@ def save_adapter(folder: Path, model: GPTModel, config: LoRAConfig, base: str, c
     """
     folder = Path(folder)
     if lora_config_of(model) != config:
-        raise ValueError(f"config ({config.describe()}) does not describe the model's adapters "
+        raise UserError(f"config ({config.describe()}) does not describe the model's adapters "
                          f"({lora_config_of(model).describe()})")
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir())) and not is_adapter_folder(folder):
-        raise ValueError(f"{folder} exists and is not a LoRA adapter folder; choose a new folder")
+        raise UserError(f"{folder} exists and is not a LoRA adapter folder; choose a new folder")
     fields = {CLASSIFIER_FIELD: classifier.to_dict()} if classifier else {}
     fields.update({CHAT_TEMPLATE_FIELD: chat_template} if chat_template else {})
     write_folder_atomically(folder, lambda tmp: write_adapter_files(tmp, model, config, base, fields))
@@ -290,7 +291,7 @@ def write_adapter_files(folder: Path, model: GPTModel, config: LoRAConfig, base:
     if CLASSIFIER_FIELD in kept:
         head = model.get_submodule(HEAD_MODULE)
         if isinstance(head, LoRALinear):
-            raise ValueError("a classifier's head trains in full; it cannot also take an adapter (leave head out of "
+            raise UserError("a classifier's head trains in full; it cannot also take an adapter (leave head out of "
                              "the LoRA targets)")
         tensors[HEAD_WEIGHT] = head.weight.detach().float().contiguous()
     meta = {"format": ADAPTER_FORMAT, "lora": asdict(config), "base": str(base), "base_config": model.cfg.to_dict(),
@@ -303,12 +304,12 @@ def read_adapter(folder: Path) -> Adapter:
     """An adapter folder's contents; a folder that is not one gets a one-line ValueError."""
     folder = Path(folder)
     if not (folder / ADAPTER_CONFIG_FILE).is_file():
-        raise ValueError(f"{folder} is not a LoRA adapter folder (no {ADAPTER_CONFIG_FILE}); pass the folder "
+        raise UserError(f"{folder} is not a LoRA adapter folder (no {ADAPTER_CONFIG_FILE}); pass the folder "
                          "save_adapter or fine-tuning wrote")
     meta = read_json(folder / ADAPTER_CONFIG_FILE)
     if meta.get("format") != ADAPTER_FORMAT:
         kind = "a Hugging Face PEFT adapter" if "peft_type" in meta else f"format {meta.get('format')!r}"
-        raise ValueError(f"{folder / ADAPTER_CONFIG_FILE} is {kind}, not a gptlab LoRA adapter "
+        raise UserError(f"{folder / ADAPTER_CONFIG_FILE} is {kind}, not a gptlab LoRA adapter "
                          f"(format {ADAPTER_FORMAT!r})")
     try:
         config = LoRAConfig.from_dict(meta["lora"])
@@ -316,21 +317,21 @@ def read_adapter(folder: Path) -> Adapter:
         base = meta["base"]
         classifier = classifier_head({CLASSIFIER_FIELD: meta[CLASSIFIER_FIELD]} if CLASSIFIER_FIELD in meta else {})
     except (KeyError, TypeError) as error:
-        raise ValueError(f"{folder / ADAPTER_CONFIG_FILE} lacks or garbles {error}; re-create the adapter") from None
+        raise UserError(f"{folder / ADAPTER_CONFIG_FILE} lacks or garbles {error}; re-create the adapter") from None
     try:
         tensors = load_file(str(folder / ADAPTER_WEIGHTS_FILE))
     except (OSError, SafetensorError) as error:
-        raise ValueError(f"cannot read {folder / ADAPTER_WEIGHTS_FILE} ({error}); re-create the adapter") from None
+        raise UserError(f"cannot read {folder / ADAPTER_WEIGHTS_FILE} ({error}); re-create the adapter") from None
     head_weight = tensors.pop(HEAD_WEIGHT, None)
     if classifier is not None and head_weight is None:
-        raise ValueError(f"{folder / ADAPTER_WEIGHTS_FILE} lacks {HEAD_WEIGHT}, the head of the classifier "
+        raise UserError(f"{folder / ADAPTER_WEIGHTS_FILE} lacks {HEAD_WEIGHT}, the head of the classifier "
                          f"{ADAPTER_CONFIG_FILE} describes; re-create the adapter")
     template = meta.get(CHAT_TEMPLATE_FIELD)
     if is_gptlab_checkpoint(folder):  # the run checkpoint it lives in, written before adapters recorded these
         model_meta = read_json(folder / CONFIG_FILE)
         template = template or model_meta.get(CHAT_TEMPLATE_FIELD)
         if classifier is None and classifier_head(model_meta) is not None:
-            raise ValueError(f"{folder} is a classifier whose adapter was saved without the classifier's head (by "
+            raise UserError(f"{folder} is a classifier whose adapter was saved without the classifier's head (by "
                              f"an earlier gptlab); its {CONFIG_FILE} and model.safetensors already hold the merged "
                              f"classifier: use {folder} itself")
     return Adapter(config, base, base_config, tensors, classifier, head_weight, template)
@@ -346,7 +347,7 @@ def apply_adapter(base_model: GPTModel, adapter: Adapter) -> GPTModel:
         rows = base_model.out_head.out_features
         if rows != base_model.cfg.vocab_size or list(adapter.head_weight.shape) != [len(adapter.classifier.labels),
                                                                                    base_model.cfg.emb_dim]:
-            raise ValueError(f"the adapter is {adapter.classifier.describe()} made from a language model with "
+            raise UserError(f"the adapter is {adapter.classifier.describe()} made from a language model with "
                              f"emb_dim {adapter.base_config.emb_dim}; load it onto the model it was trained from "
                              f"({adapter.base})")
         give_classifier_head(base_model, len(adapter.classifier.labels))
@@ -355,20 +356,20 @@ def apply_adapter(base_model: GPTModel, adapter: Adapter) -> GPTModel:
     for field in BASE_FIELDS:
         ours, theirs = getattr(adapter.base_config, field), getattr(base_model.cfg, field)
         if ours != theirs:
-            raise ValueError(f"the adapter was made for a base with {field} {ours}, but this base has {field} "
+            raise UserError(f"the adapter was made for a base with {field} {ours}, but this base has {field} "
                              f"{theirs}; load it onto the model it was trained from ({adapter.base})")
     model = apply_lora(base_model, adapter.config)
     current = adapter_state_dict(model)
     if current.keys() != adapter.tensors.keys():
         missing = sorted(current.keys() - adapter.tensors.keys()) or sorted(adapter.tensors.keys() - current.keys())
-        raise ValueError(f"the adapter's tensors do not match its settings ({missing[0]} is in one and not the "
+        raise UserError(f"the adapter's tensors do not match its settings ({missing[0]} is in one and not the "
                          "other); re-create the adapter")
     with torch.no_grad():
         for name, module in lora_modules(model).items():
             for part in ("lora_A", "lora_B"):
                 param, saved = getattr(module, part), adapter.tensors[f"{name}.{part}"]
                 if saved.shape != param.shape:
-                    raise ValueError(f"adapter tensor {name}.{part} has shape {list(saved.shape)}, but the base "
+                    raise UserError(f"adapter tensor {name}.{part} has shape {list(saved.shape)}, but the base "
                                      f"needs {list(param.shape)}; re-create the adapter")
                 param.copy_(saved)
     return model
@@ -410,13 +411,13 @@ def merge_adapter_checkpoint(adapter_folder: Path, out: Path, base: Path | None 
     adapter = read_adapter(adapter_folder)
     base_path, out = Path(base if base is not None else adapter.base), Path(out)
     if base is None and not base_path.exists():
-        raise ValueError(f"{base_path}, the base recorded in {Path(adapter_folder) / ADAPTER_CONFIG_FILE}, does not "
+        raise UserError(f"{base_path}, the base recorded in {Path(adapter_folder) / ADAPTER_CONFIG_FILE}, does not "
                          "exist; pass the checkpoint the adapter was trained from (--base)")
     for source, what in ((base_path, "the base checkpoint"), (Path(adapter_folder), "the adapter")):
         if out.resolve() == source.resolve():
-            raise ValueError(f"the output folder {out} is {what}; choose a new folder")
+            raise UserError(f"the output folder {out} is {what}; choose a new folder")
     if out.exists() and not force and (not out.is_dir() or any(out.iterdir())):
-        raise ValueError(f"{out} exists and is not empty; choose a new folder, or pass --force to replace it")
+        raise UserError(f"{out} exists and is not empty; choose a new folder, or pass --force to replace it")
     model, tokenizer = load_model(base_path)
     base_template = read_json(base_path / CONFIG_FILE).get(CHAT_TEMPLATE_FIELD)
     fields = {**({CHAT_TEMPLATE_FIELD: base_template} if base_template else {}), **adapter.model_fields()}

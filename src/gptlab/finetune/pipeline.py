@@ -21,7 +21,11 @@ from pathlib import Path
 from ..checkpoint import CLASSIFIER_FIELD, ClassifierHead, give_classifier_head, read_config
 from ..loading import load_classifier
 from ..training.config import (
-    ConfigError, RunConfig, resolve, resume_settings, with_default_limit,
+    ConfigError,
+    RunConfig,
+    resolve,
+    resume_settings,
+    with_default_limit,
 )
 from ..training.pipeline import gather_settings, initial_model
 from ..training.runtime import Runtime, TrainingError, start_runtime, stop_runtime

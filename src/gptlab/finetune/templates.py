@@ -25,12 +25,12 @@ Alpaca's template (Taori et al., 2023, as the textbook writes it) is the default
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import json
-
 from ..checkpoint import CHAT_TEMPLATE_FIELD, CONFIG_FILE, read_json
+from ..errors import UserError
 from ..tokenizer import EOT_TEXT, Tokenizer
 
 ROLES = ("system", "user", "assistant")
@@ -75,7 +75,7 @@ DEFAULT_TEMPLATE = "alpaca"
 
 def get_template(name: str) -> ChatTemplate:
     if name not in TEMPLATES:
-        raise ValueError(f"unknown prompt template {name!r}; choose one of: {', '.join(TEMPLATES)}")
+        raise UserError(f"unknown prompt template {name!r}; choose one of: {', '.join(TEMPLATES)}")
     return TEMPLATES[name]
 
 
@@ -198,12 +198,12 @@ def check_messages(messages: list, where: str = "messages") -> None:
     """A list of {"role", "content"} with known roles, a system message only first, and a non-empty
     content for users and assistants; a one-line ValueError otherwise."""
     if not isinstance(messages, list) or not messages:
-        raise ValueError(f"{where} must be a non-empty list of {{\"role\", \"content\"}} objects")
+        raise UserError(f"{where} must be a non-empty list of {{\"role\", \"content\"}} objects")
     for index, message in enumerate(messages):
         if not isinstance(message, dict) or not isinstance(message.get("content"), str):
-            raise ValueError(f"{where}[{index}] must be an object with a string \"content\"")
+            raise UserError(f"{where}[{index}] must be an object with a string \"content\"")
         role = message.get("role")
         if role not in ROLES:
-            raise ValueError(f"{where}[{index}] has role {role!r}; use one of {', '.join(ROLES)}")
+            raise UserError(f"{where}[{index}] has role {role!r}; use one of {', '.join(ROLES)}")
         if role == "system" and index:
-            raise ValueError(f"{where}[{index}] is a system message; only the first message may be one")
+            raise UserError(f"{where}[{index}] is a system message; only the first message may be one")

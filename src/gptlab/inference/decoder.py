@@ -50,6 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import GPTConfig
+from ..errors import UserError
 from ..model import GPTModel, KVCache, LayerCache
 from .quantize import is_quantized
 
@@ -139,7 +140,7 @@ def prepared_model(model: GPTModel, dtype: torch.dtype | None = None, prepare: b
     dtype = dtype or model.tok_emb.weight.dtype
     if is_quantized(model):  # integer weights: no copy can be made of them, so they decode as they are
         if dtype != model.tok_emb.weight.dtype:
-            raise ValueError(f"a quantized model decodes in the dtype it was quantized in "
+            raise UserError(f"a quantized model decodes in the dtype it was quantized in "
                              f"({model.tok_emb.weight.dtype}), not {dtype}; convert the model before quantizing it")
         return model
     pack = prepare and packs_weights(dtype, model.device)
@@ -262,7 +263,7 @@ class Decoder:
         self.context = model.cfg.context_length
         self.keep = self.context // 2 if settings.keep is None else settings.keep
         if not 1 <= self.keep <= self.context:
-            raise ValueError(f"keep must be between 1 and the context_length {self.context}, got {self.keep}")
+            raise UserError(f"keep must be between 1 and the context_length {self.context}, got {self.keep}")
         self.dtype = settings.dtype or model.tok_emb.weight.dtype
         self.device = model.device
         self.model = prepared_model(model, self.dtype, settings.prepare_weights)

@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import UserError
 from ..model import GPTModel
 
 INT4_GROUP_SIZE = 32  # the CPU int4 kernel accepts 32, 64, 128 or 256
@@ -169,15 +170,15 @@ def quantize_model(model: GPTModel, mode: str) -> GPTModel:
     before quantizing: the integer layers return their input's dtype.
     """
     if mode not in KERNELS:
-        raise ValueError(f"quantize must be one of {', '.join(KERNELS)}, got {mode!r}")
+        raise UserError(f"quantize must be one of {', '.join(KERNELS)}, got {mode!r}")
     if model.device.type != "cpu":
-        raise ValueError(f"the quantized kernels run on the CPU, but the model is on {model.device.type}; "
+        raise UserError(f"the quantized kernels run on the CPU, but the model is on {model.device.type}; "
                          "load it with --device cpu to quantize it")
     linears = {name: module for name, module in model.named_modules() if isinstance(module, nn.Linear)}
     if mode == "int4":
         for name, linear in linears.items():
             if linear.in_features % INT4_GROUP_SIZE:
-                raise ValueError(f"int4 quantizes groups of {INT4_GROUP_SIZE} inputs, but {name} has "
+                raise UserError(f"int4 quantizes groups of {INT4_GROUP_SIZE} inputs, but {name} has "
                                  f"{linear.in_features} inputs; use int8 for this model")
     shared = {id(tensor): tensor for tensor in [*model.parameters(), *model.buffers()]}
     quantized = copy.deepcopy(model, memo=shared)  # new modules, the same tensors

@@ -42,6 +42,8 @@ from typing import Sequence
 
 import torch
 
+from ..errors import UserError
+
 MAX_LOGPROBS = 5  # the most alternatives OpenAI's completions API returns
 MAX_SEED = 2**63 - 1
 # The rates that keep penalised logits finite (a penalty of 1e-40 would divide them to infinity).
@@ -52,7 +54,7 @@ REPETITION_PENALTY_RANGE = (0.01, 100.0)
 class GenerationOptions:
     """How to generate. The defaults sample from the full distribution; temperature=0 is greedy.
 
-    Invalid values raise ValueError whose message begins with the option's command-line name (without
+    Invalid values raise UserError whose message begins with the option's command-line name (without
     the leading dashes), so `gptlab generate` can report the flag the user typed.
     """
 
@@ -72,37 +74,37 @@ class GenerationOptions:
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
-            raise ValueError(f"stop must be a sequence of strings, not the string {self.stop!r}; write ({self.stop!r},)")
+            raise UserError(f"stop must be a sequence of strings, not the string {self.stop!r}; write ({self.stop!r},)")
         object.__setattr__(self, "stop", tuple(self.stop))
         if self.max_new_tokens < 0:
-            raise ValueError(f"max-new-tokens must be >= 0, got {self.max_new_tokens}")
+            raise UserError(f"max-new-tokens must be >= 0, got {self.max_new_tokens}")
         if not self.temperature >= 0:
-            raise ValueError(f"temperature must be >= 0 (0 means greedy), got {self.temperature}")
+            raise UserError(f"temperature must be >= 0 (0 means greedy), got {self.temperature}")
         if self.top_k is not None and self.top_k < 1:
-            raise ValueError(f"top-k must be >= 1 (leave it out to keep every token), got {self.top_k}")
+            raise UserError(f"top-k must be >= 1 (leave it out to keep every token), got {self.top_k}")
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"top-p must be in (0, 1] (1 keeps every token), got {self.top_p}")
+            raise UserError(f"top-p must be in (0, 1] (1 keeps every token), got {self.top_p}")
         if not 0 <= self.min_p <= 1:
-            raise ValueError(f"min-p must be in [0, 1] (0 keeps every token), got {self.min_p}")
+            raise UserError(f"min-p must be in [0, 1] (0 keeps every token), got {self.min_p}")
         low, high = REPETITION_PENALTY_RANGE
         if not low <= self.repetition_penalty <= high:
-            raise ValueError(f"repetition-penalty must be between {low:g} and {high:g} (1 is off, 1.1-1.3 is usual), "
+            raise UserError(f"repetition-penalty must be between {low:g} and {high:g} (1 is off, 1.1-1.3 is usual), "
                              f"got {self.repetition_penalty}")
         if not math.isfinite(self.temperature):
-            raise ValueError(f"temperature must be a finite number (0 means greedy), got {self.temperature}")
+            raise UserError(f"temperature must be a finite number (0 means greedy), got {self.temperature}")
         if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
-            raise ValueError(f"seed must be between 0 and 2**63 - 1, got {self.seed}")
+            raise UserError(f"seed must be between 0 and 2**63 - 1, got {self.seed}")
         if self.num_samples < 1:
-            raise ValueError(f"num-samples must be >= 1, got {self.num_samples}")
+            raise UserError(f"num-samples must be >= 1, got {self.num_samples}")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
-            raise ValueError(f"logprobs must be between 0 and {MAX_LOGPROBS} (alternatives per token), got {self.logprobs}")
+            raise UserError(f"logprobs must be between 0 and {MAX_LOGPROBS} (alternatives per token), got {self.logprobs}")
         if any(not stop for stop in self.stop):
-            raise ValueError("stop must not be an empty string")
+            raise UserError("stop must not be an empty string")
         for name in ("frequency_penalty", "presence_penalty"):
             if not -2 <= getattr(self, name) <= 2:
-                raise ValueError(f"{name.replace('_', '-')} must be between -2 and 2, got {getattr(self, name)}")
+                raise UserError(f"{name.replace('_', '-')} must be between -2 and 2, got {getattr(self, name)}")
         if self.logit_bias and any(not -100 <= bias <= 100 for bias in self.logit_bias.values()):
-            raise ValueError("logit-bias values must be between -100 and 100")
+            raise UserError("logit-bias values must be between -100 and 100")
 
     def replace(self, **changes) -> "GenerationOptions":
         return dataclasses.replace(self, **changes)
@@ -190,7 +192,7 @@ class Sampler:
         self.bias = None
         if options.logit_bias:
             if any(not 0 <= token < self.size for token in options.logit_bias):
-                raise ValueError(f"logit-bias token ids must be between 0 and {self.size - 1} (the vocabulary)")
+                raise UserError(f"logit-bias token ids must be between 0 and {self.size - 1} (the vocabulary)")
             self.bias = torch.zeros(self.size, device=device)
             self.bias[list(options.logit_bias)] = torch.tensor(list(options.logit_bias.values()), dtype=torch.float32,
                                                                device=device)

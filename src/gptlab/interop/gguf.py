@@ -28,6 +28,7 @@ import gguf
 import numpy as np
 import torch
 
+from ..errors import UserError
 from ..model import GPTModel
 from ..tokenizer import EOT_TEXT, Tokenizer, gpt2_byte_alphabet
 from .hf import check_head_rows, key_map
@@ -130,9 +131,9 @@ def vocabulary(tokenizer: Tokenizer, vocab_size: int) -> tuple[list[str], list[i
 
 def check_destination(path: Path, force: bool) -> None:
     if path.is_dir():
-        raise ValueError(f"{path} is a folder; give the .gguf file to write, e.g. {path / 'model.gguf'}")
+        raise UserError(f"{path} is a folder; give the .gguf file to write, e.g. {path / 'model.gguf'}")
     if path.exists() and not force:
-        raise ValueError(f"{path} exists; choose another file name, or pass --force to replace it")
+        raise UserError(f"{path} exists; choose another file name, or pass --force to replace it")
 
 
 def export_gguf(model: GPTModel, tokenizer: Tokenizer, out_path: Path, outtype: str = "f32",
@@ -146,12 +147,12 @@ def export_gguf(model: GPTModel, tokenizer: Tokenizer, out_path: Path, outtype: 
     """
     out_path = Path(out_path)
     if outtype not in OUTTYPES:
-        raise ValueError(f"unknown GGUF outtype {outtype!r}; choose one of: {', '.join(OUTTYPES)}")
+        raise UserError(f"unknown GGUF outtype {outtype!r}; choose one of: {', '.join(OUTTYPES)}")
     check_destination(out_path, force)
     check_head_rows(model, None)
     cfg = model.cfg
     if tokenizer.vocab_size > cfg.vocab_size:
-        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {cfg.vocab_size}")
+        raise UserError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {cfg.vocab_size}")
     tokens, token_types, merges = vocabulary(tokenizer, cfg.vocab_size)
 
     writer = gguf.GGUFWriter(path=None, arch=gguf.MODEL_ARCH_NAMES[ARCH])
@@ -188,7 +189,7 @@ def export_gguf(model: GPTModel, tokenizer: Tokenizer, out_path: Path, outtype: 
         writer.close()  # flushed before it takes the final name
         os.replace(tmp, out_path)
     except OSError as error:
-        raise ValueError(f"cannot write {out_path} ({error.strerror or error}); choose a folder you can write to "
+        raise UserError(f"cannot write {out_path} ({error.strerror or error}); choose a folder you can write to "
                          "with room for the file") from None
     finally:
         writer.close()

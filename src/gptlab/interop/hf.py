@@ -19,8 +19,14 @@ from typing import Mapping
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..checkpoint import ClassifierHead, model_from_state_dict, read_json, write_folder_atomically
+from ..checkpoint import (
+    ClassifierHead,
+    model_from_state_dict,
+    read_json,
+    write_folder_atomically,
+)
 from ..config import GPTConfig
+from ..errors import DownloadError, UserError
 from ..model import GPTModel
 from ..tokenizer import Tokenizer
 from .hf_tokenizer import (
@@ -79,7 +85,7 @@ def classifier_head_from_hf(hf: Mapping) -> ClassifierHead | None:
         return None
     id2label = hf.get("id2label") or {str(i): f"LABEL_{i}" for i in range(hf.get("num_labels", 2))}
     if set(map(str, id2label)) != {str(i) for i in range(len(id2label))}:
-        raise ValueError(f"config.json's id2label must number the labels 0 to {len(id2label) - 1}, got ids "
+        raise UserError(f"config.json's id2label must number the labels 0 to {len(id2label) - 1}, got ids "
                          f"{', '.join(map(str, id2label))}; fix config.json")
     return ClassifierHead(tuple(id2label[str(i)] for i in range(len(id2label))))
 
@@ -113,19 +119,19 @@ def state_dict_from_hf(hf_state: Mapping[str, torch.Tensor], cfg: GPTConfig,
     state: dict[str, torch.Tensor] = {}
     for ours, (theirs, transposed) in key_map(cfg).items():
         if theirs not in hf:
-            raise ValueError(f"checkpoint is missing weight {theirs!r} (for {ours}); is it a GPT-2 checkpoint of this shape?")
+            raise UserError(f"checkpoint is missing weight {theirs!r} (for {ours}); is it a GPT-2 checkpoint of this shape?")
         tensor = hf[theirs]
         state[ours] = tensor.t() if transposed else tensor
     if head is not None:
         if HF_SCORE not in hf:
-            raise ValueError(f"checkpoint is missing weight {HF_SCORE!r}, the head of its {HF_CLASSIFIER}")
+            raise UserError(f"checkpoint is missing weight {HF_SCORE!r}, the head of its {HF_CLASSIFIER}")
         state["out_head.weight"] = hf[HF_SCORE]
     elif cfg.tie_embeddings:
         state["out_head.weight"] = state["tok_emb.weight"]
     elif "lm_head.weight" in hf:
         state["out_head.weight"] = hf["lm_head.weight"]
     else:
-        raise ValueError("checkpoint has no lm_head.weight but its config says the head is not tied")
+        raise UserError("checkpoint has no lm_head.weight but its config says the head is not tied")
     return state
 
 
@@ -182,11 +188,11 @@ def hf_weight_files(folder: Path) -> list[Path]:
     if (folder / HF_SAFETENSORS_INDEX).is_file():
         weight_map = read_json(folder / HF_SAFETENSORS_INDEX).get("weight_map")
         if not isinstance(weight_map, dict):
-            raise ValueError(f"{folder / HF_SAFETENSORS_INDEX} has no 'weight_map'; re-create or re-download it")
+            raise UserError(f"{folder / HF_SAFETENSORS_INDEX} has no 'weight_map'; re-create or re-download it")
         shards = [folder / shard for shard in sorted(set(weight_map.values()))]
         missing = [shard.name for shard in shards if not shard.is_file()]
         if missing:
-            raise ValueError(f"{folder} lacks {missing[0]}, a shard {HF_SAFETENSORS_INDEX} lists; download it again")
+            raise UserError(f"{folder} lacks {missing[0]}, a shard {HF_SAFETENSORS_INDEX} lists; download it again")
         return shards
     if (folder / HF_PICKLE_FILE).is_file():
         return [folder / HF_PICKLE_FILE]
@@ -206,7 +212,7 @@ def check_hf_config(hf: Mapping) -> None:
     }
     for field, differs in unsupported.items():
         if differs:
-            raise ValueError(
+            raise UserError(
                 f"config.json has {field} = {hf.get(field)!r}, which gptlab's GPT-2 does not implement "
                 "(it computes tanh GELU, layer_norm_epsilon 1e-5, a 4x MLP, 1/sqrt(head_dim) attention scaling)"
             )
@@ -225,9 +231,9 @@ def check_hf_state(hf_state: Mapping[str, torch.Tensor], cfg: GPTConfig, head: C
     found = {key.removeprefix("transformer."): tuple(tensor.shape) for key, tensor in hf_state.items()}
     for name, shape in expected.items():
         if name not in found:
-            raise ValueError(f"checkpoint is missing weight {name!r} (expected shape {list(shape)})")
+            raise UserError(f"checkpoint is missing weight {name!r} (expected shape {list(shape)})")
         if found[name] != shape:
-            raise ValueError(
+            raise UserError(
                 f"checkpoint weight {name!r} has shape {list(found[name])} but config.json's model needs {list(shape)}"
             )
 
@@ -236,7 +242,7 @@ def check_hf_state(hf_state: Mapping[str, torch.Tensor], cfg: GPTConfig, head: C
 
     unexpected = [name for name in found if name not in expected and not ignored(name)]
     if unexpected:
-        raise ValueError(
+        raise UserError(
             f"checkpoint has weight {unexpected[0]!r} (shape {list(found[unexpected[0]])}) that config.json's model "
             f"has no place for ({len(unexpected)} such weights); does config.json belong to these weights?"
         )
@@ -255,11 +261,11 @@ def read_hf_weights(files: list[Path]) -> dict[str, torch.Tensor]:
             tensors = torch.load(file, weights_only=True, mmap=zipfile.is_zipfile(file), map_location="cpu")
         except (RuntimeError, pickle.UnpicklingError) as error:
             reason = (str(error).splitlines() or [type(error).__name__])[0]
-            raise ValueError(
+            raise UserError(
                 f"{file} is not a readable PyTorch state dict ({reason}); use model.safetensors instead"
             ) from None
         if not isinstance(tensors, dict) or not all(isinstance(tensor, torch.Tensor) for tensor in tensors.values()):
-            raise ValueError(f"{file} does not hold a flat name -> tensor state dict; use model.safetensors instead")
+            raise UserError(f"{file} does not hold a flat name -> tensor state dict; use model.safetensors instead")
         state.update(tensors)
     return state
 
@@ -280,7 +286,7 @@ def load_hf_checkpoint(
     cfg, head = config_from_hf(hf_config), classifier_head_from_hf(hf_config)
     tokenizer = load_hf_tokenizer(folder, hf_config)
     if tokenizer.vocab_size > cfg.vocab_size:
-        raise ValueError(
+        raise UserError(
             f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is {cfg.vocab_size}; "
             f"put the model's own vocab.json and merges.txt in {folder}"
         )
@@ -361,10 +367,10 @@ def check_head_rows(model: GPTModel, head: ClassifierHead | None) -> None:
     ValueError, before anything is written in a shape transformers would refuse to load."""
     rows = model.out_head.out_features
     if head is not None and rows != len(head.labels):
-        raise ValueError(f"the classifier's head has {rows} rows but {len(head.labels)} labels "
+        raise UserError(f"the classifier's head has {rows} rows but {len(head.labels)} labels "
                          f"({', '.join(head.labels)}); give the labels it was trained with")
     if head is None and rows != model.cfg.vocab_size:
-        raise ValueError(f"the model's output head has {rows} rows, not one per token (vocab_size "
+        raise UserError(f"the model's output head has {rows} rows, not one per token (vocab_size "
                          f"{model.cfg.vocab_size}): it is a classifier; export it with its labels (load_classifier)")
 
 
@@ -384,9 +390,9 @@ def export_hf(model: GPTModel, tokenizer: Tokenizer, outdir: Path, force: bool =
     outdir = Path(outdir)
     if outdir.exists() and not force:
         if not outdir.is_dir():
-            raise ValueError(f"{outdir} exists and is not a folder; choose a new folder to export to")
+            raise UserError(f"{outdir} exists and is not a folder; choose a new folder to export to")
         if any(outdir.iterdir()) and not is_previous_export(outdir):
-            raise ValueError(
+            raise UserError(
                 f"{outdir} is not empty and is not an earlier gptlab export; choose a new folder, "
                 "or pass --force to replace it"
             )
@@ -406,17 +412,13 @@ def export_hf(model: GPTModel, tokenizer: Tokenizer, outdir: Path, force: bool =
     return sorted(entry.name for entry in outdir.iterdir())
 
 
-class DownloadError(Exception):
-    """The Hub could not be reached (or huggingface_hub is missing): the files must be fetched by hand."""
-
-
 def download_gpt2(name: str, outdir: Path) -> Path:
     """Fetch one of OpenAI's GPT-2 sizes from the Hugging Face Hub into `outdir` (a folder load_model reads)."""
     if name not in HUB_REPOS:
-        raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(HUB_REPOS)}")
+        raise UserError(f"unknown model {name!r}; choose one of: {', '.join(HUB_REPOS)}")
     outdir = Path(outdir)
     if outdir.exists() and any(outdir.iterdir()) and not is_hf_gpt2_folder(outdir):
-        raise ValueError(f"{outdir} is not empty and is not a GPT-2 folder; choose a new folder with --out")
+        raise UserError(f"{outdir} is not empty and is not a GPT-2 folder; choose a new folder with --out")
     repo = HUB_REPOS[name]
     by_hand = (
         f"without a network, put config.json, model.safetensors, vocab.json and merges.txt from "

@@ -23,7 +23,15 @@ from importlib import resources
 from pathlib import Path
 from typing import Mapping
 
-from ..tokenizer import EOT_TEXT, CharTokenizer, GPT2Tokenizer, Tokenizer, load_tokenizer, tokenizer_from_spec
+from ..errors import UserError
+from ..tokenizer import (
+    EOT_TEXT,
+    CharTokenizer,
+    GPT2Tokenizer,
+    Tokenizer,
+    load_tokenizer,
+    tokenizer_from_spec,
+)
 
 HF_VOCAB_FILE = "vocab.json"  # same format as GPT-2's encoder.json
 HF_MERGES_FILE = "merges.txt"  # same format as GPT-2's vocab.bpe
@@ -176,7 +184,7 @@ def load_hf_tokenizer(folder: Path, hf_config: Mapping) -> Tokenizer:
         if (folder / HF_TOKENIZER_JSON).is_file():
             return tokenizer_from_tokenizer_json((folder / HF_TOKENIZER_JSON).read_text("utf-8"))
     except (ValueError, KeyError, TypeError) as error:
-        raise ValueError(
+        raise UserError(
             f"the tokenizer files in {folder} are neither GPT-2's byte-level BPE nor a gptlab character-level "
             f"vocabulary ({error}); remove them to use GPT-2's bundled tokenizer"
         ) from None

@@ -24,8 +24,8 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from ..checkpoint import read_json, write_folder_atomically
-from ..checkpoint import ClassifierHead
+from ..checkpoint import ClassifierHead, read_json, write_folder_atomically
+from ..errors import UserError
 from ..finetune.lora import (
     BLOCK_TARGETS,
     HEAD_MODULE,
@@ -125,7 +125,7 @@ def export_peft_adapter(source: Path | nn.Module, out_dir: Path, base_model_name
         config, tensors = lora_config_of(source), adapter_state_dict(source)
         head = source.get_submodule(HEAD_MODULE)
         if classifier is None and (head.base if isinstance(head, LoRALinear) else head).out_features != source.cfg.vocab_size:
-            raise ValueError("the model's output head has a row per label, not per token: it is a classifier; pass "
+            raise UserError("the model's output head has a row per label, not per token: it is a classifier; pass "
                              "its head (classifier=) to export it for GPT2ForSequenceClassification")
         head_weight = None if classifier is None else head.weight
     else:
@@ -133,15 +133,15 @@ def export_peft_adapter(source: Path | nn.Module, out_dir: Path, base_model_name
         config, tensors, classifier, head_weight = adapter.config, adapter.tensors, adapter.classifier, adapter.head_weight
     if out_dir.exists() and not force:
         if not out_dir.is_dir():
-            raise ValueError(f"{out_dir} exists and is not a folder; choose a new folder to export to")
+            raise UserError(f"{out_dir} exists and is not a folder; choose a new folder to export to")
         if any(out_dir.iterdir()) and not is_previous_peft_export(out_dir):
-            raise ValueError(f"{out_dir} is not empty and is not a PEFT adapter; choose a new folder, "
+            raise UserError(f"{out_dir} is not empty and is not a PEFT adapter; choose a new folder, "
                              "or pass force=True to replace it")
     meta = peft_adapter_config(config, base_model_name_or_path, classifier is not None)
     renamed = peft_tensors(tensors)
     if classifier is not None:
         if list(head_weight.shape)[0] != len(classifier.labels):
-            raise ValueError(f"the classifier's head has {head_weight.shape[0]} rows but {len(classifier.labels)} "
+            raise UserError(f"the classifier's head has {head_weight.shape[0]} rows but {len(classifier.labels)} "
                              "labels; give the labels it was trained with")
         renamed[f"{PEFT_PREFIX}{HF_SCORE}"] = head_weight.detach().float().cpu().contiguous()
 

@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..config import GPTConfig
+from ..errors import UserError
 from ..inference.decoder import cache_dtype, next_token_logits, prepared_model
 from ..inference.generate import TextAssembler
 from ..inference.sampling import GenerationOptions, Sampler, Token, offset_seed
@@ -228,7 +229,7 @@ class Engine:
         """Queue a job; QueueFull when max_queue jobs already wait, EngineStopped once stop() was called or
         the loop has died."""
         if job.options.num_samples > self.max_batch:
-            raise ValueError(f"n must be at most {self.max_batch} (the server's --max-batch), got {job.options.num_samples}")
+            raise UserError(f"n must be at most {self.max_batch} (the server's --max-batch), got {job.options.num_samples}")
         with self.wakeup:
             if not self.accepting or self.health() == "dead":
                 raise EngineStopped("the server is shutting down" if not self.accepting else

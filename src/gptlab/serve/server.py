@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 import uvicorn
 
+from ..errors import UserError
 from ..finetune.templates import chat_template_of
 from ..inference.quantize import quantize_model
 from ..loading import RUN_CHECKPOINTS, check_language_model, load_model
@@ -55,11 +56,11 @@ class ServeSettings:
         check_language_model(Path(self.checkpoint))  # a bad folder or a classifier says what it is and what to pass
         device = pick_device(self.device)
         if self.quantize and device.type != "cpu":
-            raise ValueError(f"--quantize uses CPU kernels; add --device cpu (not {device.type}), or drop --quantize")
+            raise UserError(f"--quantize uses CPU kernels; add --device cpu (not {device.type}), or drop --quantize")
         if self.max_batch < 1 or self.max_queue < 0:
-            raise ValueError("--max-batch must be >= 1 and --max-queue >= 0")
+            raise UserError("--max-batch must be >= 1 and --max-queue >= 0")
         if min(self.header_timeout, self.body_timeout, self.idle_timeout, self.wedged_after) <= 0 or self.max_connections < 1:
-            raise ValueError("--header-timeout, --body-timeout, --idle-timeout and --wedged-after must be positive, and "
+            raise UserError("--header-timeout, --body-timeout, --idle-timeout and --wedged-after must be positive, and "
                              "--max-connections at least 1")
 
     @property
@@ -105,7 +106,7 @@ def bind(host: str, port: int) -> socket.socket:
         sock.bind((host, port))
     except OSError as error:
         sock.close()
-        raise ValueError(f"cannot listen on {host}:{port} ({error.strerror}); pick another --port or --host") from None
+        raise UserError(f"cannot listen on {host}:{port} ({error.strerror}); pick another --port or --host") from None
     return sock
 
 

@@ -15,9 +15,12 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import tomllib
+
+from ..errors import UserError
 
 RUN_FILE = "run.toml"
 
@@ -30,7 +33,7 @@ OPTIMIZERS = ("adamw", "muon")  # training/optimizers.py
 SCHEDULES = ("cosine", "wsd")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A recipe file or a combination of settings that cannot be used; the message says what to change."""
 
 

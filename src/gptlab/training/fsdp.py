@@ -24,7 +24,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+    checkpoint_wrapper,
+)
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -35,6 +37,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from ..checkpoint import model_from_state_dict, write_folder_atomically
+from ..errors import UserError
 from ..model import GPTModel
 
 SHARDS_DIR = "shards"
@@ -58,7 +61,7 @@ def shard_model(model: GPTModel, activation_checkpointing: bool = False,
     None or "float32" keeps everything in fp32 (bf16 autocast still applies on top, if the caller uses it).
     """
     if mixed_precision is not None and mixed_precision not in MIXED_PRECISION:
-        raise ValueError(f"mixed_precision must be one of {', '.join(MIXED_PRECISION)} or None, "
+        raise UserError(f"mixed_precision must be one of {', '.join(MIXED_PRECISION)} or None, "
                          f"got {mixed_precision!r}")
     policy = MixedPrecisionPolicy()
     if mixed_precision is not None:
@@ -160,7 +163,7 @@ def load_sharded(path: Path, model: GPTModel, optimizer: torch.optim.Optimizer) 
     path = Path(path)
     shards = path / SHARDS_DIR
     if not (path / EXTRA_FILE).is_file() or not any(shards.glob("*.safetensors")):
-        raise ValueError(f"{path} is not a sharded checkpoint (it needs {SHARDS_DIR}/*.safetensors and {EXTRA_FILE}); "
+        raise UserError(f"{path} is not a sharded checkpoint (it needs {SHARDS_DIR}/*.safetensors and {EXTRA_FILE}); "
                          "resume an --fsdp run from the folder it wrote")
     # get_state_dict gives a fresh optimizer zeroed moments (a step at lr 0), for dcp.load to fill in place.
     model_state, optimizer_state, tensors = sharded_tensors(model, optimizer)
@@ -190,7 +193,7 @@ def check_layout(path: Path, saved: dict[str, torch.Size], tensors: dict[str, to
         problems.append(f"{len(reshaped)} of another shape (first {name}: {tuple(saved[name])} saved, "
                         f"{tuple(tensors[name].shape)} here)")
     if problems:
-        raise ValueError(f"{path} holds another model: {'; '.join(problems)}; resume with the model options "
+        raise UserError(f"{path} holds another model: {'; '.join(problems)}; resume with the model options "
                          "of the run that wrote it")
 
 

@@ -25,9 +25,21 @@ from ..finetune.hooks import check_lora_head, finetune_hooks, lora_config
 from ..loading import load_model
 from ..report import parameter_report
 from ..tokenizer import Tokenizer, tokenizer_from_spec
-from .config import LIMITS, ConfigError, DataConfig, RunConfig, check_keys, check_types, read_toml, resolve, resume_settings, with_default_limit
+from .config import (
+    LIMITS,
+    ConfigError,
+    DataConfig,
+    RunConfig,
+    check_keys,
+    check_types,
+    read_toml,
+    resolve,
+    resume_settings,
+    with_default_limit,
+)
 from .data_record import check_data, sources_of
-from .evaluation import EvalResult, evaluate as evaluate_tokens
+from .evaluation import EvalResult
+from .evaluation import evaluate as evaluate_tokens
 from .runtime import Runtime, TrainingError, barrier, pick_device, start_runtime, stop_runtime
 from .state import check_out_dir, read_run_config
 from .trainer import TrainingData, TrainResult

@@ -9,8 +9,10 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from ..errors import UserError
 
-class TrainingError(Exception):
+
+class TrainingError(UserError):
     """A problem with the run the user asked for: reported as one line, non-zero exit."""
 
 

@@ -24,7 +24,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..checkpoint import is_gptlab_checkpoint, restore_interrupted_swap, with_tied_head, write_folder_atomically, write_model_files
+from ..checkpoint import (
+    is_gptlab_checkpoint,
+    restore_interrupted_swap,
+    with_tied_head,
+    write_folder_atomically,
+    write_model_files,
+)
 from ..model import GPTModel
 from ..tokenizer import Tokenizer
 from .averaging import WeightAverage

@@ -23,8 +23,8 @@ import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Callable, Iterator, Protocol
 from pathlib import Path
+from typing import Callable, Iterator, Protocol
 
 import numpy as np
 import torch
@@ -43,14 +43,28 @@ from .evaluation import EvalResult, autocast, evaluate, loss_fn
 from .fsdp import checkpoint_blocks, shard_model, unsharded_copy
 from .optimizers import make_optimizer
 from .runtime import (
-    Runtime, TrainingError, agree_across_ranks, barrier, gather_rng_states, set_rng_state, start_runtime, stop_runtime,
+    Runtime,
+    TrainingError,
+    agree_across_ranks,
+    barrier,
+    gather_rng_states,
+    set_rng_state,
+    start_runtime,
+    stop_runtime,
     sum_across_ranks,
 )
 from .state import (
-    RUN_MARKER, TrainerState, check_out_dir, link_or_copy_folder, load_model_weights, load_trainer_state, make_out_dir,
-    read_log, save_checkpoint, write_log,
+    RUN_MARKER,
+    TrainerState,
+    check_out_dir,
+    link_or_copy_folder,
+    load_model_weights,
+    load_trainer_state,
+    make_out_dir,
+    read_log,
+    save_checkpoint,
+    write_log,
 )
-
 
 # ----------------------------------------------------------------------------- optimisation
 
