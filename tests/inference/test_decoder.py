@@ -145,42 +145,63 @@ def test_bfloat16_decoding_stays_close_to_float32():
         fp32, bf16 = fp32_session.step(next_ids), bf16_session.step(next_ids)
 
 
-def test_a_bfloat16_row_alone_is_multiplied_by_the_plain_weight(monkeypatch):
-    """One row goes through aten_linear and the plain weight, more rows through the packed one; both give
-    the float32 product of the bfloat16 weights to bfloat16 rounding, and oneDNN's switch is left as it was."""
-    cfg = SHAPES["tied, qkv bias"]
-    if not packs_weights(torch.bfloat16, torch.device("cpu")):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_kernel_serves_every_row_count(dtype):
+    """A row's product is the same bits alone as in a batch of any size, and the float32 product of the
+    dtype's weights to that dtype's rounding."""
+    if not packs_weights(dtype, torch.device("cpu")):
         pytest.skip("oneDNN has no bfloat16 on this CPU: nothing is packed")
-    prepared = Decoder(random_model(cfg), 1, DecoderSettings(dtype=torch.bfloat16)).model
-    qkv = prepared.trf_blocks[0].att.qkv
-    assert prepared.out_head.one_row_weight.data_ptr() == prepared.tok_emb.weight.data_ptr()  # no copy for a tied head
-    one_row_calls = []
-    monkeypatch.setattr(decoder_module, "aten_linear",
-                        lambda *args: one_row_calls.append(args[0].shape) or decoder_module.F.linear(*args))
-    for shape, one_row in (((1, 1, cfg.emb_dim), True), ((1, 2, cfg.emb_dim), False), ((3, 1, cfg.emb_dim), False)):
-        one_row_calls.clear()
-        x = torch.randn(shape).bfloat16()
-        expected = torch.nn.functional.linear(x.float(), qkv.one_row_weight.float(), qkv.bias.float())
-        product = qkv(x)
-        assert product.dtype == torch.bfloat16 and bool(one_row_calls) == one_row
-        assert torch.allclose(product.float(), expected, rtol=2**-7, atol=1e-3)
+    cfg = SHAPES["tied, qkv bias"]
+    model = random_model(cfg)
+    qkv = Decoder(model, 1, DecoderSettings(dtype=dtype)).model.trf_blocks[0].att.qkv
+    x = torch.randn(9, cfg.emb_dim).to(dtype)
+    batch = qkv(x)
+    plain = model.trf_blocks[0].att.qkv
+    expected = torch.nn.functional.linear(x.float(), plain.weight.to(dtype).float(), plain.bias.to(dtype).float())
+    assert torch.allclose(batch.float(), expected, rtol=2**-7 if dtype == torch.bfloat16 else 1e-5, atol=1e-3)
+    for rows in (1, 2, 3, 8):
+        assert torch.equal(qkv(x[:rows]), batch[:rows])
+    assert torch.equal(qkv(x[None, 4:7]), batch[None, 4:7])  # (B, T, C) as a prefill passes it
 
 
-@pytest.mark.parametrize("enabled", [True, False])
-def test_aten_linear_leaves_the_onednn_switch_as_it_was_across_threads(enabled):
-    weight, x = torch.randn(16, 8).bfloat16(), torch.randn(1, 8).bfloat16()
-    expected = torch.nn.functional.linear(x.float(), weight.float())
-    with torch.backends.mkldnn.flags(enabled=enabled):
-        products = []
-        threads = [threading.Thread(target=lambda: products.extend(decoder_module.aten_linear(x, weight, None)
-                                                                    for _ in range(200))) for _ in range(4)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        assert torch.backends.mkldnn.enabled == enabled
-    assert len(products) == 800
-    assert all(torch.allclose(product.float(), expected, rtol=2**-7, atol=1e-3) for product in products)
+def test_a_bfloat16_decode_leaves_the_process_alone():
+    """While one thread decodes in bfloat16, another sees oneDNN enabled at every look: nothing outside the
+    decode call is switched."""
+    model = random_model(SHAPES["tied, qkv bias"])
+    looks, done = [], threading.Event()
+
+    def look():
+        while not done.is_set():
+            looks.append(torch.backends.mkldnn.enabled)
+
+    watcher = threading.Thread(target=look)
+    watcher.start()
+    try:
+        for _ in range(3):
+            generate_ids(model, [[1, 2, 3]], GenerationOptions(max_new_tokens=8), DecoderSettings(dtype=torch.bfloat16))
+    finally:
+        done.set()
+        watcher.join()
+    assert looks and all(looks)
+
+
+def test_threads_asking_at_once_share_one_prepared_copy(monkeypatch):
+    model = random_model(SHAPES["tied, qkv bias"])
+    made, start = [], threading.Barrier(4)
+    real = decoder_module.decoding_model
+    monkeypatch.setattr(decoder_module, "decoding_model", lambda *args: made.append(args) or real(*args))
+    copies = []
+
+    def ask():
+        start.wait()
+        copies.append(decoder_module.prepared_model(model, torch.float32))
+
+    threads = [threading.Thread(target=ask) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(made) == 1 and len(copies) == 4 and all(copy is copies[0] for copy in copies)
 
 
 @torch.inference_mode()

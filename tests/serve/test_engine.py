@@ -3,6 +3,7 @@ Every job's tokens must equal gptlab.inference's generation of the same prompt a
 
 from __future__ import annotations
 
+import copy
 import threading
 
 import pytest
@@ -11,6 +12,7 @@ from serve_helpers import noisy_model
 
 from gptlab.config import GPTConfig
 from gptlab.inference.generate import generate_tokens
+from gptlab.inference.quantize import quantize_model
 from gptlab.inference.sampling import GenerationOptions
 from gptlab.model import GPTModel
 from gptlab.serve.engine import (
@@ -69,9 +71,20 @@ JOBS = [  # prompts of different lengths, greedy and sampled, n of 1 to 3, lengt
 ]
 
 
-def test_jobs_joining_a_running_batch_get_what_they_get_alone(model):
+PRECISIONS = {  # what `gptlab serve --dtype ... --quantize ...` decodes with
+    "float32": lambda model: model,
+    "bfloat16": lambda model: copy.deepcopy(model).to(torch.bfloat16),
+    "int8": lambda model: quantize_model(model, "int8"),
+    "int4": lambda model: quantize_model(copy.deepcopy(model).to(torch.bfloat16), "int4"),
+}
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_jobs_joining_a_running_batch_get_what_they_get_alone(model, precision):
     """Each job is submitted from the engine's own thread when the one before it has produced 5 pieces, so it
-    joins a batch that is mid-flight, with rows at other lengths; rows finish at different steps."""
+    joins a batch that is mid-flight, with rows at other lengths; rows finish at different steps. In every
+    precision the server offers: one kernel serves every row count, and int8 rounds each row on its own."""
+    model = PRECISIONS[precision](model)
     engine = Engine(model, TOKENIZER, max_batch=8).start()
     recorders = [Recorder() for _ in JOBS]
 

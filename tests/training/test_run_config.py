@@ -2,10 +2,10 @@
 the shipped recipes, the default limits, and what a resume may change."""
 
 import re
+import tomllib
 from pathlib import Path
 
 import pytest
-import tomllib
 
 from gptlab.training.config import (
     EMBEDDED_TIME_BUDGET,

@@ -232,7 +232,9 @@ def test_two_processes_train_like_one_at_the_same_global_batch(corpus, tmp_path,
 
     one_losses, two_losses = train_losses(tmp_path / "one"), train_losses(tmp_path / "two")
     assert list(two_losses) == [1, 2, 3, 4]
-    assert list(two_losses.values()) == pytest.approx(list(one_losses.values()), abs=1e-5)
+    # float32 sums in another order (the two processes' gradients averaged by all-reduce): measured up to
+    # 1.05e-5 (1.8e-6 of the loss) on a 2-core Intel Xeon, within 1e-5 on a 2-core AMD EPYC
+    assert list(two_losses.values()) == pytest.approx(list(one_losses.values()), rel=1e-5, abs=1e-5)
     one_val, two_val = validation_losses(tmp_path / "one"), validation_losses(tmp_path / "two")
     assert [step for step, _ in two_val] == [2, 4]  # written once, by rank 0 alone
     assert [loss for _, loss in two_val] == pytest.approx([loss for _, loss in one_val], abs=1e-5)

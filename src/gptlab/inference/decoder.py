@@ -4,29 +4,23 @@ Weights. Decoding multiplies a few rows by every weight matrix, so its speed is 
 stream from memory, and on the CPU their memory layout matters. There the decoder runs a copy of the
 model whose Linear layers hold their weights packed once, ahead of time, into oneDNN's blocked layout
 (PackedLinear): PyTorch's own CPU linear reads nn.Linear's [out, in] weights through MKL, which is slow
-for a few rows on some CPUs (AMD's), and in bfloat16 it hands oneDNN the plain layout, to be repacked at
-every call. Products with GPT-2 124M's matrices alone, 2-core AMD EPYC, 2 threads, milliseconds per
-step (benchmarks/quantize_kernels.py measures the same shapes): float32 batch 1 17.7 as nn.Linear, 12.1
-stored [in, out] (what this decoder did before), 9.1 packed; float32 batch 8 44.1, 42.9, 13.5; bfloat16
-batch 1 11.9, 10.9, 4.8; batch 8 14.1, 13.9, 7.9. Packing uses PyTorch's own oneDNN ops (the ones its
-compiler uses to freeze CPU linears), only on the CPU, and in bfloat16 only where oneDNN supports it. On
-CUDA and MPS the weights are used as they are: a copy is made there only to change the dtype.
+for a few rows on some CPUs, and in bfloat16 it hands oneDNN the plain layout, to be repacked at every
+call. Packing uses PyTorch's own oneDNN ops (the ones its compiler uses to freeze CPU linears), only on
+the CPU, and in bfloat16 only where oneDNN supports it. On CUDA and MPS the weights are used as they
+are: a copy is made there only to change the dtype. docs/benchmarks.md has the figures.
 
-One row in bfloat16 is the exception: there ATen's own matrix-vector kernel (float32 sums) streams the
-weights faster than oneDNN's packed product, and costs less per call: GPT-2 124M's 49 products in a row,
-2 threads, another 2-core AMD EPYC, 7.0 against 9.4 ms (32 against 24 GB/s). At 2 rows it is already
-behind (13.0 against 10.7 ms) and at 8 far behind (50 against 11). So a bfloat16 PackedLinear also keeps
-the plain weight, for one-row products (a batch-1 step): the bfloat16 copy of GPT-2 124M takes 0.50 GB
-instead of 0.33 (a tied head's plain weight is the token embedding itself), and a batch-1 step's
-products take about a quarter less time.
+One kernel serves every row count. So a row's logits do not depend on how many rows share its batch
+(tests/inference/test_batch_invariance.py checks it bit for bit, in float32, bfloat16, int8 and int4),
+and the server's batching cannot change what a request gets. The decoder changes nothing outside its
+own calls: no process-wide switch is touched.
 
 That copy is made once per model and dtype, not per session: it is kept (in a weak-keyed table, so it
 goes when the model does) and reused while the model's parameters are the same tensors with the same
 version counters; an optimizer step, load_state_dict or .to() changes them and the next session makes
-a fresh copy. The copy costs the model's size in memory for as long as it is kept (GPT-2 124M: 0.5 GB,
-about 0.35 s to make). For a model that changes between calls, such as one being trained, pass
-DecoderSettings(prepare_weights=False): the session then decodes with the model's own weights and
-keeps nothing.
+a fresh copy. Threads that ask for the same copy at once wait for one to be made. The copy costs the
+model's size in memory for as long as it is kept. For a model that changes between calls, such as one
+being trained, pass DecoderSettings(prepare_weights=False): the session then decodes with the model's
+own weights and keeps nothing.
 
 Compiled steps (CUDA, opt-in). DecoderSettings(compile=True) runs each one-token step through
 torch.compile(mode="reduce-overhead"), which records it as a CUDA graph: one launch per step instead
@@ -46,54 +40,39 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..config import GPTConfig
 from ..errors import UserError
 from ..model import GPTModel, KVCache, LayerCache
+from ..torch_compat import (
+    mark_static_address,
+    onednn_bf16_supported,
+    pack_linear_weight,
+    packed_linear,
+    version_counter,
+)
 from .quantize import is_quantized
 
 
 class PackedLinear(nn.Module):
-    """nn.Linear's product for CPU decoding, its weight packed once into oneDNN's blocked layout; in
-    bfloat16 the plain weight too, for products of one row (see the module docstring). Inference only:
-    the weights are not parameters and take no gradient."""
+    """nn.Linear's product for CPU decoding, its weight packed once into oneDNN's blocked layout (see the
+    module docstring). Inference only: the weights are not parameters and take no gradient."""
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
-        self.register_buffer("packed_weight", torch.ops.mkldnn._reorder_linear_weight(linear.weight, None), persistent=False)
+        self.register_buffer("packed_weight", pack_linear_weight(linear.weight), persistent=False)
         self.register_buffer("bias", linear.bias, persistent=False)
-        one_row_weight = linear.weight if linear.weight.dtype == torch.bfloat16 else None
-        self.register_buffer("one_row_weight", one_row_weight, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) → (..., out)
-        if self.one_row_weight is not None and x.numel() == x.shape[-1]:
-            return aten_linear(x, self.one_row_weight, self.bias)
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
-
-
-_mkldnn_switch = threading.Lock()
-
-
-def aten_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """F.linear through ATen's own CPU kernels rather than oneDNN's. ATen picks oneDNN for bfloat16
-    whenever it is enabled, through one process-wide switch: it is turned off for this call only, under
-    a lock so that threads doing the same cannot leave it off."""
-    with _mkldnn_switch:
-        enabled = torch._C._get_mkldnn_enabled()
-        torch._C._set_mkldnn_enabled(False)
-        try:
-            return F.linear(x, weight, bias)
-        finally:
-            torch._C._set_mkldnn_enabled(enabled)
+        return packed_linear(x, self.packed_weight, self.bias)
 
 
 def packs_weights(dtype: torch.dtype, device: torch.device) -> bool:
     """Whether decoding in dtype on device runs PackedLinear (see the module docstring)."""
     if device.type != "cpu" or not torch.backends.mkldnn.is_available():
         return False
-    return dtype == torch.float32 or (dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and onednn_bf16_supported())
 
 
 def decoding_model(model: GPTModel, dtype: torch.dtype, pack: bool) -> GPTModel:
@@ -116,6 +95,7 @@ def decoding_model(model: GPTModel, dtype: torch.dtype, pack: bool) -> GPTModel:
 
 # model → {dtype: (the parameters' identity when the copy was made, the copy)}
 _prepared: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_prepared_lock = threading.Lock()
 
 
 def weights_identity(model: GPTModel) -> tuple | None:
@@ -124,7 +104,7 @@ def weights_identity(model: GPTModel) -> tuple | None:
     tensors = list(model.state_dict().values())
     if any(tensor.is_inference() for tensor in tensors):
         return None
-    return tuple((tensor.data_ptr(), tensor._version, tensor.dtype, tensor.device) for tensor in tensors)
+    return tuple((tensor.data_ptr(), version_counter(tensor), tensor.dtype, tensor.device) for tensor in tensors)
 
 
 def prepared_model(model: GPTModel, dtype: torch.dtype | None = None, prepare: bool = True) -> GPTModel:
@@ -149,11 +129,12 @@ def prepared_model(model: GPTModel, dtype: torch.dtype | None = None, prepare: b
     identity = weights_identity(model) if prepare else None
     if identity is None:
         return decoding_model(model, dtype, pack)
-    copies = _prepared.setdefault(model, {})
-    if dtype not in copies or copies[dtype][0] != identity:
-        copies.pop(dtype, None)  # free the stale copy before making the new one
-        copies[dtype] = (identity, decoding_model(model, dtype, pack))
-    return copies[dtype][1]
+    with _prepared_lock:  # two threads asking at once get one copy, not two
+        copies = _prepared.setdefault(model, {})
+        if dtype not in copies or copies[dtype][0] != identity:
+            copies.pop(dtype, None)  # free the stale copy before making the new one
+            copies[dtype] = (identity, decoding_model(model, dtype, pack))
+        return copies[dtype][1]
 
 
 def cache_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
@@ -201,7 +182,7 @@ class StaticKVCache:
         self.mask = self.written = None
         # a CUDA graph then reads and writes these in place, rather than copying them in and out at every step
         for tensor in (self.slots, self.padding, self.next_slot, *(t for layer in self.layers for t in (layer.keys, layer.values))):
-            torch._dynamo.mark_static_address(tensor)
+            mark_static_address(tensor)
 
     def reset(self, padding: torch.Tensor) -> None:
         self.padding.copy_(padding)

@@ -183,8 +183,9 @@ class SlotLayer(LayerCache):
             self.values[:rows, :, position] = v[:, :, 0]
         else:
             row_index = torch.arange(rows, device=k.device)
-            self.keys[row_index, :, owner.write_at] = k[:, :, 0]  # (B, H, D) at (row, :, length)
-            self.values[row_index, :, owner.write_at] = v[:, :, 0]
+            # (B, H, D) at (row, :, length); index_put, unlike a slice, does not cast (a bfloat16 model keeps a float32 cache)
+            self.keys[row_index, :, owner.write_at] = k[:, :, 0].to(self.keys.dtype)
+            self.values[row_index, :, owner.write_at] = v[:, :, 0].to(self.values.dtype)
         return self.keys[:rows, :, : owner.span], self.values[:rows, :, : owner.span]
 
 

@@ -16,6 +16,7 @@ from collections import defaultdict
 
 import torch
 
+from ..torch_compat import muon_class, muon_init_group
 from .config import TrainConfig
 
 MUON_MOMENTUM = 0.95  # modded-nanogpt's and torch's default
@@ -58,7 +59,7 @@ def orthogonalise(matrices: list[torch.Tensor], coefficients: tuple[float, float
     return [result[i] for i in range(len(matrices))]
 
 
-class BatchedMuon(torch.optim.Muon):
+class BatchedMuon(muon_class()):
     """torch.optim.Muon with adjust_lr_fn="match_rms_adamw" (same state, same updates), its Newton-Schulz
     steps batched over matrices of equal shape."""
 
@@ -69,7 +70,7 @@ class BatchedMuon(torch.optim.Muon):
     def step(self) -> None:
         for group in self.param_groups:
             params, grads, buffers = [], [], []
-            self._init_group(group, params, grads, buffers)
+            muon_init_group(self, group, params, grads, buffers)
             momentum, lr = group["momentum"], group["lr"]
             updates = []
             for grad, buffer in zip(grads, buffers):
