@@ -56,7 +56,7 @@ except ImportError:
 from common import machine_info, timed, write_report
 from generate_throughput import build_models
 
-from gptlab.inference.decoder import Decoder, DecoderSettings, PackedLinear, prepared_model
+from gptlab.inference.decoder import Decoder, DecoderSettings, prepared_model
 from gptlab.inference.generate import decode_steps
 from gptlab.inference.quantize import DynamicInt8Linear, quantize_model
 from gptlab.inference.sampling import GenerationOptions
@@ -200,15 +200,12 @@ def memory_bandwidth(repeats: int = 5) -> dict:
 
 def torch_weight_bytes(model: nn.Module) -> int:
     """Bytes read in full per decoding step at batch 1 (see the module docstring): every leaf module's own
-    tensors but the embeddings', the prepacked weight and bias of the int8 layers, and of a PackedLinear
-    that keeps a plain weight for one row that one and not its packed twin."""
+    tensors but the embeddings', and the prepacked weight of the int8 layers."""
     total = 0
     for module in model.modules():
         if isinstance(module, nn.Embedding) or next(module.children(), None) is not None:
             continue
         tensors = dict([*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)])
-        if isinstance(module, PackedLinear) and module.one_row_weight is not None:
-            del tensors["packed_weight"]
         total += sum(tensor.nbytes for tensor in tensors.values() if tensor is not None)
         if isinstance(module, DynamicInt8Linear):
             total += sum(tensor.nbytes for tensor in module.unpacked() if tensor is not None)

@@ -82,11 +82,11 @@ def int8_unpack(packed: object) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
     return weight.int_repr(), weight.q_per_channel_scales().float(), bias
 
 
-def int8_linear(x: torch.Tensor, packed: object, scale: float, zero_point: int) -> torch.Tensor:
-    """x (N, in) float32, rounded to uint8 with the given scale and zero point, times the packed int8
-    weights, plus their bias: (N, out) float32."""
-    name = "linear_with_input_q_dq_qweight_dq_output_fp32"
-    return private(torch.ops.quantized, name, f"torch.ops.quantized.{name}")(x, scale, zero_point, packed)
+def int8_linear_dynamic(x: torch.Tensor, packed: object) -> torch.Tensor:
+    """x (..., in) float32, rounded to 7-bit codes with one scale for the whole call, times the packed int8
+    weights, plus their bias: (..., out) float32. 7 bits (reduce_range): PyTorch's x86 engine needs them
+    on CPUs without VNNI, whose 16-bit intermediate sums would saturate."""
+    return private(torch.ops.quantized, "linear_dynamic", "torch.ops.quantized.linear_dynamic")(x, packed, True)
 
 
 # --- the int4 CPU kernel (inference/quantize.py) ---

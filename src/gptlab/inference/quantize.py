@@ -18,7 +18,7 @@ On one thread of a shared 2-core AMD EPYC (Zen 4):
     int8  PyTorch's dynamic int8 Linear (fbgemm, the kernel behind torch.ao's quantize_dynamic) was
           the fastest int8 kernel in 13 of the 15 cells: against float32 F.linear 1.4-1.6x at one
           row (the head 3.8x), 1.0-8.1x at 8 rows, 2.4-5.5x at 128. It rounds the activations to
-          8 bits too (row by row, in DynamicInt8Linear), so the multiply runs on integers. torch._weight_int8pack_mm (gpt-fast's
+          8 bits too, so the multiply runs on integers. torch._weight_int8pack_mm (gpt-fast's
           weight-only kernel) was 4% ahead at one row of proj, 1.1-4.6x behind at 8 rows, and
           slower than float32 at 128 rows. At one row of the 768x768 out_proj every int8 kernel
           lost to float32 (0.72-0.85x), by about 0.1 ms per layer, 4% of an int8 step at batch 1.
@@ -35,7 +35,6 @@ One kernel per mode therefore serves every shape: KERNELS below.
 from __future__ import annotations
 
 import copy
-import math
 from functools import partial
 
 import torch
@@ -44,11 +43,10 @@ from torch import nn
 
 from ..errors import UserError
 from ..model import GPTModel
-from ..torch_compat import int4_mm, int4_pack, int8_linear, int8_prepack, int8_unpack
+from ..torch_compat import int4_mm, int4_pack, int8_linear_dynamic, int8_prepack, int8_unpack
 
 INT4_GROUP_SIZE = 32  # the CPU int4 kernel accepts 32, 64, 128 or 256
 INT4_ROWS_MULTIPLE = 16  # ... and packs output rows in blocks of 16
-ACTIVATION_CODES = 63  # int8: a row's activations are rounded to steps of peak / 63 (7 bits)
 
 
 def quantize_rows(weight: torch.Tensor, scale_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
@@ -95,33 +93,27 @@ class QuantizedLinear(nn.Module):
 
 
 class DynamicInt8Linear(QuantizedLinear):
-    """PyTorch's int8 Linear (fbgemm on x86), its activations rounded to 8 bits row by row.
+    """PyTorch's dynamic int8 Linear (fbgemm on x86; the kernel behind torch.ao's quantize_dynamic).
 
-    Each input row x is divided by its own peak max|x| and rounded to 7-bit codes, (x / peak) · 63 + 64 in
-    [1, 127] (7 bits: PyTorch's x86 engine needs them on CPUs without VNNI, whose 16-bit intermediate
-    sums would saturate); the kernel multiplies the integers, and the row's product is scaled back by its
-    peak. So a row's result depends only on that row, never on the other rows of its batch (fbgemm's own
-    dynamic Linear shares one scale across all the rows of a call), and a row of small values keeps its
-    precision next to one of large values. The prepacked weight and the float32 bias are kept.
+    Each call also rounds its input to 8 bits, with one scale for the whole (N, in) input, and then
+    multiplies integers. So the rows of one call share that scale: a row's result depends a little on
+    the other rows of its batch. Rounding each row on its own (its own scale, through the same kernel)
+    made decoding much slower (docs/benchmarks.md), so the scale stays shared and the docs say so.
+    Only the prepacked weight and bias are kept (the engine's own layout), and the kernel adds the bias.
     """
 
     def __init__(self, linear: nn.Linear):
         super().__init__(linear)
         q, scales = quantize_rows(linear.weight)
-        self.packed = int8_prepack(q, scales, None)  # the bias is added after the row's peak is put back
-        self.register_buffer("bias", float32_bias(linear))
+        self.packed = int8_prepack(q, scales, float32_bias(linear))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features).float()  # (N, in)
-        peaks = torch.linalg.vector_norm(rows, ord=math.inf, dim=-1, keepdim=True).clamp_(min=torch.finfo(torch.float32).tiny)
-        y = int8_linear(rows / peaks, self.packed, 1 / ACTIVATION_CODES, 64)  # (N, out), for rows of peak 1
-        y = y * peaks if self.bias is None else torch.addcmul(self.bias, y, peaks)
-        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        # (..., in) goes in as it is: reshapes around the call cost 0.5 ms of a 124M step at batch 1
+        return int8_linear_dynamic(x.float(), self.packed).to(x.dtype)
 
     def unpacked(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """q (out, in) int8, per-row scales (out,) and the bias (out,) or None, float32."""
-        q, scales, _ = int8_unpack(self.packed)
-        return q, scales, self.bias
+        """What the packing holds: q (out, in) int8, per-row scales (out,) and the bias (out,) or None, float32."""
+        return int8_unpack(self.packed)
 
 
 class Int4Linear(QuantizedLinear):
