@@ -15,7 +15,7 @@ from gptlab.training.config import resolve  # noqa: E402
 
 
 def test_the_baseline_is_nanogpts_cpu_recipe_setting_for_setting():
-    args = build_parser().parse_args(["train", *shlex.split(NANOGPT_RECIPE)])
+    args = build_parser("train").parse_args(["train", *shlex.split(NANOGPT_RECIPE)])
     run = resolve({name: value for name, value in vars(args).items() if name in DEFAULTS})
     data, model, train = run.data, run.model, run.train
     assert (data.tokenizer, data.merges) == ("char", None)

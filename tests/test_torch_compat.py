@@ -29,6 +29,10 @@ def dotted(node: ast.AST) -> list[str]:
 def private_uses(path: Path) -> list[str]:
     found = []
     for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, (ast.Import, ast.ImportFrom)):  # import torch._x, from torch.a._b import c
+            modules = [alias.name for alias in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+            found += [f"{path.relative_to(ROOT)}:{node.lineno}: import {module}" for module in modules
+                      if module.split(".")[0] == "torch" and any(part.startswith("_") for part in module.split("."))]
         if not isinstance(node, ast.Attribute):
             continue
         chain = dotted(node)

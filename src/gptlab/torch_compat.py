@@ -117,6 +117,16 @@ def muon_init_group(optimizer: torch.optim.Optimizer, group: dict, params: list,
     private(optimizer, "_init_group", "torch.optim.Muon._init_group")(group, params, grads, buffers)
 
 
+def checkpoint_wrapper(module: torch.nn.Module) -> torch.nn.Module:
+    """The module, its activations recomputed in backward instead of kept (torch's wrapper, for FSDP)."""
+    try:
+        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper as wrap
+    except ImportError:
+        raise TorchVersionError("this PyTorch has no torch.distributed.algorithms._checkpoint.checkpoint_wrapper, "
+                                f"which gptlab uses; {install_hint()}") from None
+    return wrap(module)
+
+
 def mark_static_address(tensor: torch.Tensor) -> None:
     """Tell torch.compile a tensor keeps its address, so a CUDA graph reads it in place."""
     private(torch._dynamo, "mark_static_address", "torch._dynamo.mark_static_address")(tensor)

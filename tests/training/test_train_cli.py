@@ -237,9 +237,18 @@ def test_two_processes_train_like_one_at_the_same_global_batch(corpus, tmp_path,
     assert list(two_losses.values()) == pytest.approx(list(one_losses.values()), rel=1e-5, abs=1e-5)
     one_val, two_val = validation_losses(tmp_path / "one"), validation_losses(tmp_path / "two")
     assert [step for step, _ in two_val] == [2, 4]  # written once, by rank 0 alone
-    assert [loss for _, loss in two_val] == pytest.approx([loss for _, loss in one_val], abs=1e-5)
+    assert [loss for _, loss in two_val] == pytest.approx([loss for _, loss in one_val], rel=1e-5, abs=1e-5)
     assert two.stdout.count("stopped by max_steps after 4 steps") == 1 == one_out.count("stopped by max_steps")
     assert sorted(folder_contents(tmp_path / "two")) == sorted(folder_contents(tmp_path / "one"))
+
+    # one process resumes what two saved: their random states cannot be restored, and the run says so
+    code, out, err = gptlab(capsys, [*train_argv(corpus, tmp_path / "two", tmp_path / "cache", *options),
+                                     "--resume", "--max-steps", "5"])
+    assert code == 0, err
+    assert out.count("random state: the run was saved by 2 processes and resumes in 1, so each starts from its "
+                     "seed again") == 1
+    assert "random state" not in one_out + two.stdout
+    assert list(train_losses(tmp_path / "two")) == [1, 2, 3, 4, 5]
 
 
 def torchrun(argv: list[str]) -> subprocess.CompletedProcess:

@@ -9,24 +9,30 @@ traceback of any error.
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 import traceback
 from importlib.metadata import version
 
 from ..errors import DownloadError, UserError
-from . import finetune, generate, models, serve, train
+from .common import COMMANDS, add_command
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The command line. Only `command`'s module of gptlab.cli is imported and its options added; every
+    other command is listed with its line of help. So `gptlab --help` imports no model code at all, and
+    `gptlab X --help` only what X needs (tests/test_startup.py)."""
     parser = argparse.ArgumentParser(prog="gptlab", description="A GPT-2-style language model built from scratch.")
     parser.add_argument("--version", action="version", version=f"gptlab {version('gptlab')}")
     commands = parser.add_subparsers(dest="command", required=True)
-    models.add_parsers(commands)
-    generate.add_parsers(commands)
-    train.add_parsers(commands)
-    finetune.add_parsers(commands)
-    serve.add_parsers(commands)
+    chosen = COMMANDS[command][0] if command in COMMANDS else None
+    for module in dict.fromkeys(module for module, _ in COMMANDS.values()):  # in the order of COMMANDS
+        if module == chosen:
+            importlib.import_module(f"{__name__}.{module}").add_parsers(commands)
+        else:
+            for name in (name for name, (where, _) in COMMANDS.items() if where == module):
+                add_command(commands, name)
     return parser
 
 
@@ -34,7 +40,9 @@ TRACEBACK_VARIABLE = "GPTLAB_TRACEBACK"  # set (to anything but 0) to see the tr
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((arg for arg in argv if not arg.startswith("-")), None)  # gptlab's own options take no value
+    args = build_parser(command).parse_args(argv)
     show_traceback = os.environ.get(TRACEBACK_VARIABLE, "") not in ("", "0")
     try:
         args.run(args)

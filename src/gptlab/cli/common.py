@@ -7,6 +7,28 @@ import argparse
 from ..config import PRESETS, GPTConfig, get_config
 from ..errors import UserError
 
+# Every command: the module of gptlab.cli that parses and runs it, and its line in `gptlab --help`. Only the
+# given command's module is imported (cli/__init__.py), so `gptlab --help` loads none of them.
+COMMANDS = {
+    "info": ("models", "print a model's parameter report"),
+    "convert": ("models", "export a model for Hugging Face transformers (and PEFT) or llama.cpp (GGUF)"),
+    "download": ("models", "fetch OpenAI's GPT-2 weights from the Hugging Face Hub"),
+    "generate": ("generate", "generate text from a prompt"),
+    "train": ("train", "train a model on text (files, folders, globs; default: Python's docs)"),
+    "eval": ("train", "loss, perplexity and bits per byte of a checkpoint on a text"),
+    "demo": ("train", "the main job on the embedded default (what `make demo` runs)"),
+    "finetune": ("finetune", "fine-tune a trained model to follow instructions or classify texts"),
+    "classify": ("finetune", "label texts with a classifier that `finetune classify` made"),
+    "merge-lora": ("finetune", "fold a LoRA adapter into its base model (a full checkpoint)"),
+    "serve": ("serve", "serve a model with OpenAI's API and a playground page"),
+}
+
+
+def add_command(commands: argparse._SubParsersAction, name: str, **keywords) -> argparse.ArgumentParser:
+    """The parser of one command, with its line from COMMANDS."""
+    return commands.add_parser(name, help=COMMANDS[name][1], **keywords)
+
+
 CHECKPOINT_FORMAT_NAMES = {"gptlab": "gptlab checkpoint", "hf": "Hugging Face GPT-2 folder"}
 
 

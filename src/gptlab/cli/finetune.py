@@ -16,6 +16,7 @@ from ..finetune.records import read_records
 from ..finetune.templates import TEMPLATES
 from ..loading import load_classifier
 from ..training.runtime import pick_device
+from .common import add_command
 from .train import DEFAULTS, add_settings
 
 # The `gptlab train` settings that a fine-tune takes: none that would pick the data or the model's shape.
@@ -100,7 +101,7 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_parsers(commands) -> None:
-    tune = commands.add_parser("finetune", help="fine-tune a trained model to follow instructions or classify texts")
+    tune = add_command(commands, "finetune")
     tasks = tune.add_subparsers(dest="task", required=True)
 
     instruct = tasks.add_parser(
@@ -130,7 +131,7 @@ def add_parsers(commands) -> None:
                           "textbook trains 1), or all (default: all)")
     add_run_arguments(classify)
 
-    label = commands.add_parser("classify", help="label texts with a classifier that `finetune classify` made")
+    label = add_command(commands, "classify")
     label.add_argument("--checkpoint", type=Path, required=True, help="the classifier (e.g. runs/NAME/best)")
     label.add_argument("--text", action="append", help="a text to classify (repeatable)")
     label.add_argument("--file", type=Path, help="texts to classify: a .csv, .jsonl or .json file's text field "
@@ -139,7 +140,7 @@ def add_parsers(commands) -> None:
     label.add_argument("--device", default="cpu", help="cpu, cuda or auto (default: cpu)")
     label.set_defaults(run=cmd_classify)
 
-    merge = commands.add_parser("merge-lora", help="fold a LoRA adapter into its base model (a full checkpoint)")
+    merge = add_command(commands, "merge-lora")
     merge.add_argument("--adapter", type=Path, required=True, help="the adapter folder fine-tuning wrote")
     merge.add_argument("--out", type=Path, required=True, help="the checkpoint folder to write (new or empty)")
     merge.add_argument("--base", type=Path,

@@ -33,6 +33,7 @@ from ..model import GPTModel
 from ..tokenizer import Tokenizer, load_tokenizer
 from ..training.runtime import pick_device
 from .common import (
+    add_command,
     add_model_arguments,
     config_from_args,
     reject_shape_options,
@@ -282,8 +283,7 @@ def check_chat_arguments(args: argparse.Namespace, options: GenerationOptions) -
 
 
 def add_parsers(commands) -> None:
-    gen = commands.add_parser("generate", help="generate text from a prompt", description=DESCRIPTION,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    gen = add_command(commands, "generate", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(gen, vocab_size=False)
     gen.add_argument("--checkpoint", type=Path, help="generate with the model in this checkpoint folder instead of --model's "
                      "untrained weights")

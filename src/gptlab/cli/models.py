@@ -28,6 +28,7 @@ from ..loading import (
 from ..report import parameter_report
 from .common import (
     CHECKPOINT_FORMAT_NAMES,
+    add_command,
     add_model_arguments,
     config_from_args,
     reject_shape_options,
@@ -106,13 +107,12 @@ def cmd_download(args: argparse.Namespace) -> None:
 
 
 def add_parsers(commands) -> None:
-    info = commands.add_parser("info", help="print a model's parameter report")
+    info = add_command(commands, "info")
     add_model_arguments(info)
     info.add_argument("--checkpoint", type=Path, help="report on the model in this gptlab or Hugging Face GPT-2 folder")
     info.set_defaults(run=cmd_info)
 
-    convert = commands.add_parser("convert", help="export a model for Hugging Face transformers (and PEFT) or "
-                                  "llama.cpp (GGUF)")
+    convert = add_command(commands, "convert")
     target = convert.add_mutually_exclusive_group(required=True)
     target.add_argument("--to-hf", action="store_true",
                         help="write a GPT-2 folder that transformers' from_pretrained loads")
@@ -128,7 +128,7 @@ def add_parsers(commands) -> None:
                          "checkpoint) as a PEFT adapter; a folder holding only an adapter is always written so")
     convert.set_defaults(run=cmd_convert)
 
-    download = commands.add_parser("download", help="fetch OpenAI's GPT-2 weights from the Hugging Face Hub")
+    download = add_command(commands, "download")
     download.add_argument("name", choices=list(HUB_REPOS))
     download.add_argument("--out", type=Path, help="destination folder (default models/NAME)")
     download.set_defaults(run=cmd_download)

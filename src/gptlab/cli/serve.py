@@ -6,6 +6,8 @@ import argparse
 import os
 from pathlib import Path
 
+from .common import add_command
+
 API_KEY_VARIABLE = "GPTLAB_API_KEY"
 
 DESCRIPTION = f"""Serve a model over HTTP with OpenAI's API (/v1/completions, /v1/chat/completions, /v1/models),
@@ -37,8 +39,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 
 def add_parsers(commands) -> None:
-    parser = commands.add_parser("serve", help="serve a model with OpenAI's API and a playground page",
-                                 description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = add_command(commands, "serve", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", type=Path, required=True, help="a gptlab checkpoint or Hugging Face GPT-2 folder")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000; 0 picks a free one)")

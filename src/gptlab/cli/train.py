@@ -11,6 +11,7 @@ from ..finetune.lora import TARGETS
 from ..training.config import FINETUNE_DEFAULTS, OPTIMIZERS, SCHEDULES, resolve
 from ..training.pipeline import evaluate, train
 from ..training.state import RUN_MARKER
+from .common import add_command
 
 DEFAULTS = resolve({}).flat()
 
@@ -167,8 +168,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def add_parsers(commands) -> None:
-    tr = commands.add_parser(
-        "train", help="train a model on text (files, folders, globs; default: Python's docs)",
+    tr = add_command(
+        commands, "train",
         description="Train a GPT model. Settings come from the defaults, then --config FILE.toml, then the options "
                     "typed here. With no limit, a run on the embedded corpus trains for 300 s and a run on your own "
                     "text for one epoch. --resume continues the run in --out with its own settings (run.toml); "
@@ -183,7 +184,7 @@ def add_parsers(commands) -> None:
     add_settings(tr)
     tr.set_defaults(run=cmd_train, config=None)
 
-    ev = commands.add_parser("eval", help="loss, perplexity and bits per byte of a checkpoint on a text")
+    ev = add_command(commands, "eval")
     ev.add_argument("--checkpoint", required=True, help="a gptlab checkpoint (e.g. runs/NAME/best) or a Hugging Face "
                     "GPT-2 folder")
     ev.add_argument("--data", nargs="+", help="score the whole of these files, folders or globs (default: the "
@@ -201,7 +202,7 @@ def add_parsers(commands) -> None:
                     default="strict", help="read invalid UTF-8 bytes as U+FFFD instead of failing")
     ev.set_defaults(run=cmd_eval)
 
-    demo = commands.add_parser("demo", help="the main job on the embedded default (what `make demo` runs)")
+    demo = add_command(commands, "demo")
     demo.add_argument("--out", default="runs/demo")
     demo.add_argument("--time-budget", type=float, default=180.0, help="seconds of training (default 180)")
     demo.set_defaults(run=cmd_demo)

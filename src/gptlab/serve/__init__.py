@@ -8,8 +8,18 @@
     app.py         the routes and the API key
     server.py      loading, uvicorn, graceful stop
     background.py  a server in a child process (tests, benchmarks, notebooks)
+
+ServeSettings and serve load on first use, so `import gptlab.serve.engine` does not load FastAPI and uvicorn.
 """
 
-from .server import ServeSettings, serve
+from __future__ import annotations
 
 __all__ = ["ServeSettings", "serve"]
+
+
+def __getattr__(name: str):
+    if name not in __all__:
+        raise AttributeError(f"module 'gptlab.serve' has no attribute {name!r}")
+    from . import server
+
+    return getattr(server, name)

@@ -9,10 +9,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.distributed.fsdp import FSDPModule
 
 from ..data import IGNORE_INDEX, validation_batches
 from ..model import GPTModel
+from .fsdp import is_sharded
 from .runtime import Runtime, max_across_ranks, sum_across_ranks
 
 
@@ -62,7 +62,7 @@ def evaluate(model: torch.nn.Module, tokens: np.ndarray, n_bytes: int, batch_siz
     # A sharded model gathers each block's weights from every process at each forward pass, so every
     # process must run as many passes as the busiest one: the others run a dummy batch and discard it.
     extra = 0
-    if isinstance(model, FSDPModule):
+    if is_sharded(model):
         mine = sum(1 for _ in validation_batches(tokens, context, batch_size, runtime.rank, runtime.world))
         extra = max_across_ranks(runtime, mine) - mine
     with autocast(runtime, dtype):

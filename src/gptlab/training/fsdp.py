@@ -13,32 +13,25 @@ sits in the full tensor, and reads the layout back from those headers. So a chec
     shards/shard-0000R-model-00001-of-00001.safetensors   rank R's slices of the weights and AdamW state
     sharded_state.json                                    the caller's `extra` (step, data position, ...)
 and can be loaded by any number of processes: DCP reshards on load.
+
+torch's FSDP and DCP modules load on first use, in the functions below, so that what never shards (a
+run in one process, `gptlab --help`) does not pay for importing them.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
-from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
-    checkpoint_wrapper,
-)
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_state_dict,
-    set_state_dict,
-)
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from ..checkpoint import model_from_state_dict, write_folder_atomically
 from ..errors import UserError
 from ..model import GPTModel
+from ..torch_compat import checkpoint_wrapper
 
 SHARDS_DIR = "shards"
 EXTRA_FILE = "sharded_state.json"
@@ -63,6 +56,9 @@ def shard_model(model: GPTModel, activation_checkpointing: bool = False,
     if mixed_precision is not None and mixed_precision not in MIXED_PRECISION:
         raise UserError(f"mixed_precision must be one of {', '.join(MIXED_PRECISION)} or None, "
                          f"got {mixed_precision!r}")
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
     policy = MixedPrecisionPolicy()
     if mixed_precision is not None:
         policy = MixedPrecisionPolicy(param_dtype=MIXED_PRECISION[mixed_precision], reduce_dtype=torch.float32)
@@ -84,17 +80,23 @@ def checkpoint_blocks(model: GPTModel) -> GPTModel:
     memory). The wrapper strips its own name from parameter and state-dict names, so checkpoints of runs
     with and without it are interchangeable."""
     for index, block in enumerate(model.trf_blocks):
-        model.trf_blocks[index] = checkpoint_wrapper(block)
+        model.trf_blocks[index] = checkpoint_wrapper(block)  # torch_compat: a private torch module
     return model
 
 
 def is_sharded(model: torch.nn.Module) -> bool:
+    if "torch.distributed.fsdp" not in sys.modules:  # nothing was sharded: FSDP was never imported
+        return False
+    from torch.distributed.fsdp import FSDPModule
+
     return isinstance(model, FSDPModule)
 
 
 def full_state_dict(model: GPTModel) -> dict[str, torch.Tensor]:
     """The unsharded weights as CPU tensors, on rank 0; an empty dict on the other ranks. Every rank must
     call it (each contributes its shards)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     return get_model_state_dict(model, options=options)
 
@@ -112,6 +114,8 @@ def sharded_tensors(model: GPTModel, optimizer: torch.optim.Optimizer) -> tuple[
     """The model and optimizer state dicts of this rank (DTensor shards) and one flat dict of every
     tensor in them under DCP keys. The optimizer's hyperparameters (param_groups) are left out: they
     are not tensors, and the trainer sets them from its own config."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
     model_state, optimizer_state = get_state_dict(model, optimizer)
     tied = {"out_head.weight"} if model.cfg.tie_embeddings else set()  # stored once, as tok_emb.weight
     tensors = {MODEL_PREFIX + name: tensor for name, tensor in model_state.items() if name not in tied}
@@ -131,6 +135,8 @@ def save_sharded(path: Path, model: GPTModel, optimizer: torch.optim.Optimizer, 
     write_main: called on rank 0 with the temporary folder, to add files of its own (config.json,
     model.safetensors from unsharded_copy, ...) to the same atomic write.
     """
+    import torch.distributed.checkpoint as dcp
+
     rank = dist.get_rank()
 
     def write(main_folder: Path | None) -> None:
@@ -165,6 +171,9 @@ def load_sharded(path: Path, model: GPTModel, optimizer: torch.optim.Optimizer) 
     if not (path / EXTRA_FILE).is_file() or not any(shards.glob("*.safetensors")):
         raise UserError(f"{path} is not a sharded checkpoint (it needs {SHARDS_DIR}/*.safetensors and {EXTRA_FILE}); "
                          "resume an --fsdp run from the folder it wrote")
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
     # get_state_dict gives a fresh optimizer zeroed moments (a step at lr 0), for dcp.load to fill in place.
     model_state, optimizer_state, tensors = sharded_tensors(model, optimizer)
     reader = dcp.HuggingFaceStorageReader(str(shards))
