@@ -23,9 +23,9 @@ import torch
 import transformers
 from common import machine_info, timed, write_report
 
+from gptlab.hf_format import config_from_hf, state_dict_from_hf
 from gptlab.inference.decoder import Decoder, prepared_model
 from gptlab.inference.generate import generate, generate_uncached
-from gptlab.interop.hf import config_from_hf, state_dict_from_hf
 from gptlab.model import GPTModel
 
 PROMPT_TOKENS = 32

@@ -35,7 +35,7 @@ from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from gptlab.config import GPTConfig, get_config
-from gptlab.interop.hf import state_dict_to_hf
+from gptlab.hf_format import state_dict_to_hf
 from gptlab.model import GPTModel
 from gptlab.training.trainer import (
     Runtime,

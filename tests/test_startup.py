@@ -64,6 +64,6 @@ def test_import_gptlab_loads_what_its_names_need():
 def test_the_public_names_resolve():
     for name in gptlab.__all__:
         assert getattr(gptlab, name) is not None and name in dir(gptlab)
-    assert gptlab.train.__module__ == "gptlab.training.pipeline"
+    assert gptlab.train.__module__ == "gptlab.finetune.pipeline"
     with pytest.raises(AttributeError, match="no attribute 'nothing'"):
         gptlab.nothing

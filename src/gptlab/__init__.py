@@ -19,7 +19,7 @@ PUBLIC = {
     "load_model": "gptlab.loading",
     "generate": "gptlab.inference.generate",
     "evaluate": "gptlab.training.pipeline",
-    "train": "gptlab.training.pipeline",
+    "train": "gptlab.finetune.pipeline",  # training's run with fine-tuning's hooks (LoRA)
 }
 __all__ = sorted(PUBLIC)
 

@@ -1,7 +1,7 @@
 """Loading any model folder gptlab understands: its own checkpoints and Hugging Face GPT-2 folders, each
 either a language model (load_model) or a classifier (load_classifier).
 
-It imports both formats (checkpoint.py and interop/hf.py), so checkpoint.py need not import interop.
+It reads both formats (checkpoint.py and hf_format.py), both in the core layer.
 A path that is not such a folder gets a one-line ValueError saying what it is and what to pass instead,
 and so does a classifier where a language model is needed (check_language_model): its head scores labels,
 so generating, serving or evaluating it as a language model would read label scores as token logits.
@@ -29,14 +29,14 @@ from .checkpoint import (
 )
 from .config import GPTConfig
 from .errors import UserError
-from .interop.hf import (
+from .hf_format import (
     check_hf_config,
     classifier_head_from_hf,
     config_from_hf,
     hf_weight_files,
     load_hf_checkpoint,
+    load_hf_tokenizer,
 )
-from .interop.hf_tokenizer import load_hf_tokenizer
 from .model import GPTModel
 from .tokenizer import Tokenizer
 

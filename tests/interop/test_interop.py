@@ -7,8 +7,8 @@ randomly initialised here: no download.
 import pytest
 import torch
 
+from gptlab.hf_format import config_from_hf, state_dict_from_hf, state_dict_to_hf
 from gptlab.inference.generate import generate, generate_uncached
-from gptlab.interop.hf import config_from_hf, state_dict_from_hf, state_dict_to_hf
 from gptlab.model import GPTModel
 
 transformers = pytest.importorskip("transformers")

@@ -20,8 +20,9 @@ from gptlab import CharTokenizer, GPTModel, load_model, load_tokenizer
 from gptlab.checkpoint import save_model
 from gptlab.cli import main
 from gptlab.config import GPTConfig
+from gptlab.hf_format import config_from_hf
 from gptlab.inference.generate import generate
-from gptlab.interop.hf import config_from_hf, export_hf
+from gptlab.interop.hf import export_hf
 from gptlab.report import parameter_report
 from gptlab.tokenizer import GPT2Tokenizer
 

@@ -9,14 +9,10 @@ from ..checkpoint import is_gptlab_checkpoint
 from ..errors import UserError
 from ..finetune.lora import is_adapter_folder, read_adapter
 from ..finetune.templates import chat_template_of, jinja_template
+from ..hf_format import HF_TOKENIZER_CONFIG, is_hf_gpt2_folder
 from ..interop.gguf import OUTTYPES, export_gguf
-from ..interop.hf import (
-    HUB_REPOS,
-    download_gpt2,
-    export_hf,
-    is_hf_gpt2_folder,
-)
-from ..interop.hf_tokenizer import HF_TOKENIZER_CONFIG, SEGMENT_MARK
+from ..interop.hf import HUB_REPOS, download_gpt2, export_hf
+from ..interop.hf_tokenizer import SEGMENT_MARK
 from ..interop.peft import export_peft_adapter
 from ..loading import (
     load_classifier,

@@ -8,8 +8,9 @@ from pathlib import Path
 from ..config import PRESETS
 from ..finetune.hooks import BASE_DTYPES
 from ..finetune.lora import TARGETS
+from ..finetune.pipeline import train
 from ..training.config import FINETUNE_DEFAULTS, OPTIMIZERS, SCHEDULES, resolve
-from ..training.pipeline import evaluate, train
+from ..training.pipeline import evaluate
 from ..training.state import RUN_MARKER
 from .common import add_command
 

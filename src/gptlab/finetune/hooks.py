@@ -176,6 +176,13 @@ def finetune_hooks(run: RunConfig, meta: dict, prepare_task: Callable[[GPTModel]
                       read_model=load_model_weights if lora is None else restore_trained)
 
 
+def run_hooks(run: RunConfig, cfg: GPTConfig, log: Callable[[str], None]) -> ModelHooks:
+    """What `gptlab train` runs with (training.pipeline's HooksFor): LoRA adapters when the run asks for
+    them, else the loop's own files."""
+    check_lora_head(run, cfg)
+    return finetune_hooks(run, meta={}, log=log, report_parameters=False)
+
+
 def check_lora_head(run: RunConfig, cfg: GPTConfig) -> None:
     """An adapter on a head tied to the token embedding could not be merged without untying them, and the
     adapter would then no longer fit its own base; refuse it up front."""

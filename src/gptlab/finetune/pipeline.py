@@ -20,6 +20,7 @@ from pathlib import Path
 
 from ..checkpoint import CLASSIFIER_FIELD, ClassifierHead, give_classifier_head, read_config
 from ..loading import load_classifier
+from ..training import pipeline as training_pipeline
 from ..training.config import (
     ConfigError,
     RunConfig,
@@ -42,7 +43,7 @@ from .classify import (
     parse_train_blocks,
     read_labeled,
 )
-from .hooks import check_lora_head, finetune_hooks, lora_config
+from .hooks import check_lora_head, finetune_hooks, lora_config, run_hooks
 from .instruct import instruction_source, write_samples
 from .records import split_off
 from .templates import DEFAULT_TEMPLATE, get_template
@@ -104,6 +105,15 @@ def task_settings(kind: type, given: dict, saved: dict | None) -> object:
                               f"{value!r} here and {saved.get(name)!r} in the run; drop it, or start a new run "
                               "with another --out")
     return kind(**saved)
+
+
+def train(config: str | os.PathLike | RunConfig | None = None, *, resume: bool = False, overwrite: bool = False,
+          accept_data_change: bool = False, log=print, **options) -> TrainResult:
+    """Train as `gptlab train` does (gptlab.train): training.pipeline.train with fine-tuning's hooks, so
+    that `init` with `lora_rank` trains LoRA adapters on a frozen base. `config`: a TOML recipe's path or a
+    RunConfig; `options`: any setting by its option name (`out`, `data`, `max_steps`, ...)."""
+    return training_pipeline.train(config, resume=resume, overwrite=overwrite, accept_data_change=accept_data_change,
+                                   log=log, hooks_for=run_hooks, **options)
 
 
 def finetune(task: str, config: str | os.PathLike | None = None, *, resume: bool = False, overwrite: bool = False,

@@ -1,7 +1,7 @@
 """GGUF export: a gptlab model as llama.cpp's "gpt2" architecture, which llama.cpp, Ollama and LM Studio run.
 
 The file holds what llama.cpp's own convert_hf_to_gguf.py writes for a transformers GPT-2 folder:
-  tensors   the Hugging Face names (interop/hf.py's key_map) renamed by the gguf package's own GPT-2 name
+  tensors   the Hugging Face names (hf_format.py's key_map) renamed by the gguf package's own GPT-2 name
             map (wte -> token_embd, h.N.attn.c_attn -> blk.N.attn_qkv, ...). The converter transposes
             HF's Conv1D weights back to [out, in]; gptlab's nn.Linear weights are stored that way already.
             A tied head is left out (llama.cpp then reads token_embd for the output, as for GPT-2 itself);
@@ -29,10 +29,10 @@ import numpy as np
 import torch
 
 from ..errors import UserError
+from ..hf_format import GPT2_BYTES, gpt2_vocabulary, key_map
 from ..model import GPTModel
 from ..tokenizer import EOT_TEXT, Tokenizer, gpt2_byte_alphabet
-from .hf import check_head_rows, key_map
-from .hf_tokenizer import GPT2_BYTES, gpt2_vocabulary
+from .hf import check_head_rows
 
 ARCH = gguf.MODEL_ARCH.GPT2
 # --outtype -> (general.file_type, the type of the matrices that are not kept in F32)

