@@ -33,7 +33,7 @@ import numpy as np
 from common import machine_info, timed, write_report
 
 from gptlab.data import EpochOrder, TokenWindows, build_token_cache, default_corpus_text, read_corpus
-from gptlab.data.corpus import decode_file
+from gptlab.data.formats import texts
 from gptlab.tokenizer import load_tokenizer
 
 CONTEXT_LENGTH = 1024
@@ -105,7 +105,7 @@ def child_baseline(corpus_dir: Path, cache_dir: Path) -> dict:
     def decode_and_hash() -> int:
         chars = 0
         for path in sorted(corpus_dir.iterdir()):
-            chars += sum(len(block) for block in decode_file(str(path), "strict", hashlib.sha256()))
+            chars += sum(len(block) for block in texts(str(path), "strict", None, hashlib.sha256()))
         return chars
 
     chars, seconds = timed(decode_and_hash)

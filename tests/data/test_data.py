@@ -22,7 +22,7 @@ from gptlab.data import (
     split_text,
     validation_batches,
 )
-from gptlab.data.corpus import decode_file
+from gptlab.data.formats import texts
 from gptlab.data.tokens import token_dtype
 from gptlab.tokenizer import EOT_TEXT
 
@@ -83,10 +83,10 @@ def test_invalid_utf8_offset_is_exact_across_read_blocks(tmp_path, block_bytes):
     data = "aé€".encode("utf-8") + b"\xc3(" + b"tail"  # a, 2-byte, 3-byte chars; then a broken sequence at byte 6
     path = write(tmp_path / "bad.txt", data)
     with pytest.raises(DataError, match="byte 6;"):
-        list(decode_file(str(path), "strict", hashlib.sha256(), block_bytes))
+        list(texts(str(path), "strict", None, hashlib.sha256(), block_bytes))
     truncated = write(tmp_path / "truncated.txt", "ab€".encode("utf-8")[:-1])  # ends inside a character
     with pytest.raises(DataError, match="byte 2;"):
-        list(decode_file(str(truncated), "strict", hashlib.sha256(), block_bytes))
+        list(texts(str(truncated), "strict", None, hashlib.sha256(), block_bytes))
 
 def test_replace_mode_reads_invalid_bytes_as_replacement_characters(tmp_path):
     data = b"caf\xe9 ok\n\xff\xfe end"

@@ -2,7 +2,6 @@
 what was skipped and why."""
 
 import bz2
-import gzip
 import lzma
 import os
 
@@ -141,14 +140,17 @@ def test_links_never_read_a_text_twice_and_are_said(tmp_path):
     assert "skipped 2 files: 1 link, 1 duplicate" in corpus.summary()
 
 
-@pytest.mark.parametrize("kind, compress", [("gzip", gzip.compress), ("bzip2", bz2.compress), ("xz", lzma.compress)])
-def test_a_compressed_file_is_named_as_such(tmp_path, kind, compress):
-    write(tmp_path / "folder" / "corpus.txt.gz", compress(b"some text\n" * 100))
+@pytest.mark.parametrize("kind, compress, name", [("bzip2", bz2.compress, "corpus.txt.bz2"),
+                                                 ("xz", lzma.compress, "corpus.txt.xz")])
+def test_a_compressed_file_gptlab_does_not_read_is_named_as_such(tmp_path, kind, compress, name):
+    """gzip and zstd files named .gz or .zst are read (test_formats.py); other compressions are named."""
+    write(tmp_path / "folder" / name, compress(b"some text\n" * 100))
     write(tmp_path / "folder" / "plain.txt", "plain\n")
     corpus = read_corpus([tmp_path / "folder"])
-    assert corpus.skipped == ((str(tmp_path / "folder" / "corpus.txt.gz"), f"compressed: {kind} (decompress it to read it)"),)
-    with pytest.raises(DataError, match=rf"corpus.txt.gz is {kind}-compressed, not text; decompress it first"):
-        read_corpus([tmp_path / "folder" / "corpus.txt.gz"])
+    reason = f"compressed: {kind} (gptlab reads gzip .gz and zstd .zst files; decompress it to read it)"
+    assert corpus.skipped == ((str(tmp_path / "folder" / name), reason),)
+    with pytest.raises(DataError, match=rf"{name}: compressed: {kind} \(gptlab reads gzip .gz and zstd .zst files"):
+        read_corpus([tmp_path / "folder" / name])
 
 
 def test_a_summary_counts_many_documents_by_extension(tmp_path):

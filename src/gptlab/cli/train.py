@@ -32,6 +32,8 @@ SETTINGS: list[tuple[str, str, dict]] = [
                                "GPT-2's byte-level BPE")),
     ("data", "merges", dict(type=int, help="GPT-2's BPE with only its first N merges (vocabulary 257 + N); "
                             "--tokenizer gpt2 alone keeps all 50,000")),
+    ("data", "text_field", dict(metavar="FIELD", help="in files of records (.jsonl, .jsonl.gz, .jsonl.zst, .json, "
+                                ".parquet): the field or column each document's text is in (default: text)")),
     ("data", "cache_dir", dict(help="token cache folder; may be on storage every machine shares (default: under "
                                "~/.cache/gptlab/tokens)")),
     ("model", "model", dict(choices=list(PRESETS), help="preset shape")),
@@ -144,7 +146,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     report = evaluate(args.checkpoint, args.data, batch_size=args.batch_size, device=args.device, dtype=args.dtype,
                       quantize=args.quantize, include=args.include or [], exclude=args.exclude or [],
                       invalid_utf8=args.invalid_utf8, cache_dir=args.cache_dir,
-                      accept_data_change=args.accept_data_change)
+                      accept_data_change=args.accept_data_change, text_field=args.text_field)
     print(f"{args.checkpoint} on {report.scored}:")
     print(report.result.format())
 
@@ -199,6 +201,8 @@ def add_parsers(commands) -> None:
     ev.add_argument("--accept-data-change", action="store_true", help="without --data: score the run's held-out "
                     "split although its data changed since the run started")
     ev.add_argument("--cache-dir", help="token cache folder (default: under ~/.cache/gptlab/tokens)")
+    ev.add_argument("--text-field", default="text", metavar="FIELD", help="with --data files of records (.jsonl, "
+                    ".json, .parquet): the field each document's text is in (default: text)")
     ev.add_argument("--replace-invalid-utf8", dest="invalid_utf8", action="store_const", const="replace",
                     default="strict", help="read invalid UTF-8 bytes as U+FFFD instead of failing")
     ev.set_defaults(run=cmd_eval)

@@ -121,7 +121,9 @@ def reuse_token_cache(
         return None
     to_hash = []
     for index, (source, doc) in enumerate(zip(recorded, corpus.documents)):
-        if (source["path"], source["bytes"], source["errors"]) != (source_path(doc), doc.n_bytes, doc.errors):
+        if (source["path"], source["bytes"], source["errors"], source.get("text_field")) != (
+            source_path(doc), doc.n_bytes, doc.errors, doc.text_field
+        ):
             return None
         if doc.mtime_ns is None or doc.mtime_ns != source["mtime_ns"] or (
             doc.mtime_ns > manifest["checked_ns"] - RACY_WINDOW_NS

@@ -10,8 +10,10 @@ The pipeline:
 
 The corpus is a list of documents (files, or the embedded default). Reading a corpus only finds its
 files (files.py: which files, and why others were left out) and stats them; their text is decoded,
-counted and hashed when the token cache is built, and not at all when a cache of them is reused.
-The token stream is the documents' tokens with the end-of-text id between consecutive documents. The
+counted and hashed when the token cache is built, and not at all when a cache of them is reused. A
+file of records (JSON Lines, JSON, Parquet: formats.py) is one document whose records are joined the
+way documents are. The token stream is the documents' tokens with the end-of-text id between
+consecutive documents, and between consecutive records of one file. The
 held-out split is defined on the characters of the joined text `"<|endoftext|>".join(documents)`:
 validation is its last 10%, the text from character int(0.9 * n_chars) on (a cache for evaluation
 puts all of it on the validation side: train_fraction 0). The two sides are tokenized separately, so
@@ -23,15 +25,16 @@ side that holds its first character (the marker is never cut in two).
 
 from __future__ import annotations
 
-import codecs
 import os
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator, Sequence
 
 from ..tokenizer import EOT_TEXT, CharTokenizer, Tokenizer, load_tokenizer
 from .errors import DataError
 from .files import FileSearch, check_patterns, summarise
+from .formats import BOUNDARY, RECORD_FORMATS, file_format, texts
 
 TRAIN_FRACTION = 0.9
 EMBEDDED_PATH = "<pydoc_data.topics>"
@@ -61,12 +64,14 @@ class Document:
     mtime_ns: int | None  # None for the embedded text
     errors: str = "strict"
     text: str | None = None
+    text_field: str | None = None  # a file of records (formats.py): the field each record's text is in
 
-    def blocks(self, hasher=None, block_size: int = READ_BLOCK_BYTES) -> Iterator[str]:
+    def blocks(self, hasher=None, block_size: int = READ_BLOCK_BYTES) -> Iterator[str | None]:
         """The text in consecutive blocks (of block_size bytes read, or characters of the embedded text),
-        feeding the bytes to `hasher` if given."""
+        with formats.BOUNDARY between two records of a file of records, feeding the file's bytes to `hasher`
+        if given."""
         if self.text is None:
-            yield from decode_file(self.path, self.errors, hasher, block_size)
+            yield from texts(self.path, self.errors, self.text_field, hasher, block_size)
             return
         for start in range(0, len(self.text), block_size):
             block = self.text[start : start + block_size]
@@ -75,7 +80,8 @@ class Document:
             yield block
 
     def read_text(self) -> str:
-        return "".join(self.blocks())
+        """The text, records joined as the joined text joins documents (for small corpora and tests)."""
+        return "".join(EOT_TEXT if block is BOUNDARY else block for block in self.blocks())
 
 
 @dataclass(frozen=True)
@@ -98,7 +104,7 @@ class Corpus:
         if count <= NAMED_DOCUMENTS:
             what = ", ".join(doc.path for doc in self.documents)
         else:
-            suffixes = Counter(os.path.splitext(doc.path)[1] or "without extension" for doc in self.documents)
+            suffixes = Counter(extension(doc.path) for doc in self.documents)
             what = ", ".join(f"{number:,} {suffix}" for suffix, number in suffixes.most_common())
         line = f"read {count} document{'s' if count != 1 else ''} ({self.n_bytes:,} bytes: {what})"
         if self.skipped:
@@ -112,47 +118,22 @@ class Corpus:
         return EOT_TEXT.join(doc.read_text() for doc in self.documents)
 
 
+def extension(path: str) -> str:
+    """What a summary counts a file by: its suffix, two for a compressed one (.jsonl.gz)."""
+    suffixes = Path(path).suffixes[-2:]
+    if len(suffixes) == 2 and suffixes[-1].lower() not in (".gz", ".zst"):
+        suffixes = suffixes[-1:]
+    return "".join(suffixes) or "without extension"
+
+
 def default_corpus() -> Corpus:
     text = default_corpus_text()
     return Corpus((Document(EMBEDDED_PATH, len(text.encode("utf-8")), None, text=text),))
 
 
-def decode_file(path: str, errors: str, hasher=None, block_bytes: int = READ_BLOCK_BYTES) -> Iterator[str]:
-    """Decode a UTF-8 file block by block, feeding its bytes to `hasher` if given.
-
-    Bytes are read as they are (no newline translation). Invalid UTF-8 under errors="strict" raises a
-    DataError naming the file and the byte offset of the first bad byte.
-    """
-    decoder = codecs.getincrementaldecoder("utf-8")(errors)
-    offset = 0
-    try:
-        file = open(path, "rb")
-    except OSError as error:
-        raise DataError(f"cannot read {path}: {error.strerror}; check the data paths") from None
-    with file:
-        while True:
-            block = file.read(block_bytes)
-            # The decoder keeps an unfinished multi-byte sequence from the previous block and reports
-            # error positions relative to those pending bytes followed by the new block.
-            pending = len(decoder.getstate()[0])
-            try:
-                text = decoder.decode(block, final=not block)
-            except UnicodeDecodeError as error:
-                raise DataError(
-                    f"{path}: invalid UTF-8 at byte {offset - pending + error.start}; fix the file or pass "
-                    "--replace-invalid-utf8 to read bad bytes as U+FFFD"
-                ) from None
-            if hasher is not None:
-                hasher.update(block)
-            offset += len(block)
-            if text:
-                yield text
-            if not block:
-                return
-
-
 def read_corpus(
-    paths: Sequence[str | os.PathLike], errors: str = "strict", include: Sequence[str] = (), exclude: Sequence[str] = ()
+    paths: Sequence[str | os.PathLike], errors: str = "strict", include: Sequence[str] = (), exclude: Sequence[str] = (),
+    text_field: str = "text",
 ) -> Corpus:
     """Documents from files, folders (searched recursively) and glob patterns, found without reading them
     whole: a stat per file, and the first block of each file found by a search to tell text from binary.
@@ -161,7 +142,8 @@ def read_corpus(
     read once, and so is a file reached twice through links (the second is in `skipped`). Folders and patterns give every non-hidden file that holds text (files.py says how that
     is decided, and how include/exclude patterns filter them); a file named directly is taken as it is.
     Files must be UTF-8, which is checked when they are tokenized (build_token_cache); errors="replace"
-    reads invalid bytes as U+FFFD instead. Empty files are left out (in `skipped`).
+    reads invalid bytes as U+FFFD instead. Empty files are left out (in `skipped`). A file of records
+    (JSON Lines, a JSON array, Parquet: formats.py) gives one document per record, from `text_field`.
     """
     if errors not in ("strict", "replace"):
         raise DataError(f"errors must be 'strict' or 'replace', got {errors!r}")
@@ -179,7 +161,8 @@ def read_corpus(
         first_name[real] = file
         stat = os.stat(file)
         if stat.st_size:
-            documents.append(Document(file, stat.st_size, stat.st_mtime_ns, errors))
+            field = text_field if file_format(file)[0] in RECORD_FORMATS else None
+            documents.append(Document(file, stat.st_size, stat.st_mtime_ns, errors, text_field=field))
         else:
             skipped.append((file, "empty"))
     if not documents:
@@ -203,7 +186,7 @@ def build_tokenizer(kind: str, corpus: Corpus, merges: int | None = None) -> Tok
         chars: set[str] = set()
         for doc in corpus.documents:
             for block in doc.blocks():
-                chars.update(block)
+                chars.update(block or "")
         return CharTokenizer.from_text("".join(chars))
     raise DataError(f"unknown tokenizer {kind!r}; use 'gpt2' or 'char'")
 

@@ -5,7 +5,8 @@ A file named directly is read as given. Files found by searching a folder or mat
 when they hold text, decided by content rather than by suffix, from their first SNIFF_BYTES: a NUL byte
 means binary; bytes that are not UTF-8 mean not text, unless invalid bytes are to be read as U+FFFD.
 Hidden files and folders (names starting with ".") are not searched; they are counted. Links to folders
-are not followed, and a compressed file is named as such. include/exclude
+are not followed. A file whose name gives a format formats.py reads (.jsonl, .json, .parquet, .gz,
+.zst) is read in that format if its first bytes agree; other compressed files are named as such. include/exclude
 are shell-style patterns (fnmatch) tried on a found file's path relative to the folder searched (for a
 file that a glob matched, to the folder before the glob's first wildcard) and on its name; an excluded
 folder is not searched; a file named directly is not filtered.
@@ -22,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import DataError
+from .formats import file_format, mismatch
 
 SNIFF_BYTES = 8192  # enough to meet a binary format's header or the first invalid byte of a non-UTF-8 text
 WILDCARDS = "*?["
@@ -56,6 +58,22 @@ def compression(head: bytes) -> str | None:
     return next((kind for magic, kind in COMPRESSED.items() if head.startswith(magic)), None)
 
 
+def format_reason(path: str, head: bytes) -> tuple[str | None, bool]:
+    """(why the file cannot be read, as "category: detail", or None; whether that is decided by its
+    format, not by a look at its text). A compressed file is read when its name says how (.gz, .zst) and
+    its first bytes agree; a Parquet file when it starts as one."""
+    if reason := mismatch(path, head):
+        return f"not what its name says: {reason}", True
+    named_kind, named_compression = file_format(path)
+    if named_compression or named_kind == "parquet":
+        return None, True
+    if kind := compression(head):
+        if kind in ("gzip", "zstd"):
+            return f"compressed: {kind} (name it {Path(path).name}{'.gz' if kind == 'gzip' else '.zst'} to read it)", True
+        return f"compressed: {kind} (gptlab reads gzip .gz and zstd .zst files; decompress it to read it)", True
+    return None, False
+
+
 def not_text_reason(path: str, errors: str) -> str | None:
     """Why a found file is not read as text (a "category: detail" string), or None if it is text."""
     try:
@@ -65,8 +83,9 @@ def not_text_reason(path: str, errors: str) -> str | None:
             head = file.read(SNIFF_BYTES)
     except OSError as error:
         return f"unreadable: {error.strerror}"
-    if kind := compression(head):
-        return f"compressed: {kind} (decompress it to read it)"
+    reason, by_format = format_reason(path, head)
+    if by_format:
+        return reason
     if b"\0" in head:
         return f"binary: NUL byte at offset {head.index(0)}"
     if errors == "strict":
@@ -99,10 +118,9 @@ class FileSearch:
             if not stat.S_ISREG(os.stat(path).st_mode):
                 raise DataError(f"{path} is not a regular file; name text files, folders or glob patterns")
             with open(path, "rb") as file:
-                kind = compression(file.read(8))
-            if kind:
-                raise DataError(f"{path} is {kind}-compressed, not text; decompress it first (for gzip: gunzip -k "
-                                f"{path}) and name the text file")
+                reason, _ = format_reason(path, file.read(8))
+            if reason:
+                raise DataError(f"{path}: {reason}")
             self.files.append(path)
         elif any(char in path for char in WILDCARDS):
             found = sorted(glob.glob(path, recursive=True))

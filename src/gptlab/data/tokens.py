@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from ..tokenizer import EOT_TEXT, Tokenizer
 from .corpus import Corpus, DataError, Document
+from .formats import BOUNDARY
 
 CHUNK_CHARS = 1 << 20
 ENCODE_BATCH_CHUNKS = 8  # chunks handed to encode_batch at once: tiktoken encodes them on 8 threads
@@ -42,14 +43,21 @@ def safe_cut(text: str) -> int:
     return 0
 
 
-def chunks(blocks: Iterator[str], chunk_chars: int) -> Iterator[str]:
-    """Regroup text blocks into chunks of about chunk_chars characters, each cut at a safe_cut point.
+def chunks(blocks: Iterator[str | None], chunk_chars: int) -> Iterator[str | None]:
+    """Regroup text blocks into chunks of about chunk_chars characters, each cut at a safe_cut point; a
+    record boundary (formats.BOUNDARY) passes through, after the text before it.
 
     Text with no safe cut in 4 * chunk_chars characters (no newline or space after a visible
     character) is cut there anyway, to keep memory bounded; only that boundary's tokens may differ.
     """
     buffer = ""
     for block in blocks:
+        if block is BOUNDARY:
+            if buffer:
+                yield buffer
+            buffer = ""
+            yield BOUNDARY
+            continue
         buffer += block
         while len(buffer) >= chunk_chars:
             cut = safe_cut(buffer) or (4 * chunk_chars if len(buffer) >= 4 * chunk_chars else 0)
@@ -112,11 +120,12 @@ def scan_source(doc: Document, progress: tqdm) -> dict:
     it had while read (a manifest's record of one source)."""
     size, mtime_ns = current_state(doc)
     hasher = ProgressHasher(progress)
-    chars = sum(len(block) for block in doc.blocks(hasher))
+    chars = sum(len(EOT_TEXT) if block is BOUNDARY else len(block) for block in doc.blocks(hasher))
     if current_state(doc) != (size, mtime_ns) or hasher.n_bytes != size:
         raise DataError(f"{doc.path} changed while it was being read; run the command again")
-    return {"path": source_path(doc), "bytes": size, "mtime_ns": mtime_ns, "errors": doc.errors, "chars": chars,
-            "sha256": hasher.sha256.hexdigest()}
+    record = {"path": source_path(doc), "bytes": size, "mtime_ns": mtime_ns, "errors": doc.errors, "chars": chars,
+              "sha256": hasher.sha256.hexdigest()}
+    return record if doc.text_field is None else {**record, "text_field": doc.text_field}
 
 
 def write_tokens(
@@ -139,20 +148,29 @@ def write_tokens(
             writers[side].write([tokenizer.eot_id] if text is None else next(encoded))
         queue.clear()
 
+    def boundary(at: int) -> int:
+        """An end-of-text id at character `at` of the joined text (between two documents, or two records of
+        one file); the split, moved past it if it fell inside (the boundary goes whole to the side of its
+        first character)."""
+        side = "train" if at < split else "val"
+        queue.append((side, None))
+        writers[side].chars += len(EOT_TEXT)
+        progress.update(len(EOT_TEXT))
+        return at + len(EOT_TEXT) if at < split < at + len(EOT_TEXT) else split
+
     position = 0  # in the joined text
     for index, (doc, source) in enumerate(zip(corpus.documents, sources)):
         if index:
-            side = "train" if position < split else "val"
-            if position < split < position + len(EOT_TEXT):
-                split = position + len(EOT_TEXT)  # the boundary goes whole to the side of its first char
-            queue.append((side, None))
-            writers[side].chars += len(EOT_TEXT)
+            split = boundary(position)
             position += len(EOT_TEXT)
-            progress.update(len(EOT_TEXT))
-        local_split = min(max(split - position, 0), source["chars"])
         done = 0
         hasher = hashlib.sha256()
         for chunk in chunks(doc.blocks(hasher), chunk_chars):
+            if chunk is BOUNDARY:
+                split = boundary(position + done)
+                done += len(EOT_TEXT)
+                continue
+            local_split = min(max(split - position, 0), source["chars"])
             train_part = chunk[: max(local_split - done, 0)]
             for side, text in (("train", train_part), ("val", chunk[len(train_part) :])):
                 if text:

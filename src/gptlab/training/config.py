@@ -42,6 +42,7 @@ class DataConfig:
     include: list[str] = field(default_factory=list)  # glob patterns a file in a folder must match
     exclude: list[str] = field(default_factory=list)  # glob patterns that leave a file out
     invalid_utf8: str = "strict"  # or "replace": read bad bytes as U+FFFD
+    text_field: str = "text"  # files of records (.jsonl, .json, .parquet): the field each document is in
     tokenizer: str = "char"  # "char" or "gpt2" (a new model gets gpt2 with 128 merges: NEW_MODEL_DEFAULTS)
     merges: int | None = None  # gpt2 only: keep GPT-2's first N merges
     cache_dir: str | None = None  # token cache folder (default: under ~/.cache/gptlab/tokens)

@@ -154,7 +154,8 @@ def _train(run: RunConfig, limit_note: str, given: dict, runtime: Runtime, resum
 def read_corpus(settings: DataConfig) -> data.Corpus:
     if settings.data is None:
         return data.default_corpus()
-    return data.read_corpus(settings.data, settings.invalid_utf8, include=settings.include, exclude=settings.exclude)
+    return data.read_corpus(settings.data, settings.invalid_utf8, include=settings.include, exclude=settings.exclude,
+                            text_field=settings.text_field)
 
 
 EMBEDDED_NAME = "the embedded corpus (pydoc_data.topics, Python's bundled documentation)"
@@ -242,7 +243,8 @@ class Evaluation:
 def evaluate(checkpoint: str | os.PathLike, data_paths: list[str] | None = None, *, batch_size: int = 8,
              device: str = "auto", dtype: str = "float32", quantize: str | None = None,
              include: list[str] = (), exclude: list[str] = (), invalid_utf8: str = "strict",
-             cache_dir: str | None = None, progress: bool = False, accept_data_change: bool = False) -> Evaluation:
+             cache_dir: str | None = None, progress: bool = False, accept_data_change: bool = False,
+             text_field: str = "text") -> Evaluation:
     """Loss, perplexity and bits per byte of a checkpoint, as `gptlab eval` reports them: on the whole of
     `data_paths`, or without them on the held-out split of the data its run trained on (the embedded
     corpus' for a checkpoint that no gptlab run wrote), refusing data changed since the run unless
@@ -255,7 +257,7 @@ def evaluate(checkpoint: str | os.PathLike, data_paths: list[str] | None = None,
         model = quantize_model(model, quantize)
     if data_paths:
         settings = DataConfig(data=list(data_paths), include=list(include), exclude=list(exclude),
-                              invalid_utf8=invalid_utf8, cache_dir=cache_dir)
+                              invalid_utf8=invalid_utf8, cache_dir=cache_dir, text_field=text_field)
         corpus = read_corpus(settings)
         cache = token_cache(corpus, tokenizer, cache_dir, runtime, progress, train_fraction=0.0)
         scored = f"the whole of {describe_sources(settings)}"
