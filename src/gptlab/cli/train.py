@@ -34,6 +34,8 @@ SETTINGS: list[tuple[str, str, dict]] = [
                             "--tokenizer gpt2 alone keeps all 50,000")),
     ("data", "text_field", dict(metavar="FIELD", help="in files of records (.jsonl, .jsonl.gz, .jsonl.zst, .json, "
                                 ".parquet): the field or column each document's text is in (default: text)")),
+    ("data", "val_fraction", dict(type=float, metavar="F", help="hold out the last F of the text, by characters, "
+                                  "for validation (default 0.1)")),
     ("data", "cache_dir", dict(help="token cache folder; may be on storage every machine shares (default: under "
                                "~/.cache/gptlab/tokens)")),
     ("model", "model", dict(choices=list(PRESETS), help="preset shape")),
@@ -98,6 +100,9 @@ SETTINGS: list[tuple[str, str, dict]] = [
     ("train", "time_budget", dict(type=float, metavar="SECONDS", help="stop after this many seconds of training. "
                                   "Default on the embedded corpus: 300")),
     ("train", "eval_interval", dict(type=int, help="evaluate and save last/ (and best/) every N steps")),
+    ("train", "eval_tokens", dict(type=int, metavar="N", help="score a seeded subset of about N validation tokens at "
+                                  "each evaluation (the same subset each time) and the whole split at the end "
+                                  "(default: the whole split each time)")),
     ("train", "log_interval", dict(type=int, help="print a log line and record metrics every N steps")),
     ("train", "sample_tokens", dict(type=int, help="characters of sample text at each evaluation (0: none)")),
     ("train", "dtype", dict(choices=["bfloat16", "float32"], help="autocast dtype")),

@@ -12,7 +12,8 @@ The pipeline:
 To score a whole text, build its cache with train_fraction=0.0: every token is on the validation side
 and cache.val_target_bytes is the bits-per-byte denominator.
 
-files.py finds the files (by content, not suffix; include/exclude patterns; what was skipped and why),
+files.py finds the files (by name for the formats formats.py reads, else by content; include/exclude
+patterns; what was skipped and why),
 corpus.py defines documents and the split, cache.py tokenizes into memory-mapped files (reused without
 reading the files while they are unchanged), windows.py cuts training windows and validation batches,
 order.py shuffles them per epoch in constant memory.
@@ -40,7 +41,7 @@ from .corpus import (
 )
 from .errors import DataError
 from .order import EpochOrder
-from .tokens import CHUNK_CHARS, chunks, safe_cut
+from .tokens import CHUNK_CHARS, chunks, safe_cut, token_byte_lengths
 from .windows import (
     IGNORE_INDEX,
     Batch,
@@ -76,6 +77,7 @@ __all__ = [
     "safe_cut",
     "split_index",
     "split_text",
+    "token_byte_lengths",
     "token_rows",
     "validation_batches",
 ]

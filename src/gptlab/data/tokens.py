@@ -69,6 +69,14 @@ def chunks(blocks: Iterator[str | None], chunk_chars: int) -> Iterator[str | Non
         yield buffer
 
 
+def token_byte_lengths(tokenizer: Tokenizer) -> np.ndarray:
+    """The UTF-8 bytes each token id stands for (vocab_size,), end-of-text 0: what a scored target adds
+    to a bits-per-byte denominator, as a token cache counts them."""
+    lengths = np.array([len(tokenizer.decode_bytes([i])) for i in range(tokenizer.vocab_size)], dtype=np.int64)
+    lengths[tokenizer.eot_id] = 0
+    return lengths
+
+
 def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
 

@@ -109,29 +109,39 @@ class TokenWindows:
 
 
 def validation_batches(
-    tokens: np.ndarray, context_length: int, batch_size: int, rank: int = 0, world_size: int = 1
+    tokens: np.ndarray, context_length: int, batch_size: int, rank: int = 0, world_size: int = 1,
+    max_targets: int | None = None, seed: int = 0,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """(inputs, targets) batches of non-overlapping windows in which every token but the first is a
     target exactly once. All windows are full length: when context_length does not divide
     len(tokens) - 1, the last window is moved back to end at the last token, and its targets already
     counted by the window before are set to IGNORE_INDEX. With world_size > 1, rank r takes windows
     r, r + world_size, ...: together the ranks count every target once.
+
+    max_targets: a bounded estimate instead: ceil(max_targets / context_length) of the whole windows,
+    drawn with `seed` (the same ones at every call), in order; all of them when that is every window.
+    Window starts are computed, never listed, so a split of any size costs no memory here.
     """
     check_length(tokens, context_length, "validation split")
     if batch_size < 1 or not 0 <= rank < world_size:
         raise DataError(f"need batch size >= 1 and 0 <= rank < world size, got {batch_size}, {rank}, {world_size}")
     n_targets = len(tokens) - 1
-    starts = list(range(0, n_targets - context_length + 1, context_length))
-    covered = starts[-1] + context_length  # full windows score targets tokens[1 : covered + 1]
-    if covered < n_targets:
-        starts.append(n_targets - context_length)
-    # The moved-back last window's first `overlap` targets are already scored by the window before it.
-    overlap = covered - starts[-1] if covered < n_targets else 0
-    mine = starts[rank::world_size]
-    for first in range(0, len(mine), batch_size):
-        batch_starts = mine[first : first + batch_size]
+    whole = range(0, n_targets - context_length + 1, context_length)  # starts of the whole windows
+    covered = whole[-1] + context_length  # whole windows score targets tokens[1 : covered + 1]
+    # Past them, a last window moved back to end at the last token; its first `overlap` targets are
+    # already scored by the window before it.
+    overlap = covered - (n_targets - context_length) if covered < n_targets else 0
+    count = len(whole) + bool(overlap)
+    if max_targets is not None and -(-max_targets // context_length) < count:
+        chosen = np.random.default_rng(seed).choice(len(whole), size=-(-max_targets // context_length), replace=False)
+        indices, overlap = np.sort(chosen)[rank::world_size].tolist(), 0  # a few windows: a short list
+    else:
+        indices = range(rank, count, world_size)  # every window, by index: no list of them
+    for first in range(0, len(indices), batch_size):
+        batch = indices[first : first + batch_size]
+        batch_starts = [whole[i] if i < len(whole) else n_targets - context_length for i in batch]
         rows = token_rows(tokens, batch_starts, context_length)
         inputs, targets = rows[:, :-1], rows[:, 1:].copy()  # a copy: IGNORE_INDEX must not reach the inputs
-        if overlap and batch_starts[-1] == starts[-1]:
+        if overlap and batch[-1] == len(whole):
             targets[-1, :overlap] = IGNORE_INDEX
         yield inputs, targets

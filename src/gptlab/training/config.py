@@ -43,6 +43,7 @@ class DataConfig:
     exclude: list[str] = field(default_factory=list)  # glob patterns that leave a file out
     invalid_utf8: str = "strict"  # or "replace": read bad bytes as U+FFFD
     text_field: str = "text"  # files of records (.jsonl, .json, .parquet): the field each document is in
+    val_fraction: float = 0.1  # the held-out share of the joined text's characters, at its end
     tokenizer: str = "char"  # "char" or "gpt2" (a new model gets gpt2 with 128 merges: NEW_MODEL_DEFAULTS)
     merges: int | None = None  # gpt2 only: keep GPT-2's first N merges
     cache_dir: str | None = None  # token cache folder (default: under ~/.cache/gptlab/tokens)
@@ -53,6 +54,8 @@ class DataConfig:
         if self.merges is not None and self.tokenizer != "gpt2":
             raise ConfigError(f"--merges {self.merges} truncates GPT-2's BPE, but --tokenizer is {self.tokenizer}; "
                               "drop one of them")
+        if not 0 < self.val_fraction < 1:
+            raise ConfigError(f"--val-fraction must be between 0 and 1 (0.1 holds out the last 10%), got {self.val_fraction}")
         if self.invalid_utf8 not in ("strict", "replace"):
             raise ConfigError(f"invalid_utf8 must be strict or replace, got {self.invalid_utf8!r}")
 
@@ -125,6 +128,7 @@ class TrainConfig:
     epochs: float | None = None  # an epoch is as many tokens as the training split holds
     time_budget: float | None = None  # seconds of training
     eval_interval: int = 250
+    eval_tokens: int | None = None  # in-run evaluations: a seeded subset of about this many tokens (None: all)
     log_interval: int = 20
     sample_tokens: int = 200
     dtype: str = "bfloat16"  # autocast dtype, or "float32"
@@ -140,7 +144,7 @@ class TrainConfig:
             value = getattr(self, name)
             if value < (0 if name == "warmup_steps" else 1):
                 raise ConfigError(f"--{dashed(name)} must be {'>= 0' if name == 'warmup_steps' else 'positive'}, got {value}")
-        for name in LIMITS + ("micro_batch_size", "stride"):
+        for name in LIMITS + ("micro_batch_size", "stride", "eval_tokens"):
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise ConfigError(f"--{dashed(name)} must be positive, got {value}")

@@ -136,7 +136,8 @@ def _train(run: RunConfig, limit_note: str, given: dict, runtime: Runtime, resum
         tokenizer = new_tokenizer(run.data, corpus, runtime)
         model_cfg = new_model_config(run, tokenizer)
     hooks = hooks_for(run, model_cfg, log if runtime.is_main else lambda line: None)
-    cache = token_cache(corpus, tokenizer, run.data.cache_dir, runtime, progress=run.train.progress)
+    cache = token_cache(corpus, tokenizer, run.data.cache_dir, runtime, progress=run.train.progress,
+                        train_fraction=1 - run.data.val_fraction)
     if runtime.is_main:
         log(f"tokens: {len(cache.train_tokens):,} training and {len(cache.val_tokens):,} validation "
             f"({type(tokenizer).__name__}, vocabulary {tokenizer.vocab_size:,}); token cache {cache.directory}")
@@ -146,7 +147,9 @@ def _train(run: RunConfig, limit_note: str, given: dict, runtime: Runtime, resum
         note = check_data(out, cache.manifest, accept_data_change, "resume", write=runtime.is_main)
         if note and runtime.is_main:
             log(note)
-    corpus_data = TrainingData(cache.train_tokens, cache.val_tokens, cache.val_target_bytes, sources_of(cache.manifest))
+    token_bytes = data.token_byte_lengths(tokenizer) if run.train.eval_tokens is not None else None
+    corpus_data = TrainingData(cache.train_tokens, cache.val_tokens, cache.val_target_bytes, sources_of(cache.manifest),
+                               token_bytes)
     return train_loop(model_cfg, run.train, tokenizer, corpus_data, runtime=runtime, resume=resume,
                       overwrite=overwrite, init_state=init_state, run=run, hooks=hooks, log=log)
 
@@ -265,8 +268,8 @@ def evaluate(checkpoint: str | os.PathLike, data_paths: list[str] | None = None,
         run = read_run_config(checkpoint)
         settings = run.data if run else DataConfig()
         corpus = read_corpus(settings)
-        cache = token_cache(corpus, tokenizer, settings.cache_dir, runtime, progress)
-        scored = f"the held-out {1 - data.TRAIN_FRACTION:.0%} of {describe_sources(settings)}"
+        cache = token_cache(corpus, tokenizer, settings.cache_dir, runtime, progress, 1 - settings.val_fraction)
+        scored = f"the held-out {settings.val_fraction:.0%} of {describe_sources(settings)}"
         if run is None:
             scored += " (no run.toml: this checkpoint was not written by a gptlab run)"
         else:  # a run's checkpoint: runs/NAME/best or last, with the run's data record beside it

@@ -103,7 +103,10 @@ class TrainingSource(Protocol):
         """Global batches (this rank's rows of each), endlessly, resumable from Batch.resume_at."""
 
     def evaluate(self, model: torch.nn.Module, batch_size: int, runtime: Runtime, dtype: str):
-        """A validation result with .loss, .format() and .metrics() (recorded as val_<name>)."""
+        """A validation result with .loss, .format() and .metrics() (recorded as val_<name>).
+
+        A source whose attribute `bounded` is true scores a bounded estimate here (the same subset each
+        time, so evaluations compare) and everything in evaluate_whole, which the run's end reports."""
 
 
 @dataclass(frozen=True)
@@ -112,28 +115,45 @@ class TrainingData:
     val_tokens: np.ndarray
     val_bytes: int  # UTF-8 bytes that the validation targets stand for: the bits-per-byte denominator
     sources: list[dict] | None = None  # what the tokens were read from (data_record.py), recorded by a new run
+    token_bytes: np.ndarray | None = None  # UTF-8 bytes per token id: a bounded estimate's denominator
 
-    def source(self, context_length: int, stride: int | None) -> "TokenSource":
+    def source(self, context_length: int, stride: int | None, eval_tokens: int | None = None,
+               seed: int = 0) -> "TokenSource":
         windows = TokenWindows(self.train_tokens, context_length, stride or context_length)
         check_length(self.val_tokens, context_length, "validation split")  # now, not at the first evaluation
-        return TokenSource(self, windows)
+        if eval_tokens is not None and self.token_bytes is None:
+            raise ValueError("a bounded evaluation (eval_tokens) needs TrainingData.token_bytes")
+        return TokenSource(self, windows, eval_tokens, seed)
 
 
 @dataclass(frozen=True)
 class TokenSource:
-    """Pretraining on a token stream: windows of the training split, every token of the validation split."""
+    """Pretraining on a token stream: windows of the training split; for validation every token of its
+    split, or with eval_tokens a seeded subset of about that many targets (evaluate_whole: all of them)."""
 
     data: TrainingData
     windows: TokenWindows
+    eval_tokens: int | None = None
+    seed: int = 0
 
     @property
     def epoch_tokens(self) -> int:
         return len(self.data.train_tokens)
 
+    @property
+    def bounded(self) -> bool:
+        return self.eval_tokens is not None
+
     def batches(self, *args) -> Iterator[Batch]:
         return self.windows.batches(*args)
 
     def evaluate(self, model, batch_size, runtime, dtype) -> EvalResult:
+        if self.eval_tokens is None:
+            return self.evaluate_whole(model, batch_size, runtime, dtype)
+        return evaluate(model, self.data.val_tokens, self.data.val_bytes, batch_size, runtime, dtype,
+                        max_targets=self.eval_tokens, seed=self.seed, token_bytes=self.data.token_bytes)
+
+    def evaluate_whole(self, model, batch_size, runtime, dtype) -> EvalResult:
         return evaluate(model, self.data.val_tokens, self.data.val_bytes, batch_size, runtime, dtype)
 
 
@@ -282,7 +302,7 @@ def _train(runtime, model_cfg, cfg, tokenizer, data, resume, overwrite, init_sta
         raise TrainingError(f"batch size {cfg.batch_size} is not a multiple of micro batch {micro} x {runtime.world} "
                             "processes; choose --batch-size as a multiple of their product")
     accum_steps = cfg.batch_size // (micro * runtime.world)
-    source = data.source(context, cfg.stride) if isinstance(data, TrainingData) else data
+    source = data.source(context, cfg.stride, cfg.eval_tokens, cfg.seed) if isinstance(data, TrainingData) else data
     plan = Plan.of(cfg, cfg.batch_size * context, source.epoch_tokens)
 
     torch.manual_seed(cfg.seed)  # the same initial weights in every process (FSDP keeps each one's slice)
@@ -450,6 +470,13 @@ def _train(runtime, model_cfg, cfg, tokenizer, data, resume, overwrite, init_sta
         log(f"nothing to train: the run's --{stopped_by.replace('_', '-')} is reached at step {state.step}; to train "
             f"on, resume with a larger --{stopped_by.replace('_', '-')}")
     final = last_eval[1] if last_eval and last_eval[0] == state.step else evaluate_and_save(final=True)
+    if getattr(source, "bounded", False):  # the in-run figures were estimates: the end scores everything
+        with average.in_model() if average else nullcontext():
+            final = source.evaluate_whole(net, micro, runtime, cfg.dtype)
+        if runtime.is_main:
+            record_metrics(out_dir, {"step": state.step, "tokens": state.tokens_seen,
+                                     **{f"final_val_{name}": value for name, value in final.metrics().items()}})
+            say(f"step {state.step}: val on the whole split {final.format()}")
     if stopped_by in ("interrupt", "terminate") and runtime.is_main:
         what = "SIGTERM" if stopped_by == "terminate" else "Ctrl-C"
         log(f"stopped by {what} at step {state.step}; checkpoint saved in {out_dir / 'last'}; "
