@@ -10,7 +10,7 @@ from ..finetune.hooks import BASE_DTYPES
 from ..finetune.lora import TARGETS
 from ..finetune.pipeline import train
 from ..training.config import FINETUNE_DEFAULTS, OPTIMIZERS, SCHEDULES, resolve
-from ..training.pipeline import evaluate
+from ..training.pipeline import PREPARED_FIXES, evaluate, prepare
 from ..training.state import RUN_MARKER
 from .common import add_command
 
@@ -36,6 +36,8 @@ SETTINGS: list[tuple[str, str, dict]] = [
                                 ".parquet): the field or column each document's text is in (default: text)")),
     ("data", "val_fraction", dict(type=float, metavar="F", help="hold out the last F of the text, by characters, "
                                   "for validation (default 0.1)")),
+    ("data", "prepared", dict(metavar="CACHE", help="train from the token cache `gptlab prepare` wrote there, reading "
+                              "no source (it fixes the data, the tokenizer and the split)")),
     ("data", "cache_dir", dict(help="token cache folder; may be on storage every machine shares (default: under "
                                "~/.cache/gptlab/tokens)")),
     ("model", "model", dict(choices=list(PRESETS), help="preset shape")),
@@ -133,6 +135,11 @@ def add_settings(parser: argparse.ArgumentParser, only: set[str] | None = None) 
         groups[section].add_argument(flag, dest=name, default=argparse.SUPPRESS, **spec)
 
 
+def cmd_prepare(args: argparse.Namespace) -> None:
+    options = {name: value for name, value in vars(args).items() if name in PREPARED_FIXES and name != "data"}
+    prepare(args.data, args.out, progress=args.progress, **options)
+
+
 def cmd_train(args: argparse.Namespace) -> None:
     options = {name: value for name, value in vars(args).items() if name in DEFAULTS}
     result = train(args.config, resume=args.resume, overwrite=args.overwrite,
@@ -176,6 +183,17 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def add_parsers(commands) -> None:
+    prep = add_command(commands, "prepare", description="Tokenize files, folders or globs once into a token cache "
+                       "(the format `gptlab train` keeps its own caches in), with the tokenizer and split a new model "
+                       "would get unless told otherwise. `gptlab train --prepared CACHE` then trains from it without "
+                       "reading the sources, so no process of a torchrun job waits for another to tokenize. A "
+                       "cache of unchanged sources is reused; an interrupted prepare starts again.")
+    prep.add_argument("--data", nargs="+", required=True, metavar="PATH", help="files, folders or glob patterns")
+    prep.add_argument("--out", required=True, metavar="CACHE", help="the folder to write the token cache to")
+    prep.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar on stderr")
+    add_settings(prep, only={"include", "exclude", "invalid_utf8", "text_field", "tokenizer", "merges", "val_fraction"})
+    prep.set_defaults(run=cmd_prepare)
+
     tr = add_command(
         commands, "train",
         description="Train a GPT model. Settings come from the defaults, then --config FILE.toml, then the options "

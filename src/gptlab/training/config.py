@@ -47,6 +47,7 @@ class DataConfig:
     tokenizer: str = "char"  # "char" or "gpt2" (a new model gets gpt2 with 128 merges: NEW_MODEL_DEFAULTS)
     merges: int | None = None  # gpt2 only: keep GPT-2's first N merges
     cache_dir: str | None = None  # token cache folder (default: under ~/.cache/gptlab/tokens)
+    prepared: str | None = None  # a token cache `gptlab prepare` wrote: trained from, no source read
 
     def __post_init__(self) -> None:
         if self.tokenizer not in ("char", "gpt2"):

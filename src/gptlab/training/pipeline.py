@@ -12,7 +12,9 @@ hands everything to the loop (training/trainer.py).
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,13 +120,23 @@ def train(config: str | os.PathLike | RunConfig | None = None, *, resume: bool =
 def _train(run: RunConfig, limit_note: str, given: dict, runtime: Runtime, resume: bool, overwrite: bool,
            accept_data_change: bool, log, hooks_for: HooksFor) -> TrainResult:
     out = Path(run.train.out)
-    corpus = read_corpus(run.data)
-    if runtime.is_main:
-        log(f"data: {EMBEDDED_NAME if run.data.data is None else corpus.summary()}")
-        for path, reason in corpus.skipped[:SKIPPED_SHOWN]:
-            log(f"  skipped {path}: {reason}")
-        if len(corpus.skipped) > SKIPPED_SHOWN:
-            log(f"  ... and {len(corpus.skipped) - SKIPPED_SHOWN} more skipped (choose files with --include/--exclude)")
+    if run.data.prepared:  # no source is read: every process maps the prepared cache, none waits for another
+        corpus, prepared = None, open_prepared(run.data.prepared, given)
+        inputs = prepared.manifest["inputs"]  # what run.toml records is what the cache holds
+        run = dataclasses.replace(run, data=dataclasses.replace(
+            run.data, tokenizer=inputs["tokenizer"]["type"], merges=inputs["tokenizer"].get("merges"),
+            val_fraction=round(1 - inputs["train_fraction"], 12)))
+        if runtime.is_main:
+            log(f"data: {describe_prepared(prepared)}; no source is read")
+    else:
+        corpus, prepared = read_corpus(run.data), None
+        if runtime.is_main:
+            log(f"data: {EMBEDDED_NAME if run.data.data is None else corpus.summary()}")
+            for path, reason in corpus.skipped[:SKIPPED_SHOWN]:
+                log(f"  skipped {path}: {reason}")
+            if len(corpus.skipped) > SKIPPED_SHOWN:
+                log(f"  ... and {len(corpus.skipped) - SKIPPED_SHOWN} more skipped (choose files with "
+                    "--include/--exclude)")
     init_state = None
     if resume:  # the model and tokenizer are the run's, from its last checkpoint
         model_cfg, tokenizer, _ = read_config(out / "last")
@@ -133,11 +145,16 @@ def _train(run: RunConfig, limit_note: str, given: dict, runtime: Runtime, resum
     elif run.model.init:
         model_cfg, tokenizer, init_state = initial_model(run, given)
     else:
-        tokenizer = new_tokenizer(run.data, corpus, runtime)
+        tokenizer = tokenizer_from_spec(prepared.manifest["inputs"]["tokenizer"]) if prepared else \
+            new_tokenizer(run.data, corpus, runtime)
         model_cfg = new_model_config(run, tokenizer)
     hooks = hooks_for(run, model_cfg, log if runtime.is_main else lambda line: None)
-    cache = token_cache(corpus, tokenizer, run.data.cache_dir, runtime, progress=run.train.progress,
-                        train_fraction=1 - run.data.val_fraction)
+    if prepared:
+        check_prepared_tokenizer(prepared, tokenizer)
+        cache = prepared
+    else:
+        cache = token_cache(corpus, tokenizer, run.data.cache_dir, runtime, progress=run.train.progress,
+                            train_fraction=1 - run.data.val_fraction)
     if runtime.is_main:
         log(f"tokens: {len(cache.train_tokens):,} training and {len(cache.val_tokens):,} validation "
             f"({type(tokenizer).__name__}, vocabulary {tokenizer.vocab_size:,}); token cache {cache.directory}")
@@ -152,6 +169,71 @@ def _train(run: RunConfig, limit_note: str, given: dict, runtime: Runtime, resum
                                token_bytes)
     return train_loop(model_cfg, run.train, tokenizer, corpus_data, runtime=runtime, resume=resume,
                       overwrite=overwrite, init_state=init_state, run=run, hooks=hooks, log=log)
+
+
+# What a prepared cache fixes, so a run from one may not set it again.
+PREPARED_FIXES = ("data", "include", "exclude", "invalid_utf8", "text_field", "tokenizer", "merges", "val_fraction",
+                  "cache_dir")
+
+
+def open_prepared(path: str, given: dict) -> data.TokenCache:
+    """The token cache `gptlab prepare` wrote at path; settings it already fixes are refused by name."""
+    fixed = [name for name in PREPARED_FIXES if given.get(name) is not None]
+    if fixed:
+        raise ConfigError(f"--{fixed[0].replace('_', '-')}: the prepared cache {path} already fixes its data, "
+                          "tokenizer and split; drop it, or prepare the data again with it")
+    try:
+        return data.open_token_cache(path)
+    except data.DataError:
+        raise ConfigError(f"--prepared {path} holds no token cache; make one with gptlab prepare --data ... "
+                          f"--out {path}") from None
+
+
+def describe_prepared(cache: data.TokenCache) -> str:
+    sources = cache.manifest["inputs"]["sources"]
+    size = sum(source["bytes"] for source in sources)
+    return (f"the token cache {cache.directory}, prepared from {len(sources):,} file{'s' if len(sources) != 1 else ''} "
+            f"({size:,} bytes)")
+
+
+def tokenizer_name(spec: dict) -> str:
+    """A tokenizer spec in words: "GPT-2's BPE with 128 merges", "a character vocabulary of 95"."""
+    if spec["type"] == "char":
+        return f"a character vocabulary of {len(spec['chars'])}"
+    return "GPT-2's BPE" + (f" with {spec['merges']} merges" if "merges" in spec else "")
+
+
+def check_prepared_tokenizer(cache: data.TokenCache, tokenizer: Tokenizer) -> None:
+    spec = cache.manifest["inputs"]["tokenizer"]
+    if spec != tokenizer.spec():
+        raise ConfigError(f"the prepared cache {cache.directory} was tokenized with {tokenizer_name(spec)}, but the "
+                          f"model's tokenizer is {tokenizer_name(tokenizer.spec())}; prepare the data with the model's "
+                          "tokenizer (gptlab prepare --tokenizer ...)")
+
+
+def prepare(data_paths: list[str], out: str | os.PathLike, *, progress: bool = True, log=print,
+            **options) -> data.TokenCache:
+    """Tokenize a corpus once into a token cache at `out`, as `gptlab prepare` does, for `gptlab train
+    --prepared out` to train from without reading the sources. `options`: the data settings by option
+    name (tokenizer, merges, text_field, val_fraction, include, exclude, invalid_utf8), defaulting as
+    for a new model."""
+    unknown = sorted(set(options) - set(PREPARED_FIXES))
+    if unknown:
+        raise ConfigError(f"prepare takes data settings only, not {unknown[0]!r}")
+    settings = resolve({**options, "data": list(data_paths)}).data
+    corpus = read_corpus(settings)
+    log(f"data: {corpus.summary()}")
+    tokenizer = data.build_tokenizer(settings.tokenizer, corpus, settings.merges)
+    start = time.perf_counter()
+    cache = data.build_token_cache(corpus, tokenizer, out, progress=progress, train_fraction=1 - settings.val_fraction)
+    seconds = time.perf_counter() - start
+    tokens = len(cache.train_tokens) + len(cache.val_tokens)
+    speed = "reused: the sources are unchanged" if not cache.built else \
+        f"{seconds:.1f} s, {corpus.n_bytes / seconds / 1e6:.1f} MB/s, {tokens / seconds:,.0f} tokens/s"
+    log(f"tokens: {len(cache.train_tokens):,} training and {len(cache.val_tokens):,} validation "
+        f"({tokenizer_name(tokenizer.spec())}) in {cache.directory} ({speed}); train with: gptlab train --prepared "
+        f"{out}")
+    return cache
 
 
 def read_corpus(settings: DataConfig) -> data.Corpus:
@@ -267,9 +349,14 @@ def evaluate(checkpoint: str | os.PathLike, data_paths: list[str] | None = None,
     else:
         run = read_run_config(checkpoint)
         settings = run.data if run else DataConfig()
-        corpus = read_corpus(settings)
-        cache = token_cache(corpus, tokenizer, settings.cache_dir, runtime, progress, 1 - settings.val_fraction)
-        scored = f"the held-out {settings.val_fraction:.0%} of {describe_sources(settings)}"
+        if settings.prepared:
+            cache = open_prepared(settings.prepared, {})
+            check_prepared_tokenizer(cache, tokenizer)
+            scored = f"the held-out {settings.val_fraction:.0%} of {describe_prepared(cache)}"
+        else:
+            cache = token_cache(read_corpus(settings), tokenizer, settings.cache_dir, runtime, progress,
+                                1 - settings.val_fraction)
+            scored = f"the held-out {settings.val_fraction:.0%} of {describe_sources(settings)}"
         if run is None:
             scored += " (no run.toml: this checkpoint was not written by a gptlab run)"
         else:  # a run's checkpoint: runs/NAME/best or last, with the run's data record beside it
