@@ -9,7 +9,7 @@ from ..config import PRESETS
 from ..finetune.hooks import BASE_DTYPES
 from ..finetune.lora import TARGETS
 from ..finetune.pipeline import train
-from ..training.config import FINETUNE_DEFAULTS, OPTIMIZERS, SCHEDULES, resolve
+from ..training.config import FINETUNE_DEFAULTS, LOGGERS, OPTIMIZERS, SCHEDULES, resolve
 from ..training.pipeline import PREPARED_FIXES, evaluate, prepare
 from ..training.state import RUN_MARKER
 from .common import add_command
@@ -102,6 +102,8 @@ SETTINGS: list[tuple[str, str, dict]] = [
     ("train", "time_budget", dict(type=float, metavar="SECONDS", help="stop after this many seconds of training. "
                                   "Default on the embedded corpus: 300")),
     ("train", "eval_interval", dict(type=int, help="evaluate and save last/ (and best/) every N steps")),
+    ("train", "loggers", dict(flag="--logger", nargs="+", choices=list(LOGGERS), help="also log what "
+                              "metrics.jsonl records to TensorBoard (runs/NAME/tensorboard/) and/or metrics.csv")),
     ("train", "eval_tokens", dict(type=int, metavar="N", help="score a seeded subset of about N validation tokens at "
                                   "each evaluation (the same subset each time) and the whole split at the end "
                                   "(default: the whole split each time)")),

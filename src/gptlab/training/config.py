@@ -30,6 +30,7 @@ DEFAULT_EPOCHS = 1.0
 LIMITS = ("max_steps", "max_tokens", "epochs", "time_budget")
 OPTIMIZERS = ("adamw", "muon")  # training/optimizers.py
 SCHEDULES = ("cosine", "wsd")
+LOGGERS = ("tensorboard", "csv")  # tracking.py
 
 
 class ConfigError(UserError):
@@ -130,6 +131,7 @@ class TrainConfig:
     time_budget: float | None = None  # seconds of training
     eval_interval: int = 250
     eval_tokens: int | None = None  # in-run evaluations: a seeded subset of about this many tokens (None: all)
+    loggers: list[str] = field(default_factory=list)  # besides metrics.jsonl: "tensorboard", "csv" (tracking.py)
     log_interval: int = 20
     sample_tokens: int = 200
     dtype: str = "bfloat16"  # autocast dtype, or "float32"
@@ -149,6 +151,9 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise ConfigError(f"--{dashed(name)} must be positive, got {value}")
+        unknown = [name for name in self.loggers if name not in LOGGERS]
+        if unknown:
+            raise ConfigError(f"--logger {unknown[0]} is not one gptlab writes; choose from {', '.join(LOGGERS)}")
         if self.dtype not in ("bfloat16", "float32"):
             raise ConfigError(f"--dtype must be bfloat16 or float32, got {self.dtype!r}")
         if self.optimizer not in OPTIMIZERS:
@@ -193,7 +198,7 @@ FINETUNE_DEFAULTS = {"lr": 6e-5, "warmup_steps": 20, "stride": None, "batch_size
 # What `--resume` lets the command line change: when and how often the run stops, reports and where it
 # runs. Everything else would make the resumed run a different run.
 RESUMABLE = frozenset({*LIMITS, "eval_interval", "log_interval", "sample_tokens", "device", "micro_batch_size",
-                       "progress", "cache_dir", "compile"})
+                       "progress", "cache_dir", "compile", "loggers"})
 
 SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig}
 

@@ -65,6 +65,7 @@ from .state import (
     save_checkpoint,
     write_log,
 )
+from .tracking import Tracker
 
 # ----------------------------------------------------------------------------- optimisation
 
@@ -347,6 +348,16 @@ def _train(runtime, model_cfg, cfg, tokenizer, data, resume, overwrite, init_sta
             (out_dir / "metrics.jsonl").unlink(missing_ok=True)
         else:
             drop_metrics_after(out_dir, state.step, log)
+        tracker = Tracker(out_dir, cfg.loggers, run.to_toml() if run is not None else "", state.step if resume else None)
+    else:
+        tracker = None
+
+    def record(values: dict) -> None:
+        """A metrics record (main process only): metrics.jsonl, then the --logger targets."""
+        record_metrics(out_dir, values)
+        tracker.record(values)
+
+    if runtime.is_main:
         for line in plan.describe(cfg):
             log(line)
     if dropout_note and runtime.is_main:
@@ -381,8 +392,8 @@ def _train(runtime, model_cfg, cfg, tokenizer, data, resume, overwrite, init_sta
         if cfg.fsdp:
             save_checkpoint(out_dir / "last", model, tokenizer, optimizer, state, run, hooks.write_model, full_model)
         if runtime.is_main:
-            record_metrics(out_dir, {"step": state.step, "tokens": state.tokens_seen,
-                                     **{f"val_{name}": value for name, value in result.metrics().items()}})
+            record({"step": state.step, "tokens": state.tokens_seen,
+                    **{f"val_{name}": value for name, value in result.metrics().items()}})
             if not cfg.fsdp:
                 save_checkpoint(out_dir / "last", model, tokenizer, optimizer, state, run, hooks.write_model,
                                 average=average)
@@ -392,7 +403,9 @@ def _train(runtime, model_cfg, cfg, tokenizer, data, resume, overwrite, init_sta
             say(f"step {state.step}: val {result.format()}")
             hooks.after_eval(out_dir, state.step, result)
             if cfg.sample_tokens and not final:
-                say(f"sample: {sample_text(full_model, tokenizer, cfg.sample_tokens)!r}")
+                sample = sample_text(full_model, tokenizer, cfg.sample_tokens)
+                say(f"sample: {sample!r}")
+                tracker.text("sample", sample, state.step)
         last_eval = (state.step, result)
         return result
 
@@ -455,10 +468,10 @@ def _train(runtime, model_cfg, cfg, tokenizer, data, resume, overwrite, init_sta
                 tokens_per_s = window_tokens / (time.perf_counter() - window_start)
                 window_start, window_tokens = time.perf_counter(), 0
                 if runtime.is_main:
-                    record = {"step": state.step, "tokens": state.tokens_seen, "train_loss": step_loss, "lr": lr,
+                    values = {"step": state.step, "tokens": state.tokens_seen, "train_loss": step_loss, "lr": lr,
                               "grad_norm": grad_norm, "tokens_per_s": tokens_per_s, "elapsed": state.elapsed}
-                    record_metrics(out_dir, record)
-                    say(format_log_line(record, plan.steps))
+                    record(values)
+                    say(format_log_line(values, plan.steps))
                     bar.set_postfix_str(f"loss {step_loss:.4f}, grad norm {grad_norm:.2f}")
             if state.step % cfg.eval_interval == 0:
                 evaluate_and_save(final=False)
@@ -474,13 +487,15 @@ def _train(runtime, model_cfg, cfg, tokenizer, data, resume, overwrite, init_sta
         with average.in_model() if average else nullcontext():
             final = source.evaluate_whole(net, micro, runtime, cfg.dtype)
         if runtime.is_main:
-            record_metrics(out_dir, {"step": state.step, "tokens": state.tokens_seen,
-                                     **{f"final_val_{name}": value for name, value in final.metrics().items()}})
+            record({"step": state.step, "tokens": state.tokens_seen,
+                    **{f"final_val_{name}": value for name, value in final.metrics().items()}})
             say(f"step {state.step}: val on the whole split {final.format()}")
     if stopped_by in ("interrupt", "terminate") and runtime.is_main:
         what = "SIGTERM" if stopped_by == "terminate" else "Ctrl-C"
         log(f"stopped by {what} at step {state.step}; checkpoint saved in {out_dir / 'last'}; "
             f"continue with: gptlab train --out {out_dir} --resume")
+    if tracker is not None:
+        tracker.close()
     barrier(runtime)  # no rank tears the process group down while another still uses it
     return TrainResult(state, final, out_dir, stopped_by, runtime.is_main)
 
