@@ -44,7 +44,11 @@ from gptlab.training.dropout import DropoutSwitch
 from gptlab.training.evaluation import loss_fn
 from gptlab.training.optimizers import BatchedMuon, MuonWithAdamW, adamw, is_hidden_matrix, make_optimizer
 
-ATTENTION_SHAPES = {"char model": (24, 4, 128, 32), "gpt2-mini": (8, 6, 256, 64), "gpt2 124M": (2, 12, 1024, 64)}  # (B, H, T, D)
+ATTENTION_SHAPES = {
+    "char model": (24, 4, 128, 32),
+    "gpt2-mini": (8, 6, 256, 64),
+    "gpt2 124M": (2, 12, 1024, 64),
+}  # (B, H, T, D)
 MUON_MODELS = ("gpt2-micro", "gpt2-mini")
 STEP_BATCH, STEP_VOCAB = 24, 104
 DROPOUT_SHAPE, DROPOUT_RATE = (24, 128, 128), 0.1
@@ -63,9 +67,14 @@ def race(contestants: dict[str, Callable[[], None]], rounds: int, calls: int) ->
                 run()
             times[name].append((time.perf_counter() - start) / calls)
     baseline = times[next(iter(contestants))]
-    return {name: {"median_ms": 1e3 * statistics.median(seconds), "best_ms": 1e3 * min(seconds),
-                   "speedup_vs_baseline": statistics.median(b / s for b, s in zip(baseline, seconds))}
-            for name, seconds in times.items()}
+    return {
+        name: {
+            "median_ms": 1e3 * statistics.median(seconds),
+            "best_ms": 1e3 * min(seconds),
+            "speedup_vs_baseline": statistics.median(b / s for b, s in zip(baseline, seconds)),
+        }
+        for name, seconds in times.items()
+    }
 
 
 def attention_rows(rounds: int) -> list[dict]:
@@ -74,22 +83,27 @@ def attention_rows(rounds: int) -> list[dict]:
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 out = attend(*inputs)
             out.backward(grad)
+
         return run
 
     def float32_kernel(q, k, v):
         with torch.autocast("cpu", enabled=False):
             return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True).to(q.dtype)
 
-    kernels = {"bf16 kernel": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
-               "float32 kernel": float32_kernel,
-               "gptlab causal_attention": lambda q, k, v: causal_attention(q, k, v, dropout=0.0)}
+    kernels = {
+        "bf16 kernel": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+        "float32 kernel": float32_kernel,
+        "gptlab causal_attention": lambda q, k, v: causal_attention(q, k, v, dropout=0.0),
+    }
     rows = []
     for shape_name, shape in ATTENTION_SHAPES.items():
         inputs = [torch.randn(shape, dtype=torch.bfloat16, requires_grad=True) for _ in range(3)]
         grad = torch.randn(shape, dtype=torch.bfloat16)
         results = race({name: forward_backward(kernel, inputs, grad) for name, kernel in kernels.items()}, rounds, 10)
-        rows += [{"part": "attention", "case": shape_name, "shape_BHTD": shape, "contestant": name, **result}
-                 for name, result in results.items()]
+        rows += [
+            {"part": "attention", "case": shape_name, "shape_BHTD": shape, "contestant": name, **result}
+            for name, result in results.items()
+        ]
     return rows
 
 
@@ -100,11 +114,15 @@ def muon_rows(rounds: int) -> list[dict]:
         hidden = [p for n, p in model.named_parameters() if is_hidden_matrix(n, p)]
         for param in hidden:
             param.grad = torch.randn_like(param) * 0.01
-        optimizers = {"torch.optim.Muon": torch.optim.Muon(hidden, lr=1e-4, weight_decay=0.1, adjust_lr_fn="match_rms_adamw"),
-                      "gptlab BatchedMuon": BatchedMuon(hidden, lr=1e-4, weight_decay=0.1, momentum=0.95)}
+        optimizers = {
+            "torch.optim.Muon": torch.optim.Muon(hidden, lr=1e-4, weight_decay=0.1, adjust_lr_fn="match_rms_adamw"),
+            "gptlab BatchedMuon": BatchedMuon(hidden, lr=1e-4, weight_decay=0.1, momentum=0.95),
+        }
         results = race({name: optimizer.step for name, optimizer in optimizers.items()}, rounds, 10)
-        rows += [{"part": "muon", "case": f"{preset}: {len(hidden)} matrices", "contestant": name, **result}
-                 for name, result in results.items()]
+        rows += [
+            {"part": "muon", "case": f"{preset}: {len(hidden)} matrices", "contestant": name, **result}
+            for name, result in results.items()
+        ]
     return rows
 
 
@@ -115,10 +133,23 @@ def dropout_rows(rounds: int) -> list[dict]:
     def forward_backward(dropout: torch.nn.Module) -> Callable[[], None]:
         return lambda: dropout.train()(x).backward(grad)
 
-    results = race({"torch.nn.Dropout": forward_backward(torch.nn.Dropout(DROPOUT_RATE)),
-                    "gptlab Dropout": forward_backward(Dropout(DROPOUT_RATE))}, rounds, 20)
-    return [{"part": "dropout", "case": f"{DROPOUT_RATE} on {'x'.join(map(str, DROPOUT_SHAPE))} bf16", "contestant": name,
-             **result} for name, result in results.items()]
+    results = race(
+        {
+            "torch.nn.Dropout": forward_backward(torch.nn.Dropout(DROPOUT_RATE)),
+            "gptlab Dropout": forward_backward(Dropout(DROPOUT_RATE)),
+        },
+        rounds,
+        20,
+    )
+    return [
+        {
+            "part": "dropout",
+            "case": f"{DROPOUT_RATE} on {'x'.join(map(str, DROPOUT_SHAPE))} bf16",
+            "contestant": name,
+            **result,
+        }
+        for name, result in results.items()
+    ]
 
 
 def step_rows(rounds: int) -> list[dict]:
@@ -135,6 +166,7 @@ def step_rows(rounds: int) -> list[dict]:
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+
         return run
 
     def before() -> tuple[GPTModel, Callable[[], None]]:
@@ -145,14 +177,18 @@ def step_rows(rounds: int) -> list[dict]:
                 module.__class__ = torch.nn.Dropout
         named = list(model.named_parameters())
         hidden = [p for n, p in named if is_hidden_matrix(n, p)]
-        optimizer = MuonWithAdamW(torch.optim.Muon(hidden, lr=1e-4, weight_decay=0.1, adjust_lr_fn="match_rms_adamw"),
-                                  adamw([p for n, p in named if not is_hidden_matrix(n, p)], 1e-4, (0.9, 0.95), 0.1))
+        optimizer = MuonWithAdamW(
+            torch.optim.Muon(hidden, lr=1e-4, weight_decay=0.1, adjust_lr_fn="match_rms_adamw"),
+            adamw([p for n, p in named if not is_hidden_matrix(n, p)], 1e-4, (0.9, 0.95), 0.1),
+        )
         return model, step(model, optimizer, 0)
 
     def now() -> tuple[GPTModel, Callable[[], None]]:
         torch.manual_seed(0)
         model = GPTModel(cfg)
-        optimizer = make_optimizer(model, TrainConfig(optimizer="muon", lr=1e-4, weight_decay=0.1))  # what gptlab train builds
+        optimizer = make_optimizer(
+            model, TrainConfig(optimizer="muon", lr=1e-4, weight_decay=0.1)
+        )  # what gptlab train builds
         return model, step(model, optimizer, FLOAT32_ATTENTION_BELOW)
 
     rows = []
@@ -162,10 +198,18 @@ def step_rows(rounds: int) -> list[dict]:
         for dropout in (False, True):
             for switch in switches:
                 switch.set(dropout)
-            results = race({"before (bf16 attention, torch Muon, nn.Dropout)": before_step, "gptlab now": now_step},
-                           rounds, 5)
-            rows += [{"part": "step", "case": f"gpt2-micro, dropout {cfg.drop_rate if dropout else 0:g}",
-                      "contestant": name, **result} for name, result in results.items()]
+            results = race(
+                {"before (bf16 attention, torch Muon, nn.Dropout)": before_step, "gptlab now": now_step}, rounds, 5
+            )
+            rows += [
+                {
+                    "part": "step",
+                    "case": f"gpt2-micro, dropout {cfg.drop_rate if dropout else 0:g}",
+                    "contestant": name,
+                    **result,
+                }
+                for name, result in results.items()
+            ]
     finally:
         gptlab.model.FLOAT32_ATTENTION_BELOW = FLOAT32_ATTENTION_BELOW
     return rows
@@ -182,10 +226,20 @@ def main() -> None:
     print(f"{torch.get_num_threads()} threads; ratio: the first contestant of each case (the baseline) / this one")
     print(f"{'part':10} {'case':26} {'contestant':48} {'median ms':>10} {'best ms':>9} {'ratio':>7}")
     for row in rows:
-        print(f"{row['part']:10} {row['case']:26} {row['contestant']:48} {row['median_ms']:10.2f} "
-              f"{row['best_ms']:9.2f} {row['speedup_vs_baseline']:6.2f}x")
-    write_report({"benchmark": "cpu_train_step", "machine": machine_info(), "rounds": args.rounds,
-                  "float32_attention_below": FLOAT32_ATTENTION_BELOW, "rows": rows}, args.out)
+        print(
+            f"{row['part']:10} {row['case']:26} {row['contestant']:48} {row['median_ms']:10.2f} "
+            f"{row['best_ms']:9.2f} {row['speedup_vs_baseline']:6.2f}x"
+        )
+    write_report(
+        {
+            "benchmark": "cpu_train_step",
+            "machine": machine_info(),
+            "rounds": args.rounds,
+            "float32_attention_below": FLOAT32_ATTENTION_BELOW,
+            "rows": rows,
+        },
+        args.out,
+    )
 
 
 if __name__ == "__main__":

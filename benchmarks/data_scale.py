@@ -55,8 +55,10 @@ def write_corpus(folder: Path, size: int, n_files: int, seed: int = 0) -> list[P
     lengths = rng.integers(4, 21, 200_000)
     starts = np.cumsum(lengths) - lengths
     drawn = words[rng.integers(0, len(words), lengths.sum())]
-    pool = np.array([" ".join(drawn[s : s + n]) + ("\n\n" if rng.random() < 0.1 else "\n")
-                     for s, n in zip(starts, lengths)], dtype=object)
+    pool = np.array(
+        [" ".join(drawn[s : s + n]) + ("\n\n" if rng.random() < 0.1 else "\n") for s, n in zip(starts, lengths)],
+        dtype=object,
+    )
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for index in range(n_files):
@@ -88,17 +90,26 @@ def child_build(corpus_dir: Path, cache_dir: Path) -> dict:
     tokenizer = load_tokenizer("gpt2")
     before = peak_rss_bytes()
     cache, seconds = timed(lambda: build_token_cache(read_corpus([corpus_dir]), tokenizer, cache_dir, progress=False))
-    return {"built": cache.built, "seconds": seconds, "peak_rss_bytes": peak_rss_bytes(),
-            "rss_before_build_bytes": before, "train_tokens": len(cache.train_tokens),
-            "val_tokens": len(cache.val_tokens)}
+    return {
+        "built": cache.built,
+        "seconds": seconds,
+        "peak_rss_bytes": peak_rss_bytes(),
+        "rss_before_build_bytes": before,
+        "train_tokens": len(cache.train_tokens),
+        "val_tokens": len(cache.val_tokens),
+    }
 
 
 def child_restart(corpus_dir: Path, cache_dir: Path) -> dict:
     tokenizer = load_tokenizer("gpt2")
     corpus, read_seconds = timed(lambda: read_corpus([corpus_dir]))
     cache, seconds = timed(lambda: build_token_cache(corpus, tokenizer, cache_dir, progress=False))
-    return {"built": cache.built, "read_corpus_seconds": read_seconds, "seconds": read_seconds + seconds,
-            "peak_rss_bytes": peak_rss_bytes()}
+    return {
+        "built": cache.built,
+        "read_corpus_seconds": read_seconds,
+        "seconds": read_seconds + seconds,
+        "peak_rss_bytes": peak_rss_bytes(),
+    }
 
 
 def child_baseline(corpus_dir: Path, cache_dir: Path) -> dict:
@@ -117,8 +128,9 @@ CHILDREN = {"build": child_build, "restart": child_restart, "baseline": child_ba
 
 def run_child(name: str, corpus_dir: Path, cache_dir: Path) -> dict:
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, __file__, "--child", name, str(corpus_dir), str(cache_dir)],
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, __file__, "--child", name, str(corpus_dir), str(cache_dir)], capture_output=True, text=True
+    )
     if done.returncode:
         raise SystemExit(f"the {name} process failed:\n{done.stderr}")
     result = json.loads(done.stdout.splitlines()[-1])
@@ -140,8 +152,14 @@ def epoch_order_memory(n_windows: int) -> dict:
     new_peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     _, lookup = timed(lambda: [order[i * BATCH_SIZE : (i + 1) * BATCH_SIZE] for i in range(100)])
-    return {"windows": n_windows, "old_bytes_per_window_measured": old_per_window, "old_bytes": 8 * n_windows,
-            "new_peak_bytes": new_peak, "new_lookup_seconds_per_batch": lookup / 100, "batch_size": BATCH_SIZE}
+    return {
+        "windows": n_windows,
+        "old_bytes_per_window_measured": old_per_window,
+        "old_bytes": 8 * n_windows,
+        "new_peak_bytes": new_peak,
+        "new_lookup_seconds_per_batch": lookup / 100,
+        "batch_size": BATCH_SIZE,
+    }
 
 
 def main() -> None:
@@ -180,21 +198,40 @@ def main() -> None:
     mb = corpus_bytes / 1e6
     print(f"\ndata at scale: {mb:,.0f} MB in {args.files} files (written in {write_seconds:.0f} s)")
     tokens = build["train_tokens"] + build["val_tokens"]
-    print(f"build:    {build['seconds']:.1f} s, {mb / build['seconds']:.1f} MB/s, {tokens:,} tokens; "
-          f"peak RSS {build['peak_rss_bytes'] / 2**20:,.0f} MiB "
-          f"({build['rss_before_build_bytes'] / 2**20:,.0f} MiB before building: Python, torch, the tokenizer)")
-    print(f"restart:  {restart['seconds'] * 1000:.1f} ms (read_corpus {restart['read_corpus_seconds'] * 1000:.1f} ms); "
-          f"{restart['process_seconds']:.1f} s for the whole process with imports")
-    print(f"baseline: {baseline['seconds']:.1f} s to decode and hash the corpus at every start (the previous "
-          f"read_corpus): {baseline['seconds'] / restart['seconds']:,.0f}x the restart")
-    print(f"epoch order at stride 1, context {CONTEXT_LENGTH}: {order['windows']:,} windows; np.random.permutation "
-          f"{order['old_bytes'] / 2**30:,.2f} GiB ({order['old_bytes_per_window_measured']:.2f} bytes per window "
-          f"measured) vs EpochOrder {order['new_peak_bytes'] / 1024:,.1f} KiB peak, "
-          f"{order['new_lookup_seconds_per_batch'] * 1e6:,.0f} us per batch of {BATCH_SIZE}")
-    write_report({"machine": machine_info(), "size_bytes": corpus_bytes, "files": args.files,
-                  "write_seconds": write_seconds, "build": build, "build_mb_per_s": mb / build["seconds"],
-                  "restart": restart, "baseline": baseline,
-                  "baseline_over_restart": baseline["seconds"] / restart["seconds"], "epoch_order": order}, args.out)
+    print(
+        f"build:    {build['seconds']:.1f} s, {mb / build['seconds']:.1f} MB/s, {tokens:,} tokens; "
+        f"peak RSS {build['peak_rss_bytes'] / 2**20:,.0f} MiB "
+        f"({build['rss_before_build_bytes'] / 2**20:,.0f} MiB before building: Python, torch, the tokenizer)"
+    )
+    print(
+        f"restart:  {restart['seconds'] * 1000:.1f} ms (read_corpus {restart['read_corpus_seconds'] * 1000:.1f} ms); "
+        f"{restart['process_seconds']:.1f} s for the whole process with imports"
+    )
+    print(
+        f"baseline: {baseline['seconds']:.1f} s to decode and hash the corpus at every start (the previous "
+        f"read_corpus): {baseline['seconds'] / restart['seconds']:,.0f}x the restart"
+    )
+    print(
+        f"epoch order at stride 1, context {CONTEXT_LENGTH}: {order['windows']:,} windows; np.random.permutation "
+        f"{order['old_bytes'] / 2**30:,.2f} GiB ({order['old_bytes_per_window_measured']:.2f} bytes per window "
+        f"measured) vs EpochOrder {order['new_peak_bytes'] / 1024:,.1f} KiB peak, "
+        f"{order['new_lookup_seconds_per_batch'] * 1e6:,.0f} us per batch of {BATCH_SIZE}"
+    )
+    write_report(
+        {
+            "machine": machine_info(),
+            "size_bytes": corpus_bytes,
+            "files": args.files,
+            "write_seconds": write_seconds,
+            "build": build,
+            "build_mb_per_s": mb / build["seconds"],
+            "restart": restart,
+            "baseline": baseline,
+            "baseline_over_restart": baseline["seconds"] / restart["seconds"],
+            "epoch_order": order,
+        },
+        args.out,
+    )
 
 
 if __name__ == "__main__":

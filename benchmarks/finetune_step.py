@@ -41,8 +41,13 @@ from gptlab.training.trainer import Runtime, TrainConfig, training_loss_fn
 
 BATCH_SIZE, CONTEXT = 8, 256
 LORA = LoRAConfig(rank=16, alpha=16, targets=("qkv", "out_proj", "fc", "proj"))
-CONTESTANTS = ("gptlab full", "gptlab LoRA", "gptlab LoRA bf16 base", "gptlab LoRA bf16 base compiled",
-               "transformers + PEFT LoRA")
+CONTESTANTS = (
+    "gptlab full",
+    "gptlab LoRA",
+    "gptlab LoRA bf16 base",
+    "gptlab LoRA bf16 base compiled",
+    "transformers + PEFT LoRA",
+)
 BASELINE = "transformers + PEFT LoRA"
 DEFAULT_OUT = Path(__file__).parent / "results" / "finetune_step.json"
 
@@ -55,8 +60,13 @@ def build(model_name: str, contestant: str, seed: int) -> torch.nn.Module:
     if contestant == BASELINE:
         import peft
 
-        config = peft.LoraConfig(r=LORA.rank, lora_alpha=LORA.alpha, lora_dropout=0.0, fan_in_fan_out=True,
-                                 target_modules=peft_target_modules(LORA))
+        config = peft.LoraConfig(
+            r=LORA.rank,
+            lora_alpha=LORA.alpha,
+            lora_dropout=0.0,
+            fan_in_fan_out=True,
+            target_modules=peft_target_modules(LORA),
+        )
         twin = transformers_twin(model)
         twin.hf_model = peft.get_peft_model(twin.hf_model, config)
         return twin.train()
@@ -82,8 +92,9 @@ def run_contestant(model_name: str, contestant: str, steps: int, warmup: int, se
     tokens = torch.randint(50257, (BATCH_SIZE, CONTEXT + 1), generator=torch.Generator().manual_seed(seed))
     # --compile's loss: the model and the 50257-way cross-entropy in one graph (compiled in the warm-up step)
     train_cfg = TrainConfig(max_steps=1, dtype="bfloat16", compile=contestant.endswith("compiled"))
-    step = make_train_step(model, training_loss_fn(train_cfg), train_cfg, Runtime(torch.device("cpu")),
-                           tokens[:, :-1], tokens[:, 1:])
+    step = make_train_step(
+        model, training_loss_fn(train_cfg), train_cfg, Runtime(torch.device("cpu")), tokens[:, :-1], tokens[:, 1:]
+    )
     gc.collect()
     rss_before = memory_mib("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # the high-water mark restarts from the current RSS
@@ -91,25 +102,49 @@ def run_contestant(model_name: str, contestant: str, steps: int, warmup: int, se
     for _ in range(warmup - 1):
         step()
     step_s = [timed(step)[1] for _ in range(steps)]
-    return {"step_s": step_s, "first_loss": first_loss, "rss_before_mib": rss_before,
-            "peak_rss_mib": memory_mib("VmHWM"), "trainable": trainable, "total": total}
+    return {
+        "step_s": step_s,
+        "first_loss": first_loss,
+        "rss_before_mib": rss_before,
+        "peak_rss_mib": memory_mib("VmHWM"),
+        "trainable": trainable,
+        "total": total,
+    }
 
 
 def measure(model_name: str, rounds: int, steps: int, warmup: int, seed: int, threads: int) -> dict:
     runs: dict[str, list[dict]] = {name: [] for name in CONTESTANTS}
     for round_index in range(rounds):
-        order = CONTESTANTS[round_index % len(CONTESTANTS):] + CONTESTANTS[:round_index % len(CONTESTANTS)]
+        order = CONTESTANTS[round_index % len(CONTESTANTS) :] + CONTESTANTS[: round_index % len(CONTESTANTS)]
         for contestant in order:
             child = subprocess.run(
-                [sys.executable, __file__, "--child", model_name, contestant, "--steps", str(steps), "--warmup",
-                 str(warmup), "--seed", str(seed)],
-                capture_output=True, text=True, check=True,
-                env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+                [
+                    sys.executable,
+                    __file__,
+                    "--child",
+                    model_name,
+                    contestant,
+                    "--steps",
+                    str(steps),
+                    "--warmup",
+                    str(warmup),
+                    "--seed",
+                    str(seed),
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
+                env={**os.environ, "OMP_NUM_THREADS": str(threads)},
+            )
             runs[contestant].append(json.loads(child.stdout.splitlines()[-1]))
-            print(f"  {model_name} round {round_index + 1}: {contestant}: "
-                  f"{statistics.median(runs[contestant][-1]['step_s']):.2f} s/step", flush=True)
-    per_round = {name: [statistics.median(run["step_s"]) for run in contestant_runs]
-                 for name, contestant_runs in runs.items()}
+            print(
+                f"  {model_name} round {round_index + 1}: {contestant}: "
+                f"{statistics.median(runs[contestant][-1]['step_s']):.2f} s/step",
+                flush=True,
+            )
+    per_round = {
+        name: [statistics.median(run["step_s"]) for run in contestant_runs] for name, contestant_runs in runs.items()
+    }
     results = {}
     for name, contestant_runs in runs.items():
         results[name] = {
@@ -127,15 +162,21 @@ def measure(model_name: str, rounds: int, steps: int, warmup: int, seed: int, th
 
 def print_table(report: dict) -> None:
     env = report["environment"]
-    print(f"torch {env['torch']}, transformers {env['transformers']}, {report['threads']} threads, "
-          f"{env['cpu_capability']}, load average at start {env['load_average'][0]:.1f}; batch {BATCH_SIZE} x "
-          f"context {CONTEXT}, bf16 autocast; {report['rounds']} rounds x {report['steps']} steps")
-    print(f"{'model':<12} {'contestant':<31} {'s/step':>7} {'vs PEFT':>8} {'peak RSS':>9} {'trainable':>12} "
-          f"{'first loss':>10}")
+    print(
+        f"torch {env['torch']}, transformers {env['transformers']}, {report['threads']} threads, "
+        f"{env['cpu_capability']}, load average at start {env['load_average'][0]:.1f}; batch {BATCH_SIZE} x "
+        f"context {CONTEXT}, bf16 autocast; {report['rounds']} rounds x {report['steps']} steps"
+    )
+    print(
+        f"{'model':<12} {'contestant':<31} {'s/step':>7} {'vs PEFT':>8} {'peak RSS':>9} {'trainable':>12} "
+        f"{'first loss':>10}"
+    )
     for model_name, results in report["results"].items():
         for name, row in results.items():
-            print(f"{model_name:<12} {name:<31} {row['step_s']:>7.2f} {row['speedup_over_peft']:>7.2f}x "
-                  f"{row['peak_rss_mib']:>6.0f} MiB {row['trainable']:>12,} {row['first_loss']:>10.5f}")
+            print(
+                f"{model_name:<12} {name:<31} {row['step_s']:>7.2f} {row['speedup_over_peft']:>7.2f}x "
+                f"{row['peak_rss_mib']:>6.0f} MiB {row['trainable']:>12,} {row['first_loss']:>10.5f}"
+            )
 
 
 def main() -> None:
@@ -156,12 +197,23 @@ def main() -> None:
         print(json.dumps(run_contestant(*args.child, args.steps, args.warmup, args.seed)))
         return
     environment = machine_info()
-    results = {name: measure(name, args.rounds, args.steps, args.warmup, args.seed, args.threads) for name in args.models}
-    report = {"benchmark": "finetune_step", "batch_size": BATCH_SIZE, "context_length": CONTEXT,
-              "lora": {"rank": LORA.rank, "alpha": LORA.alpha, "targets": list(LORA.targets)},
-              "step": "loss_fn under bf16 autocast, backward, clip_grad_norm_, AdamW (trainable parameters), zero_grad",
-              "rounds": args.rounds, "steps": args.steps, "warmup": args.warmup, "threads": args.threads,
-              "results": results, "environment": environment, "load_average_at_end": os.getloadavg()}
+    results = {
+        name: measure(name, args.rounds, args.steps, args.warmup, args.seed, args.threads) for name in args.models
+    }
+    report = {
+        "benchmark": "finetune_step",
+        "batch_size": BATCH_SIZE,
+        "context_length": CONTEXT,
+        "lora": {"rank": LORA.rank, "alpha": LORA.alpha, "targets": list(LORA.targets)},
+        "step": "loss_fn under bf16 autocast, backward, clip_grad_norm_, AdamW (trainable parameters), zero_grad",
+        "rounds": args.rounds,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "threads": args.threads,
+        "results": results,
+        "environment": environment,
+        "load_average_at_end": os.getloadavg(),
+    }
     print_table(report)
     write_report(report, args.out)
 

@@ -32,7 +32,9 @@ PROMPT_TOKENS = 32
 POSITIONS = (32, 256, 512, 1000)
 
 
-def build_models(seed: int = 0, hf_config: transformers.GPT2Config | None = None) -> tuple[GPTModel, transformers.GPT2LMHeadModel]:
+def build_models(
+    seed: int = 0, hf_config: transformers.GPT2Config | None = None
+) -> tuple[GPTModel, transformers.GPT2LMHeadModel]:
     """Random weights (GPT-2 124M's shape unless hf_config says otherwise), the same on both sides."""
     torch.manual_seed(seed)
     hf_config = hf_config or transformers.GPT2Config()
@@ -49,7 +51,7 @@ def build_models(seed: int = 0, hf_config: transformers.GPT2Config | None = None
 def transformers_greedy(hf_model: transformers.GPT2LMHeadModel, ids: torch.Tensor, new_tokens: int) -> list[list[int]]:
     """transformers' generate, greedy: the new ids of every row."""
     out = hf_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False)
-    return out[:, ids.shape[1]:].tolist()
+    return out[:, ids.shape[1] :].tolist()
 
 
 def throughput_rounds(models: dict, hf_model, prompt: torch.Tensor, new_tokens: int, rounds: int) -> dict:
@@ -62,8 +64,8 @@ def throughput_rounds(models: dict, hf_model, prompt: torch.Tensor, new_tokens: 
 
         jobs = {
             "transformers": lambda: transformers_greedy(hf_model, ids, new_tokens),
-            "gptlab float32": lambda: generate(models["float32"], ids, new_tokens)[:, ids.shape[1]:].tolist(),
-            "gptlab bfloat16": lambda: generate(models["bfloat16"], ids, new_tokens)[:, ids.shape[1]:].tolist(),
+            "gptlab float32": lambda: generate(models["float32"], ids, new_tokens)[:, ids.shape[1] :].tolist(),
+            "gptlab bfloat16": lambda: generate(models["bfloat16"], ids, new_tokens)[:, ids.shape[1] :].tolist(),
         }
         for round_index in range(rounds):
             order = list(jobs) if round_index % 2 == 0 else list(reversed(jobs))
@@ -109,28 +111,41 @@ def per_token_times(model: GPTModel, steps: int) -> dict:
             next_id = logits.argmax(dim=-1)
             cached.append(seconds)
         uncached = [timed(lambda: generate_uncached(model, ids, 1))[1] for _ in range(max(1, steps // 4))]
-        times[position] = {"cached_ms": 1e3 * statistics.median(cached), "uncached_ms": 1e3 * statistics.median(uncached)}
+        times[position] = {
+            "cached_ms": 1e3 * statistics.median(cached),
+            "uncached_ms": 1e3 * statistics.median(uncached),
+        }
     return times
 
 
 def print_report(report: dict) -> None:
-    print(f"GPT-2 124M shape, random weights, greedy, {PROMPT_TOKENS}-token prompt, {report['new_tokens']} new tokens; "
-          f"{report['machine']['threads']} threads, {report['rounds']} interleaved rounds (medians; spread in the JSON)")
+    print(
+        f"GPT-2 124M shape, random weights, greedy, {PROMPT_TOKENS}-token prompt, {report['new_tokens']} new tokens; "
+        f"{report['machine']['threads']} threads, {report['rounds']} interleaved rounds (medians; spread in the JSON)"
+    )
     print(f"float32 decoding layout, made once per model by the first call: {report['prepare_seconds']:.2f} s")
     print()
     print("gptlab.generate against transformers' generate:")
-    print(f"{'batch':>5}  {'transformers':>12}  {'gptlab fp32':>11}  {'ratio':>5}  {'(per round)':>17}  "
-          f"{'gptlab bf16':>11}  {'same tokens':>11}")
+    print(
+        f"{'batch':>5}  {'transformers':>12}  {'gptlab fp32':>11}  {'ratio':>5}  {'(per round)':>17}  "
+        f"{'gptlab bf16':>11}  {'same tokens':>11}"
+    )
     for batch, row in report["throughput"].items():
         rate = row["tokens_per_s"]
         spread = f"{min(row['per_round_ratio']):.2f}-{max(row['per_round_ratio']):.2f}"
-        print(f"{batch:>5}  {rate['transformers']:>12.1f}  {rate['gptlab float32']:>11.1f}  "
-              f"{row['ratio_float32_vs_transformers']:>5.2f}  {spread:>17}  {rate['gptlab bfloat16']:>11.1f}  "
-              f"{'yes' if row['same_tokens_as_transformers'] else 'NO':>11}")
+        print(
+            f"{batch:>5}  {rate['transformers']:>12.1f}  {rate['gptlab float32']:>11.1f}  "
+            f"{row['ratio_float32_vs_transformers']:>5.2f}  {spread:>17}  {rate['gptlab bfloat16']:>11.1f}  "
+            f"{'yes' if row['same_tokens_as_transformers'] else 'NO':>11}"
+        )
     print("(tokens/s)")
     print()
-    print("prefill, float32: " + ", ".join(f"batch {batch}: {rate:.0f} prompt tokens/s"
-                                         for batch, rate in report["prefill_tokens_per_s"].items()))
+    print(
+        "prefill, float32: "
+        + ", ".join(
+            f"batch {batch}: {rate:.0f} prompt tokens/s" for batch, rate in report["prefill_tokens_per_s"].items()
+        )
+    )
     print()
     print(f"{'position':>8}  {'cached ms/token':>15}  {'textbook uncached ms/token':>26}")
     for position, row in report["ms_per_token_by_position"].items():

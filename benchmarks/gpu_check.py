@@ -57,8 +57,15 @@ DEFAULT_OUT = Path(__file__).parent / "results" / "gpu_check.json"
 GPT2_124M = get_config("gpt2", tie_embeddings=True, qkv_bias=True, drop_rate=0.0)
 QUICK_MODEL = GPTConfig(vocab_size=256, context_length=64, emb_dim=64, n_heads=2, n_layers=2, drop_rate=0.0)
 # Dense bf16 tensor-core peaks from NVIDIA's datasheets (FLOP/s, without sparsity), most specific name first.
-DATASHEET_BF16 = [("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12),
-                  ("A100", 312e12), ("L40S", 362e12), ("A10G", 70e12)]
+DATASHEET_BF16 = [
+    ("H100 PCIe", 756e12),
+    ("H100 NVL", 835e12),
+    ("H100", 989e12),
+    ("H200", 989e12),
+    ("A100", 312e12),
+    ("L40S", 362e12),
+    ("A10G", 70e12),
+]
 RESUME_TOLERANCE = 1e-3  # nats; a resume bug (data order, optimizer state, schedule, RNG) moves losses by far more
 TOKENIZER = CharTokenizer("".join(chr(c) for c in range(33, 33 + 63)))  # 64 ids: a vocabulary for the checkpoints
 
@@ -90,8 +97,9 @@ def measured_matmul_peak(device: torch.device, size: int, repeats: int = 10) -> 
     return 2 * size**3 / best
 
 
-def measure_throughput(cfg: GPTConfig, device: torch.device, micro_batch: int, steps: int, warmup: int,
-                       compile_loss: bool) -> dict:
+def measure_throughput(
+    cfg: GPTConfig, device: torch.device, micro_batch: int, steps: int, warmup: int, compile_loss: bool
+) -> dict:
     """tokens/s of gptlab's training step (one micro-batch per step) after `warmup` untimed steps."""
     torch.manual_seed(0)
     if device.type == "cuda":
@@ -124,10 +132,15 @@ def measure_throughput(cfg: GPTConfig, device: torch.device, micro_batch: int, s
     losses = [step(index) for index in range(steps)]
     synchronize(device)
     elapsed = time.perf_counter() - start
-    return {"micro_batch": micro_batch, "tokens_per_s": steps * micro_batch * cfg.context_length / elapsed,
-            "step_ms": 1000 * elapsed / steps, "warmup_s": warmup_s, "first_loss": first_loss,
-            "last_loss": losses[-1].item(),
-            "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None}
+    return {
+        "micro_batch": micro_batch,
+        "tokens_per_s": steps * micro_batch * cfg.context_length / elapsed,
+        "step_ms": 1000 * elapsed / steps,
+        "warmup_s": warmup_s,
+        "first_loss": first_loss,
+        "last_loss": losses[-1].item(),
+        "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+    }
 
 
 def throughput_that_fits(cfg: GPTConfig, device: torch.device, micro_batch: int, **kwargs) -> dict:
@@ -161,10 +174,12 @@ def learnable_tokens(count: int, vocab_size: int, seed: int) -> np.ndarray:
 def stop_after(step: int):
     """A `log` for train() that sends this process SIGINT once `step` is logged: train() then finishes the
     step, saves `last` and returns, exactly as after a Ctrl-C."""
+
     def log(line: str) -> None:
         logged = re.match(r"step ([\d,]+)\S* \| loss", line)  # a training step's line, not an evaluation's
         if logged and int(logged.group(1).replace(",", "")) == step:
             signal.raise_signal(signal.SIGINT)
+
     return log
 
 
@@ -175,16 +190,36 @@ def train_losses(out_dir: Path) -> dict[int, float]:
 
 def check_resume(device: torch.device, steps: int, quick: bool) -> dict:
     """An uninterrupted train() against one stopped at steps // 2 and resumed: the same losses."""
-    cfg = GPTConfig(vocab_size=TOKENIZER.vocab_size, context_length=32 if quick else 128, emb_dim=64 if quick else 256,
-                    n_heads=2 if quick else 4, n_layers=2 if quick else 4, drop_rate=0.1)
+    cfg = GPTConfig(
+        vocab_size=TOKENIZER.vocab_size,
+        context_length=32 if quick else 128,
+        emb_dim=64 if quick else 256,
+        n_heads=2 if quick else 4,
+        n_layers=2 if quick else 4,
+        drop_rate=0.1,
+    )
     tokens = learnable_tokens(4_000 if quick else 200_000, cfg.vocab_size, seed=0)
     split = int(0.9 * len(tokens))
     data = TrainingData(tokens[:split], tokens[split:], val_bytes=len(tokens) - split)
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as folder:
+
         def settings(name: str) -> TrainConfig:
-            return TrainConfig(out=str(Path(folder) / name), batch_size=8, micro_batch_size=4, stride=None, lr=3e-3,
-                               warmup_steps=2, max_steps=steps, eval_interval=steps, log_interval=1, sample_tokens=0,
-                               dtype="bfloat16", device=str(device), progress=False, seed=7)
+            return TrainConfig(
+                out=str(Path(folder) / name),
+                batch_size=8,
+                micro_batch_size=4,
+                stride=None,
+                lr=3e-3,
+                warmup_steps=2,
+                max_steps=steps,
+                eval_interval=steps,
+                log_interval=1,
+                sample_tokens=0,
+                dtype="bfloat16",
+                device=str(device),
+                progress=False,
+                seed=7,
+            )
 
         train(cfg, settings("whole"), TOKENIZER, data, log=lambda line: None)
         first = train(cfg, settings("split"), TOKENIZER, data, log=stop_after(steps // 2))
@@ -194,11 +229,17 @@ def check_resume(device: torch.device, steps: int, quick: bool) -> dict:
     max_diff = max(abs(whole[s] - split_run[s]) for s in whole) if same_steps else float("inf")
     interrupted = first.stopped_by == "interrupt" and first.state.step == steps // 2 and second.state.step == steps
     tolerance = 0.0 if device.type == "cpu" else RESUME_TOLERANCE
-    return {"steps": steps, "interrupted_at": first.state.step, "stopped_by": first.stopped_by,
-            "losses_whole": [whole[s] for s in sorted(whole)],
-            "losses_resumed": [split_run[s] for s in sorted(split_run)],
-            "max_abs_diff": max_diff, "exact": max_diff == 0.0, "tolerance": tolerance,
-            "passed": interrupted and max_diff <= tolerance}
+    return {
+        "steps": steps,
+        "interrupted_at": first.state.step,
+        "stopped_by": first.stopped_by,
+        "losses_whole": [whole[s] for s in sorted(whole)],
+        "losses_resumed": [split_run[s] for s in sorted(split_run)],
+        "max_abs_diff": max_diff,
+        "exact": max_diff == 0.0,
+        "tolerance": tolerance,
+        "passed": interrupted and max_diff <= tolerance,
+    }
 
 
 @contextmanager
@@ -222,42 +263,63 @@ def check_generation(device: torch.device, new_tokens: int) -> dict:
     with full_fp32_matmuls():
         device_ids = generate(model.to(device), prompts.to(device), new_tokens).cpu()
     differs = (cpu_ids != device_ids).nonzero()
-    result = {"rows": len(prompts), "new_tokens": new_tokens, "context_length": cfg.context_length,
-              "equal": not len(differs), "passed": not len(differs)}
+    result = {
+        "rows": len(prompts),
+        "new_tokens": new_tokens,
+        "context_length": cfg.context_length,
+        "equal": not len(differs),
+        "passed": not len(differs),
+    }
     if len(differs):
         row, position = differs[0].tolist()
         with torch.no_grad():  # a near tie in the CPU's logits there would explain the difference
-            logits = model.cpu()(cpu_ids[row:row + 1, max(0, position - cfg.context_length):position])[0, -1]
+            logits = model.cpu()(cpu_ids[row : row + 1, max(0, position - cfg.context_length) : position])[0, -1]
         top = logits.topk(2).values
         result.update(first_difference={"row": row, "position": position, "cpu_top2_gap": (top[0] - top[1]).item()})
     return result
 
 
 def environment(device: torch.device, name: str) -> dict:
-    return {"torch": torch.__version__, "device": name, "cuda": torch.version.cuda,
-            "capability": torch.cuda.get_device_capability(device) if device.type == "cuda" else None,
-            "threads": torch.get_num_threads()}
+    return {
+        "torch": torch.__version__,
+        "device": name,
+        "cuda": torch.version.cuda,
+        "capability": torch.cuda.get_device_capability(device) if device.type == "cuda" else None,
+        "threads": torch.get_num_threads(),
+    }
 
 
 def print_table(report: dict) -> None:
     run, env = report["throughput"], report["environment"]
-    print(f"\n{report['model']} training on {env['device']} (torch {env['torch']}): micro-batch {run['micro_batch']} x "
-          f"{report['model_config']['context_length']}, bf16 autocast, {'compiled' if report['compile'] else 'eager'}, "
-          f"fused AdamW")
-    print(f"  {'tokens/s':<26}{run['tokens_per_s']:>12,.0f}   ({run['step_ms']:.1f} ms/step, "
-          f"warm-up {run['warmup_s']:.0f} s)")
-    print(f"  {'MFU vs measured peak':<26}{run['mfu_measured']:>12.1%}   (bf16 {report['matmul_size']}^3 matmul: "
-          f"{report['measured_peak_flops'] / 1e12:,.1f} TFLOP/s)")
+    print(
+        f"\n{report['model']} training on {env['device']} (torch {env['torch']}): micro-batch {run['micro_batch']} x "
+        f"{report['model_config']['context_length']}, bf16 autocast, {'compiled' if report['compile'] else 'eager'}, "
+        f"fused AdamW"
+    )
+    print(
+        f"  {'tokens/s':<26}{run['tokens_per_s']:>12,.0f}   ({run['step_ms']:.1f} ms/step, "
+        f"warm-up {run['warmup_s']:.0f} s)"
+    )
+    print(
+        f"  {'MFU vs measured peak':<26}{run['mfu_measured']:>12.1%}   (bf16 {report['matmul_size']}^3 matmul: "
+        f"{report['measured_peak_flops'] / 1e12:,.1f} TFLOP/s)"
+    )
     if report["datasheet_peak_flops"]:
-        print(f"  {'MFU vs datasheet peak':<26}{run['mfu_datasheet']:>12.1%}   "
-              f"({report['datasheet_peak_flops'] / 1e12:,.0f} TFLOP/s dense bf16)")
+        print(
+            f"  {'MFU vs datasheet peak':<26}{run['mfu_datasheet']:>12.1%}   "
+            f"({report['datasheet_peak_flops'] / 1e12:,.0f} TFLOP/s dense bf16)"
+        )
     resume, gen = report["resume"], report["generation"]
     verdict = {True: "pass", False: "FAIL"}
-    print(f"  {'resume on ' + report['device']:<26}{verdict[resume['passed']]:>12}   ({resume['steps']} steps, "
-          f"stopped at {resume['interrupted_at']}, max |loss diff| {resume['max_abs_diff']:.2e}, "
-          f"{'exact' if resume['exact'] else 'not exact'})")
-    print(f"  {'greedy generation':<26}{verdict[gen['passed']]:>12}   ({gen['rows']} x {gen['new_tokens']} tokens, "
-          f"{report['device']} vs cpu{'' if gen['equal'] else ': ' + json.dumps(gen['first_difference'])})")
+    print(
+        f"  {'resume on ' + report['device']:<26}{verdict[resume['passed']]:>12}   ({resume['steps']} steps, "
+        f"stopped at {resume['interrupted_at']}, max |loss diff| {resume['max_abs_diff']:.2e}, "
+        f"{'exact' if resume['exact'] else 'not exact'})"
+    )
+    print(
+        f"  {'greedy generation':<26}{verdict[gen['passed']]:>12}   ({gen['rows']} x {gen['new_tokens']} tokens, "
+        f"{report['device']} vs cpu{'' if gen['equal'] else ': ' + json.dumps(gen['first_difference'])})"
+    )
 
 
 def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
@@ -266,8 +328,11 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, help="timed training steps (default 100; 3 with --quick)")
     parser.add_argument("--micro-batch", type=int, help="sequences per step (default 64: 35 GiB; 4 with --quick)")
     parser.add_argument("--quick", action="store_true", help="tiny shapes, for a CPU test of the script")
-    parser.add_argument("--vocab-size", type=int, help="GPT-2's 50257 by default; nanoGPT pads it to 50304, a "
-                        "multiple of 64, for faster output-head matmuls")
+    parser.add_argument(
+        "--vocab-size",
+        type=int,
+        help="GPT-2's 50257 by default; nanoGPT pads it to 50304, a multiple of 64, for faster output-head matmuls",
+    )
     parser.add_argument("--no-compile", dest="compile", action="store_false", help="eager training step")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON results (default {DEFAULT_OUT})")
     args = parser.parse_args(argv)
@@ -299,8 +364,9 @@ def main(argv: list[str] | None = None) -> int:
         probe = GPTModel(model_cfg)
     model_flops = flops_per_token(probe)
     peak = measured_matmul_peak(device, matmul_size)
-    throughput = throughput_that_fits(model_cfg, device, micro_batch, steps=steps, warmup=2 if args.quick else 5,
-                                      compile_loss=args.compile)
+    throughput = throughput_that_fits(
+        model_cfg, device, micro_batch, steps=steps, warmup=2 if args.quick else 5, compile_loss=args.compile
+    )
     peak = max(peak, measured_matmul_peak(device, matmul_size))  # the better of before and after: clocks vary
     throughput["mfu_measured"] = throughput["tokens_per_s"] * model_flops / peak
     throughput["mfu_datasheet"] = throughput["tokens_per_s"] * model_flops / datasheet if datasheet else None
@@ -308,12 +374,23 @@ def main(argv: list[str] | None = None) -> int:
     generation = check_generation(device, new_tokens=80 if args.quick else 200)
 
     report = {
-        "benchmark": "gpu_check", "device": device.type, "model": "tiny (--quick)" if args.quick else "GPT-2 124M",
-        "model_config": model_cfg.to_dict(), "compile": args.compile, "timed_steps": steps,
-        "flops_formula": FLOPS_FORMULA, "matmul_weights": matmul_weights(probe),
-        "flops_per_token": model_flops, "matmul_size": matmul_size, "measured_peak_flops": peak,
-        "datasheet_peak_flops": datasheet, "throughput": throughput, "resume": resume, "generation": generation,
-        "passed": resume["passed"] and generation["passed"], "environment": environment(device, name),
+        "benchmark": "gpu_check",
+        "device": device.type,
+        "model": "tiny (--quick)" if args.quick else "GPT-2 124M",
+        "model_config": model_cfg.to_dict(),
+        "compile": args.compile,
+        "timed_steps": steps,
+        "flops_formula": FLOPS_FORMULA,
+        "matmul_weights": matmul_weights(probe),
+        "flops_per_token": model_flops,
+        "matmul_size": matmul_size,
+        "measured_peak_flops": peak,
+        "datasheet_peak_flops": datasheet,
+        "throughput": throughput,
+        "resume": resume,
+        "generation": generation,
+        "passed": resume["passed"] and generation["passed"],
+        "environment": environment(device, name),
     }
     print_table(report)
     write_report(report, args.out)

@@ -25,7 +25,9 @@ from gptlab.inference.decoder import DecoderSettings
 from gptlab.inference.generate import GenerationOptions, generate_ids
 
 PROMPT_TOKENS = 32
-TINY = transformers.GPT2Config(vocab_size=1024, n_positions=256, n_embd=64, n_layer=2, n_head=2, bos_token_id=0, eos_token_id=0)
+TINY = transformers.GPT2Config(
+    vocab_size=1024, n_positions=256, n_embd=64, n_layer=2, n_head=2, bos_token_id=0, eos_token_id=0
+)
 
 
 def agreeing_tokens(ours: list[list[int]], theirs: list[list[int]]) -> int:
@@ -56,13 +58,15 @@ def measure(device: torch.device, dtype: torch.dtype, shape: str, new_tokens: in
         jobs = {
             "transformers": lambda: transformers_greedy(hf_model, ids, new_tokens),
             "gptlab eager": lambda: generate_ids(model, ids.tolist(), greedy),
-            "gptlab compiled": lambda: generate_ids(model, ids.tolist(), greedy, settings=DecoderSettings(compile=True)),
+            "gptlab compiled": lambda: generate_ids(
+                model, ids.tolist(), greedy, settings=DecoderSettings(compile=True)
+            ),
         }
         first_seconds = {name: timed(lambda: synced(job))[1] for name, job in jobs.items()}
         runs = {name: [] for name in jobs}
         outputs = {}
         for round_index in range(rounds):
-            for name in (list(jobs) if round_index % 2 == 0 else list(reversed(jobs))):
+            for name in list(jobs) if round_index % 2 == 0 else list(reversed(jobs)):
                 outputs[name], seconds = timed(lambda: synced(jobs[name]))
                 runs[name].append(batch * new_tokens / seconds)
         median = {name: statistics.median(rates) for name, rates in runs.items()}
@@ -73,27 +77,37 @@ def measure(device: torch.device, dtype: torch.dtype, shape: str, new_tokens: in
             "ratio_eager_vs_transformers": median["gptlab eager"] / median["transformers"],
             "ratio_compiled_vs_transformers": median["gptlab compiled"] / median["transformers"],
             "ratio_compiled_vs_eager": median["gptlab compiled"] / median["gptlab eager"],
-            "tokens_agreeing_with_transformers": {name: agreeing_tokens(outputs[name], outputs["transformers"])
-                                                  for name in ("gptlab eager", "gptlab compiled")},
+            "tokens_agreeing_with_transformers": {
+                name: agreeing_tokens(outputs[name], outputs["transformers"])
+                for name in ("gptlab eager", "gptlab compiled")
+            },
             "compiled_equals_eager": outputs["gptlab compiled"] == outputs["gptlab eager"],
         }
     return results
 
 
 def print_report(report: dict) -> None:
-    print(f"{report['device_name']}, {report['shape']} shape, {report['dtype']}, random weights, greedy, "
-          f"{PROMPT_TOKENS}-token prompt, {report['new_tokens']} new tokens, {report['rounds']} interleaved rounds (medians)")
-    print(f"{'batch':>5}  {'transformers':>12}  {'gptlab eager':>12}  {'ratio':>5}  {'gptlab compiled':>15}  {'ratio':>5}  "
-          f"{'compile+1st run':>15}  {'same tokens (eager/compiled)':>28}")
+    print(
+        f"{report['device_name']}, {report['shape']} shape, {report['dtype']}, random weights, greedy, "
+        f"{PROMPT_TOKENS}-token prompt, {report['new_tokens']} new tokens, {report['rounds']} interleaved rounds (medians)"
+    )
+    print(
+        f"{'batch':>5}  {'transformers':>12}  {'gptlab eager':>12}  {'ratio':>5}  {'gptlab compiled':>15}  {'ratio':>5}  "
+        f"{'compile+1st run':>15}  {'same tokens (eager/compiled)':>28}"
+    )
     for batch, row in report["results"].items():
         rate = row["tokens_per_s"]
         agree = row["tokens_agreeing_with_transformers"]
-        same = "/".join("yes" if agree[name] == report["new_tokens"] else f"first {agree[name]}"
-                        for name in ("gptlab eager", "gptlab compiled"))
-        print(f"{batch:>5}  {rate['transformers']:>12.1f}  {rate['gptlab eager']:>12.1f}  "
-              f"{row['ratio_eager_vs_transformers']:>5.2f}  {rate['gptlab compiled']:>15.1f}  "
-              f"{row['ratio_compiled_vs_transformers']:>5.2f}  {row['first_run_seconds']['gptlab compiled']:>13.1f} s  "
-              f"{same:>28}")
+        same = "/".join(
+            "yes" if agree[name] == report["new_tokens"] else f"first {agree[name]}"
+            for name in ("gptlab eager", "gptlab compiled")
+        )
+        print(
+            f"{batch:>5}  {rate['transformers']:>12.1f}  {rate['gptlab eager']:>12.1f}  "
+            f"{row['ratio_eager_vs_transformers']:>5.2f}  {rate['gptlab compiled']:>15.1f}  "
+            f"{row['ratio_compiled_vs_transformers']:>5.2f}  {row['first_run_seconds']['gptlab compiled']:>13.1f} s  "
+            f"{same:>28}"
+        )
     print("(tokens/s; ratios against transformers' generate on the same device)")
 
 

@@ -70,8 +70,11 @@ BANDWIDTH_BYTES = 512 * 2**20  # 16x this machine's 32 MB L3
 TARGET = 0.7
 CONTEXT_GRANULE = 256  # llama.cpp rounds each sequence's context up to a multiple of this
 # precision → (gptlab contestant, llama.cpp contestant at the same precision)
-PAIRS = {"fp32": ("gptlab fp32", "llama.cpp f32"), "bf16": ("gptlab bf16", "llama.cpp bf16"),
-         "int8": ("gptlab int8", "llama.cpp q8_0")}
+PAIRS = {
+    "fp32": ("gptlab fp32", "llama.cpp f32"),
+    "bf16": ("gptlab bf16", "llama.cpp bf16"),
+    "int8": ("gptlab int8", "llama.cpp q8_0"),
+}
 GGUF_TYPES = {"llama.cpp f32": "f32", "llama.cpp bf16": "bf16", "llama.cpp q8_0": "q8_0"}
 BATCH8 = ("gptlab fp32", "gptlab bf16", "gptlab int8", *GGUF_TYPES, "transformers fp32")
 
@@ -86,6 +89,7 @@ def gptlab_decode(model: GPTModel, settings: DecoderSettings) -> DecodeRun:
         start = time.perf_counter()
         columns += [[token.id for token in tokens] for tokens in steps]
         return [list(row) for row in zip(*columns)], time.perf_counter() - start
+
     return run
 
 
@@ -105,14 +109,21 @@ def transformers_decode(hf_model: transformers.GPT2LMHeadModel) -> DecodeRun:
         ids = torch.tensor(prompts)  # (B, T)
         clock = FirstScoresClock()
         with torch.inference_mode():
-            out = hf_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False,
-                                    logits_processor=transformers.LogitsProcessorList([clock]))
-        return out[:, ids.shape[1]:].tolist(), time.perf_counter() - clock.time
+            out = hf_model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=new_tokens,
+                do_sample=False,
+                logits_processor=transformers.LogitsProcessorList([clock]),
+            )
+        return out[:, ids.shape[1] :].tolist(), time.perf_counter() - clock.time
+
     return run
 
 
 def llama_cpp_decode(llm: llama_cpp.Llama) -> DecodeRun:
     """Batch 1 through the binding's own loop: Llama.generate evaluates each token and samples the next."""
+
     def run(prompts, new_tokens):
         (prompt,) = prompts
         llm.reset()  # otherwise generate reuses the cached prompt
@@ -123,6 +134,7 @@ def llama_cpp_decode(llm: llama_cpp.Llama) -> DecodeRun:
         seconds = time.perf_counter() - start
         stream.close()
         return [ids], seconds
+
     return run
 
 
@@ -175,6 +187,7 @@ def llama_cpp_prefill(llm: llama_cpp.Llama) -> Callable[[list[int]], float]:
     def run(prompt):
         llm.reset()
         return timed(lambda: llm.eval(prompt))[1]  # one llama_decode: n_batch covers the prompt
+
     return run
 
 
@@ -238,12 +251,15 @@ def time_decoding(decoders: dict[str, dict[int, DecodeRun]], prompt: list[int], 
         def job(name: str, batch: int = batch, prompts: list = prompts) -> tuple[float, list[list[int]]]:
             ids, seconds = decoders[name][batch](prompts, new_tokens)
             return batch * (new_tokens - 1) / seconds, ids
+
         rates, outputs = interleaved({name: functools.partial(job, name) for name in names}, rounds)
         reference = outputs["gptlab fp32"][0]
         results[batch] = {
             "tokens_per_s": {name: statistics.median(values) for name, values in rates.items()},
             "per_round_tokens_per_s": rates,
-            "tokens_agreeing_with_gptlab_fp32": {name: agreeing_prefix(ids[0], reference) for name, ids in outputs.items()},
+            "tokens_agreeing_with_gptlab_fp32": {
+                name: agreeing_prefix(ids[0], reference) for name, ids in outputs.items()
+            },
             "rows_all_equal": {name: all(row == ids[0] for row in ids) for name, ids in outputs.items()},
         }
     return results
@@ -259,26 +275,35 @@ def time_prefill(prefillers: dict[str, Callable[[list[int]], float]], vocab_size
 
         def job(name: str, prompt: list[int] = prompt) -> tuple[float, None]:
             return len(prompt) / prefillers[name](prompt), None
+
         rates, _ = interleaved({name: functools.partial(job, name) for name in prefillers}, rounds)
-        results[length] = {"tokens_per_s": {name: statistics.median(values) for name, values in rates.items()},
-                           "per_round_tokens_per_s": rates}
+        results[length] = {
+            "tokens_per_s": {name: statistics.median(values) for name, values in rates.items()},
+            "per_round_tokens_per_s": rates,
+        }
     return results
 
 
 def measure(new_tokens: int, rounds: int, prefill_rounds: int) -> dict:
     """Every contestant on the same weights: decode and prefill rates, weight bytes, bandwidth before and after."""
     model, hf_model = build_models()
-    prompt = torch.randint(0, model.cfg.vocab_size, (PROMPT_TOKENS,), generator=torch.Generator().manual_seed(1)).tolist()
+    prompt = torch.randint(
+        0, model.cfg.vocab_size, (PROMPT_TOKENS,), generator=torch.Generator().manual_seed(1)
+    ).tolist()
     gptlab_models = {
         "gptlab fp32": (model, DecoderSettings()),
         "gptlab bf16": (model, DecoderSettings(dtype=torch.bfloat16)),
         "gptlab int8": (quantize_model(model, "int8"), DecoderSettings()),
         "gptlab int4": (quantize_model(model, "int4"), DecoderSettings()),
     }
-    weight_bytes = {name: torch_weight_bytes(prepared_model(m, settings.dtype)) for name, (m, settings) in gptlab_models.items()}
+    weight_bytes = {
+        name: torch_weight_bytes(prepared_model(m, settings.dtype)) for name, (m, settings) in gptlab_models.items()
+    }
     weight_bytes["transformers fp32"] = torch_weight_bytes(hf_model)
     bandwidth = [memory_bandwidth()]
-    decoders = {name: dict.fromkeys((1, 8), gptlab_decode(m, settings)) for name, (m, settings) in gptlab_models.items()}
+    decoders = {
+        name: dict.fromkeys((1, 8), gptlab_decode(m, settings)) for name, (m, settings) in gptlab_models.items()
+    }
     prefillers = {name: gptlab_prefill(m, settings) for name, (m, settings) in gptlab_models.items()}
     threads = torch.get_num_threads()  # llama.cpp's too: its batch default is every CPU
     with tempfile.TemporaryDirectory() as folder:
@@ -286,8 +311,16 @@ def measure(new_tokens: int, rounds: int, prefill_rounds: int) -> dict:
             path = Path(folder) / f"gpt2-{outtype}.gguf"
             export_gguf(model, load_tokenizer("gpt2"), path, outtype=outtype)
             weight_bytes[name] = gguf_weight_bytes(path)
-            llm = llama_cpp.Llama(str(path), n_threads=threads, n_threads_batch=threads, n_ctx=model.cfg.context_length,
-                                  n_batch=max(PREFILL_LENGTHS), n_ubatch=max(PREFILL_LENGTHS), verbose=False, logits_all=False)
+            llm = llama_cpp.Llama(
+                str(path),
+                n_threads=threads,
+                n_threads_batch=threads,
+                n_ctx=model.cfg.context_length,
+                n_batch=max(PREFILL_LENGTHS),
+                n_ubatch=max(PREFILL_LENGTHS),
+                verbose=False,
+                logits_all=False,
+            )
             decoders[name] = {1: llama_cpp_decode(llm), 8: LlamaCppRows(llm, 8, PROMPT_TOKENS + new_tokens).run}
             prefillers[name] = llama_cpp_prefill(llm)
         decoders["transformers fp32"] = dict.fromkeys((1, 8), transformers_decode(hf_model))
@@ -302,8 +335,9 @@ def add_comparisons(report: dict) -> None:
     best = max(max(sample.values()) for sample in report["bandwidth"])
     report["bandwidth_GBps"] = best
     rates = report["decode"][1]["tokens_per_s"]
-    report["roofline_share"] = {name: rate * report["weight_bytes_per_token"][name] / (best * 1e9)
-                                for name, rate in rates.items()}
+    report["roofline_share"] = {
+        name: rate * report["weight_bytes_per_token"][name] / (best * 1e9) for name, rate in rates.items()
+    }
     report["ratio_vs_llama_cpp"] = {}
     for precision, (ours, theirs) in PAIRS.items():
         ratio = rates[ours] / rates[theirs]
@@ -312,33 +346,47 @@ def add_comparisons(report: dict) -> None:
 
 def print_report(report: dict) -> None:
     machine = report["machine"]
-    print(f"GPT-2 124M shape, random weights, greedy, {PROMPT_TOKENS}-token prompt, {report['new_tokens']} new tokens; "
-          f"{machine['threads']} threads, {report['rounds']} interleaved rounds (medians; every round in the JSON); "
-          f"load average {machine['load_average'][0]:.1f} before, {report['load_average_after'][0]:.1f} after")
+    print(
+        f"GPT-2 124M shape, random weights, greedy, {PROMPT_TOKENS}-token prompt, {report['new_tokens']} new tokens; "
+        f"{machine['threads']} threads, {report['rounds']} interleaved rounds (medians; every round in the JSON); "
+        f"load average {machine['load_average'][0]:.1f} before, {report['load_average_after'][0]:.1f} after"
+    )
     reads = ", ".join(f"{sample['read_GBps']:.1f}" for sample in report["bandwidth"])
     copies = ", ".join(f"{sample['copy_GBps']:.1f}" for sample in report["bandwidth"])
-    print(f"memory bandwidth: {report['bandwidth_GBps']:.1f} GB/s, the best of reads ({reads}) and copies ({copies}) "
-          "before and after the contest")
+    print(
+        f"memory bandwidth: {report['bandwidth_GBps']:.1f} GB/s, the best of reads ({reads}) and copies ({copies}) "
+        "before and after the contest"
+    )
     print()
     decode, weights, share = report["decode"], report["weight_bytes_per_token"], report["roofline_share"]
-    print("decode, batch 1 (tokens/s; roofline share = tokens/s x weight MB per token / bandwidth; the weights counted\n"
-          "are the 48 linear layers and the head as each stores them, with biases and LayerNorms, not the embedding lookups)")
-    print(f"{'precision':<9} {'gptlab':>8} {'MB/tok':>7} {'roofline':>8}   {'llama.cpp':>9} {'MB/tok':>7} {'roofline':>8}"
-          f"   {'ratio':>5}  target {TARGET}")
+    print(
+        "decode, batch 1 (tokens/s; roofline share = tokens/s x weight MB per token / bandwidth; the weights counted\n"
+        "are the 48 linear layers and the head as each stores them, with biases and LayerNorms, not the embedding lookups)"
+    )
+    print(
+        f"{'precision':<9} {'gptlab':>8} {'MB/tok':>7} {'roofline':>8}   {'llama.cpp':>9} {'MB/tok':>7} {'roofline':>8}"
+        f"   {'ratio':>5}  target {TARGET}"
+    )
     for precision, (ours, theirs) in PAIRS.items():
         ratio = report["ratio_vs_llama_cpp"][precision]
-        print(f"{precision:<9} {decode[1]['tokens_per_s'][ours]:>8.1f} {weights[ours] / 1e6:>7.0f} {share[ours]:>8.0%}   "
-              f"{decode[1]['tokens_per_s'][theirs]:>9.1f} {weights[theirs] / 1e6:>7.0f} {share[theirs]:>8.0%}   "
-              f"{ratio['ratio']:>5.2f}  {'PASS' if ratio['pass'] else 'MISS'}")
+        print(
+            f"{precision:<9} {decode[1]['tokens_per_s'][ours]:>8.1f} {weights[ours] / 1e6:>7.0f} {share[ours]:>8.0%}   "
+            f"{decode[1]['tokens_per_s'][theirs]:>9.1f} {weights[theirs] / 1e6:>7.0f} {share[theirs]:>8.0%}   "
+            f"{ratio['ratio']:>5.2f}  {'PASS' if ratio['pass'] else 'MISS'}"
+        )
     for name in ("gptlab int4", "transformers fp32"):
-        print(f"{name:<18} {decode[1]['tokens_per_s'][name]:>8.1f} tokens/s, {weights[name] / 1e6:.0f} MB/token, "
-              f"roofline {share[name]:.0%}")
+        print(
+            f"{name:<18} {decode[1]['tokens_per_s'][name]:>8.1f} tokens/s, {weights[name] / 1e6:.0f} MB/token, "
+            f"roofline {share[name]:.0%}"
+        )
     print()
     print(f"{'contestant':<18} {'batch 1':>8} {'batch 8':>8}  greedy tokens equal to gptlab fp32's (batch 1)")
     for name, rate in decode[1]["tokens_per_s"].items():
         rate8 = decode[8]["tokens_per_s"].get(name)
-        print(f"{name:<18} {rate:>8.1f} {f'{rate8:.1f}' if rate8 else '-':>8}  "
-              f"first {decode[1]['tokens_agreeing_with_gptlab_fp32'][name]} of {report['new_tokens']}")
+        print(
+            f"{name:<18} {rate:>8.1f} {f'{rate8:.1f}' if rate8 else '-':>8}  "
+            f"first {decode[1]['tokens_agreeing_with_gptlab_fp32'][name]} of {report['new_tokens']}"
+        )
     print("(decode tokens/s; llama.cpp at batch 8: 8 sequences in one llama_batch through the C API)")
     print()
     print("prefill, batch 1 (prompt tokens/s):")
@@ -359,8 +407,12 @@ def main() -> None:
     new_tokens = 32 if args.quick else 128
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    report = {"machine": {**machine_info(), "llama_cpp_python": llama_cpp.__version__}, "new_tokens": new_tokens,
-              "rounds": args.rounds, **measure(new_tokens, args.rounds, 2 * args.rounds)}
+    report = {
+        "machine": {**machine_info(), "llama_cpp_python": llama_cpp.__version__},
+        "new_tokens": new_tokens,
+        "rounds": args.rounds,
+        **measure(new_tokens, args.rounds, 2 * args.rounds),
+    }
     add_comparisons(report)
     report["seconds"] = time.perf_counter() - start
     report["load_average_after"] = os.getloadavg()

@@ -180,31 +180,47 @@ def time_decoding(rounds: int) -> dict:
                 generate_ids(model, prompts, options, settings=settings)
                 rates[name].append(batch * DECODE_NEW_TOKENS / (time.perf_counter() - start))
         median = {name: statistics.median(values) for name, values in rates.items()}
-        results[batch] = {"tokens_per_s": median, "per_round_tokens_per_s": rates,
-                          "ratio_vs_fp32": {name: rate / median[BASELINE] for name, rate in median.items()}}
+        results[batch] = {
+            "tokens_per_s": median,
+            "per_round_tokens_per_s": rates,
+            "ratio_vs_fp32": {name: rate / median[BASELINE] for name, rate in median.items()},
+        }
     return results
 
 
 def print_decoding(decoding: dict) -> None:
-    print(f"decoding, GPT-2 124M shape, greedy, {DECODE_PROMPT_TOKENS}-token prompt, {DECODE_NEW_TOKENS} new tokens "
-          "(tokens/s, prefill included; speed-up vs fp32):")
+    print(
+        f"decoding, GPT-2 124M shape, greedy, {DECODE_PROMPT_TOKENS}-token prompt, {DECODE_NEW_TOKENS} new tokens "
+        "(tokens/s, prefill included; speed-up vs fp32):"
+    )
     for batch in (1, 8):
         row = decoding[batch]
-        print(f"  batch {batch}: " + "   ".join(f"{name} {rate:.1f} ({row['ratio_vs_fp32'][name]:.2f}x)"
-                                            for name, rate in row["tokens_per_s"].items()))
-    print("  quantize_model took " + ", ".join(f"{mode} {seconds:.1f} s" for mode, seconds in decoding["quantize_seconds"].items()))
+        print(
+            f"  batch {batch}: "
+            + "   ".join(
+                f"{name} {rate:.1f} ({row['ratio_vs_fp32'][name]:.2f}x)" for name, rate in row["tokens_per_s"].items()
+            )
+        )
+    print(
+        "  quantize_model took "
+        + ", ".join(f"{mode} {seconds:.1f} s" for mode, seconds in decoding["quantize_seconds"].items())
+    )
 
 
 def print_table(report: dict) -> None:
     names = list(KERNELS)
-    print(f"ms per call (median of {report['rounds']}, weight evicted from the cache before each) and "
-          f"speed-up vs fp32 F.linear [out,in]; {report['machine']['threads']} threads")
+    print(
+        f"ms per call (median of {report['rounds']}, weight evicted from the cache before each) and "
+        f"speed-up vs fp32 F.linear [out,in]; {report['machine']['threads']} threads"
+    )
     print(f"{'shape':<22}{'rows':>5}" + "".join(f"{name:>17}" for name in names))
     for shape, by_rows in report["shapes"].items():
         in_features, out_features, _ = SHAPES[shape]
         for n_rows, row in by_rows.items():
-            cells = "".join(f"{row['ms'][name]:>9.3f} {row['ratio_vs_fp32'][name]:>5.2f}x" if name in row["ms"]
-                            else f"{'-':>16}" for name in names)
+            cells = "".join(
+                f"{row['ms'][name]:>9.3f} {row['ratio_vs_fp32'][name]:>5.2f}x" if name in row["ms"] else f"{'-':>16}"
+                for name in names
+            )
             print(f"{shape} {in_features}->{out_features:<10}"[:22].ljust(22) + f"{n_rows:>5}" + cells)
     print()
     print("fastest quantized kernel per shape and row count:")
@@ -213,8 +229,10 @@ def print_table(report: dict) -> None:
             for bits in (8, 4):
                 candidates = [name for name in row["ms"] if KERNELS[name][0] == bits]
                 best = min(candidates, key=row["ms"].get)
-                print(f"  {shape:<9} rows {n_rows:>3}  int{bits}: {best:<16} {row['ratio_vs_fp32'][best]:.2f}x fp32, "
-                      f"{row['ms']['bf16'] / row['ms'][best]:.2f}x bf16")
+                print(
+                    f"  {shape:<9} rows {n_rows:>3}  int{bits}: {best:<16} {row['ratio_vs_fp32'][best]:.2f}x fp32, "
+                    f"{row['ms']['bf16'] / row['ms'][best]:.2f}x bf16"
+                )
 
 
 def main() -> None:
@@ -223,14 +241,23 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--decode-rounds", type=int, default=2)
     parser.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES))
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
-                        help="torch threads (1 on a shared machine: a second thread waits whenever another process holds a core)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=torch.get_num_threads(),
+        help="torch threads (1 on a shared machine: a second thread waits whenever another process holds a core)",
+    )
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "quantize_kernels.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    report = {"machine": machine_info(), "rounds": args.rounds, "evict_bytes": EVICT_BYTES, "baseline": BASELINE,
-              "shapes": {shape: time_shape(*SHAPES[shape], args.rows, args.rounds) for shape in args.shapes}}
+    report = {
+        "machine": machine_info(),
+        "rounds": args.rounds,
+        "evict_bytes": EVICT_BYTES,
+        "baseline": BASELINE,
+        "shapes": {shape: time_shape(*SHAPES[shape], args.rows, args.rounds) for shape in args.shapes},
+    }
     print_table(report)
     report["decoding"] = time_decoding(args.decode_rounds)
     print()

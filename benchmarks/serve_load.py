@@ -50,8 +50,14 @@ def stream_request(url: str, prompt: list[int], eot_id: int) -> dict:
     """One streamed completion: when each chunk arrived, and the completion tokens the server counted."""
     address = urlparse(url)
     connection = http.client.HTTPConnection(address.hostname, address.port, timeout=600)
-    body = {"prompt": prompt, "max_tokens": NEW_TOKENS, "temperature": 0, "stream": True,
-            "stream_options": {"include_usage": True}, "logit_bias": {str(eot_id): -100}}
+    body = {
+        "prompt": prompt,
+        "max_tokens": NEW_TOKENS,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "logit_bias": {str(eot_id): -100},
+    }
     start = time.perf_counter()
     connection.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
     response = connection.getresponse()
@@ -92,10 +98,19 @@ def run_level(url: str, clients: int, requests_each: int, prompt: list[int], eot
     first_token = [result["arrivals"][0] - result["start"] for result in results if result["arrivals"]]
     gaps = [later - earlier for result in results for earlier, later in zip(result["arrivals"], result["arrivals"][1:])]
     tokens = sum(result["tokens"] for result in results)
-    return {"clients": clients, "requests": len(results) + len(failures), "failures": len(failures),
-            "failure_messages": failures[:3], "tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall,
-            "first_token_p50_ms": 1000 * percentile(first_token, 0.5), "first_token_p95_ms": 1000 * percentile(first_token, 0.95),
-            "per_token_p50_ms": 1000 * percentile(gaps, 0.5), "per_token_p95_ms": 1000 * percentile(gaps, 0.95)}
+    return {
+        "clients": clients,
+        "requests": len(results) + len(failures),
+        "failures": len(failures),
+        "failure_messages": failures[:3],
+        "tokens": tokens,
+        "wall_s": wall,
+        "tokens_per_s": tokens / wall,
+        "first_token_p50_ms": 1000 * percentile(first_token, 0.5),
+        "first_token_p95_ms": 1000 * percentile(first_token, 0.95),
+        "per_token_p50_ms": 1000 * percentile(gaps, 0.5),
+        "per_token_p95_ms": 1000 * percentile(gaps, 0.95),
+    }
 
 
 def generate_speed(checkpoint: Path, prompt: list[int], rounds: int = 3) -> float:
@@ -114,7 +129,9 @@ def main() -> None:
     args = parser.parse_args()
 
     tokenizer = load_tokenizer()
-    prompt = torch.randint(0, tokenizer.vocab_size - 1, (PROMPT_TOKENS,), generator=torch.Generator().manual_seed(1)).tolist()
+    prompt = torch.randint(
+        0, tokenizer.vocab_size - 1, (PROMPT_TOKENS,), generator=torch.Generator().manual_seed(1)
+    ).tolist()
     with tempfile.TemporaryDirectory() as folder:
         checkpoint = Path(folder) / "gpt2-124m-random"
         torch.manual_seed(0)
@@ -127,21 +144,38 @@ def main() -> None:
             for clients in args.clients:
                 level = run_level(server.url, clients, args.requests, prompt, tokenizer.eot_id)
                 levels.append(level)
-                print(f"{clients:>2} clients: {level['tokens_per_s']:6.1f} tokens/s, first token p50 "
-                      f"{level['first_token_p50_ms']:.0f} ms (p95 {level['first_token_p95_ms']:.0f}), per token p50 "
-                      f"{level['per_token_p50_ms']:.0f} ms (p95 {level['per_token_p95_ms']:.0f}), failures {level['failures']}")
+                print(
+                    f"{clients:>2} clients: {level['tokens_per_s']:6.1f} tokens/s, first token p50 "
+                    f"{level['first_token_p50_ms']:.0f} ms (p95 {level['first_token_p95_ms']:.0f}), per token p50 "
+                    f"{level['per_token_p50_ms']:.0f} ms (p95 {level['per_token_p95_ms']:.0f}), failures {level['failures']}"
+                )
     one = next((level["tokens_per_s"] for level in levels if level["clients"] == 1), None)
     ratios = {}
     if one:
         ratios["one_client_vs_generate"] = one / baseline
         for level in levels:
             ratios[f"{level['clients']}_clients_vs_one"] = level["tokens_per_s"] / one
-        print(f"1 client / gptlab generate: {ratios['one_client_vs_generate']:.2f}x (target >= 0.90); "
-              + ", ".join(f"{key.split('_')[0]} clients / 1: {value:.2f}x" for key, value in ratios.items()
-                          if key.endswith("vs_one")) + " (target at 8: >= 4x)")
-    write_report({"benchmark": "serve_load", "machine": machine_info(), "prompt_tokens": PROMPT_TOKENS,
-                  "new_tokens": NEW_TOKENS, "generate_tokens_per_s": baseline, "levels": levels, "ratios": ratios},
-                 args.out)
+        print(
+            f"1 client / gptlab generate: {ratios['one_client_vs_generate']:.2f}x (target >= 0.90); "
+            + ", ".join(
+                f"{key.split('_')[0]} clients / 1: {value:.2f}x"
+                for key, value in ratios.items()
+                if key.endswith("vs_one")
+            )
+            + " (target at 8: >= 4x)"
+        )
+    write_report(
+        {
+            "benchmark": "serve_load",
+            "machine": machine_info(),
+            "prompt_tokens": PROMPT_TOKENS,
+            "new_tokens": NEW_TOKENS,
+            "generate_tokens_per_s": baseline,
+            "levels": levels,
+            "ratios": ratios,
+        },
+        args.out,
+    )
 
 
 if __name__ == "__main__":

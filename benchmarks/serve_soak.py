@@ -39,8 +39,18 @@ from gptlab.tokenizer import load_tokenizer
 
 PROMPT_TOKENS, NEW_TOKENS = 16, 48
 DEFAULT_OUT = Path(__file__).parent / "results" / "serve_soak.json"
-SERVER_OPTIONS = ("--max-batch", "8", "--max-queue", "16", "--header-timeout", "2", "--body-timeout", "2",
-                  "--idle-timeout", "2")
+SERVER_OPTIONS = (
+    "--max-batch",
+    "8",
+    "--max-queue",
+    "16",
+    "--header-timeout",
+    "2",
+    "--body-timeout",
+    "2",
+    "--idle-timeout",
+    "2",
+)
 
 
 def percentile(values: list[float], share: float) -> float:
@@ -59,8 +69,15 @@ class GoodClient:
 
     def __init__(self, address, prompt: list[int], eot_id: int):
         self.address, self.eot_id = address, eot_id
-        self.body = json.dumps({"prompt": prompt, "max_tokens": NEW_TOKENS, "temperature": 0, "stream": True,
-                                "logit_bias": {str(eot_id): -100}}).encode()
+        self.body = json.dumps(
+            {
+                "prompt": prompt,
+                "max_tokens": NEW_TOKENS,
+                "temperature": 0,
+                "stream": True,
+                "logit_bias": {str(eot_id): -100},
+            }
+        ).encode()
         self.gaps: list[float] = []
         self.failures: list[str] = []
         self.requests = self.retries = 0
@@ -114,6 +131,7 @@ def send_json(body: bytes, headers: dict | None = None, path: str = "/v1/complet
         response.read()
         connection.close()
         return response.status
+
     return case
 
 
@@ -180,8 +198,9 @@ HOSTILE_CASES = {
     "malformed JSON": send_json(b'{"prompt": "hi", '),
     "2 MB body": send_json(completion(suffix="y" * 2_000_000)),
     "foreign Host header": send_json(completion(), {"Host": "evil.example"}),
-    "chat with a tool message": send_json(json.dumps({"messages": [{"role": "tool", "content": "x"}]}).encode(),
-                                          path="/v1/chat/completions"),
+    "chat with a tool message": send_json(
+        json.dumps({"messages": [{"role": "tool", "content": "x"}]}).encode(), path="/v1/chat/completions"
+    ),
     "disconnect mid-stream": disconnect_mid_stream,
     "flood the queue": flood_queue,
     "idle connections": idle_connections,
@@ -208,8 +227,10 @@ def phase(address, prompt, eot_id, good: int, hostile_threads: int, seconds: flo
     answers: dict = {}
     stop, lock = threading.Event(), threading.Lock()
     threads = [threading.Thread(target=client.run, args=(stop,)) for client in clients]
-    threads += [threading.Thread(target=hostile, args=(address, stop, index * 5, answers, lock))
-                for index in range(hostile_threads)]
+    threads += [
+        threading.Thread(target=hostile, args=(address, stop, index * 5, answers, lock))
+        for index in range(hostile_threads)
+    ]
     for thread in threads:
         thread.start()
     time.sleep(seconds)
@@ -222,9 +243,14 @@ def phase(address, prompt, eot_id, good: int, hostile_threads: int, seconds: flo
 def summary(clients: list[GoodClient]) -> dict:
     gaps = [gap for client in clients for gap in client.gaps]
     failures = [failure for client in clients for failure in client.failures]
-    return {"requests": sum(client.requests for client in clients), "failures": len(failures),
-            "failure_messages": failures[:3], "retries_after_429": sum(client.retries for client in clients),
-            "per_token_p50_ms": 1000 * percentile(gaps, 0.5), "per_token_p95_ms": 1000 * percentile(gaps, 0.95)}
+    return {
+        "requests": sum(client.requests for client in clients),
+        "failures": len(failures),
+        "failure_messages": failures[:3],
+        "retries_after_429": sum(client.retries for client in clients),
+        "per_token_p50_ms": 1000 * percentile(gaps, 0.5),
+        "per_token_p95_ms": 1000 * percentile(gaps, 0.95),
+    }
 
 
 def main() -> None:
@@ -236,7 +262,9 @@ def main() -> None:
     args = parser.parse_args()
 
     tokenizer = load_tokenizer()
-    prompt = torch.randint(0, tokenizer.vocab_size - 1, (PROMPT_TOKENS,), generator=torch.Generator().manual_seed(1)).tolist()
+    prompt = torch.randint(
+        0, tokenizer.vocab_size - 1, (PROMPT_TOKENS,), generator=torch.Generator().manual_seed(1)
+    ).tolist()
     with tempfile.TemporaryDirectory() as folder:
         checkpoint = Path(folder) / "gpt2-mini-random"
         torch.manual_seed(0)
@@ -254,21 +282,42 @@ def main() -> None:
     baseline, soak = summary(base_clients), summary(soak_clients)
     expected = set(sum((client.texts for client in base_clients), Counter()))
     answers_same = set(sum((client.texts for client in soak_clients), Counter())) | set(after.texts) == expected
-    server_faults = sum(count for cases in answers.values() for status, count in cases.items() if status.startswith("5"))
+    server_faults = sum(
+        count for cases in answers.values() for status, count in cases.items() if status.startswith("5")
+    )
     ratio = soak["per_token_p95_ms"] / baseline["per_token_p95_ms"]
-    print(f"baseline ({args.good} good clients): {baseline['requests']} requests, per token p50 "
-          f"{baseline['per_token_p50_ms']:.0f} ms, p95 {baseline['per_token_p95_ms']:.0f} ms, failures {baseline['failures']}")
-    print(f"soak (+{args.hostile} hostile): {soak['requests']} requests, per token p50 {soak['per_token_p50_ms']:.0f} ms, "
-          f"p95 {soak['per_token_p95_ms']:.0f} ms, failures {soak['failures']}, retries after 429 {soak['retries_after_429']}")
+    print(
+        f"baseline ({args.good} good clients): {baseline['requests']} requests, per token p50 "
+        f"{baseline['per_token_p50_ms']:.0f} ms, p95 {baseline['per_token_p95_ms']:.0f} ms, failures {baseline['failures']}"
+    )
+    print(
+        f"soak (+{args.hostile} hostile): {soak['requests']} requests, per token p50 {soak['per_token_p50_ms']:.0f} ms, "
+        f"p95 {soak['per_token_p95_ms']:.0f} ms, failures {soak['failures']}, retries after 429 {soak['retries_after_429']}"
+    )
     for name, cases in answers.items():
         print(f"  hostile {name}: " + ", ".join(f"{status} x{count}" for status, count in sorted(cases.items())))
-    print(f"soak p95 / baseline p95: {ratio:.2f}x (target <= 2); server faults (5xx) {server_faults}; "
-          f"/health at the end {health}; greedy answers unchanged: {answers_same}")
-    write_report({"benchmark": "serve_soak", "machine": machine_info(), "seconds": args.seconds, "good": args.good,
-                  "hostile": args.hostile, "server_options": SERVER_OPTIONS, "baseline": baseline, "soak": soak,
-                  "p95_ratio": ratio, "hostile_answers": {name: dict(cases) for name, cases in answers.items()},
-                  "server_faults": server_faults, "health_at_end": health, "answers_unchanged": answers_same},
-                 args.out)
+    print(
+        f"soak p95 / baseline p95: {ratio:.2f}x (target <= 2); server faults (5xx) {server_faults}; "
+        f"/health at the end {health}; greedy answers unchanged: {answers_same}"
+    )
+    write_report(
+        {
+            "benchmark": "serve_soak",
+            "machine": machine_info(),
+            "seconds": args.seconds,
+            "good": args.good,
+            "hostile": args.hostile,
+            "server_options": SERVER_OPTIONS,
+            "baseline": baseline,
+            "soak": soak,
+            "p95_ratio": ratio,
+            "hostile_answers": {name: dict(cases) for name, cases in answers.items()},
+            "server_faults": server_faults,
+            "health_at_end": health,
+            "answers_unchanged": answers_same,
+        },
+        args.out,
+    )
 
 
 if __name__ == "__main__":

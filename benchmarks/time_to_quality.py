@@ -36,39 +36,77 @@ from gptlab.cli import main as gptlab
 from gptlab.data.corpus import default_corpus_text, split_text
 
 TARGET_BITS_PER_BYTE, TARGET_RATIO = 1.50, 1.10
-NANOGPT_RECIPE = ("--tokenizer char --model gpt2-micro --n-layers 4 --n-heads 4 --emb-dim 128 --context-length 64 "
-                  "--batch-size 12 --drop-rate 0 --attn-drop-rate 0 --qkv-bias --tie-embeddings --pos-init gpt2 "
-                  "--lr 1e-3 --warmup-steps 100 --min-lr-ratio 0.1 --beta1 0.9 --beta2 0.99 --weight-decay 0.1 "
-                  "--grad-clip 1.0 --dtype float32 --stride 1 --optimizer adamw --ema-decay 0")
+NANOGPT_RECIPE = (
+    "--tokenizer char --model gpt2-micro --n-layers 4 --n-heads 4 --emb-dim 128 --context-length 64 "
+    "--batch-size 12 --drop-rate 0 --attn-drop-rate 0 --qkv-bias --tie-embeddings --pos-init gpt2 "
+    "--lr 1e-3 --warmup-steps 100 --min-lr-ratio 0.1 --beta1 0.9 --beta2 0.99 --weight-decay 0.1 "
+    "--grad-clip 1.0 --dtype float32 --stride 1 --optimizer adamw --ema-decay 0"
+)
 
 
 def compressor_bits_per_byte() -> dict[str, float]:
     train, held_out = (part.encode() for part in split_text(default_corpus_text()))
-    compressors = {"bzip2 -9": lambda data: bz2.compress(data, 9),
-                   "xz -9e": lambda data: lzma.compress(data, preset=9 | lzma.PRESET_EXTREME)}
-    return {name: 8 * (len(compress(train + held_out)) - len(compress(train))) / len(held_out)
-            for name, compress in compressors.items()}
+    compressors = {
+        "bzip2 -9": lambda data: bz2.compress(data, 9),
+        "xz -9e": lambda data: lzma.compress(data, preset=9 | lzma.PRESET_EXTREME),
+    }
+    return {
+        name: 8 * (len(compress(train + held_out)) - len(compress(train))) / len(held_out)
+        for name, compress in compressors.items()
+    }
 
 
 def train_and_measure(out_dir: Path, budget: float, args: list[str]) -> dict:
     start = time.perf_counter()
-    code = gptlab(["train", "--out", str(out_dir), "--time-budget", str(budget), "--no-progress",
-                   "--eval-interval", "1000000", "--sample-tokens", "0", *args])
+    code = gptlab(
+        [
+            "train",
+            "--out",
+            str(out_dir),
+            "--time-budget",
+            str(budget),
+            "--no-progress",
+            "--eval-interval",
+            "1000000",
+            "--sample-tokens",
+            "0",
+            *args,
+        ]
+    )
     if code != 0:
         raise SystemExit(f"gptlab train {shlex.join(args)} exited with {code}")
     state = json.loads((out_dir / "last" / "trainer_state.json").read_text())["trainer"]
-    final = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines() if "val_loss" in line][-1]
-    return {"args": shlex.join(args), "budget_seconds": budget, "steps": state["step"], "tokens": state["tokens_seen"],
-            "train_seconds": state["elapsed"], "wall_seconds": time.perf_counter() - start,
-            "val_bits_per_byte": final["val_bits_per_byte"]}
+    final = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines() if "val_loss" in line][
+        -1
+    ]
+    return {
+        "args": shlex.join(args),
+        "budget_seconds": budget,
+        "steps": state["step"],
+        "tokens": state["tokens_seen"],
+        "train_seconds": state["elapsed"],
+        "wall_seconds": time.perf_counter() - start,
+        "val_bits_per_byte": final["val_bits_per_byte"],
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--budgets", type=float, nargs="*", default=[150.0, 300.0, 600.0],
-                        help="budgets for the defaults and nanoGPT's recipe; none (`--budgets` alone): the levers only")
-    parser.add_argument("--lever", nargs=2, action="append", default=[], metavar=("NAME", "ARGS"),
-                        help="an extra row: gptlab train arguments added to the defaults, run at --lever-budget")
+    parser.add_argument(
+        "--budgets",
+        type=float,
+        nargs="*",
+        default=[150.0, 300.0, 600.0],
+        help="budgets for the defaults and nanoGPT's recipe; none (`--budgets` alone): the levers only",
+    )
+    parser.add_argument(
+        "--lever",
+        nargs=2,
+        action="append",
+        default=[],
+        metavar=("NAME", "ARGS"),
+        help="an extra row: gptlab train arguments added to the defaults, run at --lever-budget",
+    )
     parser.add_argument("--lever-budget", type=float, default=300.0)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "time_to_quality.json")
     args = parser.parse_args()
@@ -87,19 +125,36 @@ def main() -> None:
             print(f"{name} at {args.lever_budget:.0f} s: {run['val_bits_per_byte']:.4f} bits/byte", flush=True)
 
     def score(name: str, budget: float) -> float | None:
-        return next((run["val_bits_per_byte"] for run in runs if run["name"] == name and run["budget_seconds"] == budget), None)
+        return next(
+            (run["val_bits_per_byte"] for run in runs if run["name"] == name and run["budget_seconds"] == budget), None
+        )
 
     ratios = {budget: score("nanoGPT recipe", budget) / score("gptlab defaults", budget) for budget in args.budgets}
     print(f"\nheld-out bits per byte on the embedded corpus ({machine_info()['threads']} threads)")
     print(f"{'run':<28}{'budget':>8}{'steps':>8}{'tokens':>12}{'bits/byte':>11}")
     for run in runs:
-        print(f"{run['name']:<28}{run['budget_seconds']:>7.0f}s{run['steps']:>8}{run['tokens']:>12,}{run['val_bits_per_byte']:>11.4f}")
+        print(
+            f"{run['name']:<28}{run['budget_seconds']:>7.0f}s{run['steps']:>8}{run['tokens']:>12,}{run['val_bits_per_byte']:>11.4f}"
+        )
     for budget, ratio in ratios.items():
-        print(f"ratio nanoGPT / defaults at {budget:.0f} s: {ratio:.3f} ({'met' if ratio >= TARGET_RATIO else 'not met'}: "
-              f">= {TARGET_RATIO})")
-    print("compressors, bits per held-out byte: " + ", ".join(f"{name} {value:.3f}" for name, value in compressors.items()))
-    write_report({"machine": machine_info(), "targets": {"bits_per_byte_at_300s": TARGET_BITS_PER_BYTE, "ratio": TARGET_RATIO},
-                  "compressors_bits_per_byte": compressors, "ratios": ratios, "runs": runs}, args.out)
+        print(
+            f"ratio nanoGPT / defaults at {budget:.0f} s: {ratio:.3f} ({'met' if ratio >= TARGET_RATIO else 'not met'}: "
+            f">= {TARGET_RATIO})"
+        )
+    print(
+        "compressors, bits per held-out byte: "
+        + ", ".join(f"{name} {value:.3f}" for name, value in compressors.items())
+    )
+    write_report(
+        {
+            "machine": machine_info(),
+            "targets": {"bits_per_byte_at_300s": TARGET_BITS_PER_BYTE, "ratio": TARGET_RATIO},
+            "compressors_bits_per_byte": compressors,
+            "ratios": ratios,
+            "runs": runs,
+        },
+        args.out,
+    )
 
 
 if __name__ == "__main__":

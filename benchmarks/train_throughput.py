@@ -72,8 +72,14 @@ def transformers_twin(model: GPTModel) -> LogitsOnly:
     """transformers' GPT-2 of the same shape holding the same weights."""
     cfg = model.cfg
     hf_config = GPT2Config(
-        vocab_size=cfg.vocab_size, n_positions=cfg.context_length, n_embd=cfg.emb_dim, n_head=cfg.n_heads,
-        n_layer=cfg.n_layers, resid_pdrop=cfg.drop_rate, embd_pdrop=cfg.drop_rate, attn_pdrop=cfg.drop_rate,
+        vocab_size=cfg.vocab_size,
+        n_positions=cfg.context_length,
+        n_embd=cfg.emb_dim,
+        n_head=cfg.n_heads,
+        n_layer=cfg.n_layers,
+        resid_pdrop=cfg.drop_rate,
+        embd_pdrop=cfg.drop_rate,
+        attn_pdrop=cfg.drop_rate,
         tie_word_embeddings=cfg.tie_embeddings,
     )
     hf_model = GPT2LMHeadModel(hf_config)
@@ -99,8 +105,9 @@ def build_contestants(cfg: GPTConfig, seed: int, compile_loss: bool) -> dict[str
     return contestants
 
 
-def make_train_step(model: nn.Module, compute_loss: LossFn, train_cfg: TrainConfig, runtime: Runtime,
-                    x: torch.Tensor, y: torch.Tensor) -> Callable[[], float]:
+def make_train_step(
+    model: nn.Module, compute_loss: LossFn, train_cfg: TrainConfig, runtime: Runtime, x: torch.Tensor, y: torch.Tensor
+) -> Callable[[], float]:
     """One optimizer step of gptlab's training on a fixed batch; returns the loss."""
     model.train()
     optimizer = make_optimizer(model, train_cfg)
@@ -117,8 +124,9 @@ def make_train_step(model: nn.Module, compute_loss: LossFn, train_cfg: TrainConf
     return step
 
 
-def interleaved_step_times(steps: dict[str, Callable[[], float]], rounds: int, steps_per_round: int,
-                           warmup: int) -> dict[str, list[list[float]]]:
+def interleaved_step_times(
+    steps: dict[str, Callable[[], float]], rounds: int, steps_per_round: int, warmup: int
+) -> dict[str, list[list[float]]]:
     """Seconds of every timed step, per contestant and round; within a round the contestants take turns
     step by step, so a burst of load from another process falls on all of them alike."""
     for step in steps.values():
@@ -156,15 +164,20 @@ def measure(dtype: str, rounds: int, steps_per_round: int, warmup: int, seed: in
     cfg = MODEL_CONFIG
     runtime = Runtime(torch.device("cpu"))
     train_cfg = TrainConfig(max_steps=warmup + rounds * steps_per_round, dtype=dtype)
-    tokens = torch.randint(cfg.vocab_size, (BATCH_SIZE, cfg.context_length + 1),
-                           generator=torch.Generator().manual_seed(seed))
+    tokens = torch.randint(
+        cfg.vocab_size, (BATCH_SIZE, cfg.context_length + 1), generator=torch.Generator().manual_seed(seed)
+    )
     x, y = tokens[:, :-1], tokens[:, 1:]  # (B, T) inputs and next-token targets
-    steps = {name: make_train_step(model, compute_loss, train_cfg, runtime, x, y)
-             for name, (model, compute_loss) in build_contestants(cfg, seed, compile_loss).items()}
+    steps = {
+        name: make_train_step(model, compute_loss, train_cfg, runtime, x, y)
+        for name, (model, compute_loss) in build_contestants(cfg, seed, compile_loss).items()
+    }
     first = {name: timed(step) for name, step in steps.items()}  # same weights and data: the losses agree
     step_times = interleaved_step_times(steps, rounds, steps_per_round, warmup - 1)
-    per_round = {name: [statistics.median(round_times) for round_times in contestant_times]
-                 for name, contestant_times in step_times.items()}
+    per_round = {
+        name: [statistics.median(round_times) for round_times in contestant_times]
+        for name, contestant_times in step_times.items()
+    }
     tokens_per_step = BATCH_SIZE * cfg.context_length
     results = {}
     for name, times in per_round.items():
@@ -183,21 +196,29 @@ def measure(dtype: str, rounds: int, steps_per_round: int, warmup: int, seed: in
 
 def print_table(report: dict) -> None:
     env = report["environment"]
-    print(f"torch {env['torch']}, {env['threads']} threads, {env['cpu_capability']}, "
-          f"load average at start {env['load_average'][0]:.1f}; batch {report['batch_size']} × context "
-          f"{report['model_config']['context_length']}; {report['rounds']} rounds × {report['steps_per_round']} steps")
+    print(
+        f"torch {env['torch']}, {env['threads']} threads, {env['cpu_capability']}, "
+        f"load average at start {env['load_average'][0]:.1f}; batch {report['batch_size']} × context "
+        f"{report['model_config']['context_length']}; {report['rounds']} rounds × {report['steps_per_round']} steps"
+    )
     print(f"MFU: {report['flops_formula']}")
-    print(f"     N = {report['matmul_weights']:,}, {report['flops_per_token'] / 1e6:.1f} MFLOPs/token, against a "
-          f"{MATMUL_SIZE}² matmul peak of " + ", ".join(f"{dtype} {peak / 1e9:.0f} GFLOP/s"
-                                                        for dtype, peak in report["matmul_peak_flops"].items()))
-    print(f"{'dtype':<9} {'model':<16} {'tokens/s':>9} {'best':>6} {'MFU':>6} {'first loss':>11}   "
-          "vs transformers (per round)")
+    print(
+        f"     N = {report['matmul_weights']:,}, {report['flops_per_token'] / 1e6:.1f} MFLOPs/token, against a "
+        f"{MATMUL_SIZE}² matmul peak of "
+        + ", ".join(f"{dtype} {peak / 1e9:.0f} GFLOP/s" for dtype, peak in report["matmul_peak_flops"].items())
+    )
+    print(
+        f"{'dtype':<9} {'model':<16} {'tokens/s':>9} {'best':>6} {'MFU':>6} {'first loss':>11}   "
+        "vs transformers (per round)"
+    )
     for dtype, results in report["results"].items():
         for name, row in results.items():
             ratios = ", ".join(f"{ratio:.2f}" for ratio in row["speedup_per_round"])
             speedup = "" if name == BASELINE else f"{row['speedup_over_transformers']:.2f}× ({ratios})"
-            print(f"{dtype:<9} {name:<16} {row['tokens_per_s']:>9.0f} {row['best_tokens_per_s']:>6.0f} "
-                  f"{row['mfu']:>6.1%} {row['first_loss']:>11.5f}   {speedup}")
+            print(
+                f"{dtype:<9} {name:<16} {row['tokens_per_s']:>9.0f} {row['best_tokens_per_s']:>6.0f} "
+                f"{row['mfu']:>6.1%} {row['first_loss']:>11.5f}   {speedup}"
+            )
 
 
 def main() -> None:
@@ -205,8 +226,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="timed steps per contestant per round (default 3)")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per dtype (default 3)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per contestant first (default 2)")
-    parser.add_argument("--no-compile", dest="compile", action="store_false",
-                        help="leave out 'gptlab compiled' (saves about a minute of compilation)")
+    parser.add_argument(
+        "--no-compile",
+        dest="compile",
+        action="store_false",
+        help="leave out 'gptlab compiled' (saves about a minute of compilation)",
+    )
     parser.add_argument("--seed", type=int, default=1337)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON results (default {DEFAULT_OUT})")
     args = parser.parse_args()

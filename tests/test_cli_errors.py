@@ -17,6 +17,7 @@ from gptlab.training.runtime import TrainingError
 def run_info(capsys, monkeypatch, error: Exception) -> tuple[int, str]:
     def fail(*args, **kwargs):
         raise error
+
     monkeypatch.setattr(gptlab.cli.models, "parameter_report", fail)
     code = main(["info"])
     return code, capsys.readouterr().err
@@ -32,9 +33,14 @@ def test_a_bug_keeps_its_traceback_and_asks_for_a_report(error, capsys, monkeypa
     assert "please report it with the traceback above" in err
 
 
-@pytest.mark.parametrize("error, code", [(UserError("--x is wrong; use --y"), 2),
-                                         (DataError("data is wrong; fix it"), 2),
-                                         (DownloadError("cannot download; fetch by hand"), 1)])
+@pytest.mark.parametrize(
+    "error, code",
+    [
+        (UserError("--x is wrong; use --y"), 2),
+        (DataError("data is wrong; fix it"), 2),
+        (DownloadError("cannot download; fetch by hand"), 1),
+    ],
+)
 def test_a_users_mistake_or_a_failed_download_is_one_line(error, code, capsys, monkeypatch):
     assert run_info(capsys, monkeypatch, error) == (code, f"gptlab info: error: {error}\n")
 

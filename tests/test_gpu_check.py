@@ -16,8 +16,9 @@ SCRIPT = Path(__file__).parents[1] / "benchmarks" / "gpu_check.py"
 def run_check(*options: str) -> subprocess.CompletedProcess:
     # One thread: the machine is shared, and a tiny model gains nothing from more.
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, str(SCRIPT), *options], check=False, capture_output=True, text=True,
-                          timeout=120, env=env)
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *options], check=False, capture_output=True, text=True, timeout=120, env=env
+    )
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +32,13 @@ def report(tmp_path_factory):
 
 def test_the_resumed_run_repeats_the_uninterrupted_one_exactly_on_the_cpu(report):
     resume = report["resume"]
-    assert (resume["passed"], resume["exact"], resume["steps"], resume["interrupted_at"], resume["stopped_by"]) == \
-        (True, True, 4, 2, "interrupt")
+    assert (resume["passed"], resume["exact"], resume["steps"], resume["interrupted_at"], resume["stopped_by"]) == (
+        True,
+        True,
+        4,
+        2,
+        "interrupt",
+    )
     assert resume["losses_resumed"] == resume["losses_whole"]
     assert len(resume["losses_whole"]) == 4 and len(set(resume["losses_whole"])) == 4  # every step differs
     assert resume["losses_whole"][-1] < resume["losses_whole"][0]  # the synthetic sequence is learnable
@@ -59,11 +65,14 @@ def test_throughput_and_mfu_follow_the_train_throughput_formula(report):
     assert report["environment"]["torch"] and report["device"] == "cpu"
 
 
-@pytest.mark.parametrize("options, message", [
-    (["--steps", "0"], "--steps must be a positive integer, got 0"),
-    (["--micro-batch", "-2"], "--micro-batch must be a positive integer, got -2"),
-    (["--vocab-size", "0"], "--vocab-size must be a positive integer, got 0"),
-])
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--steps", "0"], "--steps must be a positive integer, got 0"),
+        (["--micro-batch", "-2"], "--micro-batch must be a positive integer, got -2"),
+        (["--vocab-size", "0"], "--vocab-size must be a positive integer, got 0"),
+    ],
+)
 def test_bad_options_get_one_error_line_and_exit_2(options, message, monkeypatch, capsys):
     monkeypatch.syspath_prepend(str(SCRIPT.parent))  # as when the script runs: its folder is on the path
     from gpu_check import parse_arguments
@@ -82,8 +91,12 @@ def test_asking_for_cuda_without_it_says_so(monkeypatch, capsys):
     with pytest.raises(SystemExit) as exit_info:
         parse_arguments([])  # --device cuda is the default
     assert exit_info.value.code == 2
-    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
-        "error: --device cuda: CUDA is not available here; run on a CUDA machine or pass --device cpu")
+    assert (
+        capsys.readouterr()
+        .err.strip()
+        .splitlines()[-1]
+        .endswith("error: --device cuda: CUDA is not available here; run on a CUDA machine or pass --device cpu")
+    )
 
 
 def test_a_micro_batch_that_does_not_fit_is_halved_until_one_does(monkeypatch):

@@ -18,6 +18,8 @@ from gptlab.training.pipeline import train
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "gptlab"
 LAYERS = ["core", "data", "inference", "training", "finetune", "interop", "serve", "cli", "facade"]
+
+
 def module_name(path: Path) -> str:
     parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
@@ -50,7 +52,9 @@ def imports(module: str) -> set[str]:
             base = package.split(".")[: len(package.split(".")) - node.level + 1] if node.level else []
             target = ".".join(base + ([node.module] if node.module else []))
             # `from X import y`: the module X.y when y is one, else X (whose names y is)
-            names = [f"{target}.{alias.name}" if f"{target}.{alias.name}" in MODULES else target for alias in node.names]
+            names = [
+                f"{target}.{alias.name}" if f"{target}.{alias.name}" in MODULES else target for alias in node.names
+            ]
         elif isinstance(node, ast.Import):
             names = [alias.name for alias in node.names]
         else:
@@ -66,8 +70,12 @@ GRAPH = {module: imports(module) for module in MODULES}
 
 
 def upward_imports() -> set[tuple[str, str]]:
-    return {(module, target) for module, targets in GRAPH.items() for target in targets
-            if LAYERS.index(layer(target)) > LAYERS.index(layer(module))}
+    return {
+        (module, target)
+        for module, targets in GRAPH.items()
+        for target in targets
+        if LAYERS.index(layer(target)) > LAYERS.index(layer(module))
+    }
 
 
 def test_the_graph_is_read():
@@ -79,8 +87,10 @@ def test_the_graph_is_read():
 
 def test_no_upward_imports():
     upward = sorted(upward_imports())
-    assert not upward, "imports that point up a layer (move the code down, or plug it in through an interface " \
-                       f"the lower layer defines): {upward}"
+    assert not upward, (
+        "imports that point up a layer (move the code down, or plug it in through an interface "
+        f"the lower layer defines): {upward}"
+    )
 
 
 def test_no_cycles():

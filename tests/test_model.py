@@ -184,7 +184,9 @@ def test_transformer_block_is_pre_layer_norm():
     block = randomise_(TransformerBlock(TINY.replace(drop_rate=0.3))).eval()
     x = torch.randn(2, 8, TINY.emb_dim)
     hidden = x + explicit_attention(block.att, explicit_layer_norm(x, block.norm1.scale, block.norm1.shift))
-    expected = hidden + explicit_feed_forward(block.ff, explicit_layer_norm(hidden, block.norm2.scale, block.norm2.shift))
+    expected = hidden + explicit_feed_forward(
+        block.ff, explicit_layer_norm(hidden, block.norm2.scale, block.norm2.shift)
+    )
     torch.testing.assert_close(block(x), expected, atol=1e-5, rtol=0)
 
 

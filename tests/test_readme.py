@@ -22,8 +22,14 @@ from gptlab.cli import main
 from gptlab.data import default_corpus_text
 
 ROOT = Path(__file__).resolve().parents[1]
-DOC_PAGES = ["README.md", "docs/training.md", "docs/generation.md", "docs/finetuning.md", "docs/serving.md",
-             "docs/interop.md"]
+DOC_PAGES = [
+    "README.md",
+    "docs/training.md",
+    "docs/generation.md",
+    "docs/finetuning.md",
+    "docs/serving.md",
+    "docs/interop.md",
+]
 NOT_HERE = {
     "gptlab download": "needs the network",
     "recipes/gpt2-124m.toml": "GPT-2 124M on 10B tokens needs GPUs",
@@ -65,7 +71,7 @@ def reader_folder(tmp_path, monkeypatch):
     (tmp_path / "notes").mkdir()
     (tmp_path / "books").mkdir()
     for i in range(3):  # enough for the held-out 10% to fill a window of the default model's 128 characters
-        (tmp_path / "notes" / f"note-{i}.md").write_text(text[i * 4_000:(i + 1) * 4_000])
+        (tmp_path / "notes" / f"note-{i}.md").write_text(text[i * 4_000 : (i + 1) * 4_000])
     (tmp_path / "books" / "book.txt").write_text(text[40_000:44_000])
     torch.manual_seed(0)
     config = transformers.GPT2Config(n_positions=64, n_embd=32, n_head=2, n_layer=2)

@@ -26,10 +26,12 @@ def loaded_after(code: str, watched: list[str]) -> list[str]:
 
 def help_of(*argvs: list[str]) -> str:
     """Code that runs gptlab's main on each argv, as `gptlab ... --help` would, quietly."""
-    return ("import contextlib, io\nfrom gptlab.cli import main\n"
-            f"for argv in {list(argvs)!r}:\n"
-            "    with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n"
-            "        main(argv)")
+    return (
+        "import contextlib, io\nfrom gptlab.cli import main\n"
+        f"for argv in {list(argvs)!r}:\n"
+        "    with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n"
+        "        main(argv)"
+    )
 
 
 def test_version_and_help_load_no_model_code():
@@ -37,18 +39,26 @@ def test_version_and_help_load_no_model_code():
 
 
 def test_each_commands_help_loads_none_of_what_it_does_not_need():
-    argvs = [[name, "--help"] for name in COMMANDS] + [["finetune", task, "--help"] for task in ("instruct", "classify")]
+    argvs = [[name, "--help"] for name in COMMANDS] + [
+        ["finetune", task, "--help"] for task in ("instruct", "classify")
+    ]
     assert loaded_after(help_of(*argvs), NEVER_FOR_HELP) == []
     assert loaded_after(help_of(["serve", "--help"]), ["torch"]) == []  # serve's options need no model code
 
 
 def test_a_commands_help_is_its_own():
     """Only the command given gets its options; the others are listed by their line of help."""
-    result = subprocess.run([sys.executable, "-m", "gptlab", "train", "--help"], capture_output=True, text=True,
-                            timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "gptlab", "train", "--help"], capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0 and "--micro-batch-size" in result.stdout
-    result = subprocess.run([sys.executable, "-m", "gptlab", "--help"], capture_output=True, text=True, timeout=120,
-                            env={**os.environ, "COLUMNS": "200"})  # one line per command
+    result = subprocess.run(
+        [sys.executable, "-m", "gptlab", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "COLUMNS": "200"},
+    )  # one line per command
     lines = result.stdout.splitlines()
     assert all(any(line.split() == [name, *help.split()] for line in lines) for name, (_, help) in COMMANDS.items())
 

@@ -21,7 +21,19 @@ def test_the_baseline_is_nanogpts_cpu_recipe_setting_for_setting():
     assert (data.tokenizer, data.merges) == ("char", None)
     assert (model.n_layers, model.n_heads, model.emb_dim, model.context_length) == (4, 4, 128, 64)
     assert (model.drop_rate, model.attn_drop_rate, model.qkv_bias, model.tie_embeddings) == (0.0, 0.0, True, True)
-    assert (train.optimizer, train.lr, train.warmup_steps, train.min_lr_ratio, train.schedule) == ("adamw", 1e-3, 100, 0.1, "cosine")
+    assert (train.optimizer, train.lr, train.warmup_steps, train.min_lr_ratio, train.schedule) == (
+        "adamw",
+        1e-3,
+        100,
+        0.1,
+        "cosine",
+    )
     assert (train.beta1, train.beta2, train.weight_decay, train.grad_clip) == (0.9, 0.99, 0.1, 1.0)
-    assert (train.batch_size, train.stride, train.dtype, train.pos_init, train.compile) == (12, 1, "float32", "gpt2", False)
+    assert (train.batch_size, train.stride, train.dtype, train.pos_init, train.compile) == (
+        12,
+        1,
+        "float32",
+        "gpt2",
+        False,
+    )
     assert train.ema_decay == 0.0  # nanoGPT evaluates the weights themselves

@@ -168,7 +168,9 @@ def test_truncated_gpt2_matches_transformers_with_the_first_merges(vocabulary_fi
         ids = truncated.encode(text)
         assert ids == reference.encode(text)
         assert truncated.decode(ids) == text
-    assert tokenizer_from_spec(json.loads(json.dumps(truncated.spec()))).encode(TEXTS["code"]) == truncated.encode(TEXTS["code"])
+    assert tokenizer_from_spec(json.loads(json.dumps(truncated.spec()))).encode(TEXTS["code"]) == truncated.encode(
+        TEXTS["code"]
+    )
 
 
 def test_truncated_gpt2_rejects_impossible_merge_counts():

@@ -31,21 +31,26 @@ def private_uses(path: Path) -> list[str]:
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, (ast.Import, ast.ImportFrom)):  # import torch._x, from torch.a._b import c
             modules = [alias.name for alias in node.names] if isinstance(node, ast.Import) else [node.module or ""]
-            found += [f"{path.relative_to(ROOT)}:{node.lineno}: import {module}" for module in modules
-                      if module.split(".")[0] == "torch" and any(part.startswith("_") for part in module.split("."))]
+            found += [
+                f"{path.relative_to(ROOT)}:{node.lineno}: import {module}"
+                for module in modules
+                if module.split(".")[0] == "torch" and any(part.startswith("_") for part in module.split("."))
+            ]
         if not isinstance(node, ast.Attribute):
             continue
         chain = dotted(node)
-        private_torch = chain[:1] == ["torch"] and (chain[1:2] == ["ops"] or any(
-            part.startswith("_") and not part.startswith("__") for part in chain[1:]))
+        private_torch = chain[:1] == ["torch"] and (
+            chain[1:2] == ["ops"] or any(part.startswith("_") and not part.startswith("__") for part in chain[1:])
+        )
         if private_torch or node.attr in PRIVATE_ATTRIBUTES:
             found.append(f"{path.relative_to(ROOT)}:{node.lineno}: {'.'.join(chain) or node.attr}")
     return found
 
 
 def test_no_module_but_torch_compat_reaches_private_torch_apis():
-    uses = [use for path in sorted(PACKAGE.rglob("*.py")) if path.name != "torch_compat.py"
-            for use in private_uses(path)]
+    uses = [
+        use for path in sorted(PACKAGE.rglob("*.py")) if path.name != "torch_compat.py" for use in private_uses(path)
+    ]
     assert uses == []
     assert private_uses(PACKAGE / "torch_compat.py")  # the scan does see them where they are
 
@@ -57,8 +62,17 @@ def test_the_declared_floor_is_the_checked_one():
     assert hasattr(torch.optim, "Muon")  # what sets the floor
 
 
-@pytest.mark.parametrize("version, ok", [("2.8.1", False), ("2.1.0+cpu", False), ("1.13.0", False),
-                                         ("2.9.0", True), ("2.13.0+cpu", True), ("2.10.0.dev20260101", True)])
+@pytest.mark.parametrize(
+    "version, ok",
+    [
+        ("2.8.1", False),
+        ("2.1.0+cpu", False),
+        ("1.13.0", False),
+        ("2.9.0", True),
+        ("2.13.0+cpu", True),
+        ("2.10.0.dev20260101", True),
+    ],
+)
 def test_an_older_torch_is_refused_in_one_line(version, ok):
     if ok:
         check_torch_version(version)

@@ -53,8 +53,12 @@ class ClassifierHead:
 
     def __post_init__(self) -> None:
         labels = self.labels
-        if (not isinstance(labels, (list, tuple)) or len(labels) < 2 or len(set(labels)) != len(labels)
-                or not all(isinstance(label, str) and label for label in labels)):
+        if (
+            not isinstance(labels, (list, tuple))
+            or len(labels) < 2
+            or len(set(labels)) != len(labels)
+            or not all(isinstance(label, str) and label for label in labels)
+        ):
             raise UserError(f"a classifier's labels must be two or more distinct non-empty strings, got {labels!r}")
         if self.pooling not in POOLINGS:
             raise UserError(f"unknown classifier pooling {self.pooling!r}; this gptlab reads {', '.join(POOLINGS)}")
@@ -76,8 +80,10 @@ def classifier_head(meta: dict) -> ClassifierHead | None:
     if spec is None:
         return None
     if not isinstance(spec, dict) or set(spec) - {"labels", "pooling"} or "labels" not in spec:
-        raise UserError(f'config.json\'s "{CLASSIFIER_FIELD}" must be {{"labels": [...], "pooling": '
-                         f'"{LAST_TOKEN}"}}, got {spec!r}; re-create the checkpoint')
+        raise UserError(
+            f'config.json\'s "{CLASSIFIER_FIELD}" must be {{"labels": [...], "pooling": '
+            f'"{LAST_TOKEN}"}}, got {spec!r}; re-create the checkpoint'
+        )
     return ClassifierHead(tuple(spec["labels"]), spec.get("pooling", LAST_TOKEN))
 
 
@@ -219,13 +225,16 @@ def read_json(path: Path) -> dict:
     return data
 
 
-def model_from_state_dict(cfg: GPTConfig, state: dict[str, torch.Tensor],
-                          head: ClassifierHead | None = None) -> GPTModel:
+def model_from_state_dict(
+    cfg: GPTConfig, state: dict[str, torch.Tensor], head: ClassifierHead | None = None
+) -> GPTModel:
     """A GPTModel that holds the given tensors themselves, not copies: built on the meta device, then assigned.
     With `head`, a classifier: its out_head has one row per label."""
     if head is not None and cfg.tie_embeddings:
-        raise UserError("a classifier's head cannot be tied to the token embedding (tie_embeddings is true); "
-                         "re-create the checkpoint")
+        raise UserError(
+            "a classifier's head cannot be tied to the token embedding (tie_embeddings is true); "
+            "re-create the checkpoint"
+        )
     with torch.device("meta"):
         model = GPTModel(cfg)
         if head is not None:

@@ -63,7 +63,9 @@ class GPTConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise UserError(f"unknown GPTConfig field(s) {', '.join(unknown)}; known fields: {', '.join(sorted(known))}")
+            raise UserError(
+                f"unknown GPTConfig field(s) {', '.join(unknown)}; known fields: {', '.join(sorted(known))}"
+            )
         return cls(**data)
 
     @classmethod

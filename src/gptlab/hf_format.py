@@ -73,8 +73,10 @@ def classifier_head_from_hf(hf: Mapping) -> ClassifierHead | None:
         return None
     id2label = hf.get("id2label") or {str(i): f"LABEL_{i}" for i in range(hf.get("num_labels", 2))}
     if set(map(str, id2label)) != {str(i) for i in range(len(id2label))}:
-        raise UserError(f"config.json's id2label must number the labels 0 to {len(id2label) - 1}, got ids "
-                         f"{', '.join(map(str, id2label))}; fix config.json")
+        raise UserError(
+            f"config.json's id2label must number the labels 0 to {len(id2label) - 1}, got ids "
+            f"{', '.join(map(str, id2label))}; fix config.json"
+        )
     return ClassifierHead(tuple(id2label[str(i)] for i in range(len(id2label))))
 
 
@@ -95,8 +97,9 @@ def config_from_hf(hf: Mapping) -> GPTConfig:
     )
 
 
-def state_dict_from_hf(hf_state: Mapping[str, torch.Tensor], cfg: GPTConfig,
-                       head: ClassifierHead | None = None) -> dict[str, torch.Tensor]:
+def state_dict_from_hf(
+    hf_state: Mapping[str, torch.Tensor], cfg: GPTConfig, head: ClassifierHead | None = None
+) -> dict[str, torch.Tensor]:
     """Rename and transpose an HF GPT-2 state dict into gptlab's names (with `head`, a classifier's: its score
     weight becomes out_head.weight).
 
@@ -107,7 +110,9 @@ def state_dict_from_hf(hf_state: Mapping[str, torch.Tensor], cfg: GPTConfig,
     state: dict[str, torch.Tensor] = {}
     for ours, (theirs, transposed) in key_map(cfg).items():
         if theirs not in hf:
-            raise UserError(f"checkpoint is missing weight {theirs!r} (for {ours}); is it a GPT-2 checkpoint of this shape?")
+            raise UserError(
+                f"checkpoint is missing weight {theirs!r} (for {ours}); is it a GPT-2 checkpoint of this shape?"
+            )
         tensor = hf[theirs]
         state[ours] = tensor.t() if transposed else tensor
     if head is not None:
@@ -123,8 +128,9 @@ def state_dict_from_hf(hf_state: Mapping[str, torch.Tensor], cfg: GPTConfig,
     return state
 
 
-def state_dict_to_hf(state: Mapping[str, torch.Tensor], cfg: GPTConfig,
-                     head: ClassifierHead | None = None) -> dict[str, torch.Tensor]:
+def state_dict_to_hf(
+    state: Mapping[str, torch.Tensor], cfg: GPTConfig, head: ClassifierHead | None = None
+) -> dict[str, torch.Tensor]:
     """gptlab names -> HF GPT2LMHeadModel names (with the 'transformer.' prefix and lm_head.weight), or with
     `head` GPT2ForSequenceClassification's (score.weight in place of lm_head.weight)."""
     hf: dict[str, torch.Tensor] = {}
@@ -195,8 +201,10 @@ def check_hf_state(hf_state: Mapping[str, torch.Tensor], cfg: GPTConfig, head: C
     """Every weight the config needs is present with its shape, and nothing else is: else a one-line ValueError."""
     with torch.device("meta"):
         shapes = {name: tuple(tensor.shape) for name, tensor in GPTModel(cfg).state_dict().items()}
-    expected = {theirs: shapes[ours][::-1] if transposed else shapes[ours]
-                for ours, (theirs, transposed) in key_map(cfg).items()}
+    expected = {
+        theirs: shapes[ours][::-1] if transposed else shapes[ours]
+        for ours, (theirs, transposed) in key_map(cfg).items()
+    }
     if head is not None:
         expected[HF_SCORE] = (len(head.labels), cfg.emb_dim)
     elif not cfg.tie_embeddings:
@@ -267,7 +275,6 @@ def load_hf_checkpoint(
     check_hf_state(hf_state, cfg, head)
     hf_state = {name: tensor.to(device=device, dtype=dtype) for name, tensor in hf_state.items()}
     return model_from_state_dict(cfg, state_dict_from_hf(hf_state, cfg, head), head), tokenizer
-
 
 
 HF_VOCAB_FILE = "vocab.json"  # same format as GPT-2's encoder.json

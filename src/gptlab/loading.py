@@ -43,7 +43,7 @@ from .tokenizer import Tokenizer
 EXPECTED_LAYOUTS = (
     'a gptlab checkpoint (config.json with "format": "gptlab", model.safetensors) or a Hugging Face GPT-2 folder '
     '(config.json with "model_type": "gpt2", model.safetensors or pytorch_model.bin, '
-    'optionally vocab.json + merges.txt)'
+    "optionally vocab.json + merges.txt)"
 )
 # The checkpoints a training run folder holds, in the order they are worth suggesting.
 RUN_CHECKPOINTS = ("best", "last")
@@ -130,9 +130,11 @@ def read_classifier_head(path: Path) -> ClassifierHead | None:
 
 
 def not_a_language_model(path: Path, head: ClassifierHead) -> str:
-    return (f"{path} is {head.describe()}: its head scores labels, not next tokens, so it cannot generate text, be "
-            f"served or be scored as a language model; label texts with `gptlab classify --checkpoint {path}`, or "
-            f"export it with `gptlab convert --to-hf {path} DIR` (transformers' GPT2ForSequenceClassification)")
+    return (
+        f"{path} is {head.describe()}: its head scores labels, not next tokens, so it cannot generate text, be "
+        f"served or be scored as a language model; label texts with `gptlab classify --checkpoint {path}`, or "
+        f"export it with `gptlab convert --to-hf {path} DIR` (transformers' GPT2ForSequenceClassification)"
+    )
 
 
 def check_language_model(path: Path) -> None:
@@ -167,17 +169,22 @@ class Classifier:
         return list(self.head.labels)
 
 
-def load_classifier(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> Classifier:
+def load_classifier(
+    path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+) -> Classifier:
     """The classifier in a gptlab checkpoint (`gptlab finetune classify`) or in its Hugging Face export."""
     path = Path(path)
     if read_classifier_head(path) is None:
-        raise UserError(f"{path} is a language model, not a classifier (its config.json lists no labels); "
-                         "fine-tune one with `gptlab finetune classify`")
+        raise UserError(
+            f"{path} is a language model, not a classifier (its config.json lists no labels); "
+            "fine-tune one with `gptlab finetune classify`"
+        )
     return Classifier(*load_weights(path, device, dtype))
 
 
-def load_weights(path: Path, device: str | torch.device, dtype: torch.dtype | None
-                 ) -> tuple[GPTModel, Tokenizer, ClassifierHead | None]:
+def load_weights(
+    path: Path, device: str | torch.device, dtype: torch.dtype | None
+) -> tuple[GPTModel, Tokenizer, ClassifierHead | None]:
     """Whatever model the folder holds, its tokenizer, and its classifier head (None: a language model)."""
     try:
         if checkpoint_format(path) == "hf":

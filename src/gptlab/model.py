@@ -127,7 +127,9 @@ class MultiHeadAttention(nn.Module):
         else:
             k, v = cache.update(k, v)  # every key and value so far: (B, H, L, D)
             # the cache may be wider than the model (float32 for bfloat16: inference.decoder.cache_dtype)
-            y = F.scaled_dot_product_attention(q.to(k.dtype), k, v, attn_mask=cache.owner.mask).to(q.dtype)  # (B, H, T, D)
+            y = F.scaled_dot_product_attention(q.to(k.dtype), k, v, attn_mask=cache.owner.mask).to(
+                q.dtype
+            )  # (B, H, T, D)
         return self.merge_heads(y)
 
 
@@ -140,13 +142,18 @@ class KVCache:
     a padding slot attends only to itself, so that no softmax is over an empty set (which gives NaN).
     """
 
-    def __init__(self, cfg: GPTConfig, batch_size: int, dtype: torch.dtype = torch.float32,
-                 device: str | torch.device = "cpu"):
+    def __init__(
+        self, cfg: GPTConfig, batch_size: int, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+    ):
         self.capacity = cfg.context_length
         shape = (batch_size, cfg.n_heads, cfg.context_length, cfg.head_dim)  # (B, H, L_max, D)
         # torch.empty: a slot is always written before it is read
-        self.layers = [LayerCache(self, torch.empty(shape, dtype=dtype, device=device),
-                                  torch.empty(shape, dtype=dtype, device=device)) for _ in range(cfg.n_layers)]
+        self.layers = [
+            LayerCache(
+                self, torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device)
+            )
+            for _ in range(cfg.n_layers)
+        ]
         self.slots = torch.arange(cfg.context_length, device=device)
         self.reset(torch.zeros(batch_size, dtype=torch.long, device=device))
 
@@ -161,8 +168,10 @@ class KVCache:
         """Claim the next num_tokens slots and set the attention mask for them; their positions (B, T)."""
         start, end = self.length, self.length + num_tokens
         if end > self.capacity:
-            raise ValueError(f"the cache holds {self.capacity} tokens (the context) and {self.length} are used; "
-                             f"cannot add {num_tokens}: reset it and prefill the most recent tokens instead")
+            raise ValueError(
+                f"the cache holds {self.capacity} tokens (the context) and {self.length} are used; "
+                f"cannot add {num_tokens}: reset it and prefill the most recent tokens instead"
+            )
         self.start, self.length = start, end
         keys = self.slots[:end]  # (L,)
         queries = self.slots[start:end, None]  # (T, 1)

@@ -87,7 +87,9 @@ class GPT2Tokenizer:
     @classmethod
     def from_ranks(cls, ranks: dict[bytes, int], merges: int | None = None) -> "GPT2Tokenizer":
         encoding = tiktoken.Encoding(
-            name=f"gpt2-offline-{merges or 'all'}", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
+            name=f"gpt2-offline-{merges or 'all'}",
+            pat_str=GPT2_PATTERN,
+            mergeable_ranks=ranks,
             special_tokens={EOT_TEXT: len(ranks)},
         )
         return cls(encoding, merges)

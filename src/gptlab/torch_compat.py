@@ -22,8 +22,10 @@ class TorchVersionError(ImportError):
 
 
 def install_hint() -> str:
-    return (f"gptlab needs torch >= {'.'.join(map(str, TORCH_FLOOR))} and is tested with the version in its "
-            f"constraints.txt; install that (pip install -c constraints.txt torch), this is torch {torch.__version__}")
+    return (
+        f"gptlab needs torch >= {'.'.join(map(str, TORCH_FLOOR))} and is tested with the version in its "
+        f"constraints.txt; install that (pip install -c constraints.txt torch), this is torch {torch.__version__}"
+    )
 
 
 def torch_version(version: str) -> tuple[int, int]:
@@ -50,6 +52,7 @@ def private(owner: object, name: str, where: str) -> object:
 
 # --- oneDNN's packed linear (CPU decoding, inference/decoder.py) ---
 
+
 def onednn_bf16_supported() -> bool:
     return private(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", "torch.ops.mkldnn._is_mkldnn_bf16_supported")()
 
@@ -66,6 +69,7 @@ def packed_linear(x: torch.Tensor, packed_weight: torch.Tensor, bias: torch.Tens
 
 
 # --- fbgemm's int8 linear (inference/quantize.py) ---
+
 
 def int8_prepack(q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> object:
     """Pack int8 weights q (out, in) with per-row scales (out,) for int8_linear."""
@@ -91,6 +95,7 @@ def int8_linear_dynamic(x: torch.Tensor, packed: object) -> torch.Tensor:
 
 # --- the int4 CPU kernel (inference/quantize.py) ---
 
+
 def int4_pack(q: torch.Tensor) -> torch.Tensor:
     """int4 codes (out, in) int32 in [0, 15] packed for int4_mm: (out, in / 2) uint8."""
     name = "_convert_weight_to_int4pack_for_cpu"
@@ -104,6 +109,7 @@ def int4_mm(x: torch.Tensor, packed: torch.Tensor, group_size: int, scales_and_o
 
 
 # --- the rest ---
+
 
 def muon_class() -> type:
     """torch.optim.Muon, whose `_init_group` BatchedMuon calls (training/optimizers.py)."""
@@ -122,8 +128,10 @@ def checkpoint_wrapper(module: torch.nn.Module) -> torch.nn.Module:
     try:
         from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper as wrap
     except ImportError:
-        raise TorchVersionError("this PyTorch has no torch.distributed.algorithms._checkpoint.checkpoint_wrapper, "
-                                f"which gptlab uses; {install_hint()}") from None
+        raise TorchVersionError(
+            "this PyTorch has no torch.distributed.algorithms._checkpoint.checkpoint_wrapper, "
+            f"which gptlab uses; {install_hint()}"
+        ) from None
     return wrap(module)
 
 

@@ -143,8 +143,9 @@ def test_builders_of_one_cache_at_once_each_leave_a_whole_cache(tmp_path, gpt2):
     text = "Shared storage, several nodes, one cache folder.\n" * 400
     corpus, cache_dir, count = read_corpus([write(tmp_path / "text.txt", text)]), tmp_path / "cache", 3
     barrier, results = threading.Barrier(count), queue.Queue()
-    builders = [threading.Thread(target=build_together, args=(corpus, gpt2, cache_dir, barrier, results))
-                for _ in range(count)]
+    builders = [
+        threading.Thread(target=build_together, args=(corpus, gpt2, cache_dir, barrier, results)) for _ in range(count)
+    ]
     for builder in builders:
         builder.start()
     built = [results.get(timeout=60) for _ in builders]
@@ -158,7 +159,6 @@ def test_builders_of_one_cache_at_once_each_leave_a_whole_cache(tmp_path, gpt2):
     assert not cache.built and (True, cache.train_tokens.tolist(), cache.val_tokens.tolist()) == expected
 
 
-
 def test_a_builder_returns_its_own_cache_when_another_starts_replacing_it(tmp_path, gpt2, monkeypatch):
     # The interleaving that the threads above hit only now and then: just after this build writes its
     # manifest, another builder removes it and renames different files into place (here: another text's).
@@ -166,8 +166,9 @@ def test_a_builder_returns_its_own_cache_when_another_starts_replacing_it(tmp_pa
 
     text, other = "this build's text\n" * 100, "another build's text, longer\n" * 300
     corpus, cache_dir = read_corpus([write(tmp_path / "text.txt", text)]), tmp_path / "cache"
-    other_cache = build_token_cache(read_corpus([write(tmp_path / "other.txt", other)]), gpt2,
-                                    tmp_path / "other", progress=False)
+    other_cache = build_token_cache(
+        read_corpus([write(tmp_path / "other.txt", other)]), gpt2, tmp_path / "other", progress=False
+    )
     write_manifest = cache_module.write_manifest
 
     def write_then_lose(directory, manifest):
@@ -185,6 +186,7 @@ def test_a_builder_returns_its_own_cache_when_another_starts_replacing_it(tmp_pa
 
 
 # ---------------------------------------------------------------- a whole text for evaluation
+
 
 @pytest.mark.parametrize("kind", ["gpt2", "char"])
 def test_an_evaluation_cache_puts_every_token_on_the_validation_side(tmp_path, kind):

@@ -28,6 +28,7 @@ from gptlab.tokenizer import EOT_TEXT
 
 # ---------------------------------------------------------------- corpus
 
+
 def test_default_corpus_is_cpythons_reference_documentation():
     from pydoc_data.topics import topics
 
@@ -38,12 +39,14 @@ def test_default_corpus_is_cpythons_reference_documentation():
     assert (document.path, document.text, document.mtime_ns) == (EMBEDDED_PATH, text, None)
     assert document.n_bytes == len(text.encode("utf-8"))
 
+
 @pytest.mark.parametrize("text", ["0123456789", "é" * 7 + "日本", "x" * 1001, "a"])
 def test_split_text_takes_the_last_tenth_of_the_characters(text):
     train, val = split_text(text)
     assert train + val == text
     assert len(train) == int(0.9 * len(text))
     assert split_text("0123456789") == ("012345678", "9")
+
 
 def test_folders_are_searched_recursively_in_sorted_order_skipping_hidden_and_non_text(tmp_path):
     for name in ["b.txt", "a.txt", "a/z.md", "a/b/c.py", "a/B.rst", ".hidden/x.txt", "a/.dot.txt"]:
@@ -56,11 +59,13 @@ def test_folders_are_searched_recursively_in_sorted_order_skipping_hidden_and_no
     assert corpus.skipped == ((str(tmp_path / "image.png"), "binary: NUL byte at offset 8"),)
     assert corpus.hidden == 2
 
+
 def test_globs_and_files_keep_argument_order_and_a_file_is_read_once(tmp_path):
     for name in ["b.txt", "a/x.md", "a/b/y.md", "notes.log"]:
         write(tmp_path / name, name)
     corpus = read_corpus([tmp_path / "notes.log", str(tmp_path / "**" / "*.md"), tmp_path / "a" / "x.md"])
     assert [os.path.relpath(doc.path, tmp_path) for doc in corpus.documents] == ["notes.log", "a/b/y.md", "a/x.md"]
+
 
 def test_files_are_read_byte_exact(tmp_path):
     text = "line one\r\nline two\r\n\ufeffend"
@@ -68,6 +73,7 @@ def test_files_are_read_byte_exact(tmp_path):
     (document,) = read_corpus([path]).documents
     assert document.read_text() == text
     assert (document.n_bytes, document.mtime_ns) == (len(text.encode("utf-8")), path.stat().st_mtime_ns)
+
 
 def test_invalid_utf8_names_the_file_and_the_byte_offset(tmp_path, gpt2):
     path = write(tmp_path / "bad.txt", b"hello\n\xffworld")
@@ -77,6 +83,7 @@ def test_invalid_utf8_names_the_file_and_the_byte_offset(tmp_path, gpt2):
     message = str(error.value)
     assert str(path) in message and "byte 6" in message and "--replace-invalid-utf8" in message
     assert "\n" not in message
+
 
 @pytest.mark.parametrize("block_bytes", range(1, 10))
 def test_invalid_utf8_offset_is_exact_across_read_blocks(tmp_path, block_bytes):
@@ -88,11 +95,13 @@ def test_invalid_utf8_offset_is_exact_across_read_blocks(tmp_path, block_bytes):
     with pytest.raises(DataError, match="byte 2;"):
         list(texts(str(truncated), "strict", None, hashlib.sha256(), block_bytes))
 
+
 def test_replace_mode_reads_invalid_bytes_as_replacement_characters(tmp_path):
     data = b"caf\xe9 ok\n\xff\xfe end"
     corpus = read_corpus([write(tmp_path / "latin1.txt", data)], errors="replace")
     assert corpus.text() == data.decode("utf-8", errors="replace")
     assert corpus.text().count("\ufffd") == 3
+
 
 def test_bad_paths_and_empty_corpora_are_clear_errors(tmp_path):
     with pytest.raises(DataError, match="no such file or folder: .*missing.txt"):
@@ -114,6 +123,7 @@ def test_bad_paths_and_empty_corpora_are_clear_errors(tmp_path):
         str(tmp_path / "t.txt")
     ]
 
+
 def test_char_tokenizer_covers_every_character_of_the_corpus_including_validation(tmp_path):
     texts = ["aaaa bbbb\n" * 9, "zZ€\n"]
     corpus = read_corpus([write(tmp_path / f"{i}.txt", text) for i, text in enumerate(texts)])
@@ -123,7 +133,9 @@ def test_char_tokenizer_covers_every_character_of_the_corpus_including_validatio
     with pytest.raises(DataError, match="unknown tokenizer 'bpe'"):
         build_tokenizer("bpe", corpus)
 
+
 # ---------------------------------------------------------------- chunking and the token cache
+
 
 def test_cutting_before_a_newline_after_visible_text_keeps_gpt2_tokens(gpt2):
     # Why cuts go before the newline: cutting after "\n\n" changes the tokens ("\n\n" is one piece at
@@ -136,10 +148,12 @@ def test_cutting_before_a_newline_after_visible_text_keeps_gpt2_tokens(gpt2):
         assert "".join(pieces) == text and len(pieces) > 1
         assert [t for piece in gpt2.encode_batch(pieces) for t in piece] == gpt2.encode(text)
 
+
 def test_text_without_a_safe_cut_is_still_cut_to_bound_memory():
     text = "abcdefghij" * 100
     pieces = list(chunks(iter([text[i : i + 30] for i in range(0, len(text), 30)]), 10))
     assert "".join(pieces) == text and max(len(piece) for piece in pieces) == 40
+
 
 def test_chunked_tokens_of_the_default_corpus_equal_encoding_the_split_text(tmp_path, gpt2):
     corpus = default_corpus()
@@ -149,6 +163,7 @@ def test_chunked_tokens_of_the_default_corpus_equal_encoding_the_split_text(tmp_
     assert cache.val_tokens.tolist() == gpt2.encode(val_text)
     assert cache.val_bytes == len(val_text.encode("utf-8"))
     assert cache.train_tokens.dtype == np.uint16
+
 
 @pytest.mark.parametrize("kind", ["gpt2", "char"])
 def test_multi_document_tokens_equal_encoding_the_joined_text_split_by_characters(tmp_path, kind):
@@ -166,6 +181,7 @@ def test_multi_document_tokens_equal_encoding_the_joined_text_split_by_character
     assert cache.manifest["split_char"] == len(train_text)
     assert cache.val_bytes == len(val_text.replace(EOT_TEXT, "").encode("utf-8"))
 
+
 def test_a_split_inside_a_document_boundary_moves_the_whole_boundary_to_its_first_characters_side(tmp_path, gpt2):
     first, second = "a" * 89 + "\n", "tail\n"  # 90 + 13 + 5 = 108 characters; int(0.9 * 108) = 97 is in the marker
     corpus = read_corpus([write(tmp_path / "1.txt", first), write(tmp_path / "2.txt", second)])
@@ -173,6 +189,7 @@ def test_a_split_inside_a_document_boundary_moves_the_whole_boundary_to_its_firs
     assert cache.train_tokens.tolist() == gpt2.encode(first) + [gpt2.eot_id]
     assert cache.val_tokens.tolist() == gpt2.encode(second)
     assert cache.manifest["split_char"] == len(first) + len(EOT_TEXT)
+
 
 def test_the_manifest_records_sources_tokenizer_split_and_counts(tmp_path, gpt2):
     path = write(tmp_path / "t.txt", "some text\n" * 50)
@@ -187,6 +204,7 @@ def test_the_manifest_records_sources_tokenizer_split_and_counts(tmp_path, gpt2)
     assert manifest["splits"]["val"]["tokens"] == len(cache.val_tokens) > 0
     assert manifest["total_chars"] == 500 and manifest["split_char"] == 450
     assert sorted(os.listdir(tmp_path / "cache")) == ["tokens-train.bin", "tokens-val.bin", "tokens.json"]
+
 
 def test_the_cache_is_reused_when_nothing_changed_and_rebuilt_when_anything_did(tmp_path, gpt2):
     path = write(tmp_path / "t.txt", "hello world\n" * 100)
@@ -216,6 +234,7 @@ def test_the_cache_is_reused_when_nothing_changed_and_rebuilt_when_anything_did(
     assert build_token_cache(read_corpus([renamed]), char_tokenizer, cache_dir, progress=False).built
     assert not build_token_cache(read_corpus([renamed]), char_tokenizer, cache_dir, progress=False).built
 
+
 def test_a_failed_build_leaves_the_previous_cache_whole_and_no_temporary_files(tmp_path, gpt2):
     path = write(tmp_path / "t.txt", "old text\n" * 100)
     cache_dir = tmp_path / "cache"
@@ -232,6 +251,7 @@ def test_a_failed_build_leaves_the_previous_cache_whole_and_no_temporary_files(t
     assert sorted(os.listdir(cache_dir)) == files_before
     assert open_token_cache(cache_dir).train_tokens.tolist() == gpt2.encode(split_text("old text\n" * 100)[0])
 
+
 def test_a_damaged_cache_is_rebuilt_and_a_missing_one_is_reported(tmp_path, gpt2):
     path = write(tmp_path / "t.txt", "text\n" * 100)
     cache_dir = tmp_path / "cache"
@@ -244,6 +264,7 @@ def test_a_damaged_cache_is_rebuilt_and_a_missing_one_is_reported(tmp_path, gpt2
     assert rebuilt.built and rebuilt.train_tokens.tolist() == expected
     with pytest.raises(DataError, match="no token cache in"):
         open_token_cache(tmp_path / "elsewhere")
+
 
 def test_token_files_are_uint16_up_to_65536_ids_and_uint32_beyond(tmp_path):
     assert token_dtype(50257) == np.uint16 and token_dtype(65536) == np.uint16 and token_dtype(65537) == np.uint32
@@ -258,6 +279,7 @@ def test_token_files_are_uint16_up_to_65536_ids_and_uint32_beyond(tmp_path):
     assert cache.val_tokens.tolist() == tokenizer.encode(val_text)
     assert max(cache.val_tokens) > 65535
 
+
 def test_val_target_bytes_are_the_bytes_of_the_scored_validation_targets(tmp_path, gpt2):
     texts = ["Ünïcode first file\n" * 30, "second 文字 file\n" * 3]  # the split falls in the first file
     corpus = read_corpus([write(tmp_path / f"{i}.txt", text) for i, text in enumerate(texts)])
@@ -271,7 +293,9 @@ def test_val_target_bytes_are_the_bytes_of_the_scored_validation_targets(tmp_pat
         val_text = split_text(EOT_TEXT.join(texts))[1]
         assert cache.val_bytes == len(val_text.replace(EOT_TEXT, "").encode("utf-8"))
 
+
 # ---------------------------------------------------------------- windows
+
 
 @pytest.mark.parametrize("n, context_length, stride", [(100, 8, 8), (100, 8, 3), (9, 8, 5), (57, 4, 1), (64, 7, 10)])
 def test_windows_are_slices_of_the_tokens_every_stride(n, context_length, stride):
@@ -285,6 +309,7 @@ def test_windows_are_slices_of_the_tokens_every_stride(n, context_length, stride
         assert inputs[row].tolist() == tokens[start : start + context_length].tolist()
         assert targets[row].tolist() == tokens[start + 1 : start + context_length + 1].tolist()
 
+
 def test_epoch_order_is_a_permutation_fixed_by_seed_and_epoch():
     windows = TokenWindows(np.arange(1000), 9, 9)
     order = windows.epoch_order(0, seed=1)[:]
@@ -293,8 +318,10 @@ def test_epoch_order_is_a_permutation_fixed_by_seed_and_epoch():
     assert order.tolist() != windows.epoch_order(1, seed=1)[:].tolist()
     assert order.tolist() != windows.epoch_order(0, seed=2)[:].tolist()
 
+
 def first_tokens(batch):
     return batch.inputs[:, 0].tolist()
+
 
 def test_batches_follow_each_epochs_order_and_resume_exactly(tmp_path):
     windows = TokenWindows(np.arange(230), 10, 10)  # 22 windows: 5 batches of 4 per epoch, 2 left over
@@ -313,6 +340,7 @@ def test_batches_follow_each_epochs_order_and_resume_exactly(tmp_path):
             assert (batch.epoch, batch.index, batch.resume_at) == (expected.epoch, expected.index, expected.resume_at)
             assert np.array_equal(batch.inputs, expected.inputs) and np.array_equal(batch.targets, expected.targets)
 
+
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_ranks_take_disjoint_slices_whose_union_is_the_global_batch(world_size):
     windows = TokenWindows(np.arange(500), 10, 7)
@@ -326,6 +354,7 @@ def test_ranks_take_disjoint_slices_whose_union_is_the_global_batch(world_size):
         assert len({start for part in parts for start in first_tokens(part)}) == 8
         assert {part.resume_at for part in parts} == {batch.resume_at}
 
+
 def test_bad_batch_requests_are_clear_errors():
     windows = TokenWindows(np.arange(50), 10, 10)  # 4 windows
     with pytest.raises(DataError, match="more than the 4 windows"):
@@ -337,11 +366,13 @@ def test_bad_batch_requests_are_clear_errors():
     with pytest.raises(DataError, match="stride must be >= 1"):
         TokenWindows(np.arange(50), 10, 0)
 
+
 def test_too_short_data_says_how_many_tokens_it_has_and_needs():
     with pytest.raises(DataError, match="training split has 8 tokens but needs at least 9 .context length 8"):
         TokenWindows(np.arange(8), 8, 8)
     with pytest.raises(DataError, match="validation split has 3 tokens but needs at least 5"):
         next(validation_batches(np.arange(3), 4, 2))
+
 
 @pytest.mark.parametrize("n", [9, 10, 17, 33, 100, 101])
 @pytest.mark.parametrize("batch_size, world_size", [(1, 1), (3, 1), (2, 2), (4, 3)])

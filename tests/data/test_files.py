@@ -106,13 +106,19 @@ def test_a_file_named_directly_is_read_whatever_the_filters(tree):
 
 def test_bad_patterns_and_nothing_left_are_one_line_errors(tree):
     cases = [
-        (dict(include=["*.{md,txt}"]), r"include pattern '\*.\{md,txt\}' uses \{a,b\}, .* give one pattern for each; "
-                                        r"use patterns such as '\*.md' or 'drafts/\*'"),
+        (
+            dict(include=["*.{md,txt}"]),
+            r"include pattern '\*.\{md,txt\}' uses \{a,b\}, .* give one pattern for each; "
+            r"use patterns such as '\*.md' or 'drafts/\*'",
+        ),
         (dict(exclude=["drafts/"]), r"exclude pattern 'drafts/' ends with '/': write 'drafts' to match a folder"),
         (dict(exclude=[""]), r"exclude pattern '' cannot match: patterns apply to paths relative"),
         (dict(include=["/abs/*.md"]), r"include pattern '/abs/\*.md' cannot match"),
-        (dict(include=["*.rst"]), r"folder .* gives no text files to read \(left out 6 files: 6 not included\); "
-                                   r"check --include/--exclude or name the files"),
+        (
+            dict(include=["*.rst"]),
+            r"folder .* gives no text files to read \(left out 6 files: 6 not included\); "
+            r"check --include/--exclude or name the files",
+        ),
         (dict(exclude=["*"]), r"left out 4 files: 4 excluded\)"),  # 3 folders and x.py
     ]
     for filters, message in cases:
@@ -134,14 +140,18 @@ def test_links_never_read_a_text_twice_and_are_said(tmp_path):
     corpus = read_corpus([tmp_path / "notes", tmp_path / "notes" / "a.txt"])
     assert corpus.text() == "alpha\n"  # once, whichever name is met first
     assert corpus.skipped == (
-        (str(tmp_path / "notes" / "linked-folder"), "link: to a folder, not followed (name the folder itself to read it)"),
+        (
+            str(tmp_path / "notes" / "linked-folder"),
+            "link: to a folder, not followed (name the folder itself to read it)",
+        ),
         (str(tmp_path / "notes" / "a.txt"), f"duplicate: the same file as {tmp_path / 'notes' / 'a-again.txt'}"),
     )
     assert "skipped 2 files: 1 link, 1 duplicate" in corpus.summary()
 
 
-@pytest.mark.parametrize("kind, compress, name", [("bzip2", bz2.compress, "corpus.txt.bz2"),
-                                                 ("xz", lzma.compress, "corpus.txt.xz")])
+@pytest.mark.parametrize(
+    "kind, compress, name", [("bzip2", bz2.compress, "corpus.txt.bz2"), ("xz", lzma.compress, "corpus.txt.xz")]
+)
 def test_a_compressed_file_gptlab_does_not_read_is_named_as_such(tmp_path, kind, compress, name):
     """gzip and zstd files named .gz or .zst are read (test_formats.py); other compressions are named."""
     write(tmp_path / "folder" / name, compress(b"some text\n" * 100))

@@ -18,8 +18,13 @@ from gptlab.cli import main
 from gptlab.data import DataError, build_token_cache, read_corpus
 from gptlab.tokenizer import EOT_TEXT
 
-RECORDS = ["The first record.\nIt has two lines.", "second: é€ and 漢字", "", "third, after an empty one " * 40,
-           "a literal <|endoftext|> inside a record stays text"]
+RECORDS = [
+    "The first record.\nIt has two lines.",
+    "second: é€ and 漢字",
+    "",
+    "third, after an empty one " * 40,
+    "a literal <|endoftext|> inside a record stays text",
+]
 DOCUMENTS = [text for text in RECORDS if text]  # an empty record gives nothing
 
 
@@ -32,8 +37,9 @@ WRITERS = {
     "corpus.jsonl.gz": lambda path: write(path, gzip.compress(jsonl(RECORDS[:2])) + gzip.compress(jsonl(RECORDS[2:]))),
     "corpus.jsonl.zst": lambda path: write(path, zstandard.ZstdCompressor().compress(jsonl(RECORDS))),
     "corpus.json": lambda path: write(path, json.dumps([{"text": text} for text in RECORDS])),
-    "corpus.parquet": lambda path: pq.write_table(pa.table({"id": list(range(len(RECORDS))), "text": RECORDS}), path,
-                                                  row_group_size=2),
+    "corpus.parquet": lambda path: pq.write_table(
+        pa.table({"id": list(range(len(RECORDS))), "text": RECORDS}), path, row_group_size=2
+    ),
 }
 
 
@@ -59,16 +65,20 @@ def test_compressed_text_and_a_folder_of_every_format(tmp_path, gpt2):
         writer(tmp_path / name)
     corpus = read_corpus([tmp_path])
     assert corpus.skipped == ()
-    assert corpus.summary() == ("read 7 documents (" + f"{corpus.n_bytes:,}" + " bytes: 1 .json, 1 .jsonl, 1 .jsonl.gz, "
-                                "1 .jsonl.zst, 1 .parquet, 1 .zst, 1 .txt.gz)")
+    assert corpus.summary() == (
+        "read 7 documents (" + f"{corpus.n_bytes:,}" + " bytes: 1 .json, 1 .jsonl, 1 .jsonl.gz, "
+        "1 .jsonl.zst, 1 .parquet, 1 .zst, 1 .txt.gz)"
+    )
     texts = {doc.path.rsplit("/", 1)[1]: doc.read_text() for doc in corpus.documents}
     assert texts["notes.txt.gz"] == "plain text, gzipped\n" and texts["more.zst"] == "plain text, zstd\n"
     assert build_token_cache(corpus, gpt2, tmp_path / "cache", progress=False).built
 
 
 def test_the_text_field_is_chosen_and_changing_it_rebuilds_the_cache(tmp_path, gpt2):
-    path = write(tmp_path / "posts.jsonl", "".join(json.dumps({"text": "short", "body": "the body " + str(i)}) + "\n"
-                                                   for i in range(50)))
+    path = write(
+        tmp_path / "posts.jsonl",
+        "".join(json.dumps({"text": "short", "body": "the body " + str(i)}) + "\n" for i in range(50)),
+    )
     by_text = build_token_cache(read_corpus([path]), gpt2, tmp_path / "cache", progress=False)
     by_body = build_token_cache(read_corpus([path], text_field="body"), gpt2, tmp_path / "cache", progress=False)
     assert by_body.built and gpt2.decode(by_body.train_tokens.tolist()).startswith("the body 0<|endoftext|>the body 1")
@@ -76,13 +86,19 @@ def test_the_text_field_is_chosen_and_changing_it_rebuilds_the_cache(tmp_path, g
     assert by_body.manifest["inputs"]["sources"][0]["text_field"] == "body"
 
 
-@pytest.mark.parametrize("content, message", [
-    ('{"text": "fine"}\n{"text": "broken\n', r"corpus.jsonl: line 2 is not valid JSON \(Unterminated string"),
-    ('{"text": "fine"}\n\n{"body": "x"}\n', r"corpus.jsonl: line 3 has no 'text' field \(it has: body\); name the "
-                                            r"text field with --text-field"),
-    ('{"text": 3}\n', r"line 1 has a int in 'text', not a string"),
-    ('["text"]\n', r"line 1 is a JSON list, not an object with a 'text' field"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ('{"text": "fine"}\n{"text": "broken\n', r"corpus.jsonl: line 2 is not valid JSON \(Unterminated string"),
+        (
+            '{"text": "fine"}\n\n{"body": "x"}\n',
+            r"corpus.jsonl: line 3 has no 'text' field \(it has: body\); name the "
+            r"text field with --text-field",
+        ),
+        ('{"text": 3}\n', r"line 1 has a int in 'text', not a string"),
+        ('["text"]\n', r"line 1 is a JSON list, not an object with a 'text' field"),
+    ],
+)
 def test_a_bad_record_is_named_by_file_and_line(tmp_path, gpt2, content, message):
     corpus = read_corpus([write(tmp_path / "corpus.jsonl", content)])
     with pytest.raises(DataError, match=message) as error:
@@ -92,13 +108,21 @@ def test_a_bad_record_is_named_by_file_and_line(tmp_path, gpt2, content, message
 
 def test_parquet_columns_are_checked(tmp_path, gpt2):
     pq.write_table(pa.table({"content": ["a", "b"], "n": [1, 2]}), tmp_path / "a.parquet")
-    with pytest.raises(DataError, match=r"a.parquet has no 'text' column \(it has: content, n\); name the text column "
-                                        "with --text-field"):
+    with pytest.raises(
+        DataError,
+        match=r"a.parquet has no 'text' column \(it has: content, n\); name the text column "
+        "with --text-field",
+    ):
         build_token_cache(read_corpus([tmp_path / "a.parquet"]), gpt2, tmp_path / "cache", progress=False)
     with pytest.raises(DataError, match=r"column 'n' holds int64, not strings"):
         build_token_cache(read_corpus([tmp_path / "a.parquet"], text_field="n"), gpt2, tmp_path / "c2", progress=False)
-    cache = build_token_cache(read_corpus([tmp_path / "a.parquet"], text_field="content"), gpt2, tmp_path / "c3",
-                              progress=False, train_fraction=1.0)
+    cache = build_token_cache(
+        read_corpus([tmp_path / "a.parquet"], text_field="content"),
+        gpt2,
+        tmp_path / "c3",
+        progress=False,
+        train_fraction=1.0,
+    )
     assert cache.train_tokens.tolist() == [*gpt2.encode("a"), gpt2.eot_id, *gpt2.encode("b")]
 
 
@@ -111,9 +135,9 @@ def test_a_file_that_is_not_what_its_name_says(tmp_path):
     assert dict(corpus.skipped) == {
         str(tmp_path / "folder" / "gzipped.txt"): "compressed: gzip (name it gzipped.txt.gz to read it)",
         str(tmp_path / "folder" / "notes.txt.gz"): "not what its name says: named notes.txt.gz, but its first bytes "
-                                                   "are not gzip's; rename or re-create it",
+        "are not gzip's; rename or re-create it",
         str(tmp_path / "folder" / "table.parquet"): "not what its name says: named table.parquet, but its first bytes "
-                                                    "are not parquet's; rename or re-create it",
+        "are not parquet's; rename or re-create it",
     }
     with pytest.raises(DataError, match=r"notes.txt.gz: not what its name says: named notes.txt.gz, but its first"):
         read_corpus([tmp_path / "folder" / "notes.txt.gz"])
@@ -149,7 +173,9 @@ def test_a_parquet_file_is_streamed_a_row_group_at_a_time(tmp_path):
     path = tmp_path / "big.parquet"
     pq.write_table(table, path, row_group_size=group_rows, compression="none")
     assert path.stat().st_size > 48 * 2**20
-    result = subprocess.run([sys.executable, "-c", PARQUET_READ, str(path)], capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", PARQUET_READ, str(path)], capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr
     characters, peak = map(int, result.stdout.split())
     assert characters == rows * row_chars
@@ -157,15 +183,42 @@ def test_a_parquet_file_is_streamed_a_row_group_at_a_time(tmp_path):
 
 
 def test_gptlab_train_reads_records_from_the_field_it_is_given(tmp_path, capsys):
-    posts = write(tmp_path / "posts.jsonl", "".join(json.dumps({"id": i, "body": f"post number {i}. " * 20}) + "\n"
-                                                    for i in range(40)))
-    argv = ["train", "--data", str(posts), "--out", str(tmp_path / "run"), "--cache-dir", str(tmp_path / "cache"),
-            "--context-length", "16", "--emb-dim", "32", "--n-heads", "2", "--n-layers", "2", "--batch-size", "4",
-            "--max-steps", "1", "--sample-tokens", "0", "--device", "cpu", "--no-progress"]
+    posts = write(
+        tmp_path / "posts.jsonl",
+        "".join(json.dumps({"id": i, "body": f"post number {i}. " * 20}) + "\n" for i in range(40)),
+    )
+    argv = [
+        "train",
+        "--data",
+        str(posts),
+        "--out",
+        str(tmp_path / "run"),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--context-length",
+        "16",
+        "--emb-dim",
+        "32",
+        "--n-heads",
+        "2",
+        "--n-layers",
+        "2",
+        "--batch-size",
+        "4",
+        "--max-steps",
+        "1",
+        "--sample-tokens",
+        "0",
+        "--device",
+        "cpu",
+        "--no-progress",
+    ]
     assert main([*argv, "--text-field", "body"]) == 0
     out = capsys.readouterr().out
     assert f"data: read 1 document ({posts.stat().st_size:,} bytes: {posts})" in out
     assert main([*argv, "--overwrite"]) == 2  # the default field, text, is not there
     err = capsys.readouterr().err
-    assert err == (f"gptlab train: error: {posts}: line 1 has no 'text' field (it has: body, id); name the text field "
-                   "with --text-field\n")
+    assert err == (
+        f"gptlab train: error: {posts}: line 1 has no 'text' field (it has: body, id); name the text field "
+        "with --text-field\n"
+    )

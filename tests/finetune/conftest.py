@@ -46,8 +46,9 @@ def one_thread():
 
 
 def tiny_config(**changes) -> GPTConfig:
-    settings = dict(vocab_size=TOKENIZER.vocab_size, context_length=256, emb_dim=16, n_heads=2, n_layers=2,
-                    drop_rate=0.0)
+    settings = dict(
+        vocab_size=TOKENIZER.vocab_size, context_length=256, emb_dim=16, n_heads=2, n_layers=2, drop_rate=0.0
+    )
     return GPTConfig(**{**settings, **changes})
 
 
@@ -80,10 +81,27 @@ def pretrained(tmp_path_factory) -> Path:
     chat = "<|im_start|>user\nSort: b a<|im_end|>\n<|im_start|>assistant\nSorted: a b"
     (folder / "corpus.txt").write_text(chat + "\n" + "\n".join(lines))
     with threads(1):  # a session fixture starts before the autouse one_thread
-        train(data=[str(folder / "corpus.txt")], out=str(folder / "run"), cache_dir=str(folder / "cache"),
-              tokenizer="char", context_length=96, emb_dim=64, n_heads=4, n_layers=2, drop_rate=0.0, optimizer="adamw",
-              max_steps=40, batch_size=16, lr=3e-3,
-              warmup_steps=10, eval_interval=1000, sample_tokens=0, progress=False, device="cpu", log=lambda line: None)
+        train(
+            data=[str(folder / "corpus.txt")],
+            out=str(folder / "run"),
+            cache_dir=str(folder / "cache"),
+            tokenizer="char",
+            context_length=96,
+            emb_dim=64,
+            n_heads=4,
+            n_layers=2,
+            drop_rate=0.0,
+            optimizer="adamw",
+            max_steps=40,
+            batch_size=16,
+            lr=3e-3,
+            warmup_steps=10,
+            eval_interval=1000,
+            sample_tokens=0,
+            progress=False,
+            device="cpu",
+            log=lambda line: None,
+        )
     return folder / "run" / "last"
 
 

@@ -21,7 +21,11 @@ from gptlab.loading import load_classifier
 from gptlab.training.evaluation import loss_fn
 
 LABELS = ["ham", "other", "spam"]
-TEXTS = [LabeledText("buy now", "spam", "t"), LabeledText("hi", "ham", "t"), LabeledText("see you at noon.", "other", "t")]
+TEXTS = [
+    LabeledText("buy now", "spam", "t"),
+    LabeledText("hi", "ham", "t"),
+    LabeledText("see you at noon.", "other", "t"),
+]
 
 
 def test_the_last_real_tokens_logits_classify_each_padded_row_as_if_alone():
@@ -60,9 +64,24 @@ def rule_texts(count: int, seed: int) -> list[tuple[str, str]]:
 
 def test_train_blocks_trains_only_the_last_blocks_the_final_norm_and_the_head(tiny_base, tmp_path):
     data = write_csv(tmp_path / "rule.csv", rule_texts(60, 0))
-    finetune("classify", init=str(tiny_base), data=data, out=str(tmp_path / "run"), train_blocks="1", max_steps=3,
-             batch_size=8, lr=1e-2, eval_interval=1000, progress=False, device="cpu", log=lambda line: None)
-    base, tuned = load_file(str(tiny_base / "model.safetensors")), load_file(str(tmp_path / "run/last/model.safetensors"))
+    finetune(
+        "classify",
+        init=str(tiny_base),
+        data=data,
+        out=str(tmp_path / "run"),
+        train_blocks="1",
+        max_steps=3,
+        batch_size=8,
+        lr=1e-2,
+        eval_interval=1000,
+        progress=False,
+        device="cpu",
+        log=lambda line: None,
+    )
+    base, tuned = (
+        load_file(str(tiny_base / "model.safetensors")),
+        load_file(str(tmp_path / "run/last/model.safetensors")),
+    )
     changed = {name for name in base if name != "out_head.weight" and not torch.equal(base[name], tuned[name])}
     trained = {name for name in base if name.startswith(("trf_blocks.1.", "final_norm."))}
     assert changed == trained
@@ -72,9 +91,20 @@ def test_train_blocks_trains_only_the_last_blocks_the_final_norm_and_the_head(ti
 @pytest.mark.slow
 def test_classification_learns_a_rule_and_the_classifier_loads_back(pretrained, tmp_path, capsys):
     data = write_csv(tmp_path / "rule.csv", rule_texts(600, 0))
-    result = finetune("classify", init=str(pretrained), data=data, out=str(tmp_path / "run"), max_steps=150,
-                      batch_size=16, lr=2e-3, warmup_steps=5, eval_interval=75, progress=False, device="cpu",
-                      log=lambda line: None)
+    result = finetune(
+        "classify",
+        init=str(pretrained),
+        data=data,
+        out=str(tmp_path / "run"),
+        max_steps=150,
+        batch_size=16,
+        lr=2e-3,
+        warmup_steps=5,
+        eval_interval=75,
+        progress=False,
+        device="cpu",
+        log=lambda line: None,
+    )
     scores = {name: score.accuracy for name, score in result.scores.items()}
     assert [result.scores[name].texts for name in ("train", "validation", "test")] == [420, 60, 120]  # 70 / 10 / 20
     # Measured: 1.00 on every split on the project's machine; half the texts have an 'h', so chance is 0.5.
@@ -84,14 +114,18 @@ def test_classification_learns_a_rule_and_the_classifier_loads_back(pretrained, 
     classifier = load_classifier(tmp_path / "run/last")
     assert classifier.labels == ["no", "yes"] and classifier.model.out_head.out_features == 2
     assert json.loads((tmp_path / "run/last/config.json").read_text())["classifier"] == {
-        "labels": ["no", "yes"], "pooling": "last_token"}
+        "labels": ["no", "yes"],
+        "pooling": "last_token",
+    }
     texts = ["abcdef", "habcde"]
     capsys.readouterr()
     assert main(["classify", "--checkpoint", str(tmp_path / "run/last"), "--text", texts[0], "--text", texts[1]]) == 0
     printed = [line.split("\t") for line in capsys.readouterr().out.splitlines()]
     with torch.no_grad():
         for (label, probability, text), expected_text in zip(printed, texts):
-            probabilities = classifier.model(torch.tensor([classifier.tokenizer.encode(expected_text)]))[0, -1].softmax(-1)
+            probabilities = classifier.model(torch.tensor([classifier.tokenizer.encode(expected_text)]))[0, -1].softmax(
+                -1
+            )
             assert (label, text) == (classifier.labels[probabilities.argmax()], expected_text)
             assert float(probability) == pytest.approx(probabilities.max().item(), abs=5e-5)
     assert [label for label, _, _ in printed] == ["no", "yes"]

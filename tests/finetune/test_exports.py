@@ -41,7 +41,9 @@ def test_a_classifier_exports_as_gpt2_for_sequence_classification(classifier, tm
     assert "GPT2ForSequenceClassification with labels ham, spam, eggs" in out
     hf = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf").eval()
     assert type(hf).__name__ == "GPT2ForSequenceClassification"
-    assert hf.config.id2label == dict(enumerate(LABELS)) and hf.config.label2id == {label: i for i, label in enumerate(LABELS)}
+    assert hf.config.id2label == dict(enumerate(LABELS)) and hf.config.label2id == {
+        label: i for i, label in enumerate(LABELS)
+    }
     assert hf.config.pad_token_id == TOKENIZER.eot_id
     ours = load_classifier(classifier)
     expected = classify_texts(ours, TEXTS)  # [(label, probability)]
@@ -67,12 +69,16 @@ def test_a_classifier_exports_as_gpt2_for_sequence_classification(classifier, tm
     assert [p for _, p in again] == pytest.approx([p for _, p in expected], abs=1e-6)
 
 
-@pytest.mark.parametrize("argv", [
-    ["generate", "--checkpoint", "CKPT", "--prompt", "a", "--max-new-tokens", "2"],
-    ["eval", "--checkpoint", "CKPT"],
-    ["serve", "--checkpoint", "CKPT", "--port", "0"],
-    ["convert", "--to-gguf", "CKPT", "OUT/model.gguf"],
-], ids=["generate", "eval", "serve", "gguf"])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["generate", "--checkpoint", "CKPT", "--prompt", "a", "--max-new-tokens", "2"],
+        ["eval", "--checkpoint", "CKPT"],
+        ["serve", "--checkpoint", "CKPT", "--port", "0"],
+        ["convert", "--to-gguf", "CKPT", "OUT/model.gguf"],
+    ],
+    ids=["generate", "eval", "serve", "gguf"],
+)
 def test_a_classifier_is_refused_where_a_language_model_is_needed(classifier, tmp_path, capsys, argv):
     argv = [{"CKPT": str(classifier), "OUT/model.gguf": str(tmp_path / "model.gguf")}.get(item, item) for item in argv]
     code, out, err = run(capsys, argv)

@@ -21,8 +21,23 @@ from gptlab.finetune.lora import AdapterDropout, read_adapter
 from gptlab.finetune.pipeline import finetune
 from gptlab.tokenizer import CharTokenizer
 
-RUN = ["--batch-size", "4", "--eval-interval", "2", "--log-interval", "1", "--sample-tokens", "8", "--lr", "1e-2",
-       "--warmup-steps", "1", "--device", "cpu", "--no-progress"]
+RUN = [
+    "--batch-size",
+    "4",
+    "--eval-interval",
+    "2",
+    "--log-interval",
+    "1",
+    "--sample-tokens",
+    "8",
+    "--lr",
+    "1e-2",
+    "--warmup-steps",
+    "1",
+    "--device",
+    "cpu",
+    "--no-progress",
+]
 RECORDS = [{"instruction": f"Sort: {a} {b}", "output": f"{min(a, b)} {max(a, b)}"} for a in "abcd" for b in "efgh"]
 
 
@@ -57,12 +72,35 @@ def test_a_lora_run_changes_only_the_adapters(tiny_base, instructions, tmp_path,
         data = ["--data", str(text), "--cache-dir", str(tmp_path / "cache"), "--context-length", "16"]
     else:
         data = ["--data", instructions]
-    argv = [*(["finetune", "instruct"] if command == "finetune" else ["train"]), "--init", str(tiny_base), *data,
-            "--out", str(tmp_path / "run"), "--max-steps", "2", "--lora-rank", "4", "--lora-alpha", "8",
-            "--lora-targets", "qkv", "proj", "head", *RUN]
+    argv = [
+        *(["finetune", "instruct"] if command == "finetune" else ["train"]),
+        "--init",
+        str(tiny_base),
+        *data,
+        "--out",
+        str(tmp_path / "run"),
+        "--max-steps",
+        "2",
+        "--lora-rank",
+        "4",
+        "--lora-alpha",
+        "8",
+        "--lora-targets",
+        "qkv",
+        "proj",
+        "head",
+        *RUN,
+    ]
     code, out, err = gptlab(capsys, argv)
     assert code == 0, err
-    resume = [*argv[:2 if command == "finetune" else 1], "--out", str(tmp_path / "run"), "--resume", "--max-steps", "4"]
+    resume = [
+        *argv[: 2 if command == "finetune" else 1],
+        "--out",
+        str(tmp_path / "run"),
+        "--resume",
+        "--max-steps",
+        "4",
+    ]
     assert gptlab(capsys, resume)[0] == 0  # the frozen base comes from --init again
     assert list(train_losses(tmp_path / "run")) == [1, 2, 3, 4]
     checkpoint = tmp_path / "run/last"
@@ -70,15 +108,25 @@ def test_a_lora_run_changes_only_the_adapters(tiny_base, instructions, tmp_path,
     base_total = sum(t.numel() for t in load_file(str(checkpoint / "model.safetensors")).values())
     # A is (rank, in) and B (out, rank): qkv 16 → 48 and proj 64 → 16 in each block, the head 16 → vocabulary.
     trainable = cfg.n_layers * 4 * ((16 + 48) + (64 + 16)) + 4 * (16 + cfg.vocab_size)
-    assert (f"LoRA rank 4, alpha 8 on qkv, proj, head, base in float32; trainable parameters: {trainable:,} of "
-            f"{base_total + trainable:,} ({100 * trainable / (base_total + trainable):.2f}%)") in out
+    assert (
+        f"LoRA rank 4, alpha 8 on qkv, proj, head, base in float32; trainable parameters: {trainable:,} of "
+        f"{base_total + trainable:,} ({100 * trainable / (base_total + trainable):.2f}%)"
+    ) in out
     adapter = read_adapter(checkpoint)
     assert adapter.base == str(tiny_base) and set(adapter.tensors) == {
-        f"{module}.lora_{part}" for module in ("trf_blocks.0.att.qkv", "trf_blocks.0.ff.proj", "trf_blocks.1.att.qkv",
-                                               "trf_blocks.1.ff.proj", "out_head") for part in "AB"}
+        f"{module}.lora_{part}"
+        for module in (
+            "trf_blocks.0.att.qkv",
+            "trf_blocks.0.ff.proj",
+            "trf_blocks.1.att.qkv",
+            "trf_blocks.1.ff.proj",
+            "out_head",
+        )
+        for part in "AB"
+    }
     assert all(adapter.tensors[name].abs().sum() > 0 for name in adapter.tensors if name.endswith("lora_B"))
     base = load_file(str(tiny_base / "model.safetensors"))
-    base["pos_emb.weight"] = base["pos_emb.weight"][:cfg.context_length]  # `train` cropped it to --context-length
+    base["pos_emb.weight"] = base["pos_emb.weight"][: cfg.context_length]  # `train` cropped it to --context-length
     tuned = load_file(str(checkpoint / "model.safetensors"))
     expected = lora_merged_weights(base, checkpoint)
     assert tuned.keys() == expected.keys()
@@ -107,13 +155,30 @@ def test_a_lora_run_changes_only_the_adapters(tiny_base, instructions, tmp_path,
 def test_the_adapter_of_a_run_exports_for_peft_with_the_runs_logits(tiny_base, instructions, tmp_path, capsys):
     transformers = pytest.importorskip("transformers")
     peft = pytest.importorskip("peft")
-    argv = ["finetune", "instruct", "--init", str(tiny_base), "--data", instructions, "--out", str(tmp_path / "run"),
-            "--max-steps", "2", "--lora-rank", "4", *RUN]
+    argv = [
+        "finetune",
+        "instruct",
+        "--init",
+        str(tiny_base),
+        "--data",
+        instructions,
+        "--out",
+        str(tmp_path / "run"),
+        "--max-steps",
+        "2",
+        "--lora-rank",
+        "4",
+        *RUN,
+    ]
     assert gptlab(capsys, argv)[0] == 0
     assert gptlab(capsys, ["convert", "--to-hf", str(tiny_base), str(tmp_path / "hf")])[0] == 0
-    code, out, err = gptlab(capsys, ["convert", "--to-hf", "--adapter", str(tmp_path / "run/last"), str(tmp_path / "peft")])
+    code, out, err = gptlab(
+        capsys, ["convert", "--to-hf", "--adapter", str(tmp_path / "run/last"), str(tmp_path / "peft")]
+    )
     assert code == 0, err
-    hf = peft.PeftModel.from_pretrained(transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf"), tmp_path / "peft")
+    hf = peft.PeftModel.from_pretrained(
+        transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf"), tmp_path / "peft"
+    )
     run_model, _ = load_model(tmp_path / "run/last")
     ids = torch.tensor([TOKENIZER.encode("Sort: a e")])
     with torch.no_grad():
@@ -121,10 +186,26 @@ def test_the_adapter_of_a_run_exports_for_peft_with_the_runs_logits(tiny_base, i
 
 
 @pytest.mark.parametrize("base_dtype", ["bfloat16", "int8"])
-def test_a_lora_run_on_a_low_precision_base_trains_float32_adapters(tiny_base, instructions, tmp_path, capsys,
-                                                                    base_dtype):
-    argv = ["finetune", "instruct", "--init", str(tiny_base), "--data", instructions, "--out", str(tmp_path / "run"),
-            "--max-steps", "4", "--lora-rank", "4", "--lora-base-dtype", base_dtype, *RUN]
+def test_a_lora_run_on_a_low_precision_base_trains_float32_adapters(
+    tiny_base, instructions, tmp_path, capsys, base_dtype
+):
+    argv = [
+        "finetune",
+        "instruct",
+        "--init",
+        str(tiny_base),
+        "--data",
+        instructions,
+        "--out",
+        str(tmp_path / "run"),
+        "--max-steps",
+        "4",
+        "--lora-rank",
+        "4",
+        "--lora-base-dtype",
+        base_dtype,
+        *RUN,
+    ]
     code, out, err = gptlab(capsys, argv)
     assert code == 0, err
     losses = list(train_losses(tmp_path / "run").values())
@@ -153,7 +234,9 @@ def test_an_interrupted_finetune_resumes_exactly(tiny_base, tmp_path, monkeypatc
         data = write_jsonl(tmp_path / "data.jsonl", RECORDS)
         extra = ["--lora-rank", "4", "--lora-dropout", "0.1"]  # dropout: the random state must resume too
     else:
-        data = write_jsonl(tmp_path / "data.jsonl", [{"text": r["instruction"], "label": r["output"][0]} for r in RECORDS])
+        data = write_jsonl(
+            tmp_path / "data.jsonl", [{"text": r["instruction"], "label": r["output"][0]} for r in RECORDS]
+        )
         extra = ["--drop-rate", "0.1"]
     argv = ["finetune", task, "--init", str(tiny_base), "--data", str(data), "--max-steps", "6", *extra, *RUN]
     assert gptlab(capsys, [*argv, "--out", str(tmp_path / "whole")])[0] == 0
@@ -181,18 +264,48 @@ def test_an_interrupted_finetune_resumes_exactly(tiny_base, tmp_path, monkeypatc
 
 @pytest.mark.slow
 def test_two_processes_finetune_like_one(tiny_base, instructions, tmp_path, capsys):
-    argv = ["finetune", "instruct", "--init", str(tiny_base), "--data", instructions, "--max-steps", "4",
-            "--micro-batch-size", "1", "--dtype", "float32", *RUN]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone", "-m",
-                          "gptlab", *argv, "--out", str(tmp_path / "two")],
-                         capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    argv = [
+        "finetune",
+        "instruct",
+        "--init",
+        str(tiny_base),
+        "--data",
+        instructions,
+        "--max-steps",
+        "4",
+        "--micro-batch-size",
+        "1",
+        "--dtype",
+        "float32",
+        *RUN,
+    ]
+    two = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--standalone",
+            "-m",
+            "gptlab",
+            *argv,
+            "--out",
+            str(tmp_path / "two"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert two.returncode == 0, two.stderr[-3000:]
     assert gptlab(capsys, [*argv, "--out", str(tmp_path / "one")])[0] == 0
     one, other = train_losses(tmp_path / "one"), train_losses(tmp_path / "two")
     assert list(other) == [1, 2, 3, 4]
     assert list(other.values()) == pytest.approx(list(one.values()), abs=1e-5)
     assert [v for _, v in validation_losses(tmp_path / "two")] == pytest.approx(
-        [v for _, v in validation_losses(tmp_path / "one")], abs=1e-5)
+        [v for _, v in validation_losses(tmp_path / "one")], abs=1e-5
+    )
     assert two.stdout.count("stopped by max_steps after 4 steps") == 1
 
 
@@ -205,63 +318,161 @@ def refused(capsys, tmp_path, argv: list[str], message: str) -> None:
     assert not (tmp_path / "out").exists()  # nothing written
 
 
-@pytest.mark.parametrize("lines, message", [
-    (['{"instruction": "a", "output": "b"}', '{"instruction": "a", "output": '], "bad.jsonl: line 2 is not valid JSON"),
-    (['{"instruction": "a", "output": "b"}', '', '{"instruction": "a"}'], "bad.jsonl: line 3 has no 'output' field"),
-    (['{"instruction": "a", "output": 3}'], "bad.jsonl: line 1: 'output' is a JSON int; it must be a string"),
-    (['["a", "b"]'], "bad.jsonl: line 1 is a JSON list, not an object"),
-    (['{"messages": [{"role": "robot", "content": "x"}]}'], "bad.jsonl: line 1: messages[0] has role 'robot'"),
-    (['{"messages": [{"role": "user", "content": "x"}]}'], "bad.jsonl: line 1: the last message is the user's"),
-    (['{"instruction": "\u00e9", "output": "b"}', '{"instruction": "a", "output": "b"}'],
-     "bad.jsonl: line 1: character '\u00e9' is not in this character-level vocabulary"),
-])
+@pytest.mark.parametrize(
+    "lines, message",
+    [
+        (
+            ['{"instruction": "a", "output": "b"}', '{"instruction": "a", "output": '],
+            "bad.jsonl: line 2 is not valid JSON",
+        ),
+        (
+            ['{"instruction": "a", "output": "b"}', "", '{"instruction": "a"}'],
+            "bad.jsonl: line 3 has no 'output' field",
+        ),
+        (['{"instruction": "a", "output": 3}'], "bad.jsonl: line 1: 'output' is a JSON int; it must be a string"),
+        (['["a", "b"]'], "bad.jsonl: line 1 is a JSON list, not an object"),
+        (['{"messages": [{"role": "robot", "content": "x"}]}'], "bad.jsonl: line 1: messages[0] has role 'robot'"),
+        (['{"messages": [{"role": "user", "content": "x"}]}'], "bad.jsonl: line 1: the last message is the user's"),
+        (
+            ['{"instruction": "\u00e9", "output": "b"}', '{"instruction": "a", "output": "b"}'],
+            "bad.jsonl: line 1: character '\u00e9' is not in this character-level vocabulary",
+        ),
+    ],
+)
 def test_malformed_instruction_records_are_refused_naming_the_record(tiny_base, tmp_path, capsys, lines, message):
     (tmp_path / "bad.jsonl").write_text("\n".join(lines) + "\n")
-    refused(capsys, tmp_path, ["finetune", "instruct", "--init", str(tiny_base), "--data", str(tmp_path / "bad.jsonl"),
-                               "--out", str(tmp_path / "out"), *RUN], message)
+    refused(
+        capsys,
+        tmp_path,
+        [
+            "finetune",
+            "instruct",
+            "--init",
+            str(tiny_base),
+            "--data",
+            str(tmp_path / "bad.jsonl"),
+            "--out",
+            str(tmp_path / "out"),
+            *RUN,
+        ],
+        message,
+    )
 
 
-@pytest.mark.parametrize("train_rows, extra, message", [
-    ("text,label\na,x\nb,x\nc,x\nd,x\n", [], "has only the label 'x'; a classifier needs at least two classes"),
-    ("text,label\n", [], "bad.csv holds no records; give at least one"),
-    ("text,label\na,x\nb,\n", [], "bad.csv: line 3: the label is empty"),
-    ("text,label\na,x\nb,y,z\n", [], "bad.csv: line 3 has 3 fields but the header has 2"),
-    ("text,kind\na,x\n", [], "bad.csv: line 2 has no 'label' field (it has: kind, text)"),
-    ("text,label\na,x\nb,y\nc,x\nd,y\n", ["--test-data", "TEST"], "test.csv: line 3: label 'z' is only in the test split"),
-])
+@pytest.mark.parametrize(
+    "train_rows, extra, message",
+    [
+        ("text,label\na,x\nb,x\nc,x\nd,x\n", [], "has only the label 'x'; a classifier needs at least two classes"),
+        ("text,label\n", [], "bad.csv holds no records; give at least one"),
+        ("text,label\na,x\nb,\n", [], "bad.csv: line 3: the label is empty"),
+        ("text,label\na,x\nb,y,z\n", [], "bad.csv: line 3 has 3 fields but the header has 2"),
+        ("text,kind\na,x\n", [], "bad.csv: line 2 has no 'label' field (it has: kind, text)"),
+        (
+            "text,label\na,x\nb,y\nc,x\nd,y\n",
+            ["--test-data", "TEST"],
+            "test.csv: line 3: label 'z' is only in the test split",
+        ),
+    ],
+)
 def test_bad_classification_data_is_refused(tiny_base, tmp_path, capsys, train_rows, extra, message):
     (tmp_path / "bad.csv").write_text(train_rows)
     (tmp_path / "val.csv").write_text("text,label\na,x\nb,y\n")
     (tmp_path / "test.csv").write_text("text,label\na,x\nb,z\n")
     extra = [str(tmp_path / "test.csv") if item == "TEST" else item for item in extra]
-    refused(capsys, tmp_path, ["finetune", "classify", "--init", str(tiny_base), "--data", str(tmp_path / "bad.csv"),
-                               "--val-data", str(tmp_path / "val.csv"), "--out", str(tmp_path / "out"), *extra, *RUN],
-            message)
+    refused(
+        capsys,
+        tmp_path,
+        [
+            "finetune",
+            "classify",
+            "--init",
+            str(tiny_base),
+            "--data",
+            str(tmp_path / "bad.csv"),
+            "--val-data",
+            str(tmp_path / "val.csv"),
+            "--out",
+            str(tmp_path / "out"),
+            *extra,
+            *RUN,
+        ],
+        message,
+    )
 
 
 def test_an_adapter_is_refused_by_a_base_of_another_vocabulary_or_shape(tiny_base, instructions, tmp_path, capsys):
-    argv = ["finetune", "instruct", "--init", str(tiny_base), "--data", instructions, "--out", str(tmp_path / "run"),
-            "--max-steps", "1", "--lora-rank", "2", *RUN]
+    argv = [
+        "finetune",
+        "instruct",
+        "--init",
+        str(tiny_base),
+        "--data",
+        instructions,
+        "--out",
+        str(tmp_path / "run"),
+        "--max-steps",
+        "1",
+        "--lora-rank",
+        "2",
+        *RUN,
+    ]
     assert gptlab(capsys, argv)[0] == 0
-    for name, cfg, tokenizer in [("vocab", tiny_config(vocab_size=30), CharTokenizer("abcdefghijklmnopqrstuvwxyz .,")),
-                                 ("shape", tiny_config(emb_dim=32), TOKENIZER)]:
+    for name, cfg, tokenizer in [
+        ("vocab", tiny_config(vocab_size=30), CharTokenizer("abcdefghijklmnopqrstuvwxyz .,")),
+        ("shape", tiny_config(emb_dim=32), TOKENIZER),
+    ]:
         save_model(tmp_path / name, random_model(cfg), tokenizer)
         field = "vocab_size" if name == "vocab" else "emb_dim"
-        refused(capsys, tmp_path, ["merge-lora", "--adapter", str(tmp_path / "run/last"), "--base", str(tmp_path / name),
-                                   "--out", str(tmp_path / "out")], f"the adapter was made for a base with {field}")
+        refused(
+            capsys,
+            tmp_path,
+            [
+                "merge-lora",
+                "--adapter",
+                str(tmp_path / "run/last"),
+                "--base",
+                str(tmp_path / name),
+                "--out",
+                str(tmp_path / "out"),
+            ],
+            f"the adapter was made for a base with {field}",
+        )
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["train", "--lora-rank", "4"], "LoRA adapts a trained model and keeps its weights frozen; add --init CHECKPOINT"),
-    (["train", "--init", "BASE", "--lora-alpha", "8"], "--lora-alpha sets up LoRA adapters; add --lora-rank"),
-    (["train", "--init", "BASE", "--lora-rank", "0"], "LoRA rank must be a positive integer, got 0"),
-    (["finetune", "instruct", "--init", "BASE", "--data", "DATA", "--lora-rank", "4", "--lora-base-dtype", "bfloat16",
-      "--dtype", "float32"], "--lora-base-dtype bfloat16 computes in bfloat16; drop --dtype float32"),
-    (["finetune", "instruct", "--data", "DATA"], "fine-tuning starts from a trained model: add --init CHECKPOINT"),
-    (["finetune", "instruct", "--init", "BASE"], "give the training data: --data FILE"),
-    (["finetune", "classify", "--init", "BASE", "--data", "DATA", "--train-blocks", "9"],
-     "--train-blocks must be 'all' or a number of final blocks from 1 to 2, got '9'"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (
+            ["train", "--lora-rank", "4"],
+            "LoRA adapts a trained model and keeps its weights frozen; add --init CHECKPOINT",
+        ),
+        (["train", "--init", "BASE", "--lora-alpha", "8"], "--lora-alpha sets up LoRA adapters; add --lora-rank"),
+        (["train", "--init", "BASE", "--lora-rank", "0"], "LoRA rank must be a positive integer, got 0"),
+        (
+            [
+                "finetune",
+                "instruct",
+                "--init",
+                "BASE",
+                "--data",
+                "DATA",
+                "--lora-rank",
+                "4",
+                "--lora-base-dtype",
+                "bfloat16",
+                "--dtype",
+                "float32",
+            ],
+            "--lora-base-dtype bfloat16 computes in bfloat16; drop --dtype float32",
+        ),
+        (["finetune", "instruct", "--data", "DATA"], "fine-tuning starts from a trained model: add --init CHECKPOINT"),
+        (["finetune", "instruct", "--init", "BASE"], "give the training data: --data FILE"),
+        (
+            ["finetune", "classify", "--init", "BASE", "--data", "DATA", "--train-blocks", "9"],
+            "--train-blocks must be 'all' or a number of final blocks from 1 to 2, got '9'",
+        ),
+    ],
+)
 def test_impossible_settings_are_refused(tiny_base, instructions, tmp_path, capsys, argv, message):
     argv = [{"BASE": str(tiny_base), "DATA": instructions}.get(item, item) for item in argv]
     refused(capsys, tmp_path, [*argv, "--out", str(tmp_path / "out"), "--no-progress", "--device", "cpu"], message)
@@ -283,10 +494,26 @@ def test_the_dropout_schedule_leaves_the_adapters_dropout_at_its_setting(tiny_ba
     lines = []
     handle = torch.nn.modules.module.register_module_forward_hook(record)
     try:
-        finetune("instruct", init=str(tiny_base), data=instructions, out=str(tmp_path / "run"), max_steps=8,
-                 batch_size=4, lr=1e-2, warmup_steps=1, eval_interval=100, sample_tokens=0, progress=False,
-                 device="cpu", lora_rank=4, lora_dropout=0.25, drop_rate=0.1, dropout_from_epoch=0.5,
-                 dropout_double_for_epochs=0.5, log=lines.append)
+        finetune(
+            "instruct",
+            init=str(tiny_base),
+            data=instructions,
+            out=str(tmp_path / "run"),
+            max_steps=8,
+            batch_size=4,
+            lr=1e-2,
+            warmup_steps=1,
+            eval_interval=100,
+            sample_tokens=0,
+            progress=False,
+            device="cpu",
+            lora_rank=4,
+            lora_dropout=0.25,
+            drop_rate=0.1,
+            dropout_from_epoch=0.5,
+            dropout_double_for_epochs=0.5,
+            log=lines.append,
+        )
     finally:
         handle.remove()
     assert any("dropout on at 0.2 (twice the model's" in line for line in lines), lines

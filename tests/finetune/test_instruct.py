@@ -27,39 +27,49 @@ from gptlab.finetune.rows import pad_rows
 from gptlab.finetune.templates import alpaca_messages, chat_prompt_ids, encode_chat, format_chat
 from gptlab.training.evaluation import loss_fn
 
-CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-        {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Sort: c a"},
-        {"role": "assistant", "content": "a c"}]
+CHAT = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Hi"},
+    {"role": "assistant", "content": "Hello."},
+    {"role": "user", "content": "Sort: c a"},
+    {"role": "assistant", "content": "a c"},
+]
 
 
 def test_alpaca_prompts_are_the_published_text():
     # The textbook's format_input (no input) and Alpaca's prompt_input, each followed by the response header.
     assert format_chat(alpaca_messages("Name a colour.", None)) == (
         "Below is an instruction that describes a task. Write a response that appropriately completes the request."
-        "\n\n### Instruction:\nName a colour.\n\n### Response:\n")
+        "\n\n### Instruction:\nName a colour.\n\n### Response:\n"
+    )
     assert format_chat(alpaca_messages("Sort these.", None, input="c a b")) == (
         "Below is an instruction that describes a task, paired with an input that provides further context. Write "
         "a response that appropriately completes the request.\n\n### Instruction:\nSort these.\n\n### Input:\nc a b"
-        "\n\n### Response:\n")
+        "\n\n### Response:\n"
+    )
     assert format_chat(CHAT[:4], "chatml") == (
         "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello."
-        "<|endoftext|><|im_start|>user\nSort: c a<|im_end|>\n<|im_start|>assistant\n")
+        "<|endoftext|><|im_start|>user\nSort: c a<|im_end|>\n<|im_start|>assistant\n"
+    )
 
 
 @pytest.mark.parametrize("template", ["alpaca", "chatml"])
 def test_the_prompt_for_generation_is_what_training_saw_before_the_response(template):
     ids, trained = encode_chat(TOKENIZER, CHAT, template)
     prompt = chat_prompt_ids(TOKENIZER, CHAT[:-1], template)
-    assert ids[:len(prompt)] == prompt and not trained[len(prompt) - 1]
+    assert ids[: len(prompt)] == prompt and not trained[len(prompt) - 1]
     # after it: the response and the end-of-text token, all trained
-    assert TOKENIZER.decode(ids[len(prompt):]) == "a c<|endoftext|>" and all(trained[len(prompt):])
+    assert TOKENIZER.decode(ids[len(prompt) :]) == "a c<|endoftext|>" and all(trained[len(prompt) :])
     assert TOKENIZER.decode(prompt) == format_chat(CHAT[:-1], template)
     # the first response is trained too, with its end-of-text; no prompt token is
     assert TOKENIZER.decode([i for i, t in zip(ids, trained) if t]) == "Hello.<|endoftext|>a c<|endoftext|>"
 
 
-EXAMPLES = [alpaca_messages("Sort: c a b", "a b c"), alpaca_messages("Say hi.", "hi"),
-            alpaca_messages("Sort these.", "a b d e", input="e d b a")]
+EXAMPLES = [
+    alpaca_messages("Sort: c a b", "a b c"),
+    alpaca_messages("Say hi.", "hi"),
+    alpaca_messages("Sort these.", "a b d e", input="e d b a"),
+]
 
 
 def hand_loss(model, windows: list[list[tuple[str, str]]]) -> float:
@@ -108,8 +118,10 @@ def test_the_loss_of_a_packed_window_is_taken_on_each_examples_response():
         loss = loss_fn(model, torch.from_numpy(inputs), torch.from_numpy(targets)).item()
     assert loss == pytest.approx(hand_loss(model, [[texts(m) for m in EXAMPLES]]), abs=1e-5)
     # a context that holds two of them: the third starts a window of its own
-    assert [len(w[0]) for w in pack(examples, len(examples[0][0]) + len(examples[1][0]))] == \
-        [len(examples[0][0]) + len(examples[1][0]), len(examples[2][0])]
+    assert [len(w[0]) for w in pack(examples, len(examples[0][0]) + len(examples[1][0]))] == [
+        len(examples[0][0]) + len(examples[1][0]),
+        len(examples[2][0]),
+    ]
 
 
 def test_long_examples_are_truncated_or_dropped_and_counted():
@@ -120,7 +132,7 @@ def test_long_examples_are_truncated_or_dropped_and_counted():
     assert len(examples[0][0]) > context + 1 >= len(examples[1][0]) and prompt_lengths[2] > context
     cut = fit_to_context(examples, context, "truncate")
     assert (len(cut.examples), cut.truncated, cut.dropped) == (2, 1, 1)
-    assert cut.examples == [(examples[0][0][:context + 1], examples[0][1][:context + 1]), examples[1]]
+    assert cut.examples == [(examples[0][0][: context + 1], examples[0][1][: context + 1]), examples[1]]
     assert cut.describe("training") == "training: 2 examples, 1 of them truncated to the context; 1 dropped"
     dropped = fit_to_context(examples, context, "drop")
     assert (dropped.examples, dropped.truncated, dropped.dropped) == ([examples[1]], 0, 2)
@@ -155,9 +167,22 @@ def test_instruction_tuning_learns_to_sort_letters_it_never_saw_together(pretrai
     random.Random(0).shuffle(sets)
     held_out = [t for t in triples if tuple(sorted(t)) in sets[:8]][::2]
     data = write_jsonl(tmp_path / "sort.jsonl", sort_records([t for t in triples if tuple(sorted(t)) not in sets[:8]]))
-    result = finetune("instruct", init=str(pretrained), data=str(data), out=str(tmp_path / "run"), template="chatml",
-                      max_steps=300, batch_size=16, lr=3e-3, warmup_steps=5, eval_interval=150, sample_tokens=16,
-                      progress=False, device="cpu", log=lambda line: None)
+    result = finetune(
+        "instruct",
+        init=str(pretrained),
+        data=str(data),
+        out=str(tmp_path / "run"),
+        template="chatml",
+        max_steps=300,
+        batch_size=16,
+        lr=3e-3,
+        warmup_steps=5,
+        eval_interval=150,
+        sample_tokens=16,
+        progress=False,
+        device="cpu",
+        log=lambda line: None,
+    )
     assert result.run.state.step == 300
     model, tokenizer = load_model(tmp_path / "run" / "last")
     prompts = [alpaca_messages(record["instruction"], None, template="chatml") for record in sort_records(held_out)]

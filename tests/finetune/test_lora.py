@@ -64,14 +64,17 @@ def logits(model: GPTModel, tokens: torch.Tensor) -> torch.Tensor:
         return model(tokens)
 
 
-@pytest.mark.parametrize("fields, message", [
-    ({"rank": 0}, "LoRA rank must be a positive integer"),
-    ({"rank": 2.5}, "LoRA rank must be a positive integer"),
-    ({"alpha": 0}, "LoRA alpha must be a positive number"),
-    ({"dropout": 1.0}, r"LoRA dropout must be in \[0, 1\)"),
-    ({"targets": ("qkv", "c_attn")}, "LoRA targets must be some of qkv, out_proj, fc, proj, head, got 'c_attn'"),
-    ({"targets": ()}, "LoRA targets must be some of .*, got 'none'"),
-])
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"rank": 0}, "LoRA rank must be a positive integer"),
+        ({"rank": 2.5}, "LoRA rank must be a positive integer"),
+        ({"alpha": 0}, "LoRA alpha must be a positive number"),
+        ({"dropout": 1.0}, r"LoRA dropout must be in \[0, 1\)"),
+        ({"targets": ("qkv", "c_attn")}, "LoRA targets must be some of qkv, out_proj, fc, proj, head, got 'c_attn'"),
+        ({"targets": ()}, "LoRA targets must be some of .*, got 'none'"),
+    ],
+)
 def test_config_rejects_bad_values_in_one_line(fields, message):
     with pytest.raises(ValueError, match=message) as error:
         LoRAConfig(**fields)
@@ -171,8 +174,11 @@ def test_an_int8_model_keeps_its_adapters_but_cannot_be_merged():
         torch.testing.assert_close(layer(x), layer.base(x) + layer.scale * x @ layer.lora_A.T @ layer.lora_B.T)
     # int8 weights and 7-bit activations: close to the float model, not equal
     torch.testing.assert_close(logits(quantized, ids()), logits(model, ids()), atol=0.1, rtol=0.05)
-    with pytest.raises(ValueError, match=r"^cannot merge the adapter of trf_blocks\.0\.att\.qkv into a \w+ "
-                                         r"\(no float weight\); merge into the float model, then quantize it$"):
+    with pytest.raises(
+        ValueError,
+        match=r"^cannot merge the adapter of trf_blocks\.0\.att\.qkv into a \w+ "
+        r"\(no float weight\); merge into the float model, then quantize it$",
+    ):
         merge_lora(quantized)
     assert len(lora_modules(quantized)) == len(layers)  # nothing merged: the model is as it was
 
@@ -233,16 +239,22 @@ def test_the_dropout_switch_scales_the_models_dropout_and_leaves_the_adapters_at
         assert read_adapter(tmp_path / "adapter").config.dropout == 0.25
 
 
-@pytest.mark.parametrize("change, field", [
-    ({"vocab_size": 41}, "vocab_size 40, but this base has vocab_size 41"),
-    ({"emb_dim": 48}, "emb_dim 32, but this base has emb_dim 48"),
-    ({"n_layers": 3}, "n_layers 2, but this base has n_layers 3"),
-])
+@pytest.mark.parametrize(
+    "change, field",
+    [
+        ({"vocab_size": 41}, "vocab_size 40, but this base has vocab_size 41"),
+        ({"emb_dim": 48}, "emb_dim 32, but this base has emb_dim 48"),
+        ({"n_layers": 3}, "n_layers 2, but this base has n_layers 3"),
+    ],
+)
 def test_an_adapter_refuses_another_base_in_one_line(tmp_path, change, field):
     config = LoRAConfig(rank=2, targets=ALL_TARGETS)
     save_adapter(tmp_path / "adapter", apply_lora(random_model(), config), config, base="models/base")
-    with pytest.raises(ValueError, match=f"^the adapter was made for a base with {field}; load it onto the model "
-                                         r"it was trained from \(models/base\)$"):
+    with pytest.raises(
+        ValueError,
+        match=f"^the adapter was made for a base with {field}; load it onto the model "
+        r"it was trained from \(models/base\)$",
+    ):
         load_adapter(tmp_path / "adapter", random_model(TINY.replace(**change)))
 
 
@@ -283,13 +295,26 @@ def test_merge_lora_command_writes_a_checkpoint_with_the_merged_logits(base_and_
     assert capsys.readouterr().out == (
         f"wrote {tmp_path / 'merged'}, a new checkpoint: {tmp_path / 'base'} with the adapter in "
         f"{tmp_path / 'adapter'} (LoRA rank 4, alpha 8 on qkv, fc, head) folded in, a language model without a chat "
-        f"template; {tmp_path / 'base'} is unchanged\n")
+        f"template; {tmp_path / 'base'} is unchanged\n"
+    )
     merged, tokenizer = load_model(tmp_path / "merged")
     assert tokenizer.spec() == TOKENIZER.spec()
     torch.testing.assert_close(logits(merged, ids()), adapted_logits, atol=1e-5, rtol=0)
     # --base names the base explicitly: the same result
-    assert main(["merge-lora", "--adapter", str(tmp_path / "adapter"), "--out", str(tmp_path / "again"),
-                     "--base", str(tmp_path / "base")]) == 0
+    assert (
+        main(
+            [
+                "merge-lora",
+                "--adapter",
+                str(tmp_path / "adapter"),
+                "--out",
+                str(tmp_path / "again"),
+                "--base",
+                str(tmp_path / "base"),
+            ]
+        )
+        == 0
+    )
     torch.testing.assert_close(logits(load_model(tmp_path / "again")[0], ids()), adapted_logits, atol=1e-5, rtol=0)
 
 
@@ -303,8 +328,10 @@ def test_merge_lora_command_refuses_bad_input_in_one_line(base_and_adapter, caps
         (["--adapter", str(tmp_path / "nothing"), "--out", "x"], "nothing is not a LoRA adapter folder"),
         (["--adapter", adapter, "--out", str(tmp_path / "full")], "full exists and is not empty; choose a new folder"),
         (["--adapter", adapter, "--out", str(tmp_path / "base")], "base is the base checkpoint; choose a new folder"),
-        (["--adapter", adapter, "--out", str(tmp_path / "m"), "--base", str(tmp_path / "other")],
-         "made for a base with vocab_size 40, but this base has vocab_size 50"),
+        (
+            ["--adapter", adapter, "--out", str(tmp_path / "m"), "--base", str(tmp_path / "other")],
+            "made for a base with vocab_size 40, but this base has vocab_size 50",
+        ),
     ]
     for arguments, message in cases:
         assert main(["merge-lora", *arguments]) == 2
@@ -316,4 +343,3 @@ def test_merge_lora_command_refuses_bad_input_in_one_line(base_and_adapter, caps
     (tmp_path / "base").rename(tmp_path / "moved")
     assert main(["merge-lora", "--adapter", adapter, "--out", str(tmp_path / "m")]) == 2
     assert "the base recorded in" in capsys.readouterr().err and not (tmp_path / "m").exists()
-

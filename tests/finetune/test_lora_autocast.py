@@ -23,8 +23,11 @@ def loss_and_adapter_grads(model, tokens, autocast: bool):
         logits = model(tokens[:, :-1])
     loss = F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten())
     loss.backward()
-    return loss.item(), {f"{name}.{part}": getattr(module, part).grad
-                         for name, module in lora_modules(model).items() for part in ("lora_A", "lora_B")}
+    return loss.item(), {
+        f"{name}.{part}": getattr(module, part).grad
+        for name, module in lora_modules(model).items()
+        for part in ("lora_A", "lora_B")
+    }
 
 
 @pytest.mark.parametrize("base_dtype", ["float32", "bfloat16"])

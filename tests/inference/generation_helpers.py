@@ -12,8 +12,9 @@ from gptlab.model import GPTModel
 from gptlab.tokenizer import Tokenizer
 
 SHAPES = {
-    "tied, qkv bias": GPTConfig(vocab_size=97, context_length=32, emb_dim=32, n_heads=4, n_layers=2,
-                                qkv_bias=True, tie_embeddings=True),
+    "tied, qkv bias": GPTConfig(
+        vocab_size=97, context_length=32, emb_dim=32, n_heads=4, n_layers=2, qkv_bias=True, tie_embeddings=True
+    ),
     "untied, no bias": GPTConfig(vocab_size=61, context_length=24, emb_dim=48, n_heads=3, n_layers=3),
 }
 MULTIBYTE = " 🙂 日本語, naïve 😀 テスト ok"
@@ -27,8 +28,9 @@ def random_model(cfg: GPTConfig, seed: int = 0) -> GPTModel:
 def save_random_checkpoint(path: Path, tokenizer: Tokenizer) -> Path:
     """A one-layer model with random weights over GPT-2's vocabulary, saved to path: samples differ with the
     seed, and end-of-text is rare."""
-    save_model(path, random_model(GPTConfig(vocab_size=50257, context_length=32, emb_dim=16, n_heads=2, n_layers=1)),
-               tokenizer)
+    save_model(
+        path, random_model(GPTConfig(vocab_size=50257, context_length=32, emb_dim=16, n_heads=2, n_layers=1)), tokenizer
+    )
     return path
 
 
@@ -48,8 +50,14 @@ def scripted_model(sequence: list[int], vocab_size: int = 50257, context_length:
     sequence[i + 1]: the blocks add nothing (zero output projections), token i of the script embeds as a
     one-hot vector, and the head's row for its successor is that vector after the final LayerNorm."""
     assert len(set(sequence[:-1])) == len(sequence) - 1, "each scripted token needs one successor"
-    cfg = GPTConfig(vocab_size=vocab_size, context_length=context_length, emb_dim=len(sequence) + 1, n_heads=1,
-                    n_layers=1, drop_rate=0.0)
+    cfg = GPTConfig(
+        vocab_size=vocab_size,
+        context_length=context_length,
+        emb_dim=len(sequence) + 1,
+        n_heads=1,
+        n_layers=1,
+        drop_rate=0.0,
+    )
     model = random_model(cfg)
     with torch.no_grad():
         for block in model.trf_blocks:

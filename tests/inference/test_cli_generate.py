@@ -55,8 +55,9 @@ def checkpoint(tmp_path_factory, scripted, tokenizer):
 def paragraphs_checkpoint(tmp_path_factory, tokenizer):
     """Continues "Hi" with TWO_PARAGRAPHS, then end-of-text."""
     path = tmp_path_factory.mktemp("ckpt") / "paragraphs"
-    save_model(path, scripted_model(tokenizer.encode("Hi") + tokenizer.encode(TWO_PARAGRAPHS) + [tokenizer.eot_id]),
-               tokenizer)
+    save_model(
+        path, scripted_model(tokenizer.encode("Hi") + tokenizer.encode(TWO_PARAGRAPHS) + [tokenizer.eot_id]), tokenizer
+    )
     return path
 
 
@@ -74,13 +75,45 @@ def run_cli(capsys, *args):
 def test_cli_generates_from_a_checkpoint(capsys, checkpoint):
     code, out, err = run_cli(capsys, "--checkpoint", checkpoint, "--prompt", "Hi", "--temperature", "0")
     assert (code, out, err) == (0, "Hi" + MULTIBYTE + "\n", "")
-    code, out, _ = run_cli(capsys, "--checkpoint", checkpoint, "--prompt", "Hi", "--stop", "naïve", "--stop", "日",
-                           "--max-new-tokens", "40", "--seed", "3", "--dtype", "bfloat16")
+    code, out, _ = run_cli(
+        capsys,
+        "--checkpoint",
+        checkpoint,
+        "--prompt",
+        "Hi",
+        "--stop",
+        "naïve",
+        "--stop",
+        "日",
+        "--max-new-tokens",
+        "40",
+        "--seed",
+        "3",
+        "--dtype",
+        "bfloat16",
+    )
     assert (code, out) == (0, "Hi 🙂 \n")
-    code, out, _ = run_cli(capsys, "--checkpoint", checkpoint, "--prompt", "Hi", "--max-new-tokens", "1", "--num-samples", "2")
+    code, out, _ = run_cli(
+        capsys, "--checkpoint", checkpoint, "--prompt", "Hi", "--max-new-tokens", "1", "--num-samples", "2"
+    )
     assert (code, out) == (0, "--- sample 1 of 2 ---\nHi 🙂\n--- sample 2 of 2 ---\nHi 🙂\n")
-    code, out, _ = run_cli(capsys, "--checkpoint", checkpoint, "--prompt", "Hi", "--temperature", "0", "--dtype", "float16",
-                           "--device", "cpu", "--repetition-penalty", "1.2", "--min-p", "0.1")
+    code, out, _ = run_cli(
+        capsys,
+        "--checkpoint",
+        checkpoint,
+        "--prompt",
+        "Hi",
+        "--temperature",
+        "0",
+        "--dtype",
+        "float16",
+        "--device",
+        "cpu",
+        "--repetition-penalty",
+        "1.2",
+        "--min-p",
+        "0.1",
+    )
     assert (code, out) == (0, "Hi" + MULTIBYTE + "\n")  # the script's margin outlasts the penalty
 
 
@@ -88,10 +121,13 @@ def test_escapes_in_prompt_and_stop(capsys, paragraphs_checkpoint):
     assert cli.unescape(r"a\n\tb\\n c\q") == "a\n\tb\\n c\\q"
     code, out, _ = run_cli(capsys, "--checkpoint", paragraphs_checkpoint, "--prompt", "Hi", "--temperature", "0")
     assert out == "Hi" + TWO_PARAGRAPHS + "\n"
-    code, out, _ = run_cli(capsys, "--checkpoint", paragraphs_checkpoint, "--prompt", "Hi", "--temperature", "0",
-                           "--stop", r"\n\n")
+    code, out, _ = run_cli(
+        capsys, "--checkpoint", paragraphs_checkpoint, "--prompt", "Hi", "--temperature", "0", "--stop", r"\n\n"
+    )
     assert (code, out) == (0, "Hi one\n")
-    code, out, _ = run_cli(capsys, "--checkpoint", paragraphs_checkpoint, "--prompt", r"Hi\t\\n", "--max-new-tokens", "0")
+    code, out, _ = run_cli(
+        capsys, "--checkpoint", paragraphs_checkpoint, "--prompt", r"Hi\t\\n", "--max-new-tokens", "0"
+    )
     assert (code, out) == (0, "Hi\t\\n\n")
 
 
@@ -105,7 +141,9 @@ def test_fresh_seed_is_printed_and_repeats_the_run(capsys, random_checkpoint):
     assert run_cli(capsys, *args, "--temperature", "0")[2] == ""  # greedy: no seed to report
 
 
-def test_cli_prompt_file_interactive_empty_and_long_prompts(capsys, checkpoint, scripted, tokenizer, tmp_path, monkeypatch):
+def test_cli_prompt_file_interactive_empty_and_long_prompts(
+    capsys, checkpoint, scripted, tokenizer, tmp_path, monkeypatch
+):
     prompt_file = tmp_path / "prompt.txt"
     prompt_file.write_text("Hi\n", encoding="utf-8")
     code, out, _ = run_cli(capsys, "--checkpoint", checkpoint, "--prompt-file", prompt_file, "--temperature", "0")
@@ -117,14 +155,18 @@ def test_cli_prompt_file_interactive_empty_and_long_prompts(capsys, checkpoint, 
     code, out, err = run_cli(capsys, "--checkpoint", checkpoint, "--interactive", "--temperature", "0", "--stop", "語")
     assert (code, out, err, len(loads)) == (0, "Hi 🙂 日本\n" * 2, "", 1)  # no banner, no "> " without a terminal
 
-    code, out, err = run_cli(capsys, "--checkpoint", checkpoint, "--prompt", "", "--max-new-tokens", "5", "--temperature", "0")
-    from_end_of_text = generate_ids(scripted, [[tokenizer.eot_id]], GenerationOptions(max_new_tokens=5, temperature=0),
-                                    eot_id=tokenizer.eot_id)[0]
+    code, out, err = run_cli(
+        capsys, "--checkpoint", checkpoint, "--prompt", "", "--max-new-tokens", "5", "--temperature", "0"
+    )
+    from_end_of_text = generate_ids(
+        scripted, [[tokenizer.eot_id]], GenerationOptions(max_new_tokens=5, temperature=0), eot_id=tokenizer.eot_id
+    )[0]
     assert (code, out, err) == (0, tokenizer.decode(from_end_of_text) + "\n", "")
 
     long_prompt = "x." * 40 + "Hi"  # 81 tokens, the last one "Hi"
-    code, out, err = run_cli(capsys, "--checkpoint", checkpoint, "--prompt", long_prompt, "--temperature", "0",
-                             "--max-new-tokens", "4")
+    code, out, err = run_cli(
+        capsys, "--checkpoint", checkpoint, "--prompt", long_prompt, "--temperature", "0", "--max-new-tokens", "4"
+    )
     assert (code, out) == (0, long_prompt + " 🙂 日\n")  # 日 is tokens 2 to 4
     assert err == "warning: the prompt has 81 tokens, more than the model's context_length 64; keeping its last 64\n"
 
@@ -139,8 +181,10 @@ def test_interactive_terminal_banner_prompt_marker_and_advancing_seeds(capsys, r
     args = ["--checkpoint", random_checkpoint, "--max-new-tokens", "15", "--num-samples", "2"]
     code, out, err = run_cli(capsys, *args, "--seed", "40", "--interactive")
     parameters = sum(p.numel() for p in load_model(random_checkpoint)[0].parameters())
-    assert err == (f"{random_checkpoint}, {parameters:,} parameters. One prompt per line; Ctrl-C stops a reply, "
-                   "Ctrl-D or Ctrl-C twice quits.\n")
+    assert err == (
+        f"{random_checkpoint}, {parameters:,} parameters. One prompt per line; Ctrl-C stops a reply, "
+        "Ctrl-D or Ctrl-C twice quits.\n"
+    )
     # reply n samples with seed + n * num_samples, so the same prompt twice gives new text
     first = run_cli(capsys, *args, "--seed", "40", "--prompt", "Hello")[1]
     second = run_cli(capsys, *args, "--seed", "42", "--prompt", "Hello")[1]
@@ -148,23 +192,26 @@ def test_interactive_terminal_banner_prompt_marker_and_advancing_seeds(capsys, r
     assert (code, out) == (0, "> " + first + "> " + second + "> \n")  # a marker before each line; EOF ends the line
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--top-p", "1.5"], "--top-p must be in (0, 1]"),
-    (["--top-p", "0"], "--top-p must be in (0, 1]"),
-    (["--min-p", "2"], "--min-p must be in [0, 1]"),
-    (["--repetition-penalty", "0"], "--repetition-penalty must be between 0.01 and 100"),
-    (["--seed", "-3"], "--seed must be between 0 and 2**63 - 1"),
-    (["--temperature", "-1"], "--temperature must be >= 0"),
-    (["--top-k", "0"], "--top-k must be >= 1"),
-    (["--max-new-tokens", "-1"], "--max-new-tokens must be >= 0"),
-    (["--num-samples", "0"], "--num-samples must be >= 1"),
-    (["--stop", ""], "--stop must not be an empty string"),
-    (["--device", "tpu"], "unknown --device 'tpu'; use auto, cpu, cuda, cuda:N or mps"),
-    (["--prompt-file", "missing.txt"], "cannot read --prompt-file missing.txt: No such file or directory"),
-    ([], "give exactly one of --prompt TEXT, --prompt-file FILE or --interactive"),
-    (["--interactive"], "give exactly one of"),
-    (["--n-layers", "2"], "--checkpoint takes the model's shape from the checkpoint; drop --n-layers"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--top-p", "1.5"], "--top-p must be in (0, 1]"),
+        (["--top-p", "0"], "--top-p must be in (0, 1]"),
+        (["--min-p", "2"], "--min-p must be in [0, 1]"),
+        (["--repetition-penalty", "0"], "--repetition-penalty must be between 0.01 and 100"),
+        (["--seed", "-3"], "--seed must be between 0 and 2**63 - 1"),
+        (["--temperature", "-1"], "--temperature must be >= 0"),
+        (["--top-k", "0"], "--top-k must be >= 1"),
+        (["--max-new-tokens", "-1"], "--max-new-tokens must be >= 0"),
+        (["--num-samples", "0"], "--num-samples must be >= 1"),
+        (["--stop", ""], "--stop must not be an empty string"),
+        (["--device", "tpu"], "unknown --device 'tpu'; use auto, cpu, cuda, cuda:N or mps"),
+        (["--prompt-file", "missing.txt"], "cannot read --prompt-file missing.txt: No such file or directory"),
+        ([], "give exactly one of --prompt TEXT, --prompt-file FILE or --interactive"),
+        (["--interactive"], "give exactly one of"),
+        (["--n-layers", "2"], "--checkpoint takes the model's shape from the checkpoint; drop --n-layers"),
+    ],
+)
 def test_cli_bad_arguments_exit_2_with_one_line(capsys, checkpoint, args, message):
     if "--prompt-file" not in args and args != []:
         args = ["--prompt", "Hi", *args]
@@ -175,10 +222,13 @@ def test_cli_bad_arguments_exit_2_with_one_line(capsys, checkpoint, args, messag
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given where there is no GPU")
-@pytest.mark.parametrize("args, message", [
-    (["--device", "cuda"], "--device cuda was asked for but CUDA is not available; use --device cpu or auto"),
-    (["--compile"], "--compile records the decode step as a CUDA graph and needs CUDA, not cpu; drop --compile"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--device", "cuda"], "--device cuda was asked for but CUDA is not available; use --device cpu or auto"),
+        (["--compile"], "--compile records the decode step as a CUDA graph and needs CUDA, not cpu; drop --compile"),
+    ],
+)
 def test_cli_gpu_options_without_a_gpu_exit_2_with_one_line(capsys, checkpoint, args, message):
     code, out, err = run_cli(capsys, "--checkpoint", checkpoint, "--prompt", "Hi", *args)
     assert (code, out, err) == (2, "", f"gptlab generate: error: {message}\n")
@@ -195,9 +245,14 @@ def test_cli_missing_checkpoint_is_one_line(capsys, tmp_path):
 def start_generate(*args) -> subprocess.Popen:
     """`python -m gptlab generate ...` with Ctrl-C raising KeyboardInterrupt in it, as in a terminal
     (a parent that ignores SIGINT, such as a background shell job, would otherwise pass that on)."""
-    return subprocess.Popen([sys.executable, "-m", "gptlab", "generate", *map(str, args)], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    return subprocess.Popen(
+        [sys.executable, "-m", "gptlab", "generate", *map(str, args)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
 
 
 def read_until(process: subprocess.Popen, done, timeout: float = 60.0) -> bytes:

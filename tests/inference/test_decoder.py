@@ -122,8 +122,12 @@ def test_a_quantized_model_decodes_as_it_is():
     quantized = quantize_model(random_model(cfg), "int8")
     assert Decoder(quantized, 1).model is quantized
     ids = torch.tensor(random_prompts(cfg, [3]))
-    own = generate_ids(quantized, ids.tolist(), GenerationOptions(max_new_tokens=6, temperature=0),
-                       settings=DecoderSettings(prepare_weights=False))
+    own = generate_ids(
+        quantized,
+        ids.tolist(),
+        GenerationOptions(max_new_tokens=6, temperature=0),
+        settings=DecoderSettings(prepare_weights=False),
+    )
     assert generate(quantized, ids, 6)[:, 3:].tolist() == own
     with pytest.raises(ValueError, match="a quantized model decodes in the dtype it was quantized in"):
         Decoder(quantized, 1, DecoderSettings(dtype=torch.bfloat16))
@@ -230,8 +234,10 @@ def test_compiled_session_logic_equals_the_ordinary_one(monkeypatch):
     cfg = SHAPES["tied, qkv bias"]
     model = random_model(cfg)
     prompts = random_prompts(cfg, [2, 9, 5])
-    for options in (GenerationOptions(max_new_tokens=3 * cfg.context_length, temperature=0),
-                    GenerationOptions(max_new_tokens=40, temperature=1.0, top_k=20, seed=5, num_samples=2)):
+    for options in (
+        GenerationOptions(max_new_tokens=3 * cfg.context_length, temperature=0),
+        GenerationOptions(max_new_tokens=40, temperature=1.0, top_k=20, seed=5, num_samples=2),
+    ):
         expected = generate_ids(model, prompts, options)
         assert generate_ids(model, prompts, options, settings=DecoderSettings(compile=True)) == expected
 
@@ -242,7 +248,9 @@ def test_compiled_cuda_step_gives_the_eager_tokens():
     cfg = SHAPES["tied, qkv bias"]
     model = random_model(cfg).cuda()
     prompts = random_prompts(cfg, [2, 9, 5])
-    for options in (GenerationOptions(max_new_tokens=3 * cfg.context_length, temperature=0),
-                    GenerationOptions(max_new_tokens=40, temperature=1.0, top_k=20, seed=5, num_samples=2)):
+    for options in (
+        GenerationOptions(max_new_tokens=3 * cfg.context_length, temperature=0),
+        GenerationOptions(max_new_tokens=40, temperature=1.0, top_k=20, seed=5, num_samples=2),
+    ):
         expected = generate_ids(model, prompts, options)
         assert generate_ids(model, prompts, options, settings=DecoderSettings(compile=True)) == expected

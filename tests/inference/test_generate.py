@@ -48,14 +48,14 @@ def test_cached_greedy_equals_textbook_loop_tokens_and_logits(shape):
     cfg = SHAPES[shape]
     model = random_model(cfg)
     for prompt in random_prompts(cfg, [1, 5, cfg.context_length, cfg.context_length + 7]):
-        expected = generate_uncached(model, torch.tensor([prompt]), 200)[0, len(prompt):].tolist()
+        expected = generate_uncached(model, torch.tensor([prompt]), 200)[0, len(prompt) :].tolist()
         assert generate_ids(model, [prompt], GREEDY, settings=DecoderSettings(keep=cfg.context_length)) == [expected]
 
         decoder = Decoder(model, 1, DecoderSettings(keep=cfg.context_length))
-        tokens = prompt[-cfg.context_length:]
+        tokens = prompt[-cfg.context_length :]
         logits = decoder.prefill([tokens])[0]
         for _ in range(200):
-            reference = uncached_logits(model, tokens[-cfg.context_length:])
+            reference = uncached_logits(model, tokens[-cfg.context_length :])
             assert (logits - reference).abs().max() <= 1e-4
             next_id = logits.argmax()
             tokens.append(int(next_id))
@@ -80,7 +80,7 @@ def test_sliding_window_past_the_context_follows_its_documented_windows(shape):
             window = keep if window == cfg.context_length else window + 1
         assert generate_ids(model, [prompt], GREEDY) == [expected]
         assert {keep, cfg.context_length} <= windows_seen  # the window did slide, several times over 200 tokens
-        textbook = generate_uncached(model, torch.tensor([prompt]), 200)[0, len(prompt):].tolist()
+        textbook = generate_uncached(model, torch.tensor([prompt]), 200)[0, len(prompt) :].tolist()
         agree_until = cfg.context_length - len(prompt) + 1  # tokens made before the cache first fills
         assert expected[:agree_until] == textbook[:agree_until]
 
@@ -119,12 +119,15 @@ def test_public_generate_is_the_cached_textbook_loop(shape):
     assert sampled[:, 5:].tolist() == generate_ids(model, ids.tolist(), options)
 
 
-@pytest.mark.parametrize("sampling, message", [
-    (dict(stop=("a",)), "generate returns ids only: for stop strings use generate_text"),
-    (dict(logprobs=2), "for logprobs generate_tokens"),
-    (dict(top_p=2.0), "top-p must be in"),
-    (dict(colour="red"), "colour"),
-])
+@pytest.mark.parametrize(
+    "sampling, message",
+    [
+        (dict(stop=("a",)), "generate returns ids only: for stop strings use generate_text"),
+        (dict(logprobs=2), "for logprobs generate_tokens"),
+        (dict(top_p=2.0), "top-p must be in"),
+        (dict(colour="red"), "colour"),
+    ],
+)
 def test_public_generate_refuses_what_it_cannot_do(sampling, message):
     model = random_model(SHAPES["tied, qkv bias"])
     with pytest.raises((ValueError, TypeError), match=message):
@@ -143,12 +146,15 @@ def test_left_padded_batch_equals_one_prompt_at_a_time(shape):
     one_at_a_time = [generate_ids(model, [prompt], options)[0] for prompt in prompts]
     assert generate_ids(model, prompts, options) == one_at_a_time
     for prompt, tokens in zip(prompts, one_at_a_time):
-        assert generate_uncached(model, torch.tensor([prompt]), options.max_new_tokens)[0, len(prompt):].tolist() == tokens
+        assert (
+            generate_uncached(model, torch.tensor([prompt]), options.max_new_tokens)[0, len(prompt) :].tolist()
+            == tokens
+        )
 
     # past the context the batch slides when its longest row fills the cache, and carries on
     longer = generate_ids(model, prompts, options.replace(max_new_tokens=3 * cfg.context_length))
     assert [len(tokens) for tokens in longer] == [3 * cfg.context_length] * len(prompts)
-    assert [tokens[:options.max_new_tokens] for tokens in longer] == one_at_a_time
+    assert [tokens[: options.max_new_tokens] for tokens in longer] == one_at_a_time
 
     with torch.inference_mode():  # the logits too, not only their argmax
         batched = Decoder(model, len(prompts)).prefill(prompts)
@@ -168,6 +174,7 @@ def test_num_samples_repeats_each_prompt_in_order():
 
 # --- text: streaming, stop strings, end-of-text -------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def tokenizer():
     return load_tokenizer()
@@ -183,7 +190,9 @@ def scripted(tokenizer):
 def test_text_assembler_never_splits_a_character(tokenizer):
     ids = tokenizer.encode(MULTIBYTE)
     token_bytes = [tokenizer.decode_bytes([i]) for i in ids]
-    partial = [data for data in token_bytes if data.decode("utf-8", errors="replace") != data.decode("utf-8", errors="ignore")]
+    partial = [
+        data for data in token_bytes if data.decode("utf-8", errors="replace") != data.decode("utf-8", errors="ignore")
+    ]
     assert len(partial) >= 4  # the test means something: tokens end or start inside characters
     text = TextAssembler()
     pieces = [text.feed(data) for data in token_bytes] + [text.finish()]
@@ -214,12 +223,15 @@ def test_stream_concatenates_to_the_full_decode_of_sampled_tokens(tokenizer):
     assert "".join(stream_text(model, tokenizer, "Hello", options)) == tokenizer.decode(ids)
 
 
-@pytest.mark.parametrize("stop, expected", [
-    (("日本",), " 🙂 "),  # inside a word, across tokens that split characters
-    (("naïve", "語"), " 🙂 日本"),  # the earliest of several
-    (("ok", " 🙂"), ""),  # at the very start
-    (("テスト ok!",), MULTIBYTE),  # never completed: the held-back text comes out at the end
-])
+@pytest.mark.parametrize(
+    "stop, expected",
+    [
+        (("日本",), " 🙂 "),  # inside a word, across tokens that split characters
+        (("naïve", "語"), " 🙂 日本"),  # the earliest of several
+        (("ok", " 🙂"), ""),  # at the very start
+        (("テスト ok!",), MULTIBYTE),  # never completed: the held-back text comes out at the end
+    ],
+)
 def test_stop_strings_end_the_text_and_are_not_returned(scripted, tokenizer, stop, expected):
     options = GenerationOptions(max_new_tokens=100, temperature=0, stop=stop)
     pieces = list(stream_text(scripted, tokenizer, "Hi", options))
@@ -251,5 +263,3 @@ def test_text_batch_of_prompts_and_samples(scripted, tokenizer):
     assert texts == [MULTIBYTE] * 4
     rows = {row for row, _ in stream_batch(scripted, tokenizer, ["Hi"], options)}
     assert rows == {0, 1}
-
-

@@ -82,7 +82,9 @@ def test_int8_rows_are_the_symmetric_absmax_code():
 
     q16, scales16 = quantize_rows(weight, torch.bfloat16)  # scales rounded first, so q·scale is the weight used
     assert scales16.dtype == torch.bfloat16
-    assert torch.all((weight - q16.float() * scales16.float()[:, None]).abs() <= scales16.float()[:, None] / 2 * (1 + 1e-6))
+    assert torch.all(
+        (weight - q16.float() * scales16.float()[:, None]).abs() <= scales16.float()[:, None] / 2 * (1 + 1e-6)
+    )
 
 
 def test_int4_groups_cover_each_group_range():
@@ -96,7 +98,9 @@ def test_int4_groups_cover_each_group_range():
         error = (groups.double() - ((codes - 8) * scale + offset)).abs()
         # half a step, plus (bfloat16) the rounding of the offset and of the scale times the largest code distance
         assert torch.all(error <= scale / 2 + slack * (offset.abs() + 8 * scale) + 1e-9)
-        assert torch.equal(codes.amin(dim=-1), torch.zeros(48, 4, dtype=torch.float64))  # each group's minimum is code 0
+        assert torch.equal(
+            codes.amin(dim=-1), torch.zeros(48, 4, dtype=torch.float64)
+        )  # each group's minimum is code 0
 
 
 # --- each quantized Linear against the explicit formula ------------------------------------------------
@@ -139,7 +143,9 @@ def test_int4_linear_is_dequantized_weight_times_input(in_features, out_features
     assert torch.all(error <= 2**-8 * (x16.abs() @ weight.abs().T + bias_term.abs()))  # measured: at most 0.31 of it
 
 
-@pytest.mark.parametrize("make", [DynamicInt8Linear, lambda linear: Int4Linear(linear, INT4_GROUP_SIZE)], ids=["int8", "int4"])
+@pytest.mark.parametrize(
+    "make", [DynamicInt8Linear, lambda linear: Int4Linear(linear, INT4_GROUP_SIZE)], ids=["int8", "int4"]
+)
 def test_quantized_linear_keeps_leading_dimensions_and_dtype(make):
     linear = gpt2_style_linear(64, 37, True)
     module = make(linear)
@@ -153,7 +159,9 @@ def test_quantized_linear_keeps_leading_dimensions_and_dtype(make):
 
 
 def tiny_config(**changes) -> GPTConfig:
-    return GPTConfig(vocab_size=97, context_length=32, emb_dim=64, n_heads=2, n_layers=2, drop_rate=0.0).replace(**changes)
+    return GPTConfig(vocab_size=97, context_length=32, emb_dim=64, n_heads=2, n_layers=2, drop_rate=0.0).replace(
+        **changes
+    )
 
 
 @pytest.mark.parametrize("mode, kind", [("int8", DynamicInt8Linear), ("int4", Int4Linear)])
@@ -222,11 +230,13 @@ def test_int4_cached_decoding_equals_the_uncached_loop_and_batches_equal_single_
     prompts = [torch.randint(0, 97, (n,)).tolist() for n in (3, 11)]
     alone = []
     for prompt in prompts:
-        expected = generate_uncached(quantized, torch.tensor([prompt]), 60)[0, len(prompt):].tolist()
+        expected = generate_uncached(quantized, torch.tensor([prompt]), 60)[0, len(prompt) :].tolist()
         settings = DecoderSettings(prepare_weights=False, keep=cfg.context_length)
         alone += generate_ids(quantized, [prompt], GREEDY.replace(max_new_tokens=60), settings=settings)
         assert alone[-1] == expected
-    assert generate_ids(quantized, prompts, GREEDY.replace(max_new_tokens=20), settings=AS_IS) == [row[:20] for row in alone]
+    assert generate_ids(quantized, prompts, GREEDY.replace(max_new_tokens=20), settings=AS_IS) == [
+        row[:20] for row in alone
+    ]
 
 
 # --- quality on a small trained model ------------------------------------------------------------------
@@ -246,7 +256,9 @@ def trained():
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1)
     for _ in range(150):
         starts = torch.randint(0, len(train_ids) - cfg.context_length - 1, (16,))
-        rows = torch.stack([train_ids[start:start + cfg.context_length + 1] for start in starts.tolist()])  # (16, T + 1)
+        rows = torch.stack(
+            [train_ids[start : start + cfg.context_length + 1] for start in starts.tolist()]
+        )  # (16, T + 1)
         loss = F.cross_entropy(model(rows[:, :-1]).flatten(0, 1), rows[:, 1:].flatten())
         optimizer.zero_grad()
         loss.backward()
@@ -305,13 +317,38 @@ def test_generate_and_eval_take_quantize_on_the_cpu(tmp_path, capsys):
     torch.manual_seed(0)
     model = GPTModel(GPTConfig(vocab_size=tokenizer.vocab_size, context_length=16, emb_dim=64, n_heads=2, n_layers=1))
     save_model(tmp_path / "model", model, tokenizer)
-    argv = ["generate", "--checkpoint", str(tmp_path / "model"), "--prompt", "abc", "--temperature", "0",
-            "--max-new-tokens", "8", "--device", "cpu"]
+    argv = [
+        "generate",
+        "--checkpoint",
+        str(tmp_path / "model"),
+        "--prompt",
+        "abc",
+        "--temperature",
+        "0",
+        "--max-new-tokens",
+        "8",
+        "--device",
+        "cpu",
+    ]
     assert main(argv) == 0
     plain = capsys.readouterr().out
     assert main([*argv, "--quantize", "int8"]) == 0
     assert capsys.readouterr().out == plain  # a random model's clear greedy choices survive int8 weights
     (tmp_path / "text.txt").write_text("abc defg hab " * 20)
-    assert main(["eval", "--checkpoint", str(tmp_path / "model"), "--data", str(tmp_path / "text.txt"),
-                 "--device", "cpu", "--quantize", "int8"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--checkpoint",
+                str(tmp_path / "model"),
+                "--data",
+                str(tmp_path / "text.txt"),
+                "--device",
+                "cpu",
+                "--quantize",
+                "int8",
+            ]
+        )
+        == 0
+    )
     assert "bits/byte" in capsys.readouterr().out

@@ -39,7 +39,9 @@ def random_logits(rows: int, vocab: int, seed: int = 3) -> torch.Tensor:
     return torch.randn(rows, vocab, generator=torch.Generator().manual_seed(seed)) * 3
 
 
-def explicit_filter(logits: list[float], temperature: float, top_k: int | None, top_p: float, min_p: float) -> list[bool]:
+def explicit_filter(
+    logits: list[float], temperature: float, top_k: int | None, top_p: float, min_p: float
+) -> list[bool]:
     """Which tokens survive, computed one token at a time from the definitions."""
     scaled = [value / temperature for value in logits]
     ranked = sorted(range(len(scaled)), key=lambda i: -scaled[i])
@@ -81,10 +83,18 @@ def test_filters_on_a_worked_example():
     assert torch.allclose(probs, expected / expected.sum())
 
 
-@pytest.mark.parametrize("temperature, top_k, top_p, min_p", [
-    (1.0, 5, 1.0, 0.0), (0.7, None, 0.9, 0.0), (1.3, 20, 0.5, 0.0), (2.0, 1, 0.99, 0.0),
-    (1.0, None, 1.0, 0.05), (0.8, 30, 0.95, 0.1), (1.5, None, 1.0, 0.5),
-])
+@pytest.mark.parametrize(
+    "temperature, top_k, top_p, min_p",
+    [
+        (1.0, 5, 1.0, 0.0),
+        (0.7, None, 0.9, 0.0),
+        (1.3, 20, 0.5, 0.0),
+        (2.0, 1, 0.99, 0.0),
+        (1.0, None, 1.0, 0.05),
+        (0.8, 30, 0.95, 0.1),
+        (1.5, None, 1.0, 0.5),
+    ],
+)
 def test_filters_match_the_explicit_computation_and_transformers(temperature, top_k, top_p, min_p):
     logits = random_logits(4, 50)
     filtered = filter_logits(logits, temperature, top_k, top_p, min_p)
@@ -129,8 +139,8 @@ def test_repetition_penalty_counts_the_prompt_and_every_generated_token():
     for _ in range(20):
         scores = processor(torch.tensor([tokens]), uncached_logits(model, tokens)[None])
         tokens.append(int(scores.argmax()))
-    assert generate_ids(model, [prompt], options) == [tokens[len(prompt):]]
-    assert tokens[len(prompt):] != generate_ids(model, [prompt], options.replace(repetition_penalty=1.0))[0]
+    assert generate_ids(model, [prompt], options) == [tokens[len(prompt) :]]
+    assert tokens[len(prompt) :] != generate_ids(model, [prompt], options.replace(repetition_penalty=1.0))[0]
 
 
 def test_frequency_presence_penalties_and_logit_bias_follow_openais_formula():
@@ -140,8 +150,9 @@ def test_frequency_presence_penalties_and_logit_bias_follow_openais_formula():
     model = random_model(cfg)
     prompt = random_prompts(cfg, [6])[0]
     bias = {prompt[0]: 0.5, 3: -100.0}
-    options = GenerationOptions(max_new_tokens=15, temperature=0, frequency_penalty=0.7, presence_penalty=0.4,
-                                logit_bias=bias)
+    options = GenerationOptions(
+        max_new_tokens=15, temperature=0, frequency_penalty=0.7, presence_penalty=0.4, logit_bias=bias
+    )
     tokens, counts = list(prompt), torch.zeros(cfg.vocab_size)
     added = torch.zeros(cfg.vocab_size)
     added[list(bias)] = torch.tensor(list(bias.values()))
@@ -149,9 +160,11 @@ def test_frequency_presence_penalties_and_logit_bias_follow_openais_formula():
         scores = uncached_logits(model, tokens) + added - 0.7 * counts - 0.4 * (counts > 0).float()
         tokens.append(int(scores.argmax()))
         counts[tokens[-1]] += 1
-    assert generate_ids(model, [prompt], options) == [tokens[len(prompt):]]
-    assert 3 not in tokens[len(prompt):]
-    assert tokens[len(prompt):] != generate_ids(model, [prompt], GenerationOptions(max_new_tokens=15, temperature=0))[0]
+    assert generate_ids(model, [prompt], options) == [tokens[len(prompt) :]]
+    assert 3 not in tokens[len(prompt) :]
+    assert (
+        tokens[len(prompt) :] != generate_ids(model, [prompt], GenerationOptions(max_new_tokens=15, temperature=0))[0]
+    )
 
 
 def test_batched_sampling_equals_each_row_alone_with_its_seed():
@@ -159,11 +172,21 @@ def test_batched_sampling_equals_each_row_alone_with_its_seed():
     cfg = SHAPES["untied, no bias"]
     model = random_model(cfg)
     prompts = random_prompts(cfg, [2, 7, 4])
-    options = GenerationOptions(max_new_tokens=cfg.context_length - 7, temperature=1.2, top_k=40, top_p=0.95,
-                                min_p=0.02, repetition_penalty=1.2, seed=11, num_samples=2)
+    options = GenerationOptions(
+        max_new_tokens=cfg.context_length - 7,
+        temperature=1.2,
+        top_k=40,
+        top_p=0.95,
+        min_p=0.02,
+        repetition_penalty=1.2,
+        seed=11,
+        num_samples=2,
+    )
     batch = generate_ids(model, prompts, options)
-    alone = [generate_ids(model, [prompt], options.replace(seed=11 + row, num_samples=1))[0]
-             for row, prompt in enumerate(prompt for prompt in prompts for _ in range(2))]
+    alone = [
+        generate_ids(model, [prompt], options.replace(seed=11 + row, num_samples=1))[0]
+        for row, prompt in enumerate(prompt for prompt in prompts for _ in range(2))
+    ]
     assert batch == alone
     assert batch[0] != batch[1]  # two samples of one prompt differ
     assert generate_ids(model, prompts[1:2], options.replace(seed=13)) == batch[2:4]  # prompt 1 alone: seed + 1 · 2
@@ -200,8 +223,9 @@ def test_logprobs_are_the_raw_models_whatever_the_filters():
     cfg = SHAPES["tied, qkv bias"]
     model = random_model(cfg)
     prompts = random_prompts(cfg, [3, 9])
-    options = GenerationOptions(max_new_tokens=12, temperature=0.7, top_k=10, min_p=0.05, repetition_penalty=1.3,
-                                seed=4, logprobs=3)
+    options = GenerationOptions(
+        max_new_tokens=12, temperature=0.7, top_k=10, min_p=0.05, repetition_penalty=1.3, seed=4, logprobs=3
+    )
     for prompt, tokens in zip(prompts, generate_tokens(model, prompts, options)):
         so_far = list(prompt)
         for token in tokens:
@@ -218,26 +242,29 @@ def test_logprobs_are_the_raw_models_whatever_the_filters():
     assert generate_tokens(model, prompts, options.replace(logprobs=None))[0][0].logprob is None
 
 
-@pytest.mark.parametrize("change, message", [
-    (dict(temperature=-0.1), "temperature must be >= 0"),
-    (dict(top_k=0), "top-k must be >= 1"),
-    (dict(top_p=0.0), r"top-p must be in \(0, 1\]"),
-    (dict(top_p=1.5), r"top-p must be in \(0, 1\]"),
-    (dict(min_p=-0.1), r"min-p must be in \[0, 1\]"),
-    (dict(min_p=1.5), r"min-p must be in \[0, 1\]"),
-    (dict(repetition_penalty=0.0), "repetition-penalty must be between 0.01 and 100"),
-    (dict(repetition_penalty=1e-40), "repetition-penalty must be between 0.01 and 100"),
-    (dict(temperature=float("inf")), "temperature must be a finite number"),
-    (dict(seed=-1), r"seed must be between 0 and 2\*\*63 - 1"),
-    (dict(logprobs=6), "logprobs must be between 0 and 5"),
-    (dict(max_new_tokens=-1), "max-new-tokens must be >= 0"),
-    (dict(num_samples=0), "num-samples must be >= 1"),
-    (dict(stop=("ok", "")), "stop must not be an empty string"),
-    (dict(stop="ok"), "stop must be a sequence of strings"),
-    (dict(frequency_penalty=2.5), "frequency-penalty must be between -2 and 2"),
-    (dict(presence_penalty=-3), "presence-penalty must be between -2 and 2"),
-    (dict(logit_bias={5: 101}), "logit-bias values must be between -100 and 100"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(temperature=-0.1), "temperature must be >= 0"),
+        (dict(top_k=0), "top-k must be >= 1"),
+        (dict(top_p=0.0), r"top-p must be in \(0, 1\]"),
+        (dict(top_p=1.5), r"top-p must be in \(0, 1\]"),
+        (dict(min_p=-0.1), r"min-p must be in \[0, 1\]"),
+        (dict(min_p=1.5), r"min-p must be in \[0, 1\]"),
+        (dict(repetition_penalty=0.0), "repetition-penalty must be between 0.01 and 100"),
+        (dict(repetition_penalty=1e-40), "repetition-penalty must be between 0.01 and 100"),
+        (dict(temperature=float("inf")), "temperature must be a finite number"),
+        (dict(seed=-1), r"seed must be between 0 and 2\*\*63 - 1"),
+        (dict(logprobs=6), "logprobs must be between 0 and 5"),
+        (dict(max_new_tokens=-1), "max-new-tokens must be >= 0"),
+        (dict(num_samples=0), "num-samples must be >= 1"),
+        (dict(stop=("ok", "")), "stop must not be an empty string"),
+        (dict(stop="ok"), "stop must be a sequence of strings"),
+        (dict(frequency_penalty=2.5), "frequency-penalty must be between -2 and 2"),
+        (dict(presence_penalty=-3), "presence-penalty must be between -2 and 2"),
+        (dict(logit_bias={5: 101}), "logit-bias values must be between -100 and 100"),
+    ],
+)
 def test_invalid_options_are_refused(change, message):
     with pytest.raises(ValueError, match=message):
         GenerationOptions(**change)
@@ -253,8 +280,12 @@ def test_a_tiny_temperature_is_greedy_and_never_nan():
         assert torch.equal(probs.argmax(-1), logits.argmax(-1)) and torch.allclose(probs.amax(-1), torch.ones(3))
     options = GenerationOptions(temperature=1e-40, seed=0, repetition_penalty=0.01, frequency_penalty=2)
     ids, _ = Sampler(options, [[1, 2]] * 3, 50, torch.device("cpu")).choose(logits)
-    assert ids.tolist() == [int(i) for i in apply_repetition_penalty(
-        logits, torch.zeros(3, 50, dtype=torch.bool).index_fill_(1, torch.tensor([1, 2]), True), 0.01).argmax(-1)]
+    assert ids.tolist() == [
+        int(i)
+        for i in apply_repetition_penalty(
+            logits, torch.zeros(3, 50, dtype=torch.bool).index_fill_(1, torch.tensor([1, 2]), True), 0.01
+        ).argmax(-1)
+    ]
 
 
 def test_the_largest_seed_with_several_rows_wraps_to_zero():
@@ -274,7 +305,10 @@ def test_a_padded_vocabulary_never_yields_an_id_the_tokenizer_lacks():
     drawn (greedy or sampled), nor listed among the alternatives."""
     logits = random_logits(2, 60)
     logits[:, 50:] += 100
-    for options in (GenerationOptions(temperature=0, logprobs=5), GenerationOptions(temperature=1.0, seed=1, logprobs=5)):
+    for options in (
+        GenerationOptions(temperature=0, logprobs=5),
+        GenerationOptions(temperature=1.0, seed=1, logprobs=5),
+    ):
         sampler = Sampler(options, [[1], [2]], 60, torch.device("cpu"), vocab_limit=50)
         for _ in range(10):
             ids, tokens = sampler.choose(logits)

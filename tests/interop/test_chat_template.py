@@ -26,25 +26,44 @@ CONVERSATIONS = {
     "user-only": [{"role": "user", "content": "Sort the letters: c a b"}],
     "system": [{"role": "system", "content": "You sort letters."}, {"role": "user", "content": "Sort: b a"}],
     "empty-system": [{"role": "system", "content": ""}, {"role": "user", "content": "Sort: b a"}],
-    "multi-turn": [{"role": "user", "content": "Sort: b a"}, {"role": "assistant", "content": "a b"},
-                   {"role": "user", "content": "And now:\n\nd c?"}, {"role": "assistant", "content": "c d\n\n"},
-                   {"role": "user", "content": "Thanks."}],
+    "multi-turn": [
+        {"role": "user", "content": "Sort: b a"},
+        {"role": "assistant", "content": "a b"},
+        {"role": "user", "content": "And now:\n\nd c?"},
+        {"role": "assistant", "content": "c d\n\n"},
+        {"role": "user", "content": "Thanks."},
+    ],
     # A response that starts with two newlines and spaces: a whole-text tokenizer joins them to the prefix's newline.
-    "leading-whitespace": [{"role": "user", "content": "Indent it"}, {"role": "assistant", "content": "\n\n  a b"},
-                           {"role": "user", "content": "Again"}],
-    "non-ascii": [{"role": "system", "content": "Réponds en français, s'il te plaît."},
-                  {"role": "user", "content": "Ünïcödé €5 😀 — ça va?\ttab"}, {"role": "assistant", "content": "Très bien 👍"},
-                  {"role": "user", "content": "日本語も?"}],
+    "leading-whitespace": [
+        {"role": "user", "content": "Indent it"},
+        {"role": "assistant", "content": "\n\n  a b"},
+        {"role": "user", "content": "Again"},
+    ],
+    "non-ascii": [
+        {"role": "system", "content": "Réponds en français, s'il te plaît."},
+        {"role": "user", "content": "Ünïcödé €5 😀 — ça va?\ttab"},
+        {"role": "assistant", "content": "Très bien 👍"},
+        {"role": "user", "content": "日本語も?"},
+    ],
 }
-CHARS = "".join(sorted({char for conversation in CONVERSATIONS.values() for message in conversation
-                        for char in message["content"]} | {char for template in TEMPLATES.values()
-                                                           for text in vars(template).values() for char in text}))
-TOKENIZERS = {"gpt2": lambda: load_tokenizer("gpt2"), "gpt2-300-merges": lambda: load_tokenizer("gpt2", merges=300),
-              "char": lambda: CharTokenizer(CHARS)}
+CHARS = "".join(
+    sorted(
+        {char for conversation in CONVERSATIONS.values() for message in conversation for char in message["content"]}
+        | {char for template in TEMPLATES.values() for text in vars(template).values() for char in text}
+    )
+)
+TOKENIZERS = {
+    "gpt2": lambda: load_tokenizer("gpt2"),
+    "gpt2-300-merges": lambda: load_tokenizer("gpt2", merges=300),
+    "char": lambda: CharTokenizer(CHARS),
+}
 
 
-@pytest.fixture(scope="module", params=[(tokenizer, template) for tokenizer in TOKENIZERS for template in TEMPLATES],
-                ids=lambda param: "-".join(param))
+@pytest.fixture(
+    scope="module",
+    params=[(tokenizer, template) for tokenizer in TOKENIZERS for template in TEMPLATES],
+    ids=lambda param: "-".join(param),
+)
 def export(request, tmp_path_factory):
     """(gptlab tokenizer, template name, transformers' AutoTokenizer of the model's export)."""
     name, template = request.param
@@ -75,10 +94,15 @@ def test_a_finished_conversation_gives_the_training_ids(export):
 
 def test_roles_gptlab_refuses_are_refused_by_the_template(export):
     _, template, hf_tokenizer = export
-    for messages in ([{"role": "user", "content": "a"}, {"role": "system", "content": "late"}],
-                     [{"role": "tool", "content": "a"}]):
-        with pytest.raises(jinja2.TemplateError, match=f"gptlab's {template} template takes system \\(first only\\), "
-                                                       f"user and assistant messages, not {messages[-1]['role']}"):
+    for messages in (
+        [{"role": "user", "content": "a"}, {"role": "system", "content": "late"}],
+        [{"role": "tool", "content": "a"}],
+    ):
+        with pytest.raises(
+            jinja2.TemplateError,
+            match=f"gptlab's {template} template takes system \\(first only\\), "
+            f"user and assistant messages, not {messages[-1]['role']}",
+        ):
             hf_tokenizer.apply_chat_template(messages, add_generation_prompt=True)
 
 
@@ -86,8 +110,11 @@ def whole_text_ids(tokenizer, text: str) -> list[int]:
     """The ids of a prompt tokenized as one text, as llama.cpp tokenizes a rendered template (end-of-text as
     its special token): gptlab's own BPE over each stretch between end-of-text tokens."""
     stretches = text.split(EOT_TEXT)
-    return [i for n, stretch in enumerate(stretches) for i in [*([tokenizer.eot_id] if n else []),
-                                                               *tokenizer.encode(stretch)]]
+    return [
+        i
+        for n, stretch in enumerate(stretches)
+        for i in [*([tokenizer.eot_id] if n else []), *tokenizer.encode(stretch)]
+    ]
 
 
 def split_blank_lines(tokenizer, messages: list[dict], template: str) -> list[int]:
@@ -99,8 +126,12 @@ def split_blank_lines(tokenizer, messages: list[dict], template: str) -> list[in
     ids = []
     for segment, following in zip(segments, [*segments[1:], None]):
         piece = tokenizer.encode(segment.text)
-        if following is not None and not segment.end_of_text and segment.text.endswith("\n\n") and \
-                following.text[:1].strip():
+        if (
+            following is not None
+            and not segment.end_of_text
+            and segment.text.endswith("\n\n")
+            and following.text[:1].strip()
+        ):
             assert piece[-1] == 628
             piece = [*piece[:-1], 198, 198]
         ids += piece + [tokenizer.eot_id] * segment.end_of_text
@@ -132,8 +163,9 @@ def render_like_llama_cpp(source: str, messages: list[dict]) -> str:
     def raise_exception(message):
         raise jinja2.TemplateError(message)
 
-    return environment.from_string(source).render(messages=messages, add_generation_prompt=True,
-                                                  raise_exception=raise_exception)
+    return environment.from_string(source).render(
+        messages=messages, add_generation_prompt=True, raise_exception=raise_exception
+    )
 
 
 @pytest.mark.parametrize("template", TEMPLATES)
@@ -152,8 +184,9 @@ def test_convert_of_an_instruction_tuned_checkpoint_writes_its_template(tmp_path
     assert capsys.readouterr().out.endswith("(GPT2LMHeadModel, chat template chatml in tokenizer_config.json)\n")
     messages = CONVERSATIONS["multi-turn"]
     hf_tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
-    assert hf_tokenizer.apply_chat_template(messages, add_generation_prompt=True)["input_ids"] == \
-        chat_prompt_ids(tokenizer, messages, "chatml")
+    assert hf_tokenizer.apply_chat_template(messages, add_generation_prompt=True)["input_ids"] == chat_prompt_ids(
+        tokenizer, messages, "chatml"
+    )
     assert main(["convert", "--to-hf", str(tmp_path / "plain"), str(tmp_path / "plain-hf")]) == 0
     assert capsys.readouterr().out.endswith("(GPT2LMHeadModel)\n")
     assert transformers.AutoTokenizer.from_pretrained(tmp_path / "plain-hf").chat_template is None

@@ -42,8 +42,10 @@ def random_model(vocab_size: int, **overrides) -> GPTModel:
 def read(path) -> tuple[dict, dict]:
     """(metadata key -> value, tensor name -> ReaderTensor) of a GGUF file."""
     reader = gguf.GGUFReader(path)
-    return ({key: field.contents() for key, field in reader.fields.items()},
-            {tensor.name: tensor for tensor in reader.tensors})
+    return (
+        {key: field.contents() for key, field in reader.fields.items()},
+        {tensor.name: tensor for tensor in reader.tensors},
+    )
 
 
 def llama_cpp_layout(model: GPTModel, outtype: str) -> dict[str, tuple[list[int], gguf.GGMLQuantizationType]]:
@@ -59,15 +61,29 @@ def llama_cpp_layout(model: GPTModel, outtype: str) -> dict[str, tuple[list[int]
             return shape, F32
         return shape, F16 if matrix == Q8_0 and shape[0] % 32 else matrix
 
-    layout = {"token_embd.weight": typed([C, V]), "position_embd.weight": ([C, T], F32),
-              "output_norm.weight": typed([C]), "output_norm.bias": typed([C])}
+    layout = {
+        "token_embd.weight": typed([C, V]),
+        "position_embd.weight": ([C, T], F32),
+        "output_norm.weight": typed([C]),
+        "output_norm.bias": typed([C]),
+    }
     if not cfg.tie_embeddings:
         layout["output.weight"] = typed([C, V])
     for i in range(cfg.n_layers):
-        for name, shape in {"attn_norm.weight": [C], "attn_norm.bias": [C], "attn_qkv.weight": [C, 3 * C],
-                            "attn_qkv.bias": [3 * C], "attn_output.weight": [C, C], "attn_output.bias": [C],
-                            "ffn_norm.weight": [C], "ffn_norm.bias": [C], "ffn_up.weight": [C, 4 * C],
-                            "ffn_up.bias": [4 * C], "ffn_down.weight": [4 * C, C], "ffn_down.bias": [C]}.items():
+        for name, shape in {
+            "attn_norm.weight": [C],
+            "attn_norm.bias": [C],
+            "attn_qkv.weight": [C, 3 * C],
+            "attn_qkv.bias": [3 * C],
+            "attn_output.weight": [C, C],
+            "attn_output.bias": [C],
+            "ffn_norm.weight": [C],
+            "ffn_norm.bias": [C],
+            "ffn_up.weight": [C, 4 * C],
+            "ffn_up.bias": [4 * C],
+            "ffn_down.weight": [4 * C, C],
+            "ffn_down.bias": [C],
+        }.items():
             layout[f"blk.{i}.{name}"] = typed(shape)
     return layout
 
@@ -76,15 +92,28 @@ def gptlab_weights(model: GPTModel) -> dict[str, torch.Tensor]:
     """GGUF name -> the gptlab weight it must hold (zeros where gptlab has no qkv bias)."""
     cfg = model.cfg
     state = model.state_dict()
-    weights = {"token_embd.weight": state["tok_emb.weight"], "position_embd.weight": state["pos_emb.weight"],
-               "output_norm.weight": state["final_norm.scale"], "output_norm.bias": state["final_norm.shift"]}
+    weights = {
+        "token_embd.weight": state["tok_emb.weight"],
+        "position_embd.weight": state["pos_emb.weight"],
+        "output_norm.weight": state["final_norm.scale"],
+        "output_norm.bias": state["final_norm.shift"],
+    }
     if not cfg.tie_embeddings:
         weights["output.weight"] = state["out_head.weight"]
-    ours = {"attn_norm.weight": "norm1.scale", "attn_norm.bias": "norm1.shift", "attn_qkv.weight": "att.qkv.weight",
-            "attn_qkv.bias": "att.qkv.bias", "attn_output.weight": "att.out_proj.weight",
-            "attn_output.bias": "att.out_proj.bias", "ffn_norm.weight": "norm2.scale", "ffn_norm.bias": "norm2.shift",
-            "ffn_up.weight": "ff.fc.weight", "ffn_up.bias": "ff.fc.bias", "ffn_down.weight": "ff.proj.weight",
-            "ffn_down.bias": "ff.proj.bias"}
+    ours = {
+        "attn_norm.weight": "norm1.scale",
+        "attn_norm.bias": "norm1.shift",
+        "attn_qkv.weight": "att.qkv.weight",
+        "attn_qkv.bias": "att.qkv.bias",
+        "attn_output.weight": "att.out_proj.weight",
+        "attn_output.bias": "att.out_proj.bias",
+        "ffn_norm.weight": "norm2.scale",
+        "ffn_norm.bias": "norm2.shift",
+        "ffn_up.weight": "ff.fc.weight",
+        "ffn_up.bias": "ff.fc.bias",
+        "ffn_down.weight": "ff.proj.weight",
+        "ffn_down.bias": "ff.proj.bias",
+    }
     for i in range(cfg.n_layers):
         for theirs, name in ours.items():
             weights[f"blk.{i}.{theirs}"] = state.get(f"trf_blocks.{i}.{name}", torch.zeros(3 * cfg.emb_dim))
@@ -130,7 +159,8 @@ def test_q8_0_rows_that_are_not_whole_blocks_fall_back_to_f16(tokenizer, tmp_pat
     model = random_model(300, emb_dim=48, n_heads=2)  # 48-value rows; ffn_down's rows are 192 = 6 blocks
     _, tensors = read(export_gguf(model, tokenizer, tmp_path / "m.gguf", "q8_0").path)
     assert {name: tensor.tensor_type for name, tensor in tensors.items()} == {
-        name: qtype for name, (_, qtype) in llama_cpp_layout(model, "q8_0").items()}
+        name: qtype for name, (_, qtype) in llama_cpp_layout(model, "q8_0").items()
+    }
     assert tensors["blk.0.attn_qkv.weight"].tensor_type == F16 and tensors["blk.0.ffn_down.weight"].tensor_type == Q8_0
 
 
@@ -201,9 +231,12 @@ def converter_vocabulary(folder, vocab_size: int) -> dict:
             tokens.append(by_id[index])
             types.append(gguf.TokenType.NORMAL)
     special = gguf.SpecialVocab(folder, load_merges=True, n_vocab=vocab_size)
-    return {"tokenizer.ggml.tokens": tokens, "tokenizer.ggml.token_type": [int(t) for t in types],
-            "tokenizer.ggml.merges": special.merges,
-            **{f"tokenizer.ggml.{kind}_token_id": index for kind, index in special.special_token_ids.items()}}
+    return {
+        "tokenizer.ggml.tokens": tokens,
+        "tokenizer.ggml.token_type": [int(t) for t in types],
+        "tokenizer.ggml.merges": special.merges,
+        **{f"tokenizer.ggml.{kind}_token_id": index for kind, index in special.special_token_ids.items()},
+    }
 
 
 @pytest.fixture(scope="module")
@@ -224,8 +257,11 @@ def tokenizer_metadata(metadata: dict) -> dict:
 @pytest.mark.slow
 def test_gpt2_tokenizer_is_what_the_converter_writes_for_the_hf_export(gpt2_export):
     metadata, hf_folder = gpt2_export
-    assert tokenizer_metadata(metadata) == {**converter_vocabulary(hf_folder, 50257),
-                                            "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "gpt-2"}
+    assert tokenizer_metadata(metadata) == {
+        **converter_vocabulary(hf_folder, 50257),
+        "tokenizer.ggml.model": "gpt2",
+        "tokenizer.ggml.pre": "gpt-2",
+    }
 
 
 def test_truncated_padded_tokenizer_is_what_the_converter_writes_for_the_hf_export(tmp_path):
@@ -233,8 +269,11 @@ def test_truncated_padded_tokenizer_is_what_the_converter_writes_for_the_hf_expo
     model = random_model(640, emb_dim=32, n_layers=1)  # 557 ids padded to 640
     export_hf(model, tokenizer, tmp_path / "hf")
     metadata, _ = read(export_gguf(model, tokenizer, tmp_path / "m.gguf").path)
-    assert tokenizer_metadata(metadata) == {**converter_vocabulary(tmp_path / "hf", 640),
-                                            "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "gpt-2"}
+    assert tokenizer_metadata(metadata) == {
+        **converter_vocabulary(tmp_path / "hf", 640),
+        "tokenizer.ggml.model": "gpt2",
+        "tokenizer.ggml.pre": "gpt-2",
+    }
     assert metadata["tokenizer.ggml.tokens"][557:] == [f"[PAD{i}]" for i in range(557, 640)]
 
 
@@ -263,20 +302,25 @@ def llama_cpp_bpe(text: str, tokens: list[str], merges: list[str]) -> list[int]:
         symbols = list(word)
         while candidates := [(ranks[pair], i) for i, pair in enumerate(zip(symbols, symbols[1:])) if pair in ranks]:
             _, i = min(candidates)
-            symbols[i:i + 2] = [symbols[i] + symbols[i + 1]]
+            symbols[i : i + 2] = [symbols[i] + symbols[i + 1]]
         out.extend(ids[symbol] for symbol in symbols if symbol in ids)
     return out
 
 
-@pytest.mark.parametrize("tokenizer, text", [
-    (load_tokenizer("gpt2", merges=300), TEXT),
-    (CharTokenizer.from_text(TEXT), TEXT),
-    (CharTokenizer.from_text("only ascii here\n"), "here is only ascii\n"),
-], ids=["300-merges", "char", "char-ascii"])
+@pytest.mark.parametrize(
+    "tokenizer, text",
+    [
+        (load_tokenizer("gpt2", merges=300), TEXT),
+        (CharTokenizer.from_text(TEXT), TEXT),
+        (CharTokenizer.from_text("only ascii here\n"), "here is only ascii\n"),
+    ],
+    ids=["300-merges", "char", "char-ascii"],
+)
 def test_llama_cpps_bpe_over_the_written_vocabulary_gives_gptlabs_ids(tokenizer, text, tmp_path):
     metadata, _ = read(export_gguf(random_model(tokenizer.vocab_size), tokenizer, tmp_path / "m.gguf").path)
-    assert llama_cpp_bpe(text, metadata["tokenizer.ggml.tokens"], metadata["tokenizer.ggml.merges"]) == \
-        tokenizer.encode(text)
+    assert llama_cpp_bpe(
+        text, metadata["tokenizer.ggml.tokens"], metadata["tokenizer.ggml.merges"]
+    ) == tokenizer.encode(text)
 
 
 def test_char_vocabulary_is_byte_level_characters_and_end_of_text(tmp_path):
@@ -299,10 +343,13 @@ def test_an_existing_file_is_kept_unless_forced(model, tokenizer, tmp_path):
     assert read(path)[0]["general.architecture"] == "gpt2"
 
 
-@pytest.mark.parametrize("outtype, destination, message", [
-    ("q4_0", "m.gguf", r"unknown GGUF outtype 'q4_0'; choose one of: f32, bf16, q8_0"),
-    ("f32", ".", r"is a folder; give the \.gguf file to write"),
-])
+@pytest.mark.parametrize(
+    "outtype, destination, message",
+    [
+        ("q4_0", "m.gguf", r"unknown GGUF outtype 'q4_0'; choose one of: f32, bf16, q8_0"),
+        ("f32", ".", r"is a folder; give the \.gguf file to write"),
+    ],
+)
 def test_bad_arguments_are_refused_in_one_line(model, tokenizer, outtype, destination, message, tmp_path):
     with pytest.raises(ValueError, match=message) as error:
         export_gguf(model, tokenizer, tmp_path / destination, outtype)
@@ -310,8 +357,7 @@ def test_bad_arguments_are_refused_in_one_line(model, tokenizer, outtype, destin
     assert list(tmp_path.iterdir()) == []
 
 
-def test_a_failed_write_is_one_line_and_leaves_the_old_file_and_no_partial_one(model, tokenizer, tmp_path,
-                                                                              monkeypatch):
+def test_a_failed_write_is_one_line_and_leaves_the_old_file_and_no_partial_one(model, tokenizer, tmp_path, monkeypatch):
     path = tmp_path / "m.gguf"
     export_gguf(model, tokenizer, path, "f32")
     before = path.read_bytes()
@@ -339,14 +385,16 @@ def test_a_tokenizer_larger_than_the_embedding_is_refused(tokenizer, tmp_path):
 
 def test_llama_cpp_generates_what_gptlab_generates(tmp_path):
     llama_cpp = pytest.importorskip(
-        "llama_cpp", reason="llama-cpp-python is not installed; the layout tests above stand in for llama.cpp")
+        "llama_cpp", reason="llama-cpp-python is not installed; the layout tests above stand in for llama.cpp"
+    )
     tokenizer = load_tokenizer("gpt2")
     model = random_model(tokenizer.vocab_size, context_length=64)
-    llm = llama_cpp.Llama(model_path=str(export_gguf(model, tokenizer, tmp_path / "m.gguf").path),
-                          n_ctx=64, verbose=False)
+    llm = llama_cpp.Llama(
+        model_path=str(export_gguf(model, tokenizer, tmp_path / "m.gguf").path), n_ctx=64, verbose=False
+    )
     prompt = tokenizer.encode(TEXT)[:8]
     assert llm.tokenize(TEXT.encode(), add_bos=False, special=False) == tokenizer.encode(TEXT)
-    expected = generate(model, torch.tensor([prompt]), max_new_tokens=20)[0, len(prompt):].tolist()
+    expected = generate(model, torch.tensor([prompt]), max_new_tokens=20)[0, len(prompt) :].tolist()
     new = []
     for token in llm.generate(prompt, top_k=1, temp=0.0):
         new.append(token)

@@ -75,8 +75,13 @@ def test_transformers_generates_what_gptlab_generates(export):
     hf_model.generation_config.eos_token_id = None  # both sides produce all NEW_TOKENS
     auto = transformers.AutoTokenizer.from_pretrained(export.folder)
     prompt = auto(PROMPT, return_tensors="pt")["input_ids"]
-    expected = hf_model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=NEW_TOKENS,
-                                 do_sample=False, pad_token_id=export.tokenizer.eot_id)
+    expected = hf_model.generate(
+        prompt,
+        attention_mask=torch.ones_like(prompt),
+        max_new_tokens=NEW_TOKENS,
+        do_sample=False,
+        pad_token_id=export.tokenizer.eot_id,
+    )
     ours = generate(export.model, torch.tensor([export.tokenizer.encode(PROMPT)]), NEW_TOKENS)
     assert ours.tolist() == expected.tolist()
     assert auto.decode(expected[0]) == export.tokenizer.decode(ours[0].tolist())
@@ -129,12 +134,18 @@ def test_earlier_exports_without_tokenizer_files_still_load(tmp_path, name):
     assert loaded.spec() == export.tokenizer.spec()
 
 
-@pytest.mark.parametrize("damage, match", [
-    (lambda document: document["model"]["vocab"].update({"ab": len(document["model"]["vocab"])}),
-     "not one id per character"),
-    (lambda document: document["added_tokens"][0].update(id=0), "does not give <|endoftext|> the id after"),
-    (lambda document: document["model"].update(type="Unigram"), "Unigram, not BPE or WordLevel"),
-], ids=["word-not-character", "end-of-text-id", "other-model"])
+@pytest.mark.parametrize(
+    "damage, match",
+    [
+        (
+            lambda document: document["model"]["vocab"].update({"ab": len(document["model"]["vocab"])}),
+            "not one id per character",
+        ),
+        (lambda document: document["added_tokens"][0].update(id=0), "does not give <|endoftext|> the id after"),
+        (lambda document: document["model"].update(type="Unigram"), "Unigram, not BPE or WordLevel"),
+    ],
+    ids=["word-not-character", "end-of-text-id", "other-model"],
+)
 def test_tokenizer_json_gptlab_cannot_read_is_refused_in_one_line(tmp_path, damage, match):
     export = export_tiny_model(TOKENIZERS["char"](), tmp_path / "hf")
     document = json.loads((export.folder / "tokenizer.json").read_text("utf-8"))
@@ -151,6 +162,8 @@ def test_cli_convert_of_a_char_model_writes_its_tokenizer_without_a_note(tmp_pat
     save_model(tmp_path / "ckpt", model, tokenizer)
     assert main(["convert", "--to-hf", str(tmp_path / "ckpt"), str(tmp_path / "hf")]) == 0
     captured = capsys.readouterr()
-    assert captured.out == (f"wrote {tmp_path / 'hf'}: config.json, generation_config.json, model.safetensors, "
-                            "tokenizer.json, tokenizer_config.json (GPT2LMHeadModel)\n")
+    assert captured.out == (
+        f"wrote {tmp_path / 'hf'}: config.json, generation_config.json, model.safetensors, "
+        "tokenizer.json, tokenizer_config.json (GPT2LMHeadModel)\n"
+    )
     assert captured.err == ""

@@ -16,7 +16,9 @@ transformers = pytest.importorskip("transformers")
 # Head sizes 32 and 16 (not GPT-2's 64), an untied head, and the full GPT-2 vocabulary.
 HF_SHAPES = {
     "96d-3heads-tied": dict(vocab_size=1000, n_positions=64, n_embd=96, n_head=3, n_layer=2),
-    "80d-5heads-untied": dict(vocab_size=50257, n_positions=64, n_embd=80, n_head=5, n_layer=3, tie_word_embeddings=False),
+    "80d-5heads-untied": dict(
+        vocab_size=50257, n_positions=64, n_embd=80, n_head=5, n_layer=3, tie_word_embeddings=False
+    ),
 }
 PROMPT_LENGTH = 8
 NEW_TOKENS = 30
@@ -26,8 +28,12 @@ def random_hf_model(shape: dict):
     """An HF GPT-2 whose every parameter (LayerNorm scales and biases included) is random, so a
     misplaced bias or scale cannot hide behind HF's ones-and-zeros initialisation."""
     config = transformers.GPT2Config(
-        **shape, resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1,
-        bos_token_id=None, eos_token_id=None,  # no early stop: both sides must produce all NEW_TOKENS
+        **shape,
+        resid_pdrop=0.1,
+        embd_pdrop=0.1,
+        attn_pdrop=0.1,
+        bos_token_id=None,
+        eos_token_id=None,  # no early stop: both sides must produce all NEW_TOKENS
         attn_implementation="eager",
     )
     model = transformers.GPT2LMHeadModel(config).eval()
@@ -62,7 +68,12 @@ def test_config_from_hf_reads_the_shape(hf_model):
     cfg = config_from_hf(hf_model.config.to_dict())
     hf = hf_model.config
     assert (cfg.vocab_size, cfg.context_length, cfg.emb_dim, cfg.n_heads, cfg.n_layers) == (
-        hf.vocab_size, hf.n_positions, hf.n_embd, hf.n_head, hf.n_layer)
+        hf.vocab_size,
+        hf.n_positions,
+        hf.n_embd,
+        hf.n_head,
+        hf.n_layer,
+    )
     assert cfg.qkv_bias is True
     assert cfg.tie_embeddings == hf.tie_word_embeddings
     assert cfg.drop_rate == hf.resid_pdrop

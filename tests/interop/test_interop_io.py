@@ -49,8 +49,9 @@ def random_gptlab_model(cfg: GPTConfig = TINY) -> GPTModel:
 
 def random_hf_model(**overrides):
     # No bos/eos: transformers' greedy generation must not stop early.
-    config = transformers.GPT2Config(**{**HF_TINY, **overrides}, bos_token_id=None, eos_token_id=None,
-                                     attn_implementation="eager")
+    config = transformers.GPT2Config(
+        **{**HF_TINY, **overrides}, bos_token_id=None, eos_token_id=None, attn_implementation="eager"
+    )
     return randomise_(transformers.GPT2LMHeadModel(config))
 
 
@@ -111,13 +112,20 @@ def hf_state(hf_model):
 
 # --- gptlab -> Hugging Face --------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("qkv_bias, tie", [(True, True), (False, False)], ids=["qkv-bias-tied", "no-qkv-bias-untied"])
 def test_export_loads_in_transformers_with_equal_logits(tmp_path, qkv_bias, tie):
     torch.manual_seed(1)
     model = random_gptlab_model(TINY.replace(qkv_bias=qkv_bias, tie_embeddings=tie))
     files = export_hf(model, load_tokenizer(), tmp_path / "hf")
-    assert files == ["config.json", "generation_config.json", "merges.txt", "model.safetensors",
-                     "tokenizer_config.json", "vocab.json"]
+    assert files == [
+        "config.json",
+        "generation_config.json",
+        "merges.txt",
+        "model.safetensors",
+        "tokenizer_config.json",
+        "vocab.json",
+    ]
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert config["model_type"] == "gpt2" and config["architectures"] == ["GPT2LMHeadModel"]
     assert (config["n_positions"], config["n_embd"], config["n_layer"], config["n_head"]) == (32, 64, 2, 4)
@@ -157,8 +165,13 @@ def test_char_level_model_exports_with_its_tokenizer_and_comes_back(tmp_path):
     tokenizer = CharTokenizer.from_text("hello world, a tiny corpus")
     model = random_gptlab_model(TINY.replace(vocab_size=tokenizer.vocab_size))
     files = export_hf(model, tokenizer, tmp_path / "hf")
-    assert files == ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
-                     "tokenizer_config.json"]
+    assert files == [
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ]
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert config["eos_token_id"] == tokenizer.eot_id
     assert logit_gap(model, load_transformers(tmp_path / "hf"), random_ids(tokenizer.vocab_size)) <= MAX_LOGIT_GAP
@@ -186,6 +199,7 @@ def test_export_never_overwrites_other_files(tmp_path):
 
 # --- Hugging Face -> gptlab --------------------------------------------------------------------------------
 
+
 def test_transformers_save_pretrained_folder_loads_with_equal_logits(hf_model, hf_folder):
     model, tokenizer = load_model(hf_folder)
     assert model.cfg == config_from_hf(hf_model.config.to_dict())
@@ -210,8 +224,9 @@ def test_weights_are_memory_mapped_from_the_file_not_copied(hf_folder):
 def test_greedy_generation_equals_transformers(hf_model, hf_folder):
     model, _ = load_model(hf_folder)
     prompt = torch.randint(0, 50257, (1, 6))
-    expected = hf_model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=20,
-                                 do_sample=False, pad_token_id=0)
+    expected = hf_model.generate(
+        prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=20, do_sample=False, pad_token_id=0
+    )
     ours = generate(model, prompt, 20)
     assert ours.tolist() == expected.tolist()
     assert len(set(ours[0, 6:].tolist())) > 1  # not a one-token loop
@@ -310,6 +325,7 @@ def test_hf_folder_loads_in_a_chosen_dtype(hf_folder, hf_model):
 
 # --- what bad folders get ----------------------------------------------------------------------------------
 
+
 def test_wrong_shaped_tensor_is_named_with_both_shapes(tmp_path, hf_model, hf_state):
     state = {**hf_state, "transformer.h.1.mlp.c_fc.weight": torch.zeros(64, 200)}
     folder = write_hf_folder(tmp_path / "bad", hf_model.config.to_dict(), state)
@@ -330,14 +346,20 @@ def test_weights_of_a_deeper_model_are_refused(tmp_path, hf_model, hf_state):
     one_line_error(r"'h\.1\.\S+' .*no place for", load_model, folder)
 
 
-@pytest.mark.parametrize("setup, match", [
-    (lambda folder: None, "has no config.json"),
-    (lambda folder: (folder / "config.json").write_text('{"model_type": "llama"}'), "neither gptlab's nor a GPT-2"),
-    (lambda folder: (folder / "config.json").write_text('{"model_type": "gpt2"}'), "no weights"),
-    (lambda folder: (folder / "config.json").write_text('{"model_type": "gpt2",'), "not valid JSON"),
-    (lambda folder: (folder / "config.json").write_text('{"format": "gptlab", "config": {}, "tokenizer": {}}'),
-     "gptlab checkpoint without model.safetensors"),
-], ids=["empty", "other-model", "no-weights", "broken-json", "gptlab-no-weights"])
+@pytest.mark.parametrize(
+    "setup, match",
+    [
+        (lambda folder: None, "has no config.json"),
+        (lambda folder: (folder / "config.json").write_text('{"model_type": "llama"}'), "neither gptlab's nor a GPT-2"),
+        (lambda folder: (folder / "config.json").write_text('{"model_type": "gpt2"}'), "no weights"),
+        (lambda folder: (folder / "config.json").write_text('{"model_type": "gpt2",'), "not valid JSON"),
+        (
+            lambda folder: (folder / "config.json").write_text('{"format": "gptlab", "config": {}, "tokenizer": {}}'),
+            "gptlab checkpoint without model.safetensors",
+        ),
+    ],
+    ids=["empty", "other-model", "no-weights", "broken-json", "gptlab-no-weights"],
+)
 def test_folders_that_are_not_models_say_what_was_expected(tmp_path, setup, match):
     folder = tmp_path / "folder"
     folder.mkdir()
@@ -369,6 +391,7 @@ def test_small_vocabulary_without_tokenizer_files_is_refused(tmp_path):
 
 # --- command line -----------------------------------------------------------------------------------------
 
+
 def test_cli_convert_writes_a_transformers_folder(tmp_path, capsys):
     model = random_gptlab_model()
     save_model(tmp_path / "ckpt", model, load_tokenizer())
@@ -386,9 +409,12 @@ def test_cli_convert_writes_a_transformers_folder(tmp_path, capsys):
 def test_cli_info_reports_a_checkpoint_from_its_config(hf_model, hf_folder, tmp_path, capsys):
     assert main(["info", "--checkpoint", str(hf_folder)]) == 0
     out = capsys.readouterr().out
-    cfg = GPTConfig(vocab_size=50257, context_length=32, emb_dim=64, n_heads=4, n_layers=2, qkv_bias=True,
-                    tie_embeddings=True)
-    assert out == f"checkpoint {hf_folder} (Hugging Face GPT-2 folder)\n{parameter_report(cfg).format(hf_folder.name)}\n"
+    cfg = GPTConfig(
+        vocab_size=50257, context_length=32, emb_dim=64, n_heads=4, n_layers=2, qkv_bias=True, tie_embeddings=True
+    )
+    assert (
+        out == f"checkpoint {hf_folder} (Hugging Face GPT-2 folder)\n{parameter_report(cfg).format(hf_folder.name)}\n"
+    )
     # the report counts what transformers counts (a tied head once)
     assert parameter_report(cfg).total == sum(param.numel() for param in hf_model.parameters())
 
@@ -425,8 +451,13 @@ def test_cli_download_without_network_says_where_to_put_the_files(tmp_path, monk
 
 def test_cli_download_offline_mode_exits_1(tmp_path):
     out = tmp_path / "gpt2"
-    result = subprocess.run([sys.executable, "-m", "gptlab", "download", "gpt2", "--out", str(out)],
-                            capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "gptlab", "download", "gpt2", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        timeout=60,
+    )
     assert result.returncode == 1
     assert result.stderr.count("\n") == 1 and f"into {out}/" in result.stderr and result.stdout == ""
 

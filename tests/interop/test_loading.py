@@ -32,8 +32,10 @@ def modes(folder: Path) -> dict[str, int]:
 
 
 def expected_modes(folder: Path, file_mode: int, folder_mode: int) -> dict[str, int]:
-    return {str(path.relative_to(folder)): folder_mode if path.is_dir() else file_mode
-            for path in [folder, *folder.rglob("*")]}
+    return {
+        str(path.relative_to(folder)): folder_mode if path.is_dir() else file_mode
+        for path in [folder, *folder.rglob("*")]
+    }
 
 
 @pytest.fixture(scope="module")
@@ -41,9 +43,27 @@ def run_folder(tmp_path_factory) -> Path:
     """A two-step run of a tiny character-level model (it writes last/ and best/), trained under umask 022."""
     folder = tmp_path_factory.mktemp("trained")
     (folder / "corpus.txt").write_text(TEXT)
-    argv = ["train", "--data", str(folder / "corpus.txt"), "--out", str(folder / "run"), "--cache-dir",
-            str(folder / "cache"), *TINY_OPTIONS, "--max-steps", "2", "--eval-interval", "2", "--sample-tokens", "0",
-            "--dtype", "float32", "--device", "cpu", "--no-progress"]
+    argv = [
+        "train",
+        "--data",
+        str(folder / "corpus.txt"),
+        "--out",
+        str(folder / "run"),
+        "--cache-dir",
+        str(folder / "cache"),
+        *TINY_OPTIONS,
+        "--max-steps",
+        "2",
+        "--eval-interval",
+        "2",
+        "--sample-tokens",
+        "0",
+        "--dtype",
+        "float32",
+        "--device",
+        "cpu",
+        "--no-progress",
+    ]
     assert with_umask(0o022, lambda: main(argv)) == 0
     return folder / "run"
 
@@ -57,6 +77,7 @@ def gptlab_error(capsys, argv: list[str]) -> str:
 
 
 # --- file modes --------------------------------------------------------------------------------------------
+
 
 def test_a_training_run_and_its_export_are_0644_and_0755_under_umask_022(run_folder, tmp_path, capsys):
     written = modes(run_folder)
@@ -80,10 +101,12 @@ def test_modes_follow_the_umask_rather_than_a_fixed_value(tmp_path):
 
 # --- paths that are not model folders ---------------------------------------------------------------------
 
+
 def test_a_mistyped_folder_suggests_the_nearest_existing_one(run_folder, capsys):
     error = gptlab_error(capsys, ["generate", "--checkpoint", str(run_folder / "bset"), "--prompt", "the"])
-    assert error == (f"gptlab generate: error: {run_folder / 'bset'} does not exist;"
-                     f" did you mean {run_folder / 'best'}?\n")
+    assert error == (
+        f"gptlab generate: error: {run_folder / 'bset'} does not exist; did you mean {run_folder / 'best'}?\n"
+    )
 
     mistyped_parent = run_folder.parent / "rnu" / "last"
     error = gptlab_error(capsys, ["info", "--checkpoint", str(mistyped_parent)])
@@ -95,8 +118,10 @@ def test_a_mistyped_folder_suggests_the_nearest_existing_one(run_folder, capsys)
 
 def test_a_run_folder_suggests_its_best_checkpoint_or_else_its_last(run_folder, tmp_path, capsys):
     error = gptlab_error(capsys, ["generate", "--checkpoint", str(run_folder), "--prompt", "the"])
-    assert error == (f"gptlab generate: error: {run_folder} is a training run folder, not a checkpoint; "
-                     f"did you mean {run_folder / 'best'}?\n")
+    assert error == (
+        f"gptlab generate: error: {run_folder} is a training run folder, not a checkpoint; "
+        f"did you mean {run_folder / 'best'}?\n"
+    )
 
     only_last = tmp_path / "interrupted"
     shutil.copytree(run_folder, only_last, ignore=shutil.ignore_patterns("best"))

@@ -77,8 +77,11 @@ def test_peft_computes_our_logits_with_adapters_on_the_same_layers(tmp_path, tar
     files = export_peft_adapter(model, tmp_path / "peft")
     assert files == [PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE]
     theirs = peft_model(tmp_path, tmp_path / "peft")
-    wrapped = {name.removeprefix("base_model.model.").removesuffix(".lora_A")
-               for name, _ in theirs.named_modules() if name.endswith(".lora_A")}
+    wrapped = {
+        name.removeprefix("base_model.model.").removesuffix(".lora_A")
+        for name, _ in theirs.named_modules()
+        if name.endswith(".lora_A")
+    }
     assert wrapped == {hf_module_name(name) for name in lora_modules(model)}
     with torch.no_grad(), theirs.disable_adapter():
         base_logits = theirs(ids()).logits
@@ -95,10 +98,12 @@ def test_peft_merge_gives_our_merged_model(tmp_path):
     merged = merge_lora(model)
     theirs_state = theirs.state_dict()
     for layer in range(TINY.n_layers):
-        torch.testing.assert_close(theirs_state[f"transformer.h.{layer}.attn.c_attn.weight"].T,
-                                   merged.trf_blocks[layer].att.qkv.weight)
-        torch.testing.assert_close(theirs_state[f"transformer.h.{layer}.mlp.c_proj.weight"].T,
-                                   merged.trf_blocks[layer].ff.proj.weight)
+        torch.testing.assert_close(
+            theirs_state[f"transformer.h.{layer}.attn.c_attn.weight"].T, merged.trf_blocks[layer].att.qkv.weight
+        )
+        torch.testing.assert_close(
+            theirs_state[f"transformer.h.{layer}.mlp.c_proj.weight"].T, merged.trf_blocks[layer].ff.proj.weight
+        )
     torch.testing.assert_close(theirs_state["lm_head.weight"], merged.out_head.weight)
     with torch.no_grad():
         torch.testing.assert_close(theirs(ids()).logits, merged(ids()), atol=1e-4, rtol=0)
@@ -109,8 +114,9 @@ def test_a_tied_head_exports_too(tmp_path):
     model = adapted_model(tmp_path, ("fc", "head"), TINY.replace(tie_embeddings=True))
     export_peft_adapter(model, tmp_path / "peft")
     with torch.no_grad():
-        torch.testing.assert_close(peft_model(tmp_path, tmp_path / "peft")(ids()).logits, model(ids()),
-                                   atol=1e-4, rtol=0)
+        torch.testing.assert_close(
+            peft_model(tmp_path, tmp_path / "peft")(ids()).logits, model(ids()), atol=1e-4, rtol=0
+        )
 
 
 def test_export_from_an_adapter_folder_equals_export_from_the_model(tmp_path):
@@ -126,8 +132,9 @@ def test_export_from_an_adapter_folder_equals_export_from_the_model(tmp_path):
     assert (meta["r"], meta["lora_alpha"], meta["lora_dropout"], meta["fan_in_fan_out"]) == (4, 12, 0.1, True)
     assert meta["target_modules"] == ["attn.c_attn", "mlp.c_proj"]
     with torch.no_grad():
-        torch.testing.assert_close(peft_model(tmp_path, tmp_path / "from-folder")(ids()).logits, model(ids()),
-                                   atol=1e-4, rtol=0)
+        torch.testing.assert_close(
+            peft_model(tmp_path, tmp_path / "from-folder")(ids()).logits, model(ids()), atol=1e-4, rtol=0
+        )
 
 
 def test_export_refuses_to_replace_other_files(tmp_path):

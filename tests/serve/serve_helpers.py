@@ -45,8 +45,6 @@ def get_json(url: str) -> tuple[int, dict]:
         return error.code, json.loads(error.read())
 
 
-
-
 def wait_until_idle(url: str, timeout: float = 10) -> dict:
     """Poll /health until no request decodes or waits; its last answer."""
     deadline = time.time() + timeout

@@ -56,7 +56,9 @@ class Recorder:
         return rows
 
     def finish_reasons(self) -> dict[int, str]:
-        return {event.row: event.finish_reason for event in self.events if isinstance(event, Piece) and event.finish_reason}
+        return {
+            event.row: event.finish_reason for event in self.events if isinstance(event, Piece) and event.finish_reason
+        }
 
 
 def alone(model: GPTModel, prompt: list[int], options: GenerationOptions) -> list[list[int]]:
@@ -65,9 +67,18 @@ def alone(model: GPTModel, prompt: list[int], options: GenerationOptions) -> lis
 
 JOBS = [  # prompts of different lengths, greedy and sampled, n of 1 to 3, lengths that end at different steps
     (TOKENIZER.encode("Hello there"), GenerationOptions(max_new_tokens=20, temperature=0.0)),
-    (TOKENIZER.encode("The quick brown fox jumps over"), GenerationOptions(max_new_tokens=31, temperature=0.8, seed=5, num_samples=3, top_k=50)),
-    (TOKENIZER.encode("A"), GenerationOptions(max_new_tokens=12, temperature=1.0, seed=9, top_p=0.8, repetition_penalty=1.3)),
-    (TOKENIZER.encode("Once upon a time, in a land far away, there lived"), GenerationOptions(max_new_tokens=25, temperature=0.7, seed=3, num_samples=2, min_p=0.1)),
+    (
+        TOKENIZER.encode("The quick brown fox jumps over"),
+        GenerationOptions(max_new_tokens=31, temperature=0.8, seed=5, num_samples=3, top_k=50),
+    ),
+    (
+        TOKENIZER.encode("A"),
+        GenerationOptions(max_new_tokens=12, temperature=1.0, seed=9, top_p=0.8, repetition_penalty=1.3),
+    ),
+    (
+        TOKENIZER.encode("Once upon a time, in a land far away, there lived"),
+        GenerationOptions(max_new_tokens=25, temperature=0.7, seed=3, num_samples=2, min_p=0.1),
+    ),
 ]
 
 
@@ -92,6 +103,7 @@ def run_chained_jobs(model: GPTModel) -> list[Recorder]:
             pieces = sum(isinstance(seen, Piece) for seen in recorders[index].events)
             if isinstance(event, Piece) and pieces == 5 and index + 1 < len(JOBS):
                 engine.submit(Job(*JOBS[index + 1], chained(index + 1)))
+
         return on_event
 
     engine.submit(Job(*JOBS[0], chained(0)))
@@ -157,7 +169,9 @@ def test_a_cancelled_job_leaves_the_batch_at_once(model):
     a job produces at most one more step, frees its rows, and the job beside it is unaffected."""
     engine = Engine(model, TOKENIZER, max_batch=4)
     cancelled, kept = Recorder(), Recorder()
-    long_job = Job(TOKENIZER.encode("Cancel me"), GenerationOptions(max_new_tokens=60, temperature=0.0, num_samples=2), None)
+    long_job = Job(
+        TOKENIZER.encode("Cancel me"), GenerationOptions(max_new_tokens=60, temperature=0.0, num_samples=2), None
+    )
 
     def on_cancelled(event) -> None:
         cancelled(event)
@@ -231,10 +245,11 @@ def test_samples_that_end_on_their_first_token_beside_other_jobs(model):
     other jobs decode: every row gets its finish reason, and the other jobs what they get alone."""
     prompt = TOKENIZER.encode("Once upon a time")
     first = alone(model, prompt, GenerationOptions(max_new_tokens=1, temperature=0))[0][0]
-    cases = [GenerationOptions(max_new_tokens=1, temperature=1.0, seed=3, num_samples=3),
-             GenerationOptions(max_new_tokens=8, temperature=0, num_samples=2, stop=(TOKENIZER.decode([first]),)),
-             GenerationOptions(max_new_tokens=8, temperature=0.7, seed=1, num_samples=2,
-                               logit_bias={TOKENIZER.eot_id: 100})]
+    cases = [
+        GenerationOptions(max_new_tokens=1, temperature=1.0, seed=3, num_samples=3),
+        GenerationOptions(max_new_tokens=8, temperature=0, num_samples=2, stop=(TOKENIZER.decode([first]),)),
+        GenerationOptions(max_new_tokens=8, temperature=0.7, seed=1, num_samples=2, logit_bias={TOKENIZER.eot_id: 100}),
+    ]
     steady = GenerationOptions(max_new_tokens=12, temperature=0.9, seed=5, num_samples=2)
     jobs = [Job(prompt, options, Ending()) for options in cases] + [Job(prompt[:2], steady, Ending())]
     run_jobs(Engine(model, TOKENIZER, max_batch=16), jobs)
@@ -260,8 +275,11 @@ def test_a_failure_fails_its_own_job_and_the_loop_goes_on(model, monkeypatch):
     monkeypatch.setattr(sampling.Sampler, "choose", broken)
     prompt = TOKENIZER.encode("A list of")
     good = GenerationOptions(max_new_tokens=10, temperature=0.8, seed=7, num_samples=2)
-    jobs = [Job(prompt, good, Ending()), Job(prompt, good.replace(seed=666, num_samples=3), Ending()),
-            Job(prompt[:3], good.replace(seed=9), Ending())]
+    jobs = [
+        Job(prompt, good, Ending()),
+        Job(prompt, good.replace(seed=666, num_samples=3), Ending()),
+        Job(prompt[:3], good.replace(seed=9), Ending()),
+    ]
     engine = Engine(model, TOKENIZER, max_batch=8)
     run_jobs(engine, jobs)
     failed = [event for event in jobs[1].on_event.events if isinstance(event, Failed)]

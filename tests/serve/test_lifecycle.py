@@ -30,8 +30,9 @@ def test_health_and_api_answer_503_while_loading():
 
 def test_a_chunked_body_over_the_limit_gets_413():
     client = TestClient(create_app(ServerState(name="m", max_body_bytes=1000)))
-    response = client.post("/v1/completions", content=(b"x" * 400 for _ in range(3)),
-                           headers={"Content-Type": "application/json"})  # no Content-Length: sent in chunks
+    response = client.post(
+        "/v1/completions", content=(b"x" * 400 for _ in range(3)), headers={"Content-Type": "application/json"}
+    )  # no Content-Length: sent in chunks
     assert response.status_code == 413 and "larger than 1,000 bytes" in response.json()["error"]["message"]
 
 
@@ -47,8 +48,11 @@ def read_events(response) -> list[dict]:
 
 
 def stream(url: str, **body):
-    request = urllib.request.Request(url + "/v1/completions", data=json.dumps({"stream": True, **body}).encode(),
-                                     headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        url + "/v1/completions",
+        data=json.dumps({"stream": True, **body}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
     return urllib.request.urlopen(request, timeout=60)
 
 
@@ -79,7 +83,9 @@ def test_sigterm_finishes_the_stream_in_flight_then_exits(base_checkpoint):
 
 
 def run_serve(*options: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "gptlab", "serve", *options], capture_output=True, text=True, timeout=60, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "gptlab", "serve", *options], capture_output=True, text=True, timeout=60, check=False
+    )
 
 
 def test_start_up_mistakes_are_one_line_and_exit_2(tmp_path, base_checkpoint):

@@ -20,8 +20,12 @@ from gptlab.checkpoint import save_model
 from gptlab.serve.background import BackgroundServer
 from gptlab.tokenizer import load_tokenizer
 
-ITEMS = [("The capital of France is", " Paris."), ("One, two, three,", " four, five"),
-         ("def main():", "\n    return 0"), ("Grüße aus", " Köln und Zürich")]
+ITEMS = [
+    ("The capital of France is", " Paris."),
+    ("One, two, three,", " four, five"),
+    ("def main():", "\n    return 0"),
+    ("Grüße aus", " Köln und Zürich"),
+]
 
 
 def eot_loving_model():
@@ -41,7 +45,7 @@ def own_loglikelihood(model, tokenizer, context: str, continuation: str) -> tupl
     whole, context_ids = tokenizer.encode(context + continuation), tokenizer.encode(context)
     with torch.no_grad():
         logprobs = model(torch.tensor([whole])).log_softmax(-1)[0]  # (T, V)
-    targets = whole[len(context_ids):]
+    targets = whole[len(context_ids) :]
     chosen = [logprobs[len(context_ids) - 1 + i, token] for i, token in enumerate(targets)]
     greedy = all(logprobs[len(context_ids) - 1 + i].argmax() == token for i, token in enumerate(targets))
     return float(sum(chosen)), bool(greedy)
@@ -81,13 +85,16 @@ metric_list:
         results = lm_eval.simple_evaluate(
             model="local-completions",
             model_args=f"base_url={server.url}/v1/completions,model=eot-model,tokenizer_backend=remote,num_concurrent=1,"
-                       "max_retries=1",
-            tasks=["gptlab_tiny"], task_manager=TaskManager(include_path=str(tmp_path / "tasks")), log_samples=True,
-            batch_size=2)
+            "max_retries=1",
+            tasks=["gptlab_tiny"],
+            task_manager=TaskManager(include_path=str(tmp_path / "tasks")),
+            log_samples=True,
+            batch_size=2,
+        )
     samples = sorted(results["samples"]["gptlab_tiny"], key=lambda sample: sample["doc_id"])
     assert len(samples) == len(ITEMS)
     for sample, (context, continuation) in zip(samples, ITEMS):
-        (loglikelihood, greedy), = sample["resps"][0]
+        ((loglikelihood, greedy),) = sample["resps"][0]
         expected, expected_greedy = own_loglikelihood(model, tokenizer, context, continuation)
         assert loglikelihood == pytest.approx(expected, abs=1e-4), (context, continuation)
         assert greedy == expected_greedy

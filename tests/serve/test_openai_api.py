@@ -39,8 +39,16 @@ def test_completion_equals_local_greedy_generation(client, local):
 
 def test_stream_gives_the_same_text_in_pieces_and_usage_last(client):
     whole = client.completions.create(model="tiny-chat", prompt=PROMPT, max_tokens=20, temperature=0).choices[0].text
-    chunks = list(client.completions.create(model="tiny-chat", prompt=PROMPT, max_tokens=20, temperature=0, stream=True,
-                                            stream_options={"include_usage": True}))
+    chunks = list(
+        client.completions.create(
+            model="tiny-chat",
+            prompt=PROMPT,
+            max_tokens=20,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     pieces = [chunk.choices[0].text for chunk in chunks if chunk.choices]
     assert len(pieces) > 5 and "".join(pieces) == whole
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 20
@@ -50,9 +58,12 @@ def test_stream_gives_the_same_text_in_pieces_and_usage_last(client):
 def test_n_samples_with_a_seed_equal_local_rows(client, local):
     """Row r of a request draws with seed + r, as row r of gptlab.generate does."""
     tokenizer = local[1]
-    answer = client.completions.create(model="tiny-chat", prompt=PROMPT, max_tokens=10, n=3, seed=7, temperature=0.9,
-                                       extra_body={"top_k": 40})
-    rows = expected(local, tokenizer.encode(PROMPT), max_new_tokens=10, temperature=0.9, top_k=40, seed=7, num_samples=3)
+    answer = client.completions.create(
+        model="tiny-chat", prompt=PROMPT, max_tokens=10, n=3, seed=7, temperature=0.9, extra_body={"top_k": 40}
+    )
+    rows = expected(
+        local, tokenizer.encode(PROMPT), max_new_tokens=10, temperature=0.9, top_k=40, seed=7, num_samples=3
+    )
     assert [choice.index for choice in answer.choices] == [0, 1, 2]
     assert [choice.text for choice in answer.choices] == [tokenizer.decode(row) for row in rows]
     assert len({choice.text for choice in answer.choices}) == 3
@@ -62,10 +73,13 @@ def test_prompt_list_and_token_prompts(client, local):
     """Two prompts, the second as token ids: choices 0 and 1 in order, each as it would be alone."""
     tokenizer = local[1]
     second = tokenizer.encode(" Once upon a time")
-    answer = client.completions.create(model="tiny-chat", prompt=[[*tokenizer.encode(PROMPT)], second], max_tokens=6,
-                                       temperature=0)
+    answer = client.completions.create(
+        model="tiny-chat", prompt=[[*tokenizer.encode(PROMPT)], second], max_tokens=6, temperature=0
+    )
     assert [choice.text for choice in answer.choices] == [
-        tokenizer.decode(expected(local, ids, max_new_tokens=6, temperature=0)[0]) for ids in (tokenizer.encode(PROMPT), second)]
+        tokenizer.decode(expected(local, ids, max_new_tokens=6, temperature=0)[0])
+        for ids in (tokenizer.encode(PROMPT), second)
+    ]
 
 
 def test_stop_string_ends_the_text_before_it(client, local):
@@ -73,7 +87,9 @@ def test_stop_string_ends_the_text_before_it(client, local):
     (ids,) = expected(local, tokenizer.encode(PROMPT), max_new_tokens=12, temperature=0)
     full = tokenizer.decode(ids)
     stop = tokenizer.decode(ids[4:6])
-    answer = client.completions.create(model="tiny-chat", prompt=PROMPT, max_tokens=12, temperature=0, stop=[stop, "zzz"])
+    answer = client.completions.create(
+        model="tiny-chat", prompt=PROMPT, max_tokens=12, temperature=0, stop=[stop, "zzz"]
+    )
     assert answer.choices[0].text == full[: full.index(stop)]
     assert answer.choices[0].finish_reason == "stop"
 
@@ -104,7 +120,8 @@ def test_echo_with_logprobs_scores_the_prompt(client, local):
     assert answer.choices[0].text == PROMPT
     assert answer.choices[0].logprobs.token_logprobs[0] is None
     assert answer.choices[0].logprobs.token_logprobs[1:] == pytest.approx(
-        [logprobs[t - 1, prompt_ids[t]].item() for t in range(1, len(prompt_ids))], abs=1e-4)
+        [logprobs[t - 1, prompt_ids[t]].item() for t in range(1, len(prompt_ids))], abs=1e-4
+    )
 
 
 def test_penalties_and_logit_bias(client, local):
@@ -113,11 +130,19 @@ def test_penalties_and_logit_bias(client, local):
     used, as OpenAI defines them) take it back below the others after one use."""
     tokenizer = local[1]
     token = tokenizer.encode(" banana")[0]
-    forced = client.completions.create(model="tiny-chat", prompt=PROMPT, max_tokens=4, temperature=0,
-                                       logit_bias={str(token): 3})
+    forced = client.completions.create(
+        model="tiny-chat", prompt=PROMPT, max_tokens=4, temperature=0, logit_bias={str(token): 3}
+    )
     assert forced.choices[0].text == " banana" * 4
-    penalised = client.completions.create(model="tiny-chat", prompt=PROMPT, max_tokens=4, temperature=0,
-                                          logit_bias={str(token): 3}, frequency_penalty=2.0, presence_penalty=2.0)
+    penalised = client.completions.create(
+        model="tiny-chat",
+        prompt=PROMPT,
+        max_tokens=4,
+        temperature=0,
+        logit_bias={str(token): 3},
+        frequency_penalty=2.0,
+        presence_penalty=2.0,
+    )
     assert penalised.choices[0].text.startswith(" banana") and penalised.choices[0].text != " banana" * 4
 
 
@@ -128,8 +153,11 @@ def test_chat_reply_equals_local_generation_from_the_template(client, local):
     (ids,) = expected(local, chat_prompt_ids(tokenizer, messages, "alpaca"), max_new_tokens=8, temperature=0)
     assert answer.choices[0].message.content == tokenizer.decode(ids)
     assert answer.choices[0].message.role == "assistant" and answer.object == "chat.completion"
-    streamed = list(client.chat.completions.create(model="tiny-chat", messages=messages, max_completion_tokens=8,
-                                                   temperature=0, stream=True))
+    streamed = list(
+        client.chat.completions.create(
+            model="tiny-chat", messages=messages, max_completion_tokens=8, temperature=0, stream=True
+        )
+    )
     assert streamed[0].choices[0].delta.role == "assistant"
     assert "".join(chunk.choices[0].delta.content or "" for chunk in streamed) == tokenizer.decode(ids)
 
@@ -137,8 +165,17 @@ def test_chat_reply_equals_local_generation_from_the_template(client, local):
 def test_concurrent_streams_each_get_what_they_get_alone(client):
     """Six streaming clients at once, each with its own seed, sampling options and length, get exactly
     the text each gets when it is the only request."""
-    requests = [dict(prompt=f"Story {i}:", max_tokens=8 + 4 * i, temperature=0.5 + 0.1 * i, seed=100 + i,
-                     top_p=0.9 if i % 2 else 1.0, stop=["zzz"]) for i in range(6)]
+    requests = [
+        dict(
+            prompt=f"Story {i}:",
+            max_tokens=8 + 4 * i,
+            temperature=0.5 + 0.1 * i,
+            seed=100 + i,
+            top_p=0.9 if i % 2 else 1.0,
+            stop=["zzz"],
+        )
+        for i in range(6)
+    ]
 
     def streamed(request: dict) -> str:
         stream = client.completions.create(model="tiny-chat", stream=True, **request)
@@ -199,11 +236,15 @@ def test_models_health_tokenize_and_page(server, local):
     assert models["data"][0]["parameters"] == sum(p.numel() for p in local[0].parameters())
     status, health = get_json(server.url + "/health")
     assert status == 200 and health["status"] == "ready"
-    request = urllib.request.Request(server.url + "/tokenize", data=json.dumps({"content": PROMPT}).encode(), headers=JSON)
+    request = urllib.request.Request(
+        server.url + "/tokenize", data=json.dumps({"content": PROMPT}).encode(), headers=JSON
+    )
     with urllib.request.urlopen(request) as response:
         tokens = json.loads(response.read())["tokens"]
     assert tokens == tokenizer.encode(PROMPT)
-    request = urllib.request.Request(server.url + "/detokenize", data=json.dumps({"tokens": tokens}).encode(), headers=JSON)
+    request = urllib.request.Request(
+        server.url + "/detokenize", data=json.dumps({"tokens": tokens}).encode(), headers=JSON
+    )
     with urllib.request.urlopen(request) as response:
         assert json.loads(response.read())["content"] == PROMPT
     with urllib.request.urlopen(server.url + "/") as response:

@@ -24,7 +24,9 @@ try:
 except ImportError:
     webdriver = None
 
-INSTALL_HINT = "install with: apt-get install chromium chromium-driver (.ci/run does this); selenium is in the test extra"
+INSTALL_HINT = (
+    "install with: apt-get install chromium chromium-driver (.ci/run does this); selenium is in the test extra"
+)
 
 # Records (milliseconds, length of #output's text) at every change, so the test sees each streamed step
 # however fast the model is, instead of hoping that polling from here lands between two of them.
@@ -39,8 +41,11 @@ new MutationObserver(() => window.outputGrowth.push(
 @pytest.fixture(scope="module")
 def browser():
     chromium, chromedriver = shutil.which("chromium"), shutil.which("chromedriver")
-    missing = [name for name, found in (("chromium", chromium), ("chromedriver", chromedriver), ("selenium", webdriver))
-               if found is None]
+    missing = [
+        name
+        for name, found in (("chromium", chromium), ("chromedriver", chromedriver), ("selenium", webdriver))
+        if found is None
+    ]
     if missing:
         pytest.skip(f"the browser test needs {' and '.join(missing)}; {INSTALL_HINT}")
     options = webdriver.ChromeOptions()
@@ -104,7 +109,8 @@ def test_page_streams_the_completion_the_server_returns(browser, server_url):
     model = served_model(server_url)
     open_page(browser, server_url, model)
     assert browser.find_element(By.ID, "model-info").text == (
-        f"{model['id']} · {human_count(model['parameters'])} parameters · context {model['max_model_len']}")
+        f"{model['id']} · {human_count(model['parameters'])} parameters · context {model['max_model_len']}"
+    )
 
     prompt = "The quick brown fox"
     fill(browser, prompt=prompt, max_tokens="40", temperature="0")
@@ -112,8 +118,9 @@ def test_page_streams_the_completion_the_server_returns(browser, server_url):
     browser.find_element(By.ID, "generate").click()
     wait_until_idle(browser)
 
-    status, expected = post_completion(server_url, {"model": model["id"], "prompt": prompt, "max_tokens": 40,
-                                                    "temperature": 0, "top_p": 1})
+    status, expected = post_completion(
+        server_url, {"model": model["id"], "prompt": prompt, "max_tokens": 40, "temperature": 0, "top_p": 1}
+    )
     assert status == 200, expected
     assert browser.find_element(By.ID, "error").text == ""
     assert output_text(browser) == expected["choices"][0]["text"]
@@ -136,7 +143,8 @@ def test_stop_button_ends_a_long_generation(browser, server_url):
     browser.find_element(By.ID, "generate").click()
     # Text shows while the request is still running: it is streamed, not delivered at the end.
     WebDriverWait(browser, 10, poll_frequency=0.02).until(
-        lambda d: output_text(d) and d.find_element(By.ID, "stop").is_enabled())
+        lambda d: output_text(d) and d.find_element(By.ID, "stop").is_enabled()
+    )
     browser.find_element(By.ID, "stop").click()
     wait_until_idle(browser, timeout=5)
     stopped_at = output_text(browser)
@@ -155,8 +163,9 @@ def test_page_shows_the_servers_error_message(browser, server_url):
     browser.find_element(By.ID, "generate").click()
     WebDriverWait(browser, 10).until(lambda d: d.find_element(By.ID, "error").text)
 
-    status, body = post_completion(server_url, {"model": model["id"], "prompt": "Hello", "max_tokens": 5,
-                                                "temperature": 0.7, "top_p": 1.5})
+    status, body = post_completion(
+        server_url, {"model": model["id"], "prompt": "Hello", "max_tokens": 5, "temperature": 0.7, "top_p": 1.5}
+    )
     assert status == 400
     assert browser.find_element(By.ID, "error").text == body["error"]["message"]
     assert output_text(browser) == ""
@@ -178,8 +187,9 @@ def test_page_asks_for_the_api_key_the_server_requires(browser, keyed_server):
     fill(browser, prompt="Hello", max_tokens="5", temperature="0")
     browser.find_element(By.ID, "prompt").send_keys(Keys.CONTROL, Keys.ENTER)
     wait_until_idle(browser)
-    status, expected = post_completion(url, {"model": "tiny-base", "prompt": "Hello", "max_tokens": 5,
-                                             "temperature": 0, "top_p": 1}, api_key=API_KEY)
+    status, expected = post_completion(
+        url, {"model": "tiny-base", "prompt": "Hello", "max_tokens": 5, "temperature": 0, "top_p": 1}, api_key=API_KEY
+    )
     assert status == 200, expected
     assert output_text(browser) == expected["choices"][0]["text"] != ""
     assert browser.execute_script("return sessionStorage.getItem('gptlab-api-key')") == API_KEY

@@ -35,14 +35,30 @@ BATCH, MICRO_BATCH, MAX_STEPS = 8, 2, 6  # global batch; sequences per forward p
 def model_config() -> GPTConfig:
     # A tied head and qkv bias, as in GPT-2's checkpoints: the tied weight is shared by two modules. No
     # dropout: one process and two draw different masks.
-    return GPTConfig(vocab_size=TOKENIZER.vocab_size, context_length=16, emb_dim=32, n_heads=2, n_layers=2,
-                     drop_rate=0.0, qkv_bias=True, tie_embeddings=True)
+    return GPTConfig(
+        vocab_size=TOKENIZER.vocab_size,
+        context_length=16,
+        emb_dim=32,
+        n_heads=2,
+        n_layers=2,
+        drop_rate=0.0,
+        qkv_bias=True,
+        tie_embeddings=True,
+    )
 
 
 def train_config() -> TrainConfig:
     # grad_clip 0.5 clips every step here: the norm must then be taken over all ranks' shards.
-    return TrainConfig(optimizer="adamw", batch_size=BATCH, lr=1e-2, warmup_steps=2, max_steps=MAX_STEPS, grad_clip=0.5, dtype="float32",
-                       device="cpu")
+    return TrainConfig(
+        optimizer="adamw",
+        batch_size=BATCH,
+        lr=1e-2,
+        warmup_steps=2,
+        max_steps=MAX_STEPS,
+        grad_clip=0.5,
+        dtype="float32",
+        device="cpu",
+    )
 
 
 def global_batch(cfg: GPTConfig, step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,8 +68,9 @@ def global_batch(cfg: GPTConfig, step: int) -> tuple[torch.Tensor, torch.Tensor]
     return tokens[:, :-1], tokens[:, 1:]
 
 
-def new_model_and_optimizer(shard: bool, activation_checkpointing: bool = False,
-                            mixed_precision: str | None = None) -> tuple[GPTModel, torch.optim.Optimizer]:
+def new_model_and_optimizer(
+    shard: bool, activation_checkpointing: bool = False, mixed_precision: str | None = None
+) -> tuple[GPTModel, torch.optim.Optimizer]:
     torch.manual_seed(0)  # the same initial weights in every process; shard_model keeps each rank's slice
     model = GPTModel(model_config())
     if shard:
@@ -61,8 +78,9 @@ def new_model_and_optimizer(shard: bool, activation_checkpointing: bool = False,
     return model, make_optimizer(model, train_config())
 
 
-def train_steps(model: GPTModel, optimizer: torch.optim.Optimizer, first_step: int, last_step: int,
-                rank: int = 0, world: int = 1) -> list[float]:
+def train_steps(
+    model: GPTModel, optimizer: torch.optim.Optimizer, first_step: int, last_step: int, rank: int = 0, world: int = 1
+) -> list[float]:
     """Steps first_step + 1 ... last_step; each rank takes its contiguous rows of the global batch."""
     cfg, train_cfg = model.cfg, train_config()
     rows = BATCH // world
@@ -72,7 +90,7 @@ def train_steps(model: GPTModel, optimizer: torch.optim.Optimizer, first_step: i
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(train_cfg, step, step / MAX_STEPS)
         x, y = global_batch(cfg, step)
-        x, y = x[rank * rows:(rank + 1) * rows], y[rank * rows:(rank + 1) * rows]  # (rows, context)
+        x, y = x[rank * rows : (rank + 1) * rows], y[rank * rows : (rank + 1) * rows]  # (rows, context)
         step_loss = torch.zeros(())
         for i, (xm, ym) in enumerate(zip(x.split(MICRO_BATCH), y.split(MICRO_BATCH))):
             if world > 1:  # reduce-scatter the gradients once, after the last micro-batch
@@ -91,6 +109,7 @@ def train_steps(model: GPTModel, optimizer: torch.optim.Optimizer, first_step: i
 
 def failed_save_errors(path: Path, model: GPTModel, optimizer: torch.optim.Optimizer) -> list[str]:
     """Save over `path` again with rank 0 failing after the shards are written; every rank's error."""
+
     def fail(folder: Path) -> None:
         raise OSError("disk full (simulated)")
 

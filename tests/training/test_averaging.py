@@ -86,11 +86,14 @@ def test_a_checkpoint_without_its_training_weights_is_refused_on_resume(corpus_d
         run(corpus_data, tmp_path / "run", resume=True, **SETTINGS)
 
 
-@pytest.mark.parametrize("changes, message", [
-    (dict(ema_decay=1.0), r"--ema-decay must be in \[0, 1\)"),
-    (dict(ema_decay=-0.5), r"--ema-decay must be in \[0, 1\)"),
-    (dict(ema_decay=0.99, fsdp=True, optimizer="adamw"), "--ema-decay keeps whole weights, which --fsdp shards"),
-])
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        (dict(ema_decay=1.0), r"--ema-decay must be in \[0, 1\)"),
+        (dict(ema_decay=-0.5), r"--ema-decay must be in \[0, 1\)"),
+        (dict(ema_decay=0.99, fsdp=True, optimizer="adamw"), "--ema-decay keeps whole weights, which --fsdp shards"),
+    ],
+)
 def test_a_decay_outside_0_to_1_or_with_fsdp_is_refused(changes, message):
     with pytest.raises(ConfigError, match=message):
         TrainConfig(**changes)

@@ -30,8 +30,11 @@ def test_a_bounded_estimate_takes_the_same_whole_windows_each_time_and_ranks_sha
     assert starts == sorted(starts) and all(start % 16 == 0 for start in starts)
     assert [int(row[0]) for row in windows_of(tokens, 16, 2, max_targets=100, seed=7)] == starts  # same windows
     assert [int(row[0]) for row in windows_of(tokens, 16, 4, max_targets=100, seed=8)] != starts  # a seed of its own
-    by_rank = [int(row[0]) for rank in range(3)
-               for row in windows_of(tokens, 16, 4, max_targets=100, seed=7, rank=rank, world_size=3)]
+    by_rank = [
+        int(row[0])
+        for rank in range(3)
+        for row in windows_of(tokens, 16, 4, max_targets=100, seed=7, rank=rank, world_size=3)
+    ]
     assert sorted(by_rank) == starts
     everything = np.stack(windows_of(tokens, 16, 4))
     assert np.array_equal(np.stack(windows_of(tokens, 16, 4, max_targets=10**6)), everything)  # all of it
@@ -69,10 +72,40 @@ def test_the_bounded_loss_and_bytes_are_those_of_the_chosen_windows():
 def test_a_run_estimates_on_a_subset_and_ends_on_the_whole_split(tmp_path, capsys):
     text = tmp_path / "text.txt"
     text.write_text("".join(f"Line {i}: the quick brown fox jumps over the lazy dog.\n" for i in range(400)))
-    argv = ["train", "--data", str(text), "--out", str(tmp_path / "run"), "--cache-dir", str(tmp_path / "cache"),
-            "--context-length", "16", "--emb-dim", "32", "--n-heads", "2", "--n-layers", "2", "--batch-size", "4",
-            "--max-steps", "4", "--eval-interval", "2", "--sample-tokens", "0", "--dtype", "float32",
-            "--device", "cpu", "--no-progress", "--eval-tokens", "64", "--val-fraction", "0.2"]
+    argv = [
+        "train",
+        "--data",
+        str(text),
+        "--out",
+        str(tmp_path / "run"),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--context-length",
+        "16",
+        "--emb-dim",
+        "32",
+        "--n-heads",
+        "2",
+        "--n-layers",
+        "2",
+        "--batch-size",
+        "4",
+        "--max-steps",
+        "4",
+        "--eval-interval",
+        "2",
+        "--sample-tokens",
+        "0",
+        "--dtype",
+        "float32",
+        "--device",
+        "cpu",
+        "--no-progress",
+        "--eval-tokens",
+        "64",
+        "--val-fraction",
+        "0.2",
+    ]
     assert main(argv) == 0
     out = capsys.readouterr().out
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

@@ -28,9 +28,32 @@ def test_finetune_from_hf_folder_lowers_loss_and_exports_back(tmp_path, hf_folde
     data = tmp_path / "text.txt"
     data.write_text(TEXT)
     out = tmp_path / "run"
-    args = ["train", "--init", str(hf_folder), "--data", str(data), "--out", str(out), "--cache-dir", str(tmp_path / "cache"),
-            "--max-steps", "12", "--batch-size", "4", "--lr", "1e-3", "--warmup-steps", "2", "--eval-interval", "6",
-            "--sample-tokens", "0", "--dtype", "float32", "--no-progress"]
+    args = [
+        "train",
+        "--init",
+        str(hf_folder),
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--max-steps",
+        "12",
+        "--batch-size",
+        "4",
+        "--lr",
+        "1e-3",
+        "--warmup-steps",
+        "2",
+        "--eval-interval",
+        "6",
+        "--sample-tokens",
+        "0",
+        "--dtype",
+        "float32",
+        "--no-progress",
+    ]
     assert main(args) == 0
 
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -56,8 +79,26 @@ def test_finetune_run_resumes_and_refuses_shape_options(tmp_path, hf_folder, cap
     data = tmp_path / "text.txt"
     data.write_text(TEXT)
     out = tmp_path / "run"
-    base = ["train", "--init", str(hf_folder), "--data", str(data), "--out", str(out), "--cache-dir", str(tmp_path / "cache"),
-            "--batch-size", "4", "--eval-interval", "3", "--sample-tokens", "0", "--dtype", "float32", "--no-progress"]
+    base = [
+        "train",
+        "--init",
+        str(hf_folder),
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--batch-size",
+        "4",
+        "--eval-interval",
+        "3",
+        "--sample-tokens",
+        "0",
+        "--dtype",
+        "float32",
+        "--no-progress",
+    ]
     assert main([*base, "--max-steps", "3"]) == 0
     assert main([*base, "--max-steps", "5", "--resume"]) == 0
     state = json.loads((out / "last" / "trainer_state.json").read_text())["trainer"]
@@ -73,5 +114,8 @@ def test_finetune_run_resumes_and_refuses_shape_options(tmp_path, hf_folder, cap
     for option in (["--emb-dim", "32"], ["--tokenizer", "char"], ["--model", "gpt2-mini"]):
         assert main([*fresh, *option]) == 2
         err = capsys.readouterr().err
-        assert err.count("\n") == 1 and f"--init takes the model's shape and tokenizer from {hf_folder}; drop {option[0]}" in err
+        assert (
+            err.count("\n") == 1
+            and f"--init takes the model's shape and tokenizer from {hf_folder}; drop {option[0]}" in err
+        )
     assert not (tmp_path / "fresh").exists()

@@ -26,8 +26,21 @@ WORKER = Path(__file__).with_name("fsdp_worker.py")
 
 def launch(out: Path, *options: str, processes: int = 2) -> dict:
     """A torchrun of the worker with --fsdp; its losses.json (the model goes to out/model)."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--standalone",
-               str(WORKER), "--fsdp", "--steps", "6", "--out", str(out), *options]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(processes),
+        "--standalone",
+        str(WORKER),
+        "--fsdp",
+        "--steps",
+        "6",
+        "--out",
+        str(out),
+        *options,
+    ]
     result = subprocess.run(command, check=False, capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     return json.loads((out / "losses.json").read_text())
@@ -46,13 +59,20 @@ def runs(tmp_path_factory):
     # "whole" also writes a sharded checkpoint after step 3, then fails to overwrite it.
     whole = launch(folder / "whole", "--save-after", "3", "--fail-a-save")
     halfway = str(folder / "whole" / "sharded")
-    launches = {"resumed": launch(folder / "resumed", "--resume", halfway),
-                "resharded": launch(folder / "resharded", "--resume", halfway, processes=1),
-                "checkpointed": launch(folder / "checkpointed", "--activation-checkpointing"),
-                "bf16": launch(folder / "bf16", "--mixed-precision", "bfloat16")}
-    yield {"folder": folder, "plain": plain, "plain_weights": model.state_dict(), "whole": whole["losses"],
-           "failed_save_errors": whole["failed_save_errors"],
-           **{name: result["losses"] for name, result in launches.items()}}
+    launches = {
+        "resumed": launch(folder / "resumed", "--resume", halfway),
+        "resharded": launch(folder / "resharded", "--resume", halfway, processes=1),
+        "checkpointed": launch(folder / "checkpointed", "--activation-checkpointing"),
+        "bf16": launch(folder / "bf16", "--mixed-precision", "bfloat16"),
+    }
+    yield {
+        "folder": folder,
+        "plain": plain,
+        "plain_weights": model.state_dict(),
+        "whole": whole["losses"],
+        "failed_save_errors": whole["failed_save_errors"],
+        **{name: result["losses"] for name, result in launches.items()},
+    }
 
 
 def test_two_fsdp_processes_train_as_one_plain_process(runs):
@@ -94,8 +114,11 @@ def test_bf16_mixed_precision_trains_close_to_fp32_and_keeps_fp32_weights(runs):
 def test_a_sharded_checkpoint_is_safetensors_and_json_with_each_rank_holding_its_rows(runs):
     folder = runs["folder"] / "whole" / "sharded"
     files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
-    assert files == ["sharded_state.json", "shards/shard-00001-model-00001-of-00001.safetensors",
-                     "shards/shard-00002-model-00001-of-00001.safetensors"]  # nothing that unpickles
+    assert files == [
+        "sharded_state.json",
+        "shards/shard-00001-model-00001-of-00001.safetensors",
+        "shards/shard-00002-model-00001-of-00001.safetensors",
+    ]  # nothing that unpickles
     assert json.loads((folder / "sharded_state.json").read_text()) == {"step": 3}
     rows = []
     for path in sorted((folder / "shards").iterdir()):
@@ -114,7 +137,8 @@ def test_a_save_that_fails_on_one_rank_fails_on_all_and_keeps_the_previous_check
     folder = runs["folder"] / "whole"
     assert runs["failed_save_errors"] == [
         "OSError: disk full (simulated)",
-        f"RuntimeError: another rank failed while saving the sharded checkpoint {folder / 'sharded'}; see its log"]
+        f"RuntimeError: another rank failed while saving the sharded checkpoint {folder / 'sharded'}; see its log",
+    ]
     assert json.loads((folder / "sharded" / "sharded_state.json").read_text()) == {"step": 3}
     assert sorted(p.name for p in folder.iterdir()) == ["losses.json", "model", "sharded"]  # no temporary folder left
 
@@ -134,7 +158,8 @@ def test_a_checkpoint_of_another_model_is_refused_with_what_differs():
     assert str(error.value) == (
         "runs/x/last holds another model: 1 tensors missing (first model.trf_blocks.1.att.qkv.weight); "
         "1 not in this model (first model.final_norm.scale); 1 of another shape (first model.tok_emb.weight: "
-        "(65, 64) saved, (65, 32) here); resume with the model options of the run that wrote it")
+        "(65, 64) saved, (65, 32) here); resume with the model options of the run that wrote it"
+    )
     fsdp.check_layout(Path("runs/x/last"), {name: t.shape for name, t in here.items()}, here)  # the same: no error
 
 

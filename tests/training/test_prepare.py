@@ -9,25 +9,56 @@ from gptlab.cli import main
 
 def posts(tmp_path):
     path = tmp_path / "posts.jsonl"
-    path.write_text("".join(json.dumps({"text": f"Post {i}: the quick brown fox jumps over the lazy dog. " * 4}) + "\n"
-                            for i in range(200)))
+    path.write_text(
+        "".join(
+            json.dumps({"text": f"Post {i}: the quick brown fox jumps over the lazy dog. " * 4}) + "\n"
+            for i in range(200)
+        )
+    )
     return path
 
 
-RUN = ["--context-length", "16", "--emb-dim", "32", "--n-heads", "2", "--n-layers", "2", "--batch-size", "4",
-       "--max-steps", "4", "--eval-interval", "2", "--log-interval", "1", "--sample-tokens", "0", "--dtype", "float32",
-       "--device", "cpu", "--no-progress"]
+RUN = [
+    "--context-length",
+    "16",
+    "--emb-dim",
+    "32",
+    "--n-heads",
+    "2",
+    "--n-layers",
+    "2",
+    "--batch-size",
+    "4",
+    "--max-steps",
+    "4",
+    "--eval-interval",
+    "2",
+    "--log-interval",
+    "1",
+    "--sample-tokens",
+    "0",
+    "--dtype",
+    "float32",
+    "--device",
+    "cpu",
+    "--no-progress",
+]
 
 
 def losses(run) -> list[float]:
-    return [record["train_loss"] for record in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
-            if "train_loss" in record]
+    return [
+        record["train_loss"]
+        for record in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+        if "train_loss" in record
+    ]
 
 
 def test_a_prepared_cache_trains_like_the_sources_it_was_made_from(tmp_path, capsys):
     source = posts(tmp_path)
-    assert main(["train", "--data", str(source), "--cache-dir", str(tmp_path / "own"), "--out", str(tmp_path / "a"),
-                 *RUN]) == 0
+    assert (
+        main(["train", "--data", str(source), "--cache-dir", str(tmp_path / "own"), "--out", str(tmp_path / "a"), *RUN])
+        == 0
+    )
     assert main(["prepare", "--data", str(source), "--out", str(tmp_path / "prepared"), "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert f"train with: gptlab train --prepared {tmp_path / 'prepared'}" in out
@@ -37,8 +68,9 @@ def test_a_prepared_cache_trains_like_the_sources_it_was_made_from(tmp_path, cap
     assert f"data: the token cache {tmp_path / 'prepared'}, prepared from 1 file (" in out
     assert "no source is read" in out
     assert losses(tmp_path / "b") == losses(tmp_path / "a") and len(losses(tmp_path / "a")) == 4
-    assert ((tmp_path / "prepared" / "tokens-train.bin").read_bytes()
-            == (tmp_path / "own" / "tokens-train.bin").read_bytes())
+    assert (tmp_path / "prepared" / "tokens-train.bin").read_bytes() == (
+        tmp_path / "own" / "tokens-train.bin"
+    ).read_bytes()
     assert main(["eval", "--checkpoint", str(tmp_path / "b" / "last"), "--device", "cpu"]) == 0
     assert f"on the held-out 10% of the token cache {tmp_path / 'prepared'}" in capsys.readouterr().out
     assert main(["train", "--out", str(tmp_path / "b"), "--resume", "--max-steps", "6", "--no-progress"]) == 0
@@ -46,8 +78,23 @@ def test_a_prepared_cache_trains_like_the_sources_it_was_made_from(tmp_path, cap
 
 
 def test_the_cache_fixes_the_tokenizer_and_its_run_records_it(tmp_path, capsys):
-    assert main(["prepare", "--data", str(posts(tmp_path)), "--out", str(tmp_path / "chars"), "--tokenizer", "char",
-                 "--val-fraction", "0.2", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "prepare",
+                "--data",
+                str(posts(tmp_path)),
+                "--out",
+                str(tmp_path / "chars"),
+                "--tokenizer",
+                "char",
+                "--val-fraction",
+                "0.2",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert "(a character vocabulary of " in capsys.readouterr().out
     assert main(["train", "--prepared", str(tmp_path / "chars"), "--out", str(tmp_path / "run"), *RUN]) == 0
     toml = (tmp_path / "run" / "run.toml").read_text()
@@ -59,8 +106,10 @@ def test_what_a_prepared_cache_fixes_is_refused_by_name(tmp_path, capsys):
     capsys.readouterr()
     for option, value in (("--data", str(tmp_path)), ("--tokenizer", "char"), ("--val-fraction", "0.3")):
         assert main(["train", "--prepared", str(tmp_path / "c"), "--out", str(tmp_path / "r"), option, value]) == 2
-        assert capsys.readouterr().err == (f"gptlab train: error: {option}: the prepared cache {tmp_path / 'c'} already "
-                                           "fixes its data, tokenizer and split; drop it, or prepare the data again "
-                                           "with it\n")
+        assert capsys.readouterr().err == (
+            f"gptlab train: error: {option}: the prepared cache {tmp_path / 'c'} already "
+            "fixes its data, tokenizer and split; drop it, or prepare the data again "
+            "with it\n"
+        )
     assert main(["train", "--prepared", str(tmp_path / "none"), "--out", str(tmp_path / "r")]) == 2
     assert "holds no token cache; make one with gptlab prepare --data ... --out" in capsys.readouterr().err

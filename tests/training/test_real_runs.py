@@ -34,8 +34,22 @@ def notes(tmp_path, monkeypatch) -> Path:
     return path
 
 
-TINY = [*MODEL_OPTIONS, "--batch-size", "8", "--eval-interval", "2", "--log-interval", "1", "--sample-tokens", "0",
-        "--dtype", "float32", "--device", "cpu", "--no-progress"]
+TINY = [
+    *MODEL_OPTIONS,
+    "--batch-size",
+    "8",
+    "--eval-interval",
+    "2",
+    "--log-interval",
+    "1",
+    "--sample-tokens",
+    "0",
+    "--dtype",
+    "float32",
+    "--device",
+    "cpu",
+    "--no-progress",
+]
 
 
 def test_resume_with_only_out_continues_a_run_on_ones_own_text_exactly(notes, tmp_path, monkeypatch, capsys):
@@ -50,7 +64,9 @@ def test_resume_with_only_out_continues_a_run_on_ones_own_text_exactly(notes, tm
     assert "stopped by max_steps after 4 steps" in out
     assert main(["train", "--out", str(tmp_path / "whole"), *settings]) == 0
     assert train_losses(tmp_path / "run") == train_losses(tmp_path / "whole")
-    learning_rates = [{r["step"]: r["lr"] for r in read_metrics(tmp_path / name) if "lr" in r} for name in ("run", "whole")]
+    learning_rates = [
+        {r["step"]: r["lr"] for r in read_metrics(tmp_path / name) if "lr" in r} for name in ("run", "whole")
+    ]
     assert learning_rates[0] == learning_rates[1] and len(learning_rates[0]) == 4  # the schedule too, step by step
     assert read_toml(tmp_path / "run" / "last" / "run.toml")["lr"] == 0.02
 
@@ -67,8 +83,21 @@ def test_resume_refuses_a_changed_setting_and_resume_with_overwrite(notes, tmp_p
 
 
 def test_without_a_limit_ones_own_text_trains_for_one_epoch_and_says_so(notes, tmp_path, capsys):
-    code, out, err = gptlab(capsys, ["train", "--data", str(notes), "--out", str(tmp_path / "run"), *TINY,
-                                     "--eval-interval", "1000", "--tokenizer", "char"])
+    code, out, err = gptlab(
+        capsys,
+        [
+            "train",
+            "--data",
+            str(notes),
+            "--out",
+            str(tmp_path / "run"),
+            *TINY,
+            "--eval-interval",
+            "1000",
+            "--tokenizer",
+            "char",
+        ],
+    )
     assert code == 0, err
     steps = -(-5400 // (8 * 16))  # 5,400 training tokens, 128 per step: the step that completes the epoch counts
     assert f"stopped by epochs after {steps} steps" in out
@@ -84,9 +113,11 @@ def test_a_step_limit_alone_sets_no_time_budget(notes, tmp_path):
 
 def test_a_recipe_then_its_run_toml_reproduce_the_run(notes, tmp_path, capsys):
     recipe = tmp_path / "tiny.toml"
-    recipe.write_text(f'[data]\ndata = ["{notes}"]\n[model]\nemb_dim = 32\nn_heads = 2\nn_layers = 2\ncontext_length = 16\n'
-                      '[train]\nbatch_size = 8\nmax_steps = 3\nlr = 0.01\nsample_tokens = 0\ndtype = "float32"\n'
-                      'device = "cpu"\nlog_interval = 1\nprogress = false\n')
+    recipe.write_text(
+        f'[data]\ndata = ["{notes}"]\n[model]\nemb_dim = 32\nn_heads = 2\nn_layers = 2\ncontext_length = 16\n'
+        '[train]\nbatch_size = 8\nmax_steps = 3\nlr = 0.01\nsample_tokens = 0\ndtype = "float32"\n'
+        'device = "cpu"\nlog_interval = 1\nprogress = false\n'
+    )
     assert main(["train", "--config", str(recipe), "--out", str(tmp_path / "a"), "--seed", "3"]) == 0
     assert read_toml(tmp_path / "a" / "run.toml")["seed"] == 3  # the command line overrides the recipe
     assert main(["train", "--config", str(tmp_path / "a" / "run.toml"), "--out", str(tmp_path / "b")]) == 0
@@ -98,19 +129,38 @@ def test_a_recipe_then_its_run_toml_reproduce_the_run(notes, tmp_path, capsys):
 
 
 def test_log_lines_reach_stdout_without_the_progress_bar(notes, tmp_path, capsys):
-    code, out, _ = gptlab(capsys, ["train", "--data", str(notes), "--out", str(tmp_path / "run"), "--max-steps", "2",
-                                   *TINY])
+    code, out, _ = gptlab(
+        capsys, ["train", "--data", str(notes), "--out", str(tmp_path / "run"), "--max-steps", "2", *TINY]
+    )
     assert code == 0
     lines = [line for line in out.splitlines() if line.startswith("step ") and "|" in line]
-    assert len(lines) == 2 and re.fullmatch(r"step 2/2 \| loss \d\.\d{4} \| lr \S+ \| grad norm \d+\.\d{3} \| "
-                                           r"[\d,]+ tok/s \| \d+\.\d s", lines[1]), lines
+    assert len(lines) == 2 and re.fullmatch(
+        r"step 2/2 \| loss \d\.\d{4} \| lr \S+ \| grad norm \d+\.\d{3} \| "
+        r"[\d,]+ tok/s \| \d+\.\d s",
+        lines[1],
+    ), lines
     record = [r for r in read_metrics(tmp_path / "run") if "train_loss" in r][-1]
     assert record["grad_norm"] > 0 and f"loss {record['train_loss']:.4f}" in lines[1]
 
 
 def test_a_warmup_longer_than_the_run_is_shortened_with_a_warning(notes, tmp_path, capsys):
-    code, out, _ = gptlab(capsys, ["train", "--data", str(notes), "--out", str(tmp_path / "run"), "--max-steps", "4",
-                                   "--warmup-steps", "50", "--lr", "0.01", *TINY])
+    code, out, _ = gptlab(
+        capsys,
+        [
+            "train",
+            "--data",
+            str(notes),
+            "--out",
+            str(tmp_path / "run"),
+            "--max-steps",
+            "4",
+            "--warmup-steps",
+            "50",
+            "--lr",
+            "0.01",
+            *TINY,
+        ],
+    )
     assert code == 0
     assert "warning: --warmup-steps 50 is longer than the run's 4 steps; warming up over 0 instead" in out
     first = [r for r in read_metrics(tmp_path / "run") if "train_loss" in r][0]
@@ -133,30 +183,51 @@ def test_eval_without_data_scores_the_runs_own_held_out_split(notes, tmp_path, c
 
 def test_eval_of_text_outside_a_character_vocabulary_says_what_to_do(notes, tmp_path, capsys):
     run = tmp_path / "run"
-    assert main(["train", "--data", str(notes), "--out", str(run), "--max-steps", "1", *TINY, "--tokenizer", "char"]) == 0
+    assert (
+        main(["train", "--data", str(notes), "--out", str(run), "--max-steps", "1", *TINY, "--tokenizer", "char"]) == 0
+    )
     (tmp_path / "other.txt").write_text("Prices in € and ¥ " * 20)
     code, _, err = gptlab(capsys, ["eval", "--checkpoint", str(run / "last"), "--data", str(tmp_path / "other.txt")])
     assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
     vocabulary = len(set(TEXT)) + 1
-    assert re.search(rf"character '[€¥]' is not in this character-level vocabulary \({vocabulary} ids: .*--tokenizer gpt2",
-                     err), err
+    assert re.search(
+        rf"character '[€¥]' is not in this character-level vocabulary \({vocabulary} ids: .*--tokenizer gpt2", err
+    ), err
 
 
 def test_the_python_api_trains_like_the_command(notes, tmp_path):
-    options = dict(data=[str(notes)], max_steps=2, context_length=16, emb_dim=32, n_heads=2, n_layers=2, batch_size=8,
-                   log_interval=1, sample_tokens=0, dtype="float32", device="cpu", progress=False)
+    options = dict(
+        data=[str(notes)],
+        max_steps=2,
+        context_length=16,
+        emb_dim=32,
+        n_heads=2,
+        n_layers=2,
+        batch_size=8,
+        log_interval=1,
+        sample_tokens=0,
+        dtype="float32",
+        device="cpu",
+        progress=False,
+    )
     result = api.train(out=str(tmp_path / "api"), **options)
     assert result.stopped_by == "max_steps" and result.state.step == 2
     assert main(["train", "--data", str(notes), "--out", str(tmp_path / "cli"), "--max-steps", "2", *TINY]) == 0
     assert train_losses(tmp_path / "api") == train_losses(tmp_path / "cli")
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--tokenizer", "char", "--merges", "100"], r"--merges 100 truncates GPT-2's BPE, but --tokenizer is char; drop one of them"),
-    (["--time-budget", "0"], r"--time-budget must be positive, got 0"),
-    (["--vocab-size", "10"], r"--vocab-size 10 is smaller than the tokenizer's \d+ ids"),
-    (["--data", "no-such-notes.txt"], r"no such file or folder: no-such-notes.txt"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (
+            ["--tokenizer", "char", "--merges", "100"],
+            r"--merges 100 truncates GPT-2's BPE, but --tokenizer is char; drop one of them",
+        ),
+        (["--time-budget", "0"], r"--time-budget must be positive, got 0"),
+        (["--vocab-size", "10"], r"--vocab-size 10 is smaller than the tokenizer's \d+ ids"),
+        (["--data", "no-such-notes.txt"], r"no such file or folder: no-such-notes.txt"),
+    ],
+)
 def test_mistakes_are_one_line_and_leave_no_run_folder(notes, tmp_path, capsys, argv, message):
     args = ["train", "--data", str(notes), "--out", str(tmp_path / "run"), "--max-steps", "1", *TINY, *argv]
     code, _, err = gptlab(capsys, args)
@@ -188,10 +259,22 @@ def gptlab_version() -> str:
 @pytest.mark.slow
 def test_sigterm_saves_last_and_the_run_resumes(notes, tmp_path):
     run = tmp_path / "run"
-    argv = ["train", "--data", str(notes), "--out", str(run), "--max-steps", "100000", *TINY, "--eval-interval", "100000"]
+    argv = [
+        "train",
+        "--data",
+        str(notes),
+        "--out",
+        str(run),
+        "--max-steps",
+        "100000",
+        *TINY,
+        "--eval-interval",
+        "100000",
+    ]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen([sys.executable, "-m", "gptlab", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True, env=env)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gptlab", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
     deadline = time.monotonic() + 60
     while not (run / "metrics.jsonl").exists() or "train_loss" not in (run / "metrics.jsonl").read_text():
         assert process.poll() is None and time.monotonic() < deadline, process.communicate()
@@ -199,8 +282,11 @@ def test_sigterm_saves_last_and_the_run_resumes(notes, tmp_path):
     process.send_signal(signal.SIGTERM)
     out, err = process.communicate(timeout=60)
     assert process.returncode == 0, err
-    assert re.search(r"stopped by SIGTERM at step \d+; checkpoint saved in .*last; continue with: gptlab train --out "
-                     r".*run --resume", out)
+    assert re.search(
+        r"stopped by SIGTERM at step \d+; checkpoint saved in .*last; continue with: gptlab train --out "
+        r".*run --resume",
+        out,
+    )
     step = json.loads((run / "last" / "trainer_state.json").read_text())["trainer"]["step"]
     assert step >= 1 and "Traceback" not in err
     assert main(["train", "--out", str(run), "--resume", "--max-steps", str(step + 1)]) == 0
@@ -214,7 +300,9 @@ def test_best_shares_the_files_of_last_instead_of_copying_them(notes, tmp_path):
     assert val[-1] == min(val)  # the last evaluation was the best, so best/ is last/ at that step
     for name in ("model.safetensors", "optimizer.safetensors", "config.json"):
         assert os.stat(run / "best" / name).st_ino == os.stat(run / "last" / name).st_ino
-    torch.testing.assert_close(api.load_model(run / "best")[0].state_dict(), api.load_model(run / "last")[0].state_dict())
+    torch.testing.assert_close(
+        api.load_model(run / "best")[0].state_dict(), api.load_model(run / "last")[0].state_dict()
+    )
 
 
 @pytest.fixture
@@ -223,7 +311,7 @@ def notes_folder(tmp_path, monkeypatch) -> Path:
     folder = tmp_path / "notes"
     folder.mkdir()
     for index in range(3):
-        (folder / f"note-{index}.txt").write_text(TEXT[index * 2000:(index + 1) * 2000] * 2, encoding="utf-8")
+        (folder / f"note-{index}.txt").write_text(TEXT[index * 2000 : (index + 1) * 2000] * 2, encoding="utf-8")
     return folder
 
 
@@ -240,14 +328,20 @@ def test_a_resume_or_eval_refuses_data_that_changed_and_records_an_accepted_chan
     (notes_folder / "note-2.txt").unlink()  # removed
     before = folder_bytes(run)
     code, _, err = gptlab(capsys, ["train", "--out", str(run), "--resume", "--max-steps", "4"])
-    assert_refused(code, err, r"the run's data changed since it started \(added \S*note-3.txt; removed \S*note-2.txt; "
-                              r"modified \S*note-0.txt\): restore it, or pass --accept-data-change")
+    assert_refused(
+        code,
+        err,
+        r"the run's data changed since it started \(added \S*note-3.txt; removed \S*note-2.txt; "
+        r"modified \S*note-0.txt\): restore it, or pass --accept-data-change",
+    )
     assert folder_bytes(run) == before  # nothing lost, nothing written
     code, _, err = gptlab(capsys, ["eval", "--checkpoint", str(run / "best")])
     assert code == 2 and "--accept-data-change to score its held-out split" in err and err.count("\n") == 1
     code, out, _ = gptlab(capsys, ["eval", "--checkpoint", str(run / "best"), "--accept-data-change"])
     assert code == 0 and "the run's data changed since it started (added" in out
-    code, out, err = gptlab(capsys, ["train", "--out", str(run), "--resume", "--max-steps", "4", "--accept-data-change"])
+    code, out, err = gptlab(
+        capsys, ["train", "--out", str(run), "--resume", "--max-steps", "4", "--accept-data-change"]
+    )
     assert code == 0, err
     assert "going on with it as --accept-data-change asks" in out and "stopped by max_steps after 4 steps" in out
     record = json.loads((run / "data.json").read_text())
@@ -259,8 +353,20 @@ def test_a_resume_or_eval_refuses_data_that_changed_and_records_an_accepted_chan
 
 
 def test_accept_data_change_without_resume_is_refused(notes_folder, tmp_path, capsys):
-    code, _, err = gptlab(capsys, ["train", "--data", str(notes_folder), "--out", str(tmp_path / "run"), "--max-steps",
-                                   "2", "--accept-data-change", *TINY])
+    code, _, err = gptlab(
+        capsys,
+        [
+            "train",
+            "--data",
+            str(notes_folder),
+            "--out",
+            str(tmp_path / "run"),
+            "--max-steps",
+            "2",
+            "--accept-data-change",
+            *TINY,
+        ],
+    )
     assert_refused(code, err, r"--accept-data-change lets a resumed run go on with changed data; add --resume")
     assert not (tmp_path / "run").exists()
 
@@ -271,16 +377,21 @@ def folder_bytes(folder: Path) -> dict[str, bytes]:
 
 def test_a_time_budgeted_run_says_which_resumes_are_exact_and_how_to_extend_it(notes, tmp_path, capsys):
     run = tmp_path / "run"
-    code, out, err = gptlab(capsys, ["train", "--data", str(notes), "--out", str(run), "--time-budget", "0.5", *TINY,
-                                     "--eval-interval", "1000"])  # saved when the budget is spent, not before
+    code, out, err = gptlab(
+        capsys,
+        ["train", "--data", str(notes), "--out", str(run), "--time-budget", "0.5", *TINY, "--eval-interval", "1000"],
+    )  # saved when the budget is spent, not before
     assert code == 0, err
     assert "resume: the learning rate and dropout follow the clock toward the time budget" in out
     assert "a resume is exact under --max-steps, --max-tokens or --epochs alone" in out
     code, out, err = gptlab(capsys, ["train", "--out", str(run), "--resume", "--max-steps", "1000"])
     assert code == 0, err
     assert "(limits: the run's own with --max-steps 1000 from here; it stops at whichever comes first)" in out
-    assert re.search(r"nothing to train: the run's time budget of 0.5 s is spent \(\d+ s trained\) and a run stops "
-                     r"at whichever limit comes first; to train on, resume with a larger --time-budget", out), out
+    assert re.search(
+        r"nothing to train: the run's time budget of 0.5 s is spent \(\d+ s trained\) and a run stops "
+        r"at whichever limit comes first; to train on, resume with a larger --time-budget",
+        out,
+    ), out
     steps = max(train_losses(run))
     code, out, err = gptlab(capsys, ["train", "--out", str(run), "--resume", "--time-budget", "1.5"])
     assert code == 0 and max(train_losses(run)) > steps, err  # a larger budget trains on
@@ -291,4 +402,7 @@ def test_a_step_limited_run_resumed_with_nothing_left_says_so(notes, tmp_path, c
     assert main(["train", "--data", str(notes), "--out", str(run), "--max-steps", "2", *TINY]) == 0
     code, out, _ = gptlab(capsys, ["train", "--out", str(run), "--resume"])
     assert code == 0
-    assert "nothing to train: the run's --max-steps is reached at step 2; to train on, resume with a larger --max-steps" in out
+    assert (
+        "nothing to train: the run's --max-steps is reached at step 2; to train on, resume with a larger --max-steps"
+        in out
+    )

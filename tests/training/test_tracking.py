@@ -25,18 +25,49 @@ def scalars(run) -> dict[str, list[tuple[int, float]]]:
 def texts(run) -> dict[str, list[tuple[int, str]]]:
     events = EventAccumulator(str(run / "tensorboard"), size_guidance={"tensors": 0})
     events.Reload()
-    return {tag: [(event.step, event.tensor_proto.string_val[0].decode()) for event in events.Tensors(tag)]
-            for tag in events.Tags()["tensors"]}
+    return {
+        tag: [(event.step, event.tensor_proto.string_val[0].decode()) for event in events.Tensors(tag)]
+        for tag in events.Tags()["tensors"]
+    }
 
 
 def test_tensorboard_and_csv_hold_what_metrics_jsonl_holds_across_a_resume(tmp_path, capsys):
     text = tmp_path / "text.txt"
     text.write_text("".join(f"Line {i}: the quick brown fox jumps over the lazy dog.\n" for i in range(300)))
     run = tmp_path / "run"
-    argv = ["train", "--data", str(text), "--out", str(run), "--cache-dir", str(tmp_path / "cache"),
-            "--context-length", "16", "--emb-dim", "32", "--n-heads", "2", "--n-layers", "2", "--batch-size", "4",
-            "--max-steps", "4", "--eval-interval", "2", "--log-interval", "1", "--sample-tokens", "12",
-            "--device", "cpu", "--no-progress", "--logger", "tensorboard", "csv"]
+    argv = [
+        "train",
+        "--data",
+        str(text),
+        "--out",
+        str(run),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--context-length",
+        "16",
+        "--emb-dim",
+        "32",
+        "--n-heads",
+        "2",
+        "--n-layers",
+        "2",
+        "--batch-size",
+        "4",
+        "--max-steps",
+        "4",
+        "--eval-interval",
+        "2",
+        "--log-interval",
+        "1",
+        "--sample-tokens",
+        "12",
+        "--device",
+        "cpu",
+        "--no-progress",
+        "--logger",
+        "tensorboard",
+        "csv",
+    ]
     assert main(argv) == 0
     assert main(["train", "--out", str(run), "--resume", "--max-steps", "6", "--no-progress"]) == 0
     records = metrics(run)
@@ -52,8 +83,12 @@ def test_tensorboard_and_csv_hold_what_metrics_jsonl_holds_across_a_resume(tmp_p
     assert [step for step, _ in logged_texts["sample/text_summary"]] == [2, 4, 6]
     with open(run / "metrics.csv", newline="") as file:
         rows = list(csv.DictReader(file))
-    expected_rows = [(record["step"], name, value) for record in records for name, value in record.items()
-                     if name not in ("step", "tokens")]
+    expected_rows = [
+        (record["step"], name, value)
+        for record in records
+        for name, value in record.items()
+        if name not in ("step", "tokens")
+    ]
     assert [(int(row["step"]), row["metric"], float(row["value"])) for row in rows] == expected_rows
 
 

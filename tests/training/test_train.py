@@ -53,15 +53,30 @@ def one_thread():
 
 
 def model_config(tokenizer) -> GPTConfig:
-    return GPTConfig(vocab_size=tokenizer.vocab_size, context_length=CONTEXT, emb_dim=32, n_heads=2, n_layers=2,
-                     drop_rate=0.1)
+    return GPTConfig(
+        vocab_size=tokenizer.vocab_size, context_length=CONTEXT, emb_dim=32, n_heads=2, n_layers=2, drop_rate=0.1
+    )
 
 
 def train_config(out_dir: Path, **changes) -> TrainConfig:
-    settings = dict(out=str(out_dir), batch_size=BATCH, micro_batch_size=4, stride=None, pos_init="gpt2", lr=1e-2,
-                    optimizer="adamw", dropout_from_epoch=0.0,
-                    warmup_steps=2, max_steps=6,
-                    eval_interval=1000, log_interval=1, sample_tokens=0, dtype="float32", device="cpu", progress=False)
+    settings = dict(
+        out=str(out_dir),
+        batch_size=BATCH,
+        micro_batch_size=4,
+        stride=None,
+        pos_init="gpt2",
+        lr=1e-2,
+        optimizer="adamw",
+        dropout_from_epoch=0.0,
+        warmup_steps=2,
+        max_steps=6,
+        eval_interval=1000,
+        log_interval=1,
+        sample_tokens=0,
+        dtype="float32",
+        device="cpu",
+        progress=False,
+    )
     return TrainConfig(**{**settings, **changes})
 
 
@@ -164,7 +179,10 @@ def test_dropout_starts_after_the_given_epochs_and_a_resumed_run_switches_where_
     # 1-6 (0-640 tokens seen before them) run without dropout and steps 7-10 with it.
     settings = dict(max_steps=10, eval_interval=3, dropout_from_epoch=0.13)
     run(corpus_data, tmp_path / "whole", **settings)
-    assert "dropout: off for the first 0.13 epochs (6 steps), then on unless the run is 70% done" in capsys.readouterr().out
+    assert (
+        "dropout: off for the first 0.13 epochs (6 steps), then on unless the run is 70% done"
+        in capsys.readouterr().out
+    )
     run(corpus_data, tmp_path / "never", **{**settings, "dropout_from_epoch": 100.0})
     run(corpus_data, tmp_path / "always", **{**settings, "dropout_from_epoch": 0.0})
     whole, never, always = (train_losses(tmp_path / name) for name in ("whole", "never", "always"))
@@ -177,7 +195,9 @@ def test_dropout_starts_after_the_given_epochs_and_a_resumed_run_switches_where_
         run(corpus_data, tmp_path / "split", **settings)
     run(corpus_data, tmp_path / "split", resume=True, **settings)
     assert train_losses(tmp_path / "split") == whole
-    assert safetensors_equal(tmp_path / "whole" / "last" / "model.safetensors", tmp_path / "split" / "last" / "model.safetensors")
+    assert safetensors_equal(
+        tmp_path / "whole" / "last" / "model.safetensors", tmp_path / "split" / "last" / "model.safetensors"
+    )
 
 
 def test_a_run_that_will_see_enough_epochs_doubles_its_dropout_and_a_resumed_run_keeps_the_decision(
@@ -189,7 +209,9 @@ def test_a_run_that_will_see_enough_epochs_doubles_its_dropout_and_a_resumed_run
     assert "step 6: dropout on at 0.1 (the model's)\n" in capsys.readouterr().out
     run(corpus_data, tmp_path / "double", **settings, dropout_double_for_epochs=0.3)
     out = capsys.readouterr().out
-    assert "then on unless the run is 70% done; at twice the model's rates if the run will see 0.3 epochs or more" in out
+    assert (
+        "then on unless the run is 70% done; at twice the model's rates if the run will see 0.3 epochs or more" in out
+    )
     assert "step 6: dropout on at 0.2 (twice the model's, for a run of about 0.3 epochs)\n" in out
     run(corpus_data, tmp_path / "short", **settings, dropout_double_for_epochs=0.4)
     single, double = train_losses(tmp_path / "single"), train_losses(tmp_path / "double")
@@ -225,23 +247,30 @@ def test_dropout_that_doubling_would_take_to_one_is_refused_before_the_run_folde
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("epochs_seen, run_epochs, progress, current, scale", [
-    (0.0, 30.0, 0.0, None, 0.0),  # before the first epochs: off
-    (3.9, 30.0, 0.13, 0.0, 0.0),
-    (4.0, 30.0, 0.13, 0.0, 2.0),  # switching on in a run of 30 epochs: doubled
-    (4.0, 12.0, 0.33, 0.0, 1.0),  # in a run of 12: the model's rates
-    (4.0, 5.0, 0.8, 0.0, 0.0),  # 80% through: stays off
-    (20.0, 5.0, 0.9, 2.0, 2.0),  # once chosen, kept
-    (20.0, 30.0, 0.9, 1.0, 1.0),
-    (20.0, 25.0, 0.8, None, 2.0),  # a checkpoint that did not record it: judged again, whatever the progress
-])
-def test_the_dropout_scale_is_off_then_chosen_once_by_the_runs_length(epochs_seen, run_epochs, progress, current, scale):
+@pytest.mark.parametrize(
+    "epochs_seen, run_epochs, progress, current, scale",
+    [
+        (0.0, 30.0, 0.0, None, 0.0),  # before the first epochs: off
+        (3.9, 30.0, 0.13, 0.0, 0.0),
+        (4.0, 30.0, 0.13, 0.0, 2.0),  # switching on in a run of 30 epochs: doubled
+        (4.0, 12.0, 0.33, 0.0, 1.0),  # in a run of 12: the model's rates
+        (4.0, 5.0, 0.8, 0.0, 0.0),  # 80% through: stays off
+        (20.0, 5.0, 0.9, 2.0, 2.0),  # once chosen, kept
+        (20.0, 30.0, 0.9, 1.0, 1.0),
+        (20.0, 25.0, 0.8, None, 2.0),  # a checkpoint that did not record it: judged again, whatever the progress
+    ],
+)
+def test_the_dropout_scale_is_off_then_chosen_once_by_the_runs_length(
+    epochs_seen, run_epochs, progress, current, scale
+):
     from gptlab.training.dropout import dropout_scale
 
     cfg = TrainConfig(dropout_from_epoch=4.0, dropout_double_for_epochs=18.0)
     assert dropout_scale(cfg, epochs_seen, run_epochs, progress, current) == scale
     never = TrainConfig(dropout_from_epoch=4.0)
-    assert dropout_scale(never, epochs_seen, run_epochs, progress, current if current != 2.0 else 1.0) == min(scale, 1.0)
+    assert dropout_scale(never, epochs_seen, run_epochs, progress, current if current != 2.0 else 1.0) == min(
+        scale, 1.0
+    )
 
 
 def test_a_run_judges_its_epochs_from_its_plan_before_the_first_step_and_from_its_progress_after():
@@ -251,19 +280,25 @@ def test_a_run_judges_its_epochs_from_its_plan_before_the_first_step_and_from_it
     assert planned.epochs_at_end(TrainerState(), 0.0) == 25.0
     timed = train_module.Plan(tokens_per_step=100, epoch_tokens=1_000, steps=None, warmup_steps=0)
     assert timed.epochs_at_end(TrainerState(), 0.0) == 0.0
-    assert timed.epochs_at_end(TrainerState(tokens_seen=4_000), 0.2) == pytest.approx(20.0)  # 4 epochs in a fifth of the time
+    assert timed.epochs_at_end(TrainerState(tokens_seen=4_000), 0.2) == pytest.approx(
+        20.0
+    )  # 4 epochs in a fifth of the time
 
 
 def test_the_dropout_switch_scales_every_rate_and_back_to_its_own():
     from gptlab.training.dropout import DropoutSwitch
 
-    cfg = GPTConfig(vocab_size=11, context_length=8, emb_dim=16, n_heads=2, n_layers=2, drop_rate=0.1, attn_drop_rate=0.2)
+    cfg = GPTConfig(
+        vocab_size=11, context_length=8, emb_dim=16, n_heads=2, n_layers=2, drop_rate=0.1, attn_drop_rate=0.2
+    )
     model = torch.nn.Sequential(GPTModel(cfg), torch.nn.Dropout(0.3))  # e.g. an adapter's own dropout
     switch = DropoutSwitch(model)
 
     def rates():
-        return sorted({m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)}
-                      | {m.att.drop_rate for m in model[0].trf_blocks})
+        return sorted(
+            {m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)}
+            | {m.att.drop_rate for m in model[0].trf_blocks}
+        )
 
     assert switch.any and rates() == [0.1, 0.2, 0.3]
     switch.set(0.0)
@@ -272,8 +307,9 @@ def test_the_dropout_switch_scales_every_rate_and_back_to_its_own():
     assert rates() == pytest.approx([0.2, 0.4, 0.6])
     switch.set(1.0)
     assert rates() == [0.1, 0.2, 0.3]
-    assert not DropoutSwitch(GPTModel(GPTConfig(vocab_size=11, context_length=8, emb_dim=16, n_heads=2, n_layers=1,
-                                                drop_rate=0.0))).any
+    assert not DropoutSwitch(
+        GPTModel(GPTConfig(vocab_size=11, context_length=8, emb_dim=16, n_heads=2, n_layers=1, drop_rate=0.0))
+    ).any
 
 
 def test_a_second_ctrl_c_aborts_at_once_and_the_previous_handler_comes_back(corpus_data, tmp_path, monkeypatch):
@@ -546,7 +582,9 @@ def test_muon_trains_the_blocks_matrices_and_adamw_the_rest_at_one_learning_rate
     optimizer = make_optimizer(model, train_config("unused", optimizer="muon", lr=lr, weight_decay=decay))
     muon, adamw = optimizer.parts
     names = {param: name for name, param in model.named_parameters()}
-    hidden = {f"trf_blocks.{i}.{layer}.weight" for i in range(2) for layer in ("att.qkv", "att.out_proj", "ff.fc", "ff.proj")}
+    hidden = {
+        f"trf_blocks.{i}.{layer}.weight" for i in range(2) for layer in ("att.qkv", "att.out_proj", "ff.fc", "ff.proj")
+    }
     assert {names[p] for group in muon.param_groups for p in group["params"]} == hidden
     assert {names[p] for group in adamw.param_groups for p in group["params"]} == set(names.values()) - hidden
     assert len(optimizer.param_groups) == len(muon.param_groups) + len(adamw.param_groups)
@@ -556,7 +594,10 @@ def test_muon_trains_the_blocks_matrices_and_adamw_the_rest_at_one_learning_rate
 
     generator = torch.Generator().manual_seed(0)
     before = {name: param.detach().double().clone() for name, param in model.named_parameters()}
-    grads = {name: torch.randn(param.shape, generator=generator, dtype=torch.float64) for name, param in model.named_parameters()}
+    grads = {
+        name: torch.randn(param.shape, generator=generator, dtype=torch.float64)
+        for name, param in model.named_parameters()
+    }
     for name, param in model.named_parameters():
         param.grad = grads[name].float()
     optimizer.step()
@@ -679,10 +720,13 @@ def test_weights_broken_by_a_huge_learning_rate_never_reach_a_checkpoint(corpus_
     assert not (out / "last").exists() and not (out / "best").exists()
 
 
-@pytest.mark.parametrize("pos_init, init_weights, restarted", [
-    ("sinusoidal", False, True), ("gpt2", False, False), ("sinusoidal", True, False)])
-def test_only_a_new_model_gets_the_sinusoidal_position_table(corpus_data, tmp_path, monkeypatch,
-                                                             pos_init, init_weights, restarted):
+@pytest.mark.parametrize(
+    "pos_init, init_weights, restarted",
+    [("sinusoidal", False, True), ("gpt2", False, False), ("sinusoidal", True, False)],
+)
+def test_only_a_new_model_gets_the_sinusoidal_position_table(
+    corpus_data, tmp_path, monkeypatch, pos_init, init_weights, restarted
+):
     tables = []  # the position table of every model trained, as the first step sees it
     forward = GPTModel.forward
 
@@ -695,8 +739,13 @@ def test_only_a_new_model_gets_the_sinusoidal_position_table(corpus_data, tmp_pa
     sinusoidal = GPTModel(model_config(tokenizer))
     sinusoidal.init_sinusoidal_positions()
     pretrained = GPTModel(model_config(tokenizer)).state_dict()
-    train(model_config(tokenizer), train_config(tmp_path / "run", pos_init=pos_init, max_steps=1), tokenizer, data,
-          init_state=pretrained if init_weights else None)
+    train(
+        model_config(tokenizer),
+        train_config(tmp_path / "run", pos_init=pos_init, max_steps=1),
+        tokenizer,
+        data,
+        init_state=pretrained if init_weights else None,
+    )
     first = tables[0]
     assert torch.equal(first, sinusoidal.pos_emb.weight) == restarted
     if init_weights:  # fine-tuning keeps the loaded table
@@ -761,7 +810,11 @@ def test_checkpoint_files_reach_the_disk_before_they_are_renamed_into_place(tmp_
     synced = []
     real_fsync = os.fsync
     monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real_fsync(fd)))
-    save_model(tmp_path / "model", GPTModel(GPTConfig(vocab_size=8, context_length=8, emb_dim=8, n_heads=2, n_layers=1)), CharTokenizer("abcdefg"))
+    save_model(
+        tmp_path / "model",
+        GPTModel(GPTConfig(vocab_size=8, context_length=8, emb_dim=8, n_heads=2, n_layers=1)),
+        CharTokenizer("abcdefg"),
+    )
     names = [Path(path).name for path in synced]
     assert names[:2] in (["model.safetensors", "config.json"], ["config.json", "model.safetensors"])
     assert names[2].startswith(".model.tmp-") and synced[3] == str(tmp_path)

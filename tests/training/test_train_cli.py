@@ -32,9 +32,32 @@ MODEL_OPTIONS = ["--context-length", "16", "--emb-dim", "32", "--n-heads", "2", 
 
 
 def train_argv(data: Path, out: Path, cache: Path, *extra: str) -> list[str]:
-    return ["train", "--data", str(data), "--out", str(out), "--cache-dir", str(cache), *MODEL_OPTIONS,
-            "--batch-size", "8", "--max-steps", "4", "--eval-interval", "2", "--log-interval", "1", "--sample-tokens",
-            "0", "--dtype", "float32", "--device", "cpu", "--no-progress", *extra]
+    return [
+        "train",
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--cache-dir",
+        str(cache),
+        *MODEL_OPTIONS,
+        "--batch-size",
+        "8",
+        "--max-steps",
+        "4",
+        "--eval-interval",
+        "2",
+        "--log-interval",
+        "1",
+        "--sample-tokens",
+        "0",
+        "--dtype",
+        "float32",
+        "--device",
+        "cpu",
+        "--no-progress",
+        *extra,
+    ]
 
 
 def gptlab(capsys, argv: list[str]) -> tuple[int, str, str]:
@@ -80,8 +103,11 @@ def test_ctrl_c_saves_and_the_same_command_with_resume_finishes_the_run(corpus, 
         press_ctrl_c_after(patch, 2)
         code, out, err = gptlab(capsys, argv)
     assert code == 0, err
-    assert re.search(r"stopped by Ctrl-C at step 2; checkpoint saved in .*last; continue with: gptlab train --out "
-                     r".*run --resume", out)
+    assert re.search(
+        r"stopped by Ctrl-C at step 2; checkpoint saved in .*last; continue with: gptlab train --out "
+        r".*run --resume",
+        out,
+    )
     assert "stopped by interrupt after 2 steps" in out
     assert read_config(tmp_path / "run" / "last")[2]["step"] == 2
 
@@ -130,7 +156,9 @@ def test_an_empty_corpus_is_refused(tmp_path, capsys):
 )
 def test_a_corpus_too_short_for_one_window_is_refused_before_training(tmp_path, capsys, chars, message):
     (tmp_path / "short.txt").write_text(TEXT[:chars])
-    code, _, err = gptlab(capsys, train_argv(tmp_path / "short.txt", tmp_path / "run", tmp_path / "cache", "--tokenizer", "char"))
+    code, _, err = gptlab(
+        capsys, train_argv(tmp_path / "short.txt", tmp_path / "run", tmp_path / "cache", "--tokenizer", "char")
+    )
     assert_refused(code, err, message)
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
@@ -169,8 +197,12 @@ def test_resume_with_a_different_model_is_refused_naming_the_field(run_copy, tmp
     argv = train_argv(corpus, run, tmp_path / "cache", "--resume", "--max-steps", "6")
     argv[argv.index("--emb-dim") + 1] = "64"
     code, _, err = gptlab(capsys, argv)
-    assert_refused(code, err, r"--resume continues the run with its own settings, but --emb-dim is 64 here and 32 in "
-                              r"the run; drop it")
+    assert_refused(
+        code,
+        err,
+        r"--resume continues the run with its own settings, but --emb-dim is 64 here and 32 in "
+        r"the run; drop it",
+    )
     assert "n_layers" not in err
     assert folder_contents(run) == before
 
@@ -222,9 +254,21 @@ def test_two_processes_train_like_one_at_the_same_global_batch(corpus, tmp_path,
     # Global batch 8 in micro batches of 2: one process accumulates 4 of them, each of two processes 2.
     options = ("--drop-rate", "0", "--micro-batch-size", "2")
     two = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone", "-m", "gptlab",
-         *train_argv(corpus, tmp_path / "two", tmp_path / "cache", *options)],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--standalone",
+            "-m",
+            "gptlab",
+            *train_argv(corpus, tmp_path / "two", tmp_path / "cache", *options),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert two.returncode == 0, two.stderr[-4000:]
     code, one_out, err = gptlab(capsys, train_argv(corpus, tmp_path / "one", tmp_path / "cache", *options))
@@ -242,19 +286,26 @@ def test_two_processes_train_like_one_at_the_same_global_batch(corpus, tmp_path,
     assert sorted(folder_contents(tmp_path / "two")) == sorted(folder_contents(tmp_path / "one"))
 
     # one process resumes what two saved: their random states cannot be restored, and the run says so
-    code, out, err = gptlab(capsys, [*train_argv(corpus, tmp_path / "two", tmp_path / "cache", *options),
-                                     "--resume", "--max-steps", "5"])
+    code, out, err = gptlab(
+        capsys, [*train_argv(corpus, tmp_path / "two", tmp_path / "cache", *options), "--resume", "--max-steps", "5"]
+    )
     assert code == 0, err
-    assert out.count("random state: the run was saved by 2 processes and resumes in 1, so each starts from its "
-                     "seed again") == 1
+    assert (
+        out.count("random state: the run was saved by 2 processes and resumes in 1, so each starts from its seed again")
+        == 1
+    )
     assert "random state" not in one_out + two.stdout
     assert list(train_losses(tmp_path / "two")) == [1, 2, 3, 4, 5]
 
 
 def torchrun(argv: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
-                           "-m", "gptlab", *argv], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone", "-m", "gptlab", *argv],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
 
 
 @pytest.mark.slow
@@ -262,8 +313,22 @@ def test_fsdp_trains_like_one_process_and_resumes_exactly(corpus, tmp_path, caps
     # A constant learning rate, so that a run stopped at step 2 and resumed to 4 follows the same schedule;
     # AdamW and no average named, since that is what an --fsdp run defaults to and the one-process run must
     # match it.
-    options = ("--drop-rate", "0", "--micro-batch-size", "2", "--warmup-steps", "0", "--min-lr-ratio", "1",
-               "--optimizer", "adamw", "--ema-decay", "0", "--max-steps", "4")
+    options = (
+        "--drop-rate",
+        "0",
+        "--micro-batch-size",
+        "2",
+        "--warmup-steps",
+        "0",
+        "--min-lr-ratio",
+        "1",
+        "--optimizer",
+        "adamw",
+        "--ema-decay",
+        "0",
+        "--max-steps",
+        "4",
+    )
     whole = torchrun(train_argv(corpus, tmp_path / "whole", tmp_path / "cache", *options, "--fsdp"))
     assert whole.returncode == 0, whole.stderr[-4000:]
     code, _, err = gptlab(capsys, train_argv(corpus, tmp_path / "one", tmp_path / "cache", *options))
@@ -271,8 +336,11 @@ def test_fsdp_trains_like_one_process_and_resumes_exactly(corpus, tmp_path, caps
     one_losses, fsdp_losses = train_losses(tmp_path / "one"), train_losses(tmp_path / "whole")
     assert list(fsdp_losses.values()) == pytest.approx(list(one_losses.values()), abs=1e-5)
     assert [v for _, v in validation_losses(tmp_path / "whole")] == pytest.approx(
-        [v for _, v in validation_losses(tmp_path / "one")], abs=1e-5)
-    assert (tmp_path / "whole" / "last" / "shards").is_dir() and not (tmp_path / "whole" / "last" / "optimizer.safetensors").exists()
+        [v for _, v in validation_losses(tmp_path / "one")], abs=1e-5
+    )
+    assert (tmp_path / "whole" / "last" / "shards").is_dir() and not (
+        tmp_path / "whole" / "last" / "optimizer.safetensors"
+    ).exists()
     fsdp_model, _ = load_gptlab_checkpoint(tmp_path / "whole" / "last")  # the full model is there too
     one_model, _ = load_gptlab_checkpoint(tmp_path / "one" / "last")
     torch.testing.assert_close(fsdp_model.state_dict(), one_model.state_dict(), atol=1e-5, rtol=1e-4)

@@ -53,7 +53,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2 if isinstance(error, UserError) else 1  # a download failed: not the user's mistake
     except Exception:
         traceback.print_exc()
-        print(f"gptlab {args.command}: internal error: this is a bug in gptlab {version('gptlab')}, not in what you "
-              f"gave it; please report it with the traceback above", file=sys.stderr)
+        print(
+            f"gptlab {args.command}: internal error: this is a bug in gptlab {version('gptlab')}, not in what you "
+            f"gave it; please report it with the traceback above",
+            file=sys.stderr,
+        )
         return 1
     return 0

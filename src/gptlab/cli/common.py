@@ -41,12 +41,21 @@ def add_model_arguments(parser: argparse.ArgumentParser, default: str = "gpt2", 
     --checkpoint). Dropout is left out: it changes nothing outside training."""
     parser.add_argument("--model", default=default, choices=list(PRESETS), help=f"preset shape (default {default})")
     for field in SHAPE_OPTIONS[0 if vocab_size else 1 : 5]:  # the integer fields
-        parser.add_argument(f"--{field.replace('_', '-')}", type=int,
-                            help=f"override the preset's {field} (not with --checkpoint)")
-    parser.add_argument("--qkv-bias", action=argparse.BooleanOptionalAction, default=None,
-                        help="biases on the query, key and value projections (GPT-2 has them)")
-    parser.add_argument("--tie-embeddings", action=argparse.BooleanOptionalAction, default=None,
-                        help="share the output head with the token embedding (GPT-2 does)")
+        parser.add_argument(
+            f"--{field.replace('_', '-')}", type=int, help=f"override the preset's {field} (not with --checkpoint)"
+        )
+    parser.add_argument(
+        "--qkv-bias",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="biases on the query, key and value projections (GPT-2 has them)",
+    )
+    parser.add_argument(
+        "--tie-embeddings",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="share the output head with the token embedding (GPT-2 does)",
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> GPTConfig:
@@ -58,5 +67,3 @@ def reject_shape_options(args: argparse.Namespace, source: str = "--checkpoint")
     if shape_options:
         option = "--" + shape_options[0].replace("_", "-")
         raise UserError(f"{source} takes the model's shape from the checkpoint; drop {option}")
-
-

@@ -75,7 +75,9 @@ def generation_model(args: argparse.Namespace, seed: int) -> tuple[GPTModel, Tok
 def unquantized_model(args: argparse.Namespace, seed: int) -> tuple[GPTModel, Tokenizer]:
     device, dtype = pick_device(args.device), getattr(torch, args.dtype)
     if args.compile and device.type != "cuda":
-        raise UserError(f"--compile records the decode step as a CUDA graph and needs CUDA, not {device.type}; drop --compile")
+        raise UserError(
+            f"--compile records the decode step as a CUDA graph and needs CUDA, not {device.type}; drop --compile"
+        )
     if args.quantize and device.type != "cpu":
         raise UserError(f"--quantize uses CPU kernels; add --device cpu (not {device.type}), or drop --quantize")
     if args.checkpoint is not None:
@@ -89,10 +91,17 @@ def unquantized_model(args: argparse.Namespace, seed: int) -> tuple[GPTModel, To
 
 def generation_options(args: argparse.Namespace, seed: int) -> GenerationOptions:
     try:
-        return GenerationOptions(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                                 top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
-                                 seed=seed, stop=tuple(unescape(stop) for stop in args.stop),
-                                 num_samples=args.num_samples)
+        return GenerationOptions(
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            min_p=args.min_p,
+            repetition_penalty=args.repetition_penalty,
+            seed=seed,
+            stop=tuple(unescape(stop) for stop in args.stop),
+            num_samples=args.num_samples,
+        )
     except ValueError as error:  # its messages begin with the option's name, so "--" makes it the flag
         raise UserError(f"--{error}") from None
 
@@ -118,13 +127,22 @@ def text_prompt_ids(tokenizer: Tokenizer, prompt: str, context: int) -> list[int
     """A prompt's ids, warning on stderr when it is cropped to the context."""
     num_tokens = len(tokenizer.encode(prompt))
     if num_tokens > context:
-        print(f"warning: the prompt has {num_tokens} tokens, more than the model's context_length {context}; "
-              f"keeping its last {context}", file=sys.stderr)
+        print(
+            f"warning: the prompt has {num_tokens} tokens, more than the model's context_length {context}; "
+            f"keeping its last {context}",
+            file=sys.stderr,
+        )
     return prompt_ids(tokenizer, prompt, context)
 
 
-def print_generation(model: GPTModel, tokenizer: Tokenizer, prompt: list[int], shown: str, options: GenerationOptions,
-                     settings: DecoderSettings) -> str:
+def print_generation(
+    model: GPTModel,
+    tokenizer: Tokenizer,
+    prompt: list[int],
+    shown: str,
+    options: GenerationOptions,
+    settings: DecoderSettings,
+) -> str:
     """Print `shown` (the prompt as the reader sees it: the text, or nothing for a chat) and what the model
     adds to the prompt ids: the first sample as it is produced, any others once done. Returns the first
     sample. Ctrl-C ends the line being printed and is passed on."""
@@ -167,15 +185,21 @@ class Chat:
             ids = chat_prompt_ids(self.tokenizer, [*self.messages, {"role": "user", "content": user}], self.template)
             if len(ids) <= self.limit or len(self.messages) == system:
                 break
-            del self.messages[system:system + 2]
+            del self.messages[system : system + 2]
             if not self.dropped:
                 self.dropped = True
-                print(f"(the conversation outgrew the {self.limit} tokens the context leaves for it: its oldest "
-                      "exchanges are dropped)", file=sys.stderr)
+                print(
+                    f"(the conversation outgrew the {self.limit} tokens the context leaves for it: its oldest "
+                    "exchanges are dropped)",
+                    file=sys.stderr,
+                )
         if len(ids) > self.limit:
-            print(f"warning: the message has {len(ids)} tokens in its template, more than the {self.limit} the "
-                  f"context leaves for it; keeping its last {self.limit}", file=sys.stderr)
-        return ids[-self.limit:]
+            print(
+                f"warning: the message has {len(ids)} tokens in its template, more than the {self.limit} the "
+                f"context leaves for it; keeping its last {self.limit}",
+                file=sys.stderr,
+            )
+        return ids[-self.limit :]
 
     def answered(self, user: str, reply: str) -> None:
         self.messages += [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
@@ -185,8 +209,10 @@ def start_chat(args: argparse.Namespace, tokenizer: Tokenizer, context: int, max
     """The conversation --chat asks for, in the template stored in --checkpoint's config.json."""
     template = chat_template_of(args.checkpoint)
     if template is None:
-        raise UserError(f"{args.checkpoint} was not instruction-tuned (no chat_template in its config.json); "
-                        "fine-tune it with `gptlab finetune instruct`, or drop --chat")
+        raise UserError(
+            f"{args.checkpoint} was not instruction-tuned (no chat_template in its config.json); "
+            "fine-tune it with `gptlab finetune instruct`, or drop --chat"
+        )
     # room for the reply, but never more than half the context: a longer reply slides past it instead
     limit = context - min(max_new_tokens, context // 2)
     system = [{"role": "system", "content": unescape(args.system)}] if args.system is not None else []
@@ -219,8 +245,14 @@ def input_lines(banner: str) -> Iterator[str]:
         yield line
 
 
-def run_interactive(model: GPTModel, tokenizer: Tokenizer, options: GenerationOptions, settings: DecoderSettings,
-                    name: str, chat: Chat | None = None) -> None:
+def run_interactive(
+    model: GPTModel,
+    tokenizer: Tokenizer,
+    options: GenerationOptions,
+    settings: DecoderSettings,
+    name: str,
+    chat: Chat | None = None,
+) -> None:
     """One prompt (with a chat: one message) per line from stdin until EOF; reply n samples with
     seed + n * num_samples. Ctrl-C stops a reply, and a chat forgets that exchange."""
     parameters = sum(parameter.numel() for parameter in model.parameters())
@@ -233,7 +265,9 @@ def run_interactive(model: GPTModel, tokenizer: Tokenizer, options: GenerationOp
                 prompt = text_prompt_ids(tokenizer, line, model.cfg.context_length)
                 print_generation(model, tokenizer, prompt, line, reply_options, settings)
             else:
-                chat.answered(line, print_generation(model, tokenizer, chat.prompt_ids(line), "", reply_options, settings))
+                chat.answered(
+                    line, print_generation(model, tokenizer, chat.prompt_ids(line), "", reply_options, settings)
+                )
         except KeyboardInterrupt:
             pass  # the reply stops; back to the prompt
 
@@ -276,44 +310,94 @@ def check_chat_arguments(args: argparse.Namespace, options: GenerationOptions) -
             raise UserError("--system is the system message of a --chat; add --chat or drop --system")
         return
     if args.checkpoint is None:
-        raise UserError("--chat needs --checkpoint DIR, a model tuned with `gptlab finetune instruct` (untrained "
-                        f"--model {args.model} weights have no prompt template); add --checkpoint or drop --chat")
+        raise UserError(
+            "--chat needs --checkpoint DIR, a model tuned with `gptlab finetune instruct` (untrained "
+            f"--model {args.model} weights have no prompt template); add --checkpoint or drop --chat"
+        )
     if args.interactive and options.num_samples > 1:
         raise UserError("--chat --interactive keeps one reply per turn in the conversation; drop --num-samples")
 
 
 def add_parsers(commands) -> None:
-    gen = add_command(commands, "generate", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    gen = add_command(
+        commands, "generate", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add_model_arguments(gen, vocab_size=False)
-    gen.add_argument("--checkpoint", type=Path, help="generate with the model in this checkpoint folder instead of --model's "
-                     "untrained weights")
-    gen.add_argument("--prompt", help="the text to continue (empty: start from end-of-text); \\n and \\t are read as escapes")
-    gen.add_argument("--prompt-file", help="read the prompt from this UTF-8 file (one final newline is dropped; no escapes)")
-    gen.add_argument("--interactive", action="store_true", help="read prompts from stdin, one per line, until EOF "
-                     "(Ctrl-D); Ctrl-C stops a reply")
-    gen.add_argument("--chat", action="store_true", help="talk to an instruction-tuned --checkpoint: --prompt (or "
-                     "each --interactive line) is the user's message, put in the model's prompt template; only the "
-                     "reply is printed")
-    gen.add_argument("--system", help="with --chat: the system message (default: the template's own, if any); "
-                     "\\n and \\t are read as escapes")
+    gen.add_argument(
+        "--checkpoint",
+        type=Path,
+        help="generate with the model in this checkpoint folder instead of --model's untrained weights",
+    )
+    gen.add_argument(
+        "--prompt", help="the text to continue (empty: start from end-of-text); \\n and \\t are read as escapes"
+    )
+    gen.add_argument(
+        "--prompt-file", help="read the prompt from this UTF-8 file (one final newline is dropped; no escapes)"
+    )
+    gen.add_argument(
+        "--interactive",
+        action="store_true",
+        help="read prompts from stdin, one per line, until EOF (Ctrl-D); Ctrl-C stops a reply",
+    )
+    gen.add_argument(
+        "--chat",
+        action="store_true",
+        help="talk to an instruction-tuned --checkpoint: --prompt (or "
+        "each --interactive line) is the user's message, put in the model's prompt template; only the "
+        "reply is printed",
+    )
+    gen.add_argument(
+        "--system",
+        help="with --chat: the system message (default: the template's own, if any); \\n and \\t are read as escapes",
+    )
     gen.add_argument("--max-new-tokens", type=int, default=50)
     gen.add_argument("--temperature", type=float, default=1.0, help="0 is greedy (default 1.0)")
     gen.add_argument("--top-k", type=int, help="sample from the k most likely tokens only")
-    gen.add_argument("--top-p", type=float, default=1.0, help="sample from the fewest tokens holding this much probability")
-    gen.add_argument("--min-p", type=float, default=0.0, help="drop tokens less likely than this fraction of the most "
-                     "likely one (default 0: keep all)")
-    gen.add_argument("--repetition-penalty", type=float, default=1.0, help="divide positive (multiply negative) logits "
-                     "of tokens already in the sample by this (default 1: off; 1.1-1.3 is usual)")
-    gen.add_argument("--seed", type=int, help="seeds the sampling and --model's random weights (default: a fresh one, "
-                     "printed on stderr so the run can be repeated)")
-    gen.add_argument("--stop", action="append", default=[], help="end at this text, not printed (repeatable; "
-                     "\\n and \\t are read as escapes, e.g. --stop '\\n\\n')")
+    gen.add_argument(
+        "--top-p", type=float, default=1.0, help="sample from the fewest tokens holding this much probability"
+    )
+    gen.add_argument(
+        "--min-p",
+        type=float,
+        default=0.0,
+        help="drop tokens less likely than this fraction of the most likely one (default 0: keep all)",
+    )
+    gen.add_argument(
+        "--repetition-penalty",
+        type=float,
+        default=1.0,
+        help="divide positive (multiply negative) logits "
+        "of tokens already in the sample by this (default 1: off; 1.1-1.3 is usual)",
+    )
+    gen.add_argument(
+        "--seed",
+        type=int,
+        help="seeds the sampling and --model's random weights (default: a fresh one, "
+        "printed on stderr so the run can be repeated)",
+    )
+    gen.add_argument(
+        "--stop",
+        action="append",
+        default=[],
+        help="end at this text, not printed (repeatable; \\n and \\t are read as escapes, e.g. --stop '\\n\\n')",
+    )
     gen.add_argument("--num-samples", type=int, default=1, help="samples per prompt, generated as one batch")
-    gen.add_argument("--device", default="auto", help="auto (the default: CUDA, then MPS, then the CPU), cpu, cuda, "
-                     "cuda:N or mps")
-    gen.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="weights while generating")
-    gen.add_argument("--quantize", choices=["int8", "int4"], help="CPU only: int8 (per-channel) or int4 (groups of 32) "
-                     "weights for the linear layers; embeddings and norms stay in --dtype")
-    gen.add_argument("--compile", action="store_true", help="CUDA only: compile the one-token step into a CUDA graph "
-                     "(the first reply waits about a minute for the compiler)")
+    gen.add_argument(
+        "--device", default="auto", help="auto (the default: CUDA, then MPS, then the CPU), cpu, cuda, cuda:N or mps"
+    )
+    gen.add_argument(
+        "--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="weights while generating"
+    )
+    gen.add_argument(
+        "--quantize",
+        choices=["int8", "int4"],
+        help="CPU only: int8 (per-channel) or int4 (groups of 32) "
+        "weights for the linear layers; embeddings and norms stay in --dtype",
+    )
+    gen.add_argument(
+        "--compile",
+        action="store_true",
+        help="CUDA only: compile the one-token step into a CUDA graph "
+        "(the first reply waits about a minute for the compiler)",
+    )
     gen.set_defaults(run=cmd_generate)

@@ -48,14 +48,24 @@ def cmd_convert(args: argparse.Namespace) -> None:
     head = read_classifier_head(args.checkpoint)
     if args.to_gguf:
         if head is not None:
-            raise UserError(f"{args.checkpoint} is {head.describe()}, and GGUF's gpt2 architecture is a language "
-                            f"model with no classification head; export it with `gptlab convert --to-hf "
-                            f"{args.checkpoint} DIR` (transformers' GPT2ForSequenceClassification), or label texts "
-                            f"with `gptlab classify --checkpoint {args.checkpoint}`")
+            raise UserError(
+                f"{args.checkpoint} is {head.describe()}, and GGUF's gpt2 architecture is a language "
+                f"model with no classification head; export it with `gptlab convert --to-hf "
+                f"{args.checkpoint} DIR` (transformers' GPT2ForSequenceClassification), or label texts "
+                f"with `gptlab classify --checkpoint {args.checkpoint}`"
+            )
         model, tokenizer = load_model(args.checkpoint)
         template = chat_template_of(args.checkpoint)
-        print(export_gguf(model, tokenizer, args.outdir, outtype=args.outtype, force=args.force,
-                          chat_template=template and jinja_template(template)).format())
+        print(
+            export_gguf(
+                model,
+                tokenizer,
+                args.outdir,
+                outtype=args.outtype,
+                force=args.force,
+                chat_template=template and jinja_template(template),
+            ).format()
+        )
         return
     if args.outtype != "f32":
         raise UserError("--outtype applies to --to-gguf only")
@@ -66,8 +76,13 @@ def cmd_convert(args: argparse.Namespace) -> None:
     else:
         model, tokenizer = load_model(args.checkpoint)
         template = chat_template_of(args.checkpoint)
-        files = export_hf(model, tokenizer, args.outdir, force=args.force,
-                          chat_template=template and jinja_template(template, SEGMENT_MARK))
+        files = export_hf(
+            model,
+            tokenizer,
+            args.outdir,
+            force=args.force,
+            chat_template=template and jinja_template(template, SEGMENT_MARK),
+        )
         what = "GPT2LMHeadModel" + (f", chat template {template} in {HF_TOKENIZER_CONFIG}" if template else "")
     print(f"wrote {args.outdir}: {', '.join(files)} ({what})")
 
@@ -75,8 +90,10 @@ def cmd_convert(args: argparse.Namespace) -> None:
 def convert_adapter(args: argparse.Namespace) -> None:
     """`convert --to-hf --adapter`: the adapter in a fine-tune's checkpoint (or an adapter folder) for PEFT."""
     if args.to_gguf:
-        raise UserError("--adapter writes a PEFT adapter for transformers; use --to-hf (GGUF takes a whole model: "
-                        "merge the adapter with `gptlab merge-lora` first)")
+        raise UserError(
+            "--adapter writes a PEFT adapter for transformers; use --to-hf (GGUF takes a whole model: "
+            "merge the adapter with `gptlab merge-lora` first)"
+        )
     adapter = read_adapter(args.checkpoint)
     # PEFT's AutoPeftModel loads the recorded base, which must be a transformers folder
     hf_base = adapter.base if is_hf_gpt2_folder(Path(adapter.base)) else None
@@ -89,17 +106,20 @@ def convert_adapter(args: argparse.Namespace) -> None:
             pad = read_tokenizer(Path(adapter.base)).eot_id
         except ValueError:  # the base has moved: the id is its end-of-text token's
             pad = "EOT"
-        load = (f"AutoModelForSequenceClassification.from_pretrained(BASE, id2label="
-                f"{dict(enumerate(adapter.classifier.labels))}, pad_token_id={pad})")
-    print(f"wrote {args.outdir}: {', '.join(files)} (a PEFT adapter); load it with PeftModel.from_pretrained({load}, "
-          f"'{args.outdir}'), BASE being {base}")
+        load = (
+            f"AutoModelForSequenceClassification.from_pretrained(BASE, id2label="
+            f"{dict(enumerate(adapter.classifier.labels))}, pad_token_id={pad})"
+        )
+    print(
+        f"wrote {args.outdir}: {', '.join(files)} (a PEFT adapter); load it with PeftModel.from_pretrained({load}, "
+        f"'{args.outdir}'), BASE being {base}"
+    )
 
 
 def cmd_download(args: argparse.Namespace) -> None:
     outdir = args.out or Path("models") / args.name
     download_gpt2(args.name, outdir)
     print(f"downloaded {HUB_REPOS[args.name]} to {outdir}; use it with --checkpoint {outdir}")
-
 
 
 def add_parsers(commands) -> None:
@@ -110,18 +130,34 @@ def add_parsers(commands) -> None:
 
     convert = add_command(commands, "convert")
     target = convert.add_mutually_exclusive_group(required=True)
-    target.add_argument("--to-hf", action="store_true",
-                        help="write a GPT-2 folder that transformers' from_pretrained loads")
-    target.add_argument("--to-gguf", action="store_true",
-                        help="write one .gguf file (llama.cpp's gpt2 architecture) for llama.cpp, Ollama, LM Studio")
-    convert.add_argument("--outtype", choices=list(OUTTYPES), default="f32",
-                         help="with --to-gguf: the matrices' type (norms, biases and positions stay f32; default f32)")
+    target.add_argument(
+        "--to-hf", action="store_true", help="write a GPT-2 folder that transformers' from_pretrained loads"
+    )
+    target.add_argument(
+        "--to-gguf",
+        action="store_true",
+        help="write one .gguf file (llama.cpp's gpt2 architecture) for llama.cpp, Ollama, LM Studio",
+    )
+    convert.add_argument(
+        "--outtype",
+        choices=list(OUTTYPES),
+        default="f32",
+        help="with --to-gguf: the matrices' type (norms, biases and positions stay f32; default f32)",
+    )
     convert.add_argument("checkpoint", type=Path, help="a gptlab checkpoint or Hugging Face GPT-2 folder")
-    convert.add_argument("outdir", type=Path, metavar="OUT", help="the folder (--to-hf: new, empty, or an earlier "
-                         "export) or .gguf file (--to-gguf) to write")
+    convert.add_argument(
+        "outdir",
+        type=Path,
+        metavar="OUT",
+        help="the folder (--to-hf: new, empty, or an earlier export) or .gguf file (--to-gguf) to write",
+    )
     convert.add_argument("--force", action="store_true", help="replace OUT even if it holds other files")
-    convert.add_argument("--adapter", action="store_true", help="write the LoRA adapter in CHECKPOINT (a fine-tune's "
-                         "checkpoint) as a PEFT adapter; a folder holding only an adapter is always written so")
+    convert.add_argument(
+        "--adapter",
+        action="store_true",
+        help="write the LoRA adapter in CHECKPOINT (a fine-tune's "
+        "checkpoint) as a PEFT adapter; a folder holding only an adapter is always written so",
+    )
     convert.set_defaults(run=cmd_convert)
 
     download = add_command(commands, "download")

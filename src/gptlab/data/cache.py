@@ -2,6 +2,7 @@
 manifest of what it was built from. Reusing a cache reads nothing when every source's path, size and
 modification time match the manifest (see reuse_token_cache).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -116,17 +117,24 @@ def reuse_token_cache(
     """
     inputs, recorded = manifest["inputs"], manifest["inputs"]["sources"]
     if (inputs["tokenizer"], inputs["train_fraction"], len(recorded)) != (
-        tokenizer.spec(), train_fraction, len(corpus.documents)
+        tokenizer.spec(),
+        train_fraction,
+        len(corpus.documents),
     ):
         return None
     to_hash = []
     for index, (source, doc) in enumerate(zip(recorded, corpus.documents)):
         if (source["path"], source["bytes"], source["errors"], source.get("text_field")) != (
-            source_path(doc), doc.n_bytes, doc.errors, doc.text_field
+            source_path(doc),
+            doc.n_bytes,
+            doc.errors,
+            doc.text_field,
         ):
             return None
-        if doc.mtime_ns is None or doc.mtime_ns != source["mtime_ns"] or (
-            doc.mtime_ns > manifest["checked_ns"] - RACY_WINDOW_NS
+        if (
+            doc.mtime_ns is None
+            or doc.mtime_ns != source["mtime_ns"]
+            or (doc.mtime_ns > manifest["checked_ns"] - RACY_WINDOW_NS)
         ):
             to_hash.append(index)
     if to_hash:

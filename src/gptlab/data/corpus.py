@@ -132,7 +132,10 @@ def default_corpus() -> Corpus:
 
 
 def read_corpus(
-    paths: Sequence[str | os.PathLike], errors: str = "strict", include: Sequence[str] = (), exclude: Sequence[str] = (),
+    paths: Sequence[str | os.PathLike],
+    errors: str = "strict",
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
     text_field: str = "text",
 ) -> Corpus:
     """Documents from files, folders (searched recursively) and glob patterns, found without reading them
@@ -203,5 +206,3 @@ def split_index(n_chars: int, train_fraction: float = TRAIN_FRACTION) -> int:
 def split_text(text: str) -> tuple[str, str]:
     cut = split_index(len(text))
     return text[:cut], text[cut:]
-
-

@@ -49,8 +49,13 @@ def matches(patterns: tuple[str, ...], relative: str, name: str) -> str | None:
     return next((p for p in patterns if fnmatch.fnmatch(relative, p) or fnmatch.fnmatch(name, p)), None)
 
 
-COMPRESSED = {b"\x1f\x8b": "gzip", b"\x28\xb5\x2f\xfd": "zstd", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz",
-              b"PK\x03\x04": "zip"}  # each format's first bytes
+COMPRESSED = {
+    b"\x1f\x8b": "gzip",
+    b"\x28\xb5\x2f\xfd": "zstd",
+    b"BZh": "bzip2",
+    b"\xfd7zXZ\x00": "xz",
+    b"PK\x03\x04": "zip",
+}  # each format's first bytes
 
 
 def compression(head: bytes) -> str | None:
@@ -69,7 +74,10 @@ def format_reason(path: str, head: bytes) -> tuple[str | None, bool]:
         return None, True
     if kind := compression(head):
         if kind in ("gzip", "zstd"):
-            return f"compressed: {kind} (name it {Path(path).name}{'.gz' if kind == 'gzip' else '.zst'} to read it)", True
+            return (
+                f"compressed: {kind} (name it {Path(path).name}{'.gz' if kind == 'gzip' else '.zst'} to read it)",
+                True,
+            )
         return f"compressed: {kind} (gptlab reads gzip .gz and zstd .zst files; decompress it to read it)", True
     return None, False
 
@@ -159,8 +167,12 @@ class FileSearch:
                 if name.startswith("."):
                     self.hidden += 1
                 elif os.path.islink(os.path.join(root, name)):
-                    self.skipped.append((os.path.join(root, name), "link: to a folder, not followed (name the folder "
-                                         "itself to read it)"))
+                    self.skipped.append(
+                        (
+                            os.path.join(root, name),
+                            "link: to a folder, not followed (name the folder itself to read it)",
+                        )
+                    )
                 elif pattern := matches(self.exclude, relative, name):
                     self.skipped.append((os.path.join(root, name), f"excluded: matches {pattern!r}"))
                 else:

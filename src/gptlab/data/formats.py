@@ -88,8 +88,11 @@ def decompressed(blocks: Iterator[bytes], compression: str | None, path: str) ->
                 started, block = not decompressor.eof, b""
                 if decompressor.eof and decompressor.unused_data:  # another gzip member or zstd frame follows
                     block = decompressor.unused_data
-                    decompressor = zlib.decompressobj(wbits=31) if compression == "gzip" else \
-                        zstandard.ZstdDecompressor().decompressobj()
+                    decompressor = (
+                        zlib.decompressobj(wbits=31)
+                        if compression == "gzip"
+                        else zstandard.ZstdDecompressor().decompressobj()
+                    )
     except errors as error:
         raise DataError(f"{path} is damaged: its {compression} data cannot be read ({error}); re-create it") from None
     if started:
@@ -106,14 +109,18 @@ def decoded(blocks: Iterator[bytes], errors: str, path: str) -> Iterator[str]:
         try:
             text = decoder.decode(block, final=not block)
         except UnicodeDecodeError as error:
-            raise DataError(f"{path}: invalid UTF-8 at byte {offset - pending + error.start}; fix the file or pass "
-                            "--replace-invalid-utf8 to read bad bytes as U+FFFD") from None
+            raise DataError(
+                f"{path}: invalid UTF-8 at byte {offset - pending + error.start}; fix the file or pass "
+                "--replace-invalid-utf8 to read bad bytes as U+FFFD"
+            ) from None
         offset += len(block)
         if text:
             yield text
 
 
-def texts(path: str, errors: str, text_field: str | None, hasher=None, block_bytes: int = 1 << 20) -> Iterator[str | None]:
+def texts(
+    path: str, errors: str, text_field: str | None, hasher=None, block_bytes: int = 1 << 20
+) -> Iterator[str | None]:
     """The file's text as a stream: text blocks, with BOUNDARY between records (see the module docstring)."""
     kind, compression = file_format(path)
     if kind == "parquet":
@@ -152,16 +159,19 @@ def jsonl_records(text: Iterator[str], path: str) -> Iterator[tuple[str, object]
                 try:
                     yield where, json.loads(line)
                 except json.JSONDecodeError as error:
-                    raise DataError(f"{where} is not valid JSON ({error.msg} at column {error.colno}); fix or remove "
-                                    "that line") from None
+                    raise DataError(
+                        f"{where} is not valid JSON ({error.msg} at column {error.colno}); fix or remove that line"
+                    ) from None
 
 
 def json_array_records(text: str, path: str) -> Iterator[tuple[str, object]]:
     try:
         document = json.loads(text)
     except json.JSONDecodeError as error:
-        raise DataError(f"{path}: invalid JSON at line {error.lineno}, column {error.colno} ({error.msg}); a .json "
-                        "corpus file holds one array of objects (use .jsonl for one object per line)") from None
+        raise DataError(
+            f"{path}: invalid JSON at line {error.lineno}, column {error.colno} ({error.msg}); a .json "
+            "corpus file holds one array of objects (use .jsonl for one object per line)"
+        ) from None
     if not isinstance(document, list):
         raise DataError(f"{path} holds a JSON {type(document).__name__}; a .json corpus file holds an array of objects")
     for number, record in enumerate(document, 1):
@@ -175,8 +185,11 @@ def record_texts(records: Iterator[tuple[str, object]], text_field: str) -> Iter
         value = record.get(text_field)
         if not isinstance(value, str):
             keys = ", ".join(sorted(record)) or "none"
-            problem = f"has no {text_field!r} field (it has: {keys})" if value is None else \
-                f"has a {type(value).__name__} in {text_field!r}, not a string"
+            problem = (
+                f"has no {text_field!r} field (it has: {keys})"
+                if value is None
+                else f"has a {type(value).__name__} in {text_field!r}, not a string"
+            )
             raise DataError(f"{where} {problem}; name the text field with --text-field")
         yield value
 
@@ -194,12 +207,15 @@ def parquet_texts(path: str, text_field: str, hasher, block_bytes: int) -> Itera
         raise DataError(f"{path} is not a readable Parquet file ({error}); re-create it") from None
     columns = file.schema_arrow.names
     if text_field not in columns:
-        raise DataError(f"{path} has no {text_field!r} column (it has: {', '.join(columns)}); name the text column "
-                        "with --text-field")
+        raise DataError(
+            f"{path} has no {text_field!r} column (it has: {', '.join(columns)}); name the text column "
+            "with --text-field"
+        )
     column_type = str(file.schema_arrow.field(text_field).type)
     if column_type not in ("string", "large_string"):
-        raise DataError(f"{path}: column {text_field!r} holds {column_type}, not strings; name the text column with "
-                        "--text-field")
+        raise DataError(
+            f"{path}: column {text_field!r} holds {column_type}, not strings; name the text column with --text-field"
+        )
 
     def documents() -> Iterator[str]:
         for group in range(file.num_row_groups):  # one at a time: iter_batches would buffer them all ahead

@@ -5,6 +5,7 @@ The first pass (scan_source) decodes each document to count its characters, whic
 and hashes its bytes; the second (write_tokens) tokenizes it and hashes it again, so a file that
 changed in between is reported rather than half-read.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -131,8 +132,14 @@ def scan_source(doc: Document, progress: tqdm) -> dict:
     chars = sum(len(EOT_TEXT) if block is BOUNDARY else len(block) for block in doc.blocks(hasher))
     if current_state(doc) != (size, mtime_ns) or hasher.n_bytes != size:
         raise DataError(f"{doc.path} changed while it was being read; run the command again")
-    record = {"path": source_path(doc), "bytes": size, "mtime_ns": mtime_ns, "errors": doc.errors, "chars": chars,
-              "sha256": hasher.sha256.hexdigest()}
+    record = {
+        "path": source_path(doc),
+        "bytes": size,
+        "mtime_ns": mtime_ns,
+        "errors": doc.errors,
+        "chars": chars,
+        "sha256": hasher.sha256.hexdigest(),
+    }
     return record if doc.text_field is None else {**record, "text_field": doc.text_field}
 
 

@@ -1,6 +1,5 @@
 """Training windows and validation batches cut from a token array."""
 
-
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -109,8 +108,13 @@ class TokenWindows:
 
 
 def validation_batches(
-    tokens: np.ndarray, context_length: int, batch_size: int, rank: int = 0, world_size: int = 1,
-    max_targets: int | None = None, seed: int = 0,
+    tokens: np.ndarray,
+    context_length: int,
+    batch_size: int,
+    rank: int = 0,
+    world_size: int = 1,
+    max_targets: int | None = None,
+    seed: int = 0,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """(inputs, targets) batches of non-overlapping windows in which every token but the first is a
     target exactly once. All windows are full length: when context_length does not divide

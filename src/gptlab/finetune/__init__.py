@@ -16,5 +16,16 @@ from .lora import (
     save_adapter,
 )
 
-__all__ = ["LoRAConfig", "LoRALinear", "adapter_state_dict", "apply_lora", "count_parameters", "load_adapter",
-           "lora_parameters", "merge_lora", "parameter_summary", "read_adapter", "save_adapter"]
+__all__ = [
+    "LoRAConfig",
+    "LoRALinear",
+    "adapter_state_dict",
+    "apply_lora",
+    "count_parameters",
+    "load_adapter",
+    "lora_parameters",
+    "merge_lora",
+    "parameter_summary",
+    "read_adapter",
+    "save_adapter",
+]

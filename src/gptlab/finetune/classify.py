@@ -63,8 +63,10 @@ def label_set(train: list[LabeledText], others: dict[str, list[LabeledText]], pa
     for split, items in others.items():
         for item in items:
             if item.label not in labels:
-                raise DataError(f"{item.where}: label {item.label!r} is only in the {split} split, never in training "
-                                f"(training labels: {', '.join(labels)}); add training examples of it or remove it")
+                raise DataError(
+                    f"{item.where}: label {item.label!r} is only in the {split} split, never in training "
+                    f"(training labels: {', '.join(labels)}); add training examples of it or remove it"
+                )
     return labels
 
 
@@ -94,13 +96,14 @@ def freeze_for_classification(model: GPTModel, train_blocks: int | None) -> GPTM
     """Train only the last `train_blocks` blocks, the final norm and the head (None: everything)."""
     if train_blocks is not None:
         model.requires_grad_(False)
-        for module in [*model.trf_blocks[len(model.trf_blocks) - train_blocks:], model.final_norm, model.out_head]:
+        for module in [*model.trf_blocks[len(model.trf_blocks) - train_blocks :], model.final_norm, model.out_head]:
             module.requires_grad_(True)
     return model
 
 
-def last_token_logits(model: torch.nn.Module, inputs: torch.Tensor,
-                      targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def last_token_logits(
+    model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Each row's logits at its last real token (B, n_classes), float32, and the class there (B,)."""
     logits = model(inputs)  # (B, T, n_classes)
     at = targets != IGNORE_INDEX  # (B, T): one True per row
@@ -121,16 +124,23 @@ class ClassificationEval:
 
 
 @torch.no_grad()
-def evaluate_rows(model: torch.nn.Module, rows: Sequence[Row], pad_id: int, batch_size: int,
-                  runtime: Runtime = Runtime(torch.device("cpu")), dtype: str = "float32") -> ClassificationEval:
+def evaluate_rows(
+    model: torch.nn.Module,
+    rows: Sequence[Row],
+    pad_id: int,
+    batch_size: int,
+    runtime: Runtime = Runtime(torch.device("cpu")),
+    dtype: str = "float32",
+) -> ClassificationEval:
     """Loss and accuracy over every row, each rank taking its share."""
     was_training = model.training
     model.eval()
     total_loss, correct, count = 0.0, 0, 0
     with autocast(runtime, dtype):
         for _, inputs, targets in rank_batches(rows, pad_id, batch_size, runtime.rank, runtime.world):
-            logits, classes = last_token_logits(model, torch.from_numpy(inputs).to(runtime.device),
-                                                torch.from_numpy(targets).to(runtime.device))
+            logits, classes = last_token_logits(
+                model, torch.from_numpy(inputs).to(runtime.device), torch.from_numpy(targets).to(runtime.device)
+            )
             total_loss += F.cross_entropy(logits, classes, reduction="sum").item()
             correct += int((logits.argmax(dim=-1) == classes).sum())
             count += len(classes)
@@ -158,12 +168,13 @@ def classify_texts(classifier: Classifier, texts: Sequence[str], batch_size: int
     results = []
     for first in range(0, len(texts), batch_size):
         rows = []
-        for text in texts[first:first + batch_size]:
+        for text in texts[first : first + batch_size]:
             ids = np.asarray(text_ids(tokenizer, text, model.cfg.context_length), dtype=np.int64)
             rows.append(Row(ids, np.r_[np.full(len(ids) - 1, IGNORE_INDEX), 0]))  # class 0: a marker, not a label
         inputs, targets = pad_rows(rows, tokenizer.eot_id)
-        logits, _ = last_token_logits(model, torch.from_numpy(inputs).to(model.device),
-                                      torch.from_numpy(targets).to(model.device))
+        logits, _ = last_token_logits(
+            model, torch.from_numpy(inputs).to(model.device), torch.from_numpy(targets).to(model.device)
+        )
         probabilities = logits.softmax(dim=-1)
         best = probabilities.argmax(dim=-1)
         results += [(classifier.labels[i], probabilities[row, i].item()) for row, i in enumerate(best.tolist())]

@@ -41,8 +41,9 @@ def lora_config(run: RunConfig) -> LoRAConfig | None:
     if settings.lora_rank is None:
         given = [name for name in LORA_OPTIONS if getattr(settings, name) is not None]
         if given:
-            raise ConfigError(f"--{given[0].replace('_', '-')} sets up LoRA adapters; add --lora-rank (16 is the "
-                              "textbook's)")
+            raise ConfigError(
+                f"--{given[0].replace('_', '-')} sets up LoRA adapters; add --lora-rank (16 is the textbook's)"
+            )
         return None
     if not settings.init:
         raise ConfigError("LoRA adapts a trained model and keeps its weights frozen; add --init CHECKPOINT")
@@ -54,8 +55,12 @@ def lora_config(run: RunConfig) -> LoRAConfig | None:
     if base_dtype == "bfloat16" and run.train.dtype == "float32":
         raise ConfigError("--lora-base-dtype bfloat16 computes in bfloat16; drop --dtype float32")
     try:
-        return LoRAConfig(settings.lora_rank, settings.lora_alpha or settings.lora_rank, settings.lora_dropout or 0.0,
-                          tuple(settings.lora_targets or LoRAConfig.targets))
+        return LoRAConfig(
+            settings.lora_rank,
+            settings.lora_alpha or settings.lora_rank,
+            settings.lora_dropout or 0.0,
+            tuple(settings.lora_targets or LoRAConfig.targets),
+        )
     except ValueError as error:
         raise ConfigError(f"{error} (--lora-rank, --lora-alpha, --lora-dropout, --lora-targets)") from None
 
@@ -89,15 +94,25 @@ def lower_frozen(model: GPTModel, base_dtype: str) -> None:
             if not param.requires_grad:
                 param.data = param.data.to(torch.bfloat16)
     elif base_dtype == "int8":
-        linears = [(name, module) for name, module in model.named_modules() if isinstance(module, nn.Linear)
-                   and not module.weight.requires_grad and module.weight is not model.tok_emb.weight]
+        linears = [
+            (name, module)
+            for name, module in model.named_modules()
+            if isinstance(module, nn.Linear)
+            and not module.weight.requires_grad
+            and module.weight is not model.tok_emb.weight
+        ]
         for name, linear in linears:
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, FrozenInt8Linear(linear))
 
 
-def add_adapters(model: GPTModel, lora: LoRAConfig, base_dtype: str, keep_training: Iterable[str] = (),
-                 log: Callable[[str], None] = print) -> GPTModel:
+def add_adapters(
+    model: GPTModel,
+    lora: LoRAConfig,
+    base_dtype: str,
+    keep_training: Iterable[str] = (),
+    log: Callable[[str], None] = print,
+) -> GPTModel:
     """Freeze the model, add the adapters, let the `keep_training` modules (e.g. a new head) train in full,
     say how many parameters train, and lower the frozen base's precision."""
     apply_lora(model, lora)
@@ -121,11 +136,15 @@ def plain_linear(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
 def merged_state_dict(model: GPTModel) -> dict[str, torch.Tensor]:
     """The float32 weights of the plain model that computes what `model` does: every adapter folded into
     its weight, every int8 weight dequantized, under GPTModel's own names. The model is left as it is."""
-    special = {name: module for name, module in model.named_modules()
-               if isinstance(module, (LoRALinear, FrozenInt8Linear))}
+    special = {
+        name: module for name, module in model.named_modules() if isinstance(module, (LoRALinear, FrozenInt8Linear))
+    }
     outer = {name: module for name, module in special.items() if not any(name.startswith(f"{p}.") for p in special)}
-    state = {name: tensor for name, tensor in model.state_dict().items()
-             if not any(name.startswith(f"{prefix}.") for prefix in outer)}
+    state = {
+        name: tensor
+        for name, tensor in model.state_dict().items()
+        if not any(name.startswith(f"{prefix}.") for prefix in outer)
+    }
     for name, module in outer.items():
         weight, bias = plain_linear(module)
         state[f"{name}.weight"] = weight
@@ -144,9 +163,14 @@ def restore_trained(folder: Path, model: GPTModel) -> None:
                 param.copy_(adapters[name] if name in adapters else weights.get_tensor(name))
 
 
-def finetune_hooks(run: RunConfig, meta: dict, prepare_task: Callable[[GPTModel], GPTModel] = lambda model: model,
-                   keep_training: Iterable[str] = (), log: Callable[[str], None] = print,
-                   report_parameters: bool = True) -> ModelHooks:
+def finetune_hooks(
+    run: RunConfig,
+    meta: dict,
+    prepare_task: Callable[[GPTModel], GPTModel] = lambda model: model,
+    keep_training: Iterable[str] = (),
+    log: Callable[[str], None] = print,
+    report_parameters: bool = True,
+) -> ModelHooks:
     """The loop's hooks for a fine-tune: `prepare_task` changes the model for the task (a classification
     head, frozen blocks); with LoRA the adapters go on after it, and `keep_training` names the task's new
     modules that train in full beside them. The trainable and total parameters are logged (with
@@ -172,8 +196,9 @@ def finetune_hooks(run: RunConfig, meta: dict, prepare_task: Callable[[GPTModel]
         write_model_files(folder, plain, tokenizer, extra)
         write_adapter_files(folder, model, lora, run.model.init, meta)
 
-    return ModelHooks(prepare=prepare, write_model=write_model,
-                      read_model=load_model_weights if lora is None else restore_trained)
+    return ModelHooks(
+        prepare=prepare, write_model=write_model, read_model=load_model_weights if lora is None else restore_trained
+    )
 
 
 def run_hooks(run: RunConfig, cfg: GPTConfig, log: Callable[[str], None]) -> ModelHooks:
@@ -188,5 +213,7 @@ def check_lora_head(run: RunConfig, cfg: GPTConfig) -> None:
     adapter would then no longer fit its own base; refuse it up front."""
     lora = lora_config(run)
     if lora is not None and "head" in lora.targets and cfg.tie_embeddings:
-        raise ConfigError(f"--lora-targets head: {run.model.init} ties its output head to the token embedding "
-                          "(GPT-2 does), so the head cannot take an adapter of its own; leave head out")
+        raise ConfigError(
+            f"--lora-targets head: {run.model.init} ties its output head to the token embedding "
+            "(GPT-2 does), so the head cannot take an adapter of its own; leave head out"
+        )

@@ -52,13 +52,16 @@ def read_conversations(path: str | Path, template: str) -> list[Conversation]:
                 raise DataError(f"{where}: {error}") from None
             messages = record["messages"]
             if messages[-1]["role"] != "assistant":
-                raise DataError(f"{where}: the last message is the {messages[-1]['role']}'s; end with the "
-                                "assistant's response, which is what the model learns")
+                raise DataError(
+                    f"{where}: the last message is the {messages[-1]['role']}'s; end with the "
+                    "assistant's response, which is what the model learns"
+                )
         else:
             instruction = record_field(record, "instruction", where)
             output = record_field(record, "output", where)
-            messages = alpaca_messages(instruction, output, record_field(record, "input", where, required=False) or "",
-                                       template)
+            messages = alpaca_messages(
+                instruction, output, record_field(record, "input", where, required=False) or "", template
+            )
         conversations.append(Conversation(messages, where))
     return conversations
 
@@ -83,8 +86,10 @@ class Fitted:
     dropped: int = 0
 
     def describe(self, name: str) -> str:
-        return (f"{name}: {len(self.examples):,} examples, {self.truncated:,} of them truncated to the context; "
-                f"{self.dropped:,} dropped")
+        return (
+            f"{name}: {len(self.examples):,} examples, {self.truncated:,} of them truncated to the context; "
+            f"{self.dropped:,} dropped"
+        )
 
 
 def fit_to_context(examples: list[tuple[list[int], list[bool]]], context_length: int, long: str) -> Fitted:
@@ -93,7 +98,7 @@ def fit_to_context(examples: list[tuple[list[int], list[bool]]], context_length:
     fitted = Fitted([])
     for ids, trained in examples:
         too_long = len(ids) > context_length + 1
-        ids, trained = ids[:context_length + 1], trained[:context_length + 1]
+        ids, trained = ids[: context_length + 1], trained[: context_length + 1]
         if (too_long and long == "drop") or not any(trained[1:]):  # no room left for the response
             fitted.dropped += 1
             continue
@@ -135,18 +140,21 @@ class InstructionEval:
 
 
 def shorten(text: str, length: int = 60) -> str:
-    return text if len(text) <= length else text[:length - 3] + "..."
+    return text if len(text) <= length else text[: length - 3] + "..."
 
 
-def generate_responses(model: torch.nn.Module, tokenizer: Tokenizer, conversations: list[list[dict]], template: str,
-                       max_new_tokens: int) -> list[str]:
+def generate_responses(
+    model: torch.nn.Module, tokenizer: Tokenizer, conversations: list[list[dict]], template: str, max_new_tokens: int
+) -> list[str]:
     """The model's greedy answer to each conversation (which ends with a user's message), up to end-of-text."""
     was_training = model.training
     model.eval()
     prompts = [chat_prompt_ids(tokenizer, messages, template) for messages in conversations]
     options = GenerationOptions(max_new_tokens=max_new_tokens, temperature=0.0)
     # The weights change between calls during training: decode with them as they are, no prepared copy.
-    ids = generate_ids(model, prompts, options, eot_id=tokenizer.eot_id, settings=DecoderSettings(prepare_weights=False))
+    ids = generate_ids(
+        model, prompts, options, eot_id=tokenizer.eot_id, settings=DecoderSettings(prepare_weights=False)
+    )
     model.train(was_training)
     return [tokenizer.decode(row) for row in ids]
 
@@ -155,8 +163,17 @@ class InstructionSource(RowBatches):
     """The training loop's data for instruction tuning: training rows, validation rows (loss on responses),
     and a few validation prompts answered at each evaluation."""
 
-    def __init__(self, train_rows: list[Row], val_rows: list[Row], val_conversations: list[Conversation],
-                 tokenizer: Tokenizer, template: str, context_length: int, batch_size: int, sample_tokens: int):
+    def __init__(
+        self,
+        train_rows: list[Row],
+        val_rows: list[Row],
+        val_conversations: list[Conversation],
+        tokenizer: Tokenizer,
+        template: str,
+        context_length: int,
+        batch_size: int,
+        sample_tokens: int,
+    ):
         super().__init__(train_rows, tokenizer.eot_id, context_length, batch_size)
         self.val_rows, self.tokenizer, self.template, self.sample_tokens = val_rows, tokenizer, template, sample_tokens
         self.sample_conversations = [c.messages for c in val_conversations[:SAMPLE_COUNT]]
@@ -167,8 +184,9 @@ class InstructionSource(RowBatches):
         model.eval()
         total_loss, total_tokens = 0.0, 0
         with autocast(runtime, dtype):
-            for _, inputs, targets in rank_batches(self.val_rows, self.tokenizer.eot_id, batch_size, runtime.rank,
-                                                   runtime.world):
+            for _, inputs, targets in rank_batches(
+                self.val_rows, self.tokenizer.eot_id, batch_size, runtime.rank, runtime.world
+            ):
                 x, y = torch.from_numpy(inputs).to(runtime.device), torch.from_numpy(targets).to(runtime.device)
                 total_loss += loss_fn(model, x, y, reduction="sum").item()
                 total_tokens += int((y != IGNORE_INDEX).sum())
@@ -177,8 +195,10 @@ class InstructionSource(RowBatches):
         if runtime.is_main and self.sample_tokens:
             prompts = [messages[:-1] for messages in self.sample_conversations]
             responses = generate_responses(unwrap(model), self.tokenizer, prompts, self.template, self.sample_tokens)
-            samples = [{"prompt": messages[-2]["content"], "expected": messages[-1]["content"], "response": response}
-                       for messages, response in zip(self.sample_conversations, responses)]
+            samples = [
+                {"prompt": messages[-2]["content"], "expected": messages[-1]["content"], "response": response}
+                for messages, response in zip(self.sample_conversations, responses)
+            ]
         model.train(was_training)
         return InstructionEval(total_loss / total_tokens, int(total_tokens), samples)
 
@@ -191,26 +211,49 @@ def write_samples(out_dir: Path, step: int, result: InstructionEval) -> None:
     write_log(path, kept + [{"step": step, **sample} for sample in result.samples])
 
 
-def instruction_source(tokenizer: Tokenizer, data: str, val_data: str | None, val_fraction: float, template: str,
-                       context_length: int, batch_size: int, long: str, packed: bool, seed: int, sample_tokens: int,
-                       log=print) -> InstructionSource:
+def instruction_source(
+    tokenizer: Tokenizer,
+    data: str,
+    val_data: str | None,
+    val_fraction: float,
+    template: str,
+    context_length: int,
+    batch_size: int,
+    long: str,
+    packed: bool,
+    seed: int,
+    sample_tokens: int,
+    log=print,
+) -> InstructionSource:
     """Read, split, encode and fit the records; say how many were truncated or dropped."""
     train = read_conversations(data, template)
     if val_data:
         val = read_conversations(val_data, template)
     else:
         train, val = split_off(train, val_fraction, seed, data, "--val-fraction")
-    fitted = {name: fit_to_context([encode_example(tokenizer, c, template) for c in split], context_length, long)
-              for name, split in (("training", train), ("validation", val))}
+    fitted = {
+        name: fit_to_context([encode_example(tokenizer, c, template) for c in split], context_length, long)
+        for name, split in (("training", train), ("validation", val))
+    }
     for name, split in fitted.items():
         if not split.examples:
             advice = "--long truncate, " if long == "drop" else ""
-            raise DataError(f"no {name} example leaves room for its response in the context of {context_length} "
-                            f"tokens; use {advice}a model with a longer context, or shorter prompts")
+            raise DataError(
+                f"no {name} example leaves room for its response in the context of {context_length} "
+                f"tokens; use {advice}a model with a longer context, or shorter prompts"
+            )
         log(split.describe(name))
     train_examples = fitted["training"].examples
     if packed:
         train_examples = pack(train_examples, context_length)
         log(f"packed into {len(train_examples):,} windows of up to {context_length} tokens")
-    return InstructionSource([to_row(*e) for e in train_examples], [to_row(*e) for e in fitted["validation"].examples],
-                             val, tokenizer, template, context_length, batch_size, sample_tokens)
+    return InstructionSource(
+        [to_row(*e) for e in train_examples],
+        [to_row(*e) for e in fitted["validation"].examples],
+        val,
+        tokenizer,
+        template,
+        context_length,
+        batch_size,
+        sample_tokens,
+    )

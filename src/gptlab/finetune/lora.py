@@ -73,14 +73,18 @@ class LoRAConfig:
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank <= 0:
             raise UserError(f"LoRA rank must be a positive integer, got {self.rank!r} (16 is the textbook's)")
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not self.alpha > 0:
-            raise UserError(f"LoRA alpha must be a positive number, got {self.alpha!r} (the update is scaled "
-                             "by alpha / rank; alpha = rank scales it by 1)")
+            raise UserError(
+                f"LoRA alpha must be a positive number, got {self.alpha!r} (the update is scaled "
+                "by alpha / rank; alpha = rank scales it by 1)"
+            )
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
             raise UserError(f"LoRA dropout must be in [0, 1), got {self.dropout!r}")
         targets = (self.targets,) if isinstance(self.targets, str) else tuple(self.targets)
         unknown = [target for target in targets if target not in TARGETS]
         if unknown or not targets:
-            raise UserError(f"LoRA targets must be some of {', '.join(TARGETS)}, got {unknown[0] if unknown else 'none'!r}")
+            raise UserError(
+                f"LoRA targets must be some of {', '.join(TARGETS)}, got {unknown[0] if unknown else 'none'!r}"
+            )
         # Canonical order, no repeats: equal configs compare equal whatever order they were written in.
         object.__setattr__(self, "targets", tuple(target for target in TARGETS if target in targets))
 
@@ -151,8 +155,12 @@ class LoRALinear(nn.Module):
 
 def target_modules(model: GPTModel, targets: tuple[str, ...]) -> list[str]:
     """The dotted names of the modules the targets name, in model order."""
-    names = [f"trf_blocks.{layer}.{BLOCK_TARGETS[target]}"
-             for layer in range(len(model.trf_blocks)) for target in targets if target in BLOCK_TARGETS]
+    names = [
+        f"trf_blocks.{layer}.{BLOCK_TARGETS[target]}"
+        for layer in range(len(model.trf_blocks))
+        for target in targets
+        if target in BLOCK_TARGETS
+    ]
     return names + [HEAD_MODULE] * ("head" in targets)
 
 
@@ -201,8 +209,10 @@ def merge_lora(model: GPTModel) -> GPTModel:
     for name, module in modules.items():  # all checked before any is changed
         weight = getattr(module.base, "weight", None)
         if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
-            raise UserError(f"cannot merge the adapter of {name} into a {type(module.base).__name__} (no float "
-                             "weight); merge into the float model, then quantize it")
+            raise UserError(
+                f"cannot merge the adapter of {name} into a {type(module.base).__name__} (no float "
+                "weight); merge into the float model, then quantize it"
+            )
     for name, module in modules.items():
         weight = module.base.weight
         merged = weight.detach().float() + module.delta_weight().detach()
@@ -217,8 +227,11 @@ def merge_lora(model: GPTModel) -> GPTModel:
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Only the adapters' tensors, named "<module>.lora_A" / "<module>.lora_B" (e.g. trf_blocks.0.att.qkv.lora_A)."""
-    return {f"{name}.{part}": getattr(module, part).detach().contiguous()
-            for name, module in lora_modules(model).items() for part in ("lora_A", "lora_B")}
+    return {
+        f"{name}.{part}": getattr(module, part).detach().contiguous()
+        for name, module in lora_modules(model).items()
+        for part in ("lora_A", "lora_B")
+    }
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
@@ -262,8 +275,14 @@ def is_adapter_folder(path: Path) -> bool:
         return False
 
 
-def save_adapter(folder: Path, model: GPTModel, config: LoRAConfig, base: str, classifier: ClassifierHead | None = None,
-                 chat_template: str | None = None) -> None:
+def save_adapter(
+    folder: Path,
+    model: GPTModel,
+    config: LoRAConfig,
+    base: str,
+    classifier: ClassifierHead | None = None,
+    chat_template: str | None = None,
+) -> None:
     """Write the model's adapters to `folder` (adapter.safetensors + adapter_config.json), atomically.
 
     `base` is the checkpoint the adapters were trained on, recorded for merge-lora; `classifier` the head of
@@ -272,8 +291,9 @@ def save_adapter(folder: Path, model: GPTModel, config: LoRAConfig, base: str, c
     """
     folder = Path(folder)
     if lora_config_of(model) != config:
-        raise UserError(f"config ({config.describe()}) does not describe the model's adapters "
-                         f"({lora_config_of(model).describe()})")
+        raise UserError(
+            f"config ({config.describe()}) does not describe the model's adapters ({lora_config_of(model).describe()})"
+        )
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir())) and not is_adapter_folder(folder):
         raise UserError(f"{folder} exists and is not a LoRA adapter folder; choose a new folder")
     fields = {CLASSIFIER_FIELD: classifier.to_dict()} if classifier else {}
@@ -281,8 +301,9 @@ def save_adapter(folder: Path, model: GPTModel, config: LoRAConfig, base: str, c
     write_folder_atomically(folder, lambda tmp: write_adapter_files(tmp, model, config, base, fields))
 
 
-def write_adapter_files(folder: Path, model: GPTModel, config: LoRAConfig, base: str, model_fields: dict | None = None
-                        ) -> None:
+def write_adapter_files(
+    folder: Path, model: GPTModel, config: LoRAConfig, base: str, model_fields: dict | None = None
+) -> None:
     """adapter_config.json and adapter.safetensors into an existing folder (a training checkpoint holds them too).
     `model_fields`: the model's config.json fields; its classifier head and chat template are recorded."""
     model_fields = model_fields or {}
@@ -291,11 +312,18 @@ def write_adapter_files(folder: Path, model: GPTModel, config: LoRAConfig, base:
     if CLASSIFIER_FIELD in kept:
         head = model.get_submodule(HEAD_MODULE)
         if isinstance(head, LoRALinear):
-            raise UserError("a classifier's head trains in full; it cannot also take an adapter (leave head out of "
-                             "the LoRA targets)")
+            raise UserError(
+                "a classifier's head trains in full; it cannot also take an adapter (leave head out of "
+                "the LoRA targets)"
+            )
         tensors[HEAD_WEIGHT] = head.weight.detach().float().contiguous()
-    meta = {"format": ADAPTER_FORMAT, "lora": asdict(config), "base": str(base), "base_config": model.cfg.to_dict(),
-            **kept}
+    meta = {
+        "format": ADAPTER_FORMAT,
+        "lora": asdict(config),
+        "base": str(base),
+        "base_config": model.cfg.to_dict(),
+        **kept,
+    }
     (folder / ADAPTER_CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     save_file({name: tensor.cpu() for name, tensor in tensors.items()}, str(folder / ADAPTER_WEIGHTS_FILE))
 
@@ -304,13 +332,16 @@ def read_adapter(folder: Path) -> Adapter:
     """An adapter folder's contents; a folder that is not one gets a one-line ValueError."""
     folder = Path(folder)
     if not (folder / ADAPTER_CONFIG_FILE).is_file():
-        raise UserError(f"{folder} is not a LoRA adapter folder (no {ADAPTER_CONFIG_FILE}); pass the folder "
-                         "save_adapter or fine-tuning wrote")
+        raise UserError(
+            f"{folder} is not a LoRA adapter folder (no {ADAPTER_CONFIG_FILE}); pass the folder "
+            "save_adapter or fine-tuning wrote"
+        )
     meta = read_json(folder / ADAPTER_CONFIG_FILE)
     if meta.get("format") != ADAPTER_FORMAT:
         kind = "a Hugging Face PEFT adapter" if "peft_type" in meta else f"format {meta.get('format')!r}"
-        raise UserError(f"{folder / ADAPTER_CONFIG_FILE} is {kind}, not a gptlab LoRA adapter "
-                         f"(format {ADAPTER_FORMAT!r})")
+        raise UserError(
+            f"{folder / ADAPTER_CONFIG_FILE} is {kind}, not a gptlab LoRA adapter (format {ADAPTER_FORMAT!r})"
+        )
     try:
         config = LoRAConfig.from_dict(meta["lora"])
         base_config = GPTConfig.from_dict(meta["base_config"])
@@ -324,16 +355,20 @@ def read_adapter(folder: Path) -> Adapter:
         raise UserError(f"cannot read {folder / ADAPTER_WEIGHTS_FILE} ({error}); re-create the adapter") from None
     head_weight = tensors.pop(HEAD_WEIGHT, None)
     if classifier is not None and head_weight is None:
-        raise UserError(f"{folder / ADAPTER_WEIGHTS_FILE} lacks {HEAD_WEIGHT}, the head of the classifier "
-                         f"{ADAPTER_CONFIG_FILE} describes; re-create the adapter")
+        raise UserError(
+            f"{folder / ADAPTER_WEIGHTS_FILE} lacks {HEAD_WEIGHT}, the head of the classifier "
+            f"{ADAPTER_CONFIG_FILE} describes; re-create the adapter"
+        )
     template = meta.get(CHAT_TEMPLATE_FIELD)
     if is_gptlab_checkpoint(folder):  # the run checkpoint it lives in, written before adapters recorded these
         model_meta = read_json(folder / CONFIG_FILE)
         template = template or model_meta.get(CHAT_TEMPLATE_FIELD)
         if classifier is None and classifier_head(model_meta) is not None:
-            raise UserError(f"{folder} is a classifier whose adapter was saved without the classifier's head (by "
-                             f"an earlier gptlab); its {CONFIG_FILE} and model.safetensors already hold the merged "
-                             f"classifier: use {folder} itself")
+            raise UserError(
+                f"{folder} is a classifier whose adapter was saved without the classifier's head (by "
+                f"an earlier gptlab); its {CONFIG_FILE} and model.safetensors already hold the merged "
+                f"classifier: use {folder} itself"
+            )
     return Adapter(config, base, base_config, tensors, classifier, head_weight, template)
 
 
@@ -345,32 +380,42 @@ def apply_adapter(base_model: GPTModel, adapter: Adapter) -> GPTModel:
     """
     if adapter.classifier is not None:
         rows = base_model.out_head.out_features
-        if rows != base_model.cfg.vocab_size or list(adapter.head_weight.shape) != [len(adapter.classifier.labels),
-                                                                                   base_model.cfg.emb_dim]:
-            raise UserError(f"the adapter is {adapter.classifier.describe()} made from a language model with "
-                             f"emb_dim {adapter.base_config.emb_dim}; load it onto the model it was trained from "
-                             f"({adapter.base})")
+        if rows != base_model.cfg.vocab_size or list(adapter.head_weight.shape) != [
+            len(adapter.classifier.labels),
+            base_model.cfg.emb_dim,
+        ]:
+            raise UserError(
+                f"the adapter is {adapter.classifier.describe()} made from a language model with "
+                f"emb_dim {adapter.base_config.emb_dim}; load it onto the model it was trained from "
+                f"({adapter.base})"
+            )
         give_classifier_head(base_model, len(adapter.classifier.labels))
         with torch.no_grad():
             base_model.out_head.weight.copy_(adapter.head_weight)
     for field in BASE_FIELDS:
         ours, theirs = getattr(adapter.base_config, field), getattr(base_model.cfg, field)
         if ours != theirs:
-            raise UserError(f"the adapter was made for a base with {field} {ours}, but this base has {field} "
-                             f"{theirs}; load it onto the model it was trained from ({adapter.base})")
+            raise UserError(
+                f"the adapter was made for a base with {field} {ours}, but this base has {field} "
+                f"{theirs}; load it onto the model it was trained from ({adapter.base})"
+            )
     model = apply_lora(base_model, adapter.config)
     current = adapter_state_dict(model)
     if current.keys() != adapter.tensors.keys():
         missing = sorted(current.keys() - adapter.tensors.keys()) or sorted(adapter.tensors.keys() - current.keys())
-        raise UserError(f"the adapter's tensors do not match its settings ({missing[0]} is in one and not the "
-                         "other); re-create the adapter")
+        raise UserError(
+            f"the adapter's tensors do not match its settings ({missing[0]} is in one and not the "
+            "other); re-create the adapter"
+        )
     with torch.no_grad():
         for name, module in lora_modules(model).items():
             for part in ("lora_A", "lora_B"):
                 param, saved = getattr(module, part), adapter.tensors[f"{name}.{part}"]
                 if saved.shape != param.shape:
-                    raise UserError(f"adapter tensor {name}.{part} has shape {list(saved.shape)}, but the base "
-                                     f"needs {list(param.shape)}; re-create the adapter")
+                    raise UserError(
+                        f"adapter tensor {name}.{part} has shape {list(saved.shape)}, but the base "
+                        f"needs {list(param.shape)}; re-create the adapter"
+                    )
                 param.copy_(saved)
     return model
 
@@ -396,12 +441,13 @@ class Merged:
             kind = self.classifier.describe()
         else:
             kind = f"a language model {f'with chat template {self.chat_template}' if self.chat_template else 'without a chat template'}"
-        return (f"wrote {self.out}, a new checkpoint: {self.base} with the adapter in {self.adapter} "
-                f"({self.config.describe()}) folded in, {kind}; {self.base} is unchanged")
+        return (
+            f"wrote {self.out}, a new checkpoint: {self.base} with the adapter in {self.adapter} "
+            f"({self.config.describe()}) folded in, {kind}; {self.base} is unchanged"
+        )
 
 
-def merge_adapter_checkpoint(adapter_folder: Path, out: Path, base: Path | None = None,
-                             force: bool = False) -> Merged:
+def merge_adapter_checkpoint(adapter_folder: Path, out: Path, base: Path | None = None, force: bool = False) -> Merged:
     """Fold a saved adapter into its base checkpoint and write the result as a new full gptlab checkpoint,
     with the adapter's chat template (else the base's) and a classifier adapter's head.
 
@@ -411,8 +457,10 @@ def merge_adapter_checkpoint(adapter_folder: Path, out: Path, base: Path | None 
     adapter = read_adapter(adapter_folder)
     base_path, out = Path(base if base is not None else adapter.base), Path(out)
     if base is None and not base_path.exists():
-        raise UserError(f"{base_path}, the base recorded in {Path(adapter_folder) / ADAPTER_CONFIG_FILE}, does not "
-                         "exist; pass the checkpoint the adapter was trained from (--base)")
+        raise UserError(
+            f"{base_path}, the base recorded in {Path(adapter_folder) / ADAPTER_CONFIG_FILE}, does not "
+            "exist; pass the checkpoint the adapter was trained from (--base)"
+        )
     for source, what in ((base_path, "the base checkpoint"), (Path(adapter_folder), "the adapter")):
         if out.resolve() == source.resolve():
             raise UserError(f"the output folder {out} is {what}; choose a new folder")
@@ -422,5 +470,6 @@ def merge_adapter_checkpoint(adapter_folder: Path, out: Path, base: Path | None 
     base_template = read_json(base_path / CONFIG_FILE).get(CHAT_TEMPLATE_FIELD)
     fields = {**({CHAT_TEMPLATE_FIELD: base_template} if base_template else {}), **adapter.model_fields()}
     save_model(out, merge_lora(apply_adapter(model, adapter)), tokenizer, fields)
-    return Merged(Path(adapter_folder), base_path, out, adapter.config, adapter.classifier,
-                  fields.get(CHAT_TEMPLATE_FIELD))
+    return Merged(
+        Path(adapter_folder), base_path, out, adapter.config, adapter.classifier, fields.get(CHAT_TEMPLATE_FIELD)
+    )

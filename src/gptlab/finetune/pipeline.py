@@ -78,9 +78,13 @@ class ClassifyTask:
     train_blocks: str = "all"  # or N: only the last N blocks, the final norm and the head train
 
     def __post_init__(self) -> None:
-        if not (0 < self.val_fraction < 1 and 0 <= self.test_fraction < 1 and self.val_fraction + self.test_fraction < 1):
-            raise ConfigError(f"--val-fraction {self.val_fraction} and --test-fraction {self.test_fraction} must be "
-                              "fractions of the file that leave some of it for training")
+        if not (
+            0 < self.val_fraction < 1 and 0 <= self.test_fraction < 1 and self.val_fraction + self.test_fraction < 1
+        ):
+            raise ConfigError(
+                f"--val-fraction {self.val_fraction} and --test-fraction {self.test_fraction} must be "
+                "fractions of the file that leave some of it for training"
+            )
 
 
 TASKS = {"instruct": InstructTask, "classify": ClassifyTask}
@@ -101,43 +105,71 @@ def task_settings(kind: type, given: dict, saved: dict | None) -> object:
     saved = {name: value for name, value in saved.items() if name != "task"}
     for name, value in given.items():
         if value != saved.get(name):
-            raise ConfigError(f"--resume continues the run with its own settings, but --{name.replace('_', '-')} is "
-                              f"{value!r} here and {saved.get(name)!r} in the run; drop it, or start a new run "
-                              "with another --out")
+            raise ConfigError(
+                f"--resume continues the run with its own settings, but --{name.replace('_', '-')} is "
+                f"{value!r} here and {saved.get(name)!r} in the run; drop it, or start a new run "
+                "with another --out"
+            )
     return kind(**saved)
 
 
-def train(config: str | os.PathLike | RunConfig | None = None, *, resume: bool = False, overwrite: bool = False,
-          accept_data_change: bool = False, log=print, **options) -> TrainResult:
+def train(
+    config: str | os.PathLike | RunConfig | None = None,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    accept_data_change: bool = False,
+    log=print,
+    **options,
+) -> TrainResult:
     """Train as `gptlab train` does (gptlab.train): training.pipeline.train with fine-tuning's hooks, so
     that `init` with `lora_rank` trains LoRA adapters on a frozen base. `config`: a TOML recipe's path or a
     RunConfig; `options`: any setting by its option name (`out`, `data`, `max_steps`, ...)."""
-    return training_pipeline.train(config, resume=resume, overwrite=overwrite, accept_data_change=accept_data_change,
-                                   log=log, hooks_for=run_hooks, **options)
+    return training_pipeline.train(
+        config,
+        resume=resume,
+        overwrite=overwrite,
+        accept_data_change=accept_data_change,
+        log=log,
+        hooks_for=run_hooks,
+        **options,
+    )
 
 
-def finetune(task: str, config: str | os.PathLike | None = None, *, resume: bool = False, overwrite: bool = False,
-             log=print, **options) -> FinetuneResult:
+def finetune(
+    task: str,
+    config: str | os.PathLike | None = None,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    log=print,
+    **options,
+) -> FinetuneResult:
     """Fine-tune as `gptlab finetune TASK` does. `options`: the task's settings (InstructTask's or
     ClassifyTask's fields) and any `gptlab train` setting by its option name."""
     kind = TASKS[task]
     task_names = {f.name for f in dataclasses.fields(kind)}
     task_given = {name: options.pop(name) for name in list(options) if name in task_names and options[name] is not None}
-    given, out = gather_settings(config, {name: value for name, value in options.items() if value is not None},
-                                 resume, overwrite)
+    given, out = gather_settings(
+        config, {name: value for name, value in options.items() if value is not None}, resume, overwrite
+    )
     if resume:
         saved = read_run_config(out / "last")
         model_cfg, _, meta = read_config(out / "last")
         if saved is None or "finetune" not in meta:
-            raise TrainingError(f"--resume: {out / 'last'} is not a checkpoint of a fine-tune; continue it with the "
-                                "command that started it")
+            raise TrainingError(
+                f"--resume: {out / 'last'} is not a checkpoint of a fine-tune; continue it with the "
+                "command that started it"
+            )
         run, note = resume_settings(saved, given, model_cfg.to_dict()), "the run's own"
         settings = task_settings(kind, task_given, meta["finetune"])
     else:
         settings = task_settings(kind, task_given, None)
         if not given.get("init"):
-            raise ConfigError("fine-tuning starts from a trained model: add --init CHECKPOINT (a gptlab checkpoint "
-                              "or a Hugging Face GPT-2 folder)")
+            raise ConfigError(
+                "fine-tuning starts from a trained model: add --init CHECKPOINT (a gptlab checkpoint "
+                "or a Hugging Face GPT-2 folder)"
+            )
         run, note = with_default_limit(resolve({**given, "data": [settings.data]}))
     lora_config(run)  # refuse impossible LoRA settings before anything runs
     runtime = start_runtime(run.train.device)
@@ -147,8 +179,17 @@ def finetune(task: str, config: str | os.PathLike | None = None, *, resume: bool
         stop_runtime(runtime)
 
 
-def _finetune(task: str, settings, run: RunConfig, limit_note: str, given: dict, runtime: Runtime, resume: bool,
-              overwrite: bool, log) -> FinetuneResult:
+def _finetune(
+    task: str,
+    settings,
+    run: RunConfig,
+    limit_note: str,
+    given: dict,
+    runtime: Runtime,
+    resume: bool,
+    overwrite: bool,
+    log,
+) -> FinetuneResult:
     out = Path(run.train.out)
     say = log if runtime.is_main else (lambda line: None)
     init_state = None
@@ -168,23 +209,53 @@ def _finetune(task: str, settings, run: RunConfig, limit_note: str, given: dict,
     source, hooks, scored = make(settings, run, model_cfg, tokenizer, meta, say)
     # The loop's own sample (a continuation of nothing) means nothing here: instruct answers prompts instead.
     loop = dataclasses.replace(run.train, sample_tokens=0)
-    result = train_loop(model_cfg, loop, tokenizer, source, runtime=runtime, resume=resume, overwrite=overwrite,
-                        init_state=init_state, run=run, hooks=hooks, log=log)
+    result = train_loop(
+        model_cfg,
+        loop,
+        tokenizer,
+        source,
+        runtime=runtime,
+        resume=resume,
+        overwrite=overwrite,
+        init_state=init_state,
+        run=run,
+        hooks=hooks,
+        log=log,
+    )
     scores = {}
     if scored and runtime.is_main:
         classifier = load_classifier(out / "last", runtime.device)
-        scores = {name: evaluate_rows(classifier.model, rows, tokenizer.eot_id, loop.micro_batch_size or loop.batch_size,
-                                      Runtime(runtime.device))
-                  for name, rows in scored.items() if rows}
+        scores = {
+            name: evaluate_rows(
+                classifier.model,
+                rows,
+                tokenizer.eot_id,
+                loop.micro_batch_size or loop.batch_size,
+                Runtime(runtime.device),
+            )
+            for name, rows in scored.items()
+            if rows
+        }
         (out / SCORES_FILE).write_text(json.dumps({name: s.metrics() for name, s in scores.items()}, indent=2) + "\n")
     return FinetuneResult(result, scores)
 
 
 def instruct_job(settings: InstructTask, run: RunConfig, model_cfg, tokenizer, meta: dict, say):
     """The loop's data and hooks for instruction tuning (and no splits to score at the end)."""
-    source = instruction_source(tokenizer, settings.data, settings.val_data, settings.val_fraction, settings.template,
-                                model_cfg.context_length, run.train.batch_size, settings.long, settings.pack,
-                                run.train.seed, run.train.sample_tokens, log=say)
+    source = instruction_source(
+        tokenizer,
+        settings.data,
+        settings.val_data,
+        settings.val_fraction,
+        settings.template,
+        model_cfg.context_length,
+        run.train.batch_size,
+        settings.long,
+        settings.pack,
+        run.train.seed,
+        run.train.sample_tokens,
+        log=say,
+    )
     meta["chat_template"] = settings.template
     return source, dataclasses.replace(finetune_hooks(run, meta, log=say), after_eval=write_samples), {}
 
@@ -194,21 +265,28 @@ def classify_job(settings: ClassifyTask, run: RunConfig, model_cfg, tokenizer, m
     blocks = parse_train_blocks(settings.train_blocks, model_cfg.n_layers)
     lora = lora_config(run)
     if blocks is not None and lora is not None:
-        raise ConfigError("with LoRA the adapters and the new head train, not whole blocks; drop --train-blocks "
-                          "or the LoRA options")
+        raise ConfigError(
+            "with LoRA the adapters and the new head train, not whole blocks; drop --train-blocks or the LoRA options"
+        )
     if lora is not None and "head" in lora.targets:
-        raise ConfigError("--lora-targets head: a classifier's new head trains in full beside the adapters; "
-                          "leave head out")
+        raise ConfigError(
+            "--lora-targets head: a classifier's new head trains in full beside the adapters; leave head out"
+        )
     splits = classification_splits(settings, run.train.seed)
     labels = label_set(splits["train"], {k: v for k, v in splits.items() if k != "train"}, settings.data)
     rows = {name: class_rows(tokenizer, items, labels, model_cfg.context_length) for name, items in splits.items()}
     say(f"labels: {', '.join(labels)}; " + ", ".join(f"{len(r):,} {name}" for name, r in rows.items()) + " texts")
-    source = ClassificationSource(rows["train"], rows["validation"], tokenizer.eot_id, model_cfg.context_length,
-                                  run.train.batch_size)
+    source = ClassificationSource(
+        rows["train"], rows["validation"], tokenizer.eot_id, model_cfg.context_length, run.train.batch_size
+    )
     meta[CLASSIFIER_FIELD] = ClassifierHead(tuple(labels)).to_dict()
-    hooks = finetune_hooks(run, meta,
-                           lambda model: freeze_for_classification(give_classifier_head(model, len(labels)), blocks),
-                           keep_training=("out_head",), log=say)
+    hooks = finetune_hooks(
+        run,
+        meta,
+        lambda model: freeze_for_classification(give_classifier_head(model, len(labels)), blocks),
+        keep_training=("out_head",),
+        log=say,
+    )
     return source, hooks, rows
 
 

@@ -41,8 +41,10 @@ def json_records(path: Path, text: str) -> list[tuple[str, dict]]:
     try:
         document = json.loads(text)
     except json.JSONDecodeError as error:
-        raise DataError(f"{path}: invalid JSON at line {error.lineno}, column {error.colno} ({error.msg}); a .json "
-                        "file holds one array of objects (use .jsonl for one object per line)") from None
+        raise DataError(
+            f"{path}: invalid JSON at line {error.lineno}, column {error.colno} ({error.msg}); a .json "
+            "file holds one array of objects (use .jsonl for one object per line)"
+        ) from None
     if not isinstance(document, list):
         raise DataError(f"{path} holds a JSON {type(document).__name__}; a .json file holds an array of objects")
     for number, record in enumerate(document, 1):
@@ -73,8 +75,10 @@ def csv_records(path: Path, text: str) -> list[tuple[str, dict]]:
         if not row:
             continue
         if len(row) != len(header):
-            raise DataError(f"{path}: line {reader.line_num} has {len(row)} fields but the header has {len(header)} "
-                            f"({', '.join(header)}); quote fields that hold commas")
+            raise DataError(
+                f"{path}: line {reader.line_num} has {len(row)} fields but the header has {len(header)} "
+                f"({', '.join(header)}); quote fields that hold commas"
+            )
         records.append((f"line {reader.line_num}", dict(zip(header, row))))
     return records
 
@@ -100,7 +104,9 @@ def split_off(records: list[T], fraction: float, seed: int, path: str | Path, op
         raise DataError(f"{option} must be between 0 and 1, got {fraction}")
     count = max(1, round(len(records) * fraction))
     if count >= len(records):
-        raise DataError(f"{path} has {len(records)} records: too few to split {fraction:g} of them off and keep "
-                        f"some; give more records or a separate file")
+        raise DataError(
+            f"{path} has {len(records)} records: too few to split {fraction:g} of them off and keep "
+            f"some; give more records or a separate file"
+        )
     chosen = set(np.random.default_rng(seed).permutation(len(records))[:count].tolist())
     return ([r for i, r in enumerate(records) if i not in chosen], [r for i, r in enumerate(records) if i in chosen])

@@ -51,9 +51,9 @@ TEMPLATES = {
     "alpaca": ChatTemplate(
         name="alpaca",
         system="Below is an instruction that describes a task. Write a response that appropriately completes the "
-               "request.",
+        "request.",
         system_with_input="Below is an instruction that describes a task, paired with an input that provides "
-                          "further context. Write a response that appropriately completes the request.",
+        "further context. Write a response that appropriately completes the request.",
         system_format="{content}\n\n",
         user_format="### Instruction:\n{content}\n\n",
         input_format="\n\n### Input:\n{content}",
@@ -86,13 +86,17 @@ class Segment:
     end_of_text: bool = False  # the end-of-text token follows the text (and is a target too)
 
 
-def alpaca_messages(instruction: str, output: str | None, input: str = "", template: str = DEFAULT_TEMPLATE) -> list[dict]:
+def alpaca_messages(
+    instruction: str, output: str | None, input: str = "", template: str = DEFAULT_TEMPLATE
+) -> list[dict]:
     """An Alpaca record (instruction, optional input, output) as a conversation in the template's words.
     Without an output it is a prompt: the conversation ends with the user's message."""
     chat = get_template(template)
     user = instruction + (chat.input_format.format(content=input) if input else "")
-    messages = [{"role": "system", "content": chat.system_with_input if input else chat.system},
-                {"role": "user", "content": user}]
+    messages = [
+        {"role": "system", "content": chat.system_with_input if input else chat.system},
+        {"role": "user", "content": user},
+    ]
     return messages + ([{"role": "assistant", "content": output}] if output is not None else [])
 
 
@@ -123,12 +127,14 @@ def format_chat(messages: list[dict], template: str = DEFAULT_TEMPLATE) -> str:
     earlier response followed by <|endoftext|>) and the assistant prefix. To run a model on it, use
     chat_prompt_ids, which tokenizes it exactly as training did."""
     check_messages(messages)
-    return "".join(segment.text + EOT_TEXT * segment.end_of_text
-                   for segment in render(messages, template, generation_prompt=True))
+    return "".join(
+        segment.text + EOT_TEXT * segment.end_of_text for segment in render(messages, template, generation_prompt=True)
+    )
 
 
-def encode_chat(tokenizer: Tokenizer, messages: list[dict], template: str = DEFAULT_TEMPLATE,
-                generation_prompt: bool = False) -> tuple[list[int], list[bool]]:
+def encode_chat(
+    tokenizer: Tokenizer, messages: list[dict], template: str = DEFAULT_TEMPLATE, generation_prompt: bool = False
+) -> tuple[list[int], list[bool]]:
     """The conversation's token ids and, for each, whether it is trained on (a response or the end-of-text
     after it). Each segment is encoded on its own: a BPE merge across the boundary between a prompt and
     its response would make the prompt's tokens depend on the response, so training and inference
@@ -198,10 +204,10 @@ def check_messages(messages: list, where: str = "messages") -> None:
     """A list of {"role", "content"} with known roles, a system message only first, and a non-empty
     content for users and assistants; a one-line ValueError otherwise."""
     if not isinstance(messages, list) or not messages:
-        raise UserError(f"{where} must be a non-empty list of {{\"role\", \"content\"}} objects")
+        raise UserError(f'{where} must be a non-empty list of {{"role", "content"}} objects')
     for index, message in enumerate(messages):
         if not isinstance(message, dict) or not isinstance(message.get("content"), str):
-            raise UserError(f"{where}[{index}] must be an object with a string \"content\"")
+            raise UserError(f'{where}[{index}] must be an object with a string "content"')
         role = message.get("role")
         if role not in ROLES:
             raise UserError(f"{where}[{index}] has role {role!r}; use one of {', '.join(ROLES)}")

@@ -120,8 +120,10 @@ def prepared_model(model: GPTModel, dtype: torch.dtype | None = None, prepare: b
     dtype = dtype or model.tok_emb.weight.dtype
     if is_quantized(model):  # integer weights: no copy can be made of them, so they decode as they are
         if dtype != model.tok_emb.weight.dtype:
-            raise UserError(f"a quantized model decodes in the dtype it was quantized in "
-                             f"({model.tok_emb.weight.dtype}), not {dtype}; convert the model before quantizing it")
+            raise UserError(
+                f"a quantized model decodes in the dtype it was quantized in "
+                f"({model.tok_emb.weight.dtype}), not {dtype}; convert the model before quantizing it"
+            )
         return model
     pack = prepare and packs_weights(dtype, model.device)
     if dtype == model.tok_emb.weight.dtype and not pack:
@@ -174,14 +176,23 @@ class StaticKVCache:
     def __init__(self, cfg: GPTConfig, batch_size: int, dtype: torch.dtype, device: torch.device):
         shape = (batch_size, cfg.n_heads, cfg.context_length, cfg.head_dim)  # (B, H, L_max, D)
         # zeros, not empty: unwritten slots are masked out, but a NaN there would still make 0 · NaN = NaN
-        self.layers = [StaticLayerCache(self, torch.zeros(shape, dtype=dtype, device=device),
-                                        torch.zeros(shape, dtype=dtype, device=device)) for _ in range(cfg.n_layers)]
+        self.layers = [
+            StaticLayerCache(
+                self, torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device)
+            )
+            for _ in range(cfg.n_layers)
+        ]
         self.slots = torch.arange(cfg.context_length, device=device)
         self.padding = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.next_slot = torch.zeros((), dtype=torch.long, device=device)
         self.mask = self.written = None
         # a CUDA graph then reads and writes these in place, rather than copying them in and out at every step
-        for tensor in (self.slots, self.padding, self.next_slot, *(t for layer in self.layers for t in (layer.keys, layer.values))):
+        for tensor in (
+            self.slots,
+            self.padding,
+            self.next_slot,
+            *(t for layer in self.layers for t in (layer.keys, layer.values)),
+        ):
             mark_static_address(tensor)
 
     def reset(self, padding: torch.Tensor) -> None:
@@ -224,7 +235,9 @@ def compiled_next_token_logits():
 def compiled_step_logits(model: GPTModel, ids: torch.Tensor, cache: StaticKVCache) -> torch.Tensor:
     """next_token_logits for one token per row (B, 1), replayed from a CUDA graph."""
     torch.compiler.cudagraph_mark_step_begin()  # the previous step's graph outputs are no longer read
-    return compiled_next_token_logits()(model, ids, cache).clone()  # out of the graph's memory, which the next step reuses
+    return compiled_next_token_logits()(
+        model, ids, cache
+    ).clone()  # out of the graph's memory, which the next step reuses
 
 
 class Decoder:
@@ -260,8 +273,10 @@ class Decoder:
     def prefill(self, rows: Sequence[Sequence[int]]) -> torch.Tensor:
         """Run rows of 1..context_length ids, left-padded, from an empty cache; the next-token logits (B, V)."""
         if any(not 1 <= len(row) <= self.context for row in rows):
-            raise ValueError(f"each row needs 1 to {self.context} (context_length) tokens; crop from the left, "
-                             "and start an empty prompt with the end-of-text token")
+            raise ValueError(
+                f"each row needs 1 to {self.context} (context_length) tokens; crop from the left, "
+                "and start an empty prompt with the end-of-text token"
+            )
         self.rows = [list(row) for row in rows]
         self.length = max(len(row) for row in rows)
         padding = [self.length - len(row) for row in rows]
@@ -274,6 +289,6 @@ class Decoder:
         for row, token in zip(self.rows, next_ids.tolist()):
             row.append(token)
         if self.length == self.context:
-            return self.prefill([row[-self.keep:] for row in self.rows])
+            return self.prefill([row[-self.keep :] for row in self.rows])
         self.length += 1
         return self.step_logits(self.model, next_ids[:, None], self.cache)  # (B, 1) in

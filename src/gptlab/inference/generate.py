@@ -44,8 +44,9 @@ def generate_uncached(model: GPTModel, ids: torch.Tensor, max_new_tokens: int) -
     return ids
 
 
-def generate(model: GPTModel, ids: torch.Tensor, max_new_tokens: int, vocab_limit: int | None = None,
-             **sampling) -> torch.Tensor:
+def generate(
+    model: GPTModel, ids: torch.Tensor, max_new_tokens: int, vocab_limit: int | None = None, **sampling
+) -> torch.Tensor:
     """(B, T) ids → (B · num_samples, T + max_new_tokens) ids, through the KV cache.
 
     Greedy by default, giving the same tokens as generate_uncached, past the context too (there each
@@ -66,8 +67,13 @@ def generate(model: GPTModel, ids: torch.Tensor, max_new_tokens: int, vocab_limi
 
 
 @torch.inference_mode()
-def decode_steps(model: GPTModel, prompts: Sequence[Sequence[int]], options: GenerationOptions,
-                 settings: DecoderSettings = DecoderSettings(), vocab_limit: int | None = None) -> Iterator[list[Token]]:
+def decode_steps(
+    model: GPTModel,
+    prompts: Sequence[Sequence[int]],
+    options: GenerationOptions,
+    settings: DecoderSettings = DecoderSettings(),
+    vocab_limit: int | None = None,
+) -> Iterator[list[Token]]:
     """Yield each step's Token for every row, for up to options.max_new_tokens steps.
 
     The rows are the prompts (lists of ids, each cropped to its last context_length tokens as
@@ -90,9 +96,14 @@ def decode_steps(model: GPTModel, prompts: Sequence[Sequence[int]], options: Gen
         yield tokens
 
 
-def generate_tokens(model: GPTModel, prompts: Sequence[Sequence[int]], options: GenerationOptions,
-                    eot_id: int | None = None, settings: DecoderSettings = DecoderSettings(),
-                    vocab_limit: int | None = None) -> list[list[Token]]:
+def generate_tokens(
+    model: GPTModel,
+    prompts: Sequence[Sequence[int]],
+    options: GenerationOptions,
+    eot_id: int | None = None,
+    settings: DecoderSettings = DecoderSettings(),
+    vocab_limit: int | None = None,
+) -> list[list[Token]]:
     """The new Tokens of every row (rows as in decode_steps); a row ends before eot_id when one is given."""
     outputs: list[list[Token]] = [[] for _ in range(len(prompts) * options.num_samples)]
     finished = [False] * len(outputs)
@@ -107,12 +118,18 @@ def generate_tokens(model: GPTModel, prompts: Sequence[Sequence[int]], options: 
     return outputs
 
 
-def generate_ids(model: GPTModel, prompts: Sequence[Sequence[int]], options: GenerationOptions,
-                 eot_id: int | None = None, settings: DecoderSettings = DecoderSettings(),
-                 vocab_limit: int | None = None) -> list[list[int]]:
+def generate_ids(
+    model: GPTModel,
+    prompts: Sequence[Sequence[int]],
+    options: GenerationOptions,
+    eot_id: int | None = None,
+    settings: DecoderSettings = DecoderSettings(),
+    vocab_limit: int | None = None,
+) -> list[list[int]]:
     """generate_tokens' ids only."""
-    return [[token.id for token in row]
-            for row in generate_tokens(model, prompts, options, eot_id, settings, vocab_limit)]
+    return [
+        [token.id for token in row] for row in generate_tokens(model, prompts, options, eot_id, settings, vocab_limit)
+    ]
 
 
 class TextAssembler:
@@ -141,7 +158,7 @@ class TextAssembler:
             final = True
         self.finished = final
         end = len(self.text) if final else len(self.text) - self.held_back()
-        piece = self.text[self.handed_out:end]
+        piece = self.text[self.handed_out : end]
         self.handed_out = end
         return piece
 
@@ -158,7 +175,7 @@ class TextAssembler:
         with a stop's first character are compared, so a long stop costs little per token."""
         longest = 0
         for stop in self.stop:
-            window = self.text[-(len(stop) - 1):] if len(stop) > 1 else ""
+            window = self.text[-(len(stop) - 1) :] if len(stop) > 1 else ""
             start = window.find(stop[0])
             while start >= 0:
                 if stop.startswith(window[start:]):
@@ -173,8 +190,13 @@ def prompt_ids(tokenizer: Tokenizer, prompt: str, context_length: int) -> list[i
     return (tokenizer.encode(prompt) or [tokenizer.eot_id])[-context_length:]
 
 
-def stream_batch(model: GPTModel, tokenizer: Tokenizer, prompts: Sequence[str], options: GenerationOptions,
-                 settings: DecoderSettings = DecoderSettings()) -> Iterator[tuple[int, str]]:
+def stream_batch(
+    model: GPTModel,
+    tokenizer: Tokenizer,
+    prompts: Sequence[str],
+    options: GenerationOptions,
+    settings: DecoderSettings = DecoderSettings(),
+) -> Iterator[tuple[int, str]]:
     """Generate from every prompt in one batch; yield (row, piece of text) as the text is produced.
 
     Row r is sample r % num_samples of prompts[r // num_samples]. Pieces hold whole characters and
@@ -185,8 +207,13 @@ def stream_batch(model: GPTModel, tokenizer: Tokenizer, prompts: Sequence[str], 
     yield from stream_ids(model, tokenizer, prompt_rows, options, settings)
 
 
-def stream_ids(model: GPTModel, tokenizer: Tokenizer, prompt_rows: Sequence[Sequence[int]], options: GenerationOptions,
-               settings: DecoderSettings = DecoderSettings()) -> Iterator[tuple[int, str]]:
+def stream_ids(
+    model: GPTModel,
+    tokenizer: Tokenizer,
+    prompt_rows: Sequence[Sequence[int]],
+    options: GenerationOptions,
+    settings: DecoderSettings = DecoderSettings(),
+) -> Iterator[tuple[int, str]]:
     """stream_batch for prompts already tokenized (each non-empty; cropped to its last context_length
     ids), such as a chat template's, whose segments are encoded apart (finetune/templates.py)."""
     texts = [TextAssembler(options.stop) for _ in range(len(prompt_rows) * options.num_samples)]
@@ -205,8 +232,13 @@ def stream_ids(model: GPTModel, tokenizer: Tokenizer, prompt_rows: Sequence[Sequ
             yield row, piece
 
 
-def stream_text(model: GPTModel, tokenizer: Tokenizer, prompt: str, options: GenerationOptions,
-                settings: DecoderSettings = DecoderSettings()) -> Iterator[str]:
+def stream_text(
+    model: GPTModel,
+    tokenizer: Tokenizer,
+    prompt: str,
+    options: GenerationOptions,
+    settings: DecoderSettings = DecoderSettings(),
+) -> Iterator[str]:
     """One prompt, one sample: yield its continuation in pieces as it is produced (see stream_batch)."""
     if options.num_samples != 1:
         raise ValueError(f"stream_text makes one sample, got num_samples={options.num_samples}; use stream_batch")
@@ -214,8 +246,13 @@ def stream_text(model: GPTModel, tokenizer: Tokenizer, prompt: str, options: Gen
         yield piece
 
 
-def generate_text(model: GPTModel, tokenizer: Tokenizer, prompts: Sequence[str], options: GenerationOptions,
-                  settings: DecoderSettings = DecoderSettings()) -> list[str]:
+def generate_text(
+    model: GPTModel,
+    tokenizer: Tokenizer,
+    prompts: Sequence[str],
+    options: GenerationOptions,
+    settings: DecoderSettings = DecoderSettings(),
+) -> list[str]:
     """Every row's continuation (row r is sample r % num_samples of prompts[r // num_samples])."""
     texts = [""] * (len(prompts) * options.num_samples)
     for row, piece in stream_batch(model, tokenizer, prompts, options, settings):

@@ -61,8 +61,9 @@ def quantize_rows(weight: torch.Tensor, scale_dtype: torch.dtype = torch.float32
     return q, scales
 
 
-def quantize_groups(weight: torch.Tensor, group_size: int,
-                    scale_dtype: torch.dtype = torch.bfloat16) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def quantize_groups(
+    weight: torch.Tensor, group_size: int, scale_dtype: torch.dtype = torch.bfloat16
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Asymmetric int4 per group of inputs: (out, in) float → q (out, in) int32 in [0, 15], and scales and
     offsets (out, in / group_size) in scale_dtype, such that W ≈ (q - 8)·scale + offset group by group."""
     out_features, in_features = weight.shape
@@ -136,7 +137,7 @@ class Int4Linear(QuantizedLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()  # (N, in)
         y = int4_mm(rows, self.weight_int4, self.group_size, self.scales_and_offsets)
-        y = y[:, :self.out_features].float()  # (N, out)
+        y = y[:, : self.out_features].float()  # (N, out)
         if self.bias is not None:
             y = y + self.bias
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
@@ -166,14 +167,18 @@ def quantize_model(model: GPTModel, mode: str) -> GPTModel:
     if mode not in KERNELS:
         raise UserError(f"quantize must be one of {', '.join(KERNELS)}, got {mode!r}")
     if model.device.type != "cpu":
-        raise UserError(f"the quantized kernels run on the CPU, but the model is on {model.device.type}; "
-                         "load it with --device cpu to quantize it")
+        raise UserError(
+            f"the quantized kernels run on the CPU, but the model is on {model.device.type}; "
+            "load it with --device cpu to quantize it"
+        )
     linears = {name: module for name, module in model.named_modules() if isinstance(module, nn.Linear)}
     if mode == "int4":
         for name, linear in linears.items():
             if linear.in_features % INT4_GROUP_SIZE:
-                raise UserError(f"int4 quantizes groups of {INT4_GROUP_SIZE} inputs, but {name} has "
-                                 f"{linear.in_features} inputs; use int8 for this model")
+                raise UserError(
+                    f"int4 quantizes groups of {INT4_GROUP_SIZE} inputs, but {name} has "
+                    f"{linear.in_features} inputs; use int8 for this model"
+                )
     shared = {id(tensor): tensor for tensor in [*model.parameters(), *model.buffers()]}
     quantized = copy.deepcopy(model, memo=shared)  # new modules, the same tensors
     for name, linear in linears.items():

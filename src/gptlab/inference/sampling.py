@@ -88,8 +88,10 @@ class GenerationOptions:
             raise UserError(f"min-p must be in [0, 1] (0 keeps every token), got {self.min_p}")
         low, high = REPETITION_PENALTY_RANGE
         if not low <= self.repetition_penalty <= high:
-            raise UserError(f"repetition-penalty must be between {low:g} and {high:g} (1 is off, 1.1-1.3 is usual), "
-                             f"got {self.repetition_penalty}")
+            raise UserError(
+                f"repetition-penalty must be between {low:g} and {high:g} (1 is off, 1.1-1.3 is usual), "
+                f"got {self.repetition_penalty}"
+            )
         if not math.isfinite(self.temperature):
             raise UserError(f"temperature must be a finite number (0 means greedy), got {self.temperature}")
         if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
@@ -97,7 +99,9 @@ class GenerationOptions:
         if self.num_samples < 1:
             raise UserError(f"num-samples must be >= 1, got {self.num_samples}")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
-            raise UserError(f"logprobs must be between 0 and {MAX_LOGPROBS} (alternatives per token), got {self.logprobs}")
+            raise UserError(
+                f"logprobs must be between 0 and {MAX_LOGPROBS} (alternatives per token), got {self.logprobs}"
+            )
         if any(not stop for stop in self.stop):
             raise UserError("stop must not be an empty string")
         for name in ("frequency_penalty", "presence_penalty"):
@@ -125,8 +129,9 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     return torch.where(seen, penalised, logits)
 
 
-def filter_logits(logits: torch.Tensor, temperature: float, top_k: int | None = None, top_p: float = 1.0,
-                  min_p: float = 0.0) -> torch.Tensor:
+def filter_logits(
+    logits: torch.Tensor, temperature: float, top_k: int | None = None, top_p: float = 1.0, min_p: float = 0.0
+) -> torch.Tensor:
     """Temperature, then top-k, then top-p, then min-p: (B, V) logits → (B, V) logits, -inf where a token
     may not be drawn.
 
@@ -171,16 +176,23 @@ class Sampler:
     with a frequency or presence penalty a (B, V) count of the tokens each row has generated.
     """
 
-    def __init__(self, options: GenerationOptions, rows: Sequence[Sequence[int]], vocab_size: int, device: torch.device,
-                 vocab_limit: int | None = None):
+    def __init__(
+        self,
+        options: GenerationOptions,
+        rows: Sequence[Sequence[int]],
+        vocab_size: int,
+        device: torch.device,
+        vocab_limit: int | None = None,
+    ):
         """vocab_size: the model's logits per row; vocab_limit: the ids the tokenizer can decode, if fewer (a
         padded vocabulary): only ids below it are ever drawn or listed among the alternatives."""
         self.options = options
         self.size = vocab_size if vocab_limit is None else min(vocab_size, vocab_limit)  # the ids that can be drawn
         self.generators = []
         if options.temperature > 0:
-            self.generators = [torch.Generator(device=device).manual_seed(seed)
-                               for seed in row_seeds(options.seed, len(rows))]
+            self.generators = [
+                torch.Generator(device=device).manual_seed(seed) for seed in row_seeds(options.seed, len(rows))
+            ]
         self.seen = None
         if options.repetition_penalty != 1.0:
             self.seen = torch.zeros(len(rows), self.size, dtype=torch.bool, device=device)
@@ -194,8 +206,9 @@ class Sampler:
             if any(not 0 <= token < self.size for token in options.logit_bias):
                 raise UserError(f"logit-bias token ids must be between 0 and {self.size - 1} (the vocabulary)")
             self.bias = torch.zeros(self.size, device=device)
-            self.bias[list(options.logit_bias)] = torch.tensor(list(options.logit_bias.values()), dtype=torch.float32,
-                                                               device=device)
+            self.bias[list(options.logit_bias)] = torch.tensor(
+                list(options.logit_bias.values()), dtype=torch.float32, device=device
+            )
 
     def choose(self, logits: torch.Tensor) -> tuple[torch.Tensor, list[Token]]:
         """(B, V) float32 logits → the next ids (B,) and each row's Token."""
@@ -210,10 +223,16 @@ class Sampler:
         if options.temperature == 0:
             next_ids = scores.argmax(dim=-1)
         else:
-            probs = filter_logits(scores, options.temperature, options.top_k, options.top_p, options.min_p).softmax(dim=-1)
+            probs = filter_logits(scores, options.temperature, options.top_k, options.top_p, options.min_p).softmax(
+                dim=-1
+            )
             # one draw per row from the row's own generator, so rows never share a random stream
-            next_ids = torch.cat([torch.multinomial(row_probs, 1, generator=generator)
-                                  for row_probs, generator in zip(probs, self.generators)])
+            next_ids = torch.cat(
+                [
+                    torch.multinomial(row_probs, 1, generator=generator)
+                    for row_probs, generator in zip(probs, self.generators)
+                ]
+            )
         if self.seen is not None:
             self.seen[torch.arange(len(next_ids), device=next_ids.device), next_ids] = True
         if self.counts is not None:
@@ -227,5 +246,7 @@ class Sampler:
         logprobs = logits.log_softmax(dim=-1)  # (B, V)
         chosen = logprobs.gather(-1, next_ids[:, None])[:, 0].tolist()  # (B,)
         top = logprobs[:, : self.size].topk(self.options.logprobs, dim=-1)  # (B, N) values and indices
-        return [Token(token, logprob, tuple(zip(ids, values)))
-                for token, logprob, ids, values in zip(next_ids.tolist(), chosen, top.indices.tolist(), top.values.tolist())]
+        return [
+            Token(token, logprob, tuple(zip(ids, values)))
+            for token, logprob, ids, values in zip(next_ids.tolist(), chosen, top.indices.tolist(), top.values.tolist())
+        ]

@@ -70,8 +70,9 @@ def gguf_tensors(model: GPTModel) -> dict[str, torch.Tensor]:
     if not cfg.tie_embeddings:
         hf_names["out_head.weight"] = "lm_head.weight"
     name_map = gguf.get_tensor_name_map(ARCH, cfg.n_layers)
-    return {name_map.get_name(theirs, try_suffixes=(".weight", ".bias")): state[ours]
-            for ours, theirs in hf_names.items()}
+    return {
+        name_map.get_name(theirs, try_suffixes=(".weight", ".bias")): state[ours] for ours, theirs in hf_names.items()
+    }
 
 
 def stored_type(name: str, tensor: torch.Tensor, outtype: str) -> gguf.GGMLQuantizationType:
@@ -80,8 +81,9 @@ def stored_type(name: str, tensor: torch.Tensor, outtype: str) -> gguf.GGMLQuant
     return gguf.GGMLQuantizationType.F32 if keep_f32 else OUTTYPES[outtype][1]
 
 
-def encode_tensor(tensor: torch.Tensor,
-                  qtype: gguf.GGMLQuantizationType) -> tuple[np.ndarray, gguf.GGMLQuantizationType]:
+def encode_tensor(
+    tensor: torch.Tensor, qtype: gguf.GGMLQuantizationType
+) -> tuple[np.ndarray, gguf.GGMLQuantizationType]:
     """(stored bytes or floats, the type they really have); like the converter, a matrix whose rows are not
     a whole number of quantisation blocks falls back to F16."""
     data = tensor.float().cpu().contiguous().numpy()
@@ -125,8 +127,11 @@ def vocabulary(tokenizer: Tokenizer, vocab_size: int) -> tuple[list[str], list[i
     types = [gguf.TokenType.NORMAL] * len(tokens)
     types[tokenizer.eot_id] = gguf.TokenType.CONTROL
     padding = range(len(tokens), vocab_size)
-    return ([*tokens, *(f"[PAD{i}]" for i in padding)], [*types, *(gguf.TokenType.USER_DEFINED for _ in padding)],
-            merges)
+    return (
+        [*tokens, *(f"[PAD{i}]" for i in padding)],
+        [*types, *(gguf.TokenType.USER_DEFINED for _ in padding)],
+        merges,
+    )
 
 
 def check_destination(path: Path, force: bool) -> None:
@@ -136,8 +141,14 @@ def check_destination(path: Path, force: bool) -> None:
         raise UserError(f"{path} exists; choose another file name, or pass --force to replace it")
 
 
-def export_gguf(model: GPTModel, tokenizer: Tokenizer, out_path: Path, outtype: str = "f32",
-                force: bool = False, chat_template: str | None = None) -> GGUFExport:
+def export_gguf(
+    model: GPTModel,
+    tokenizer: Tokenizer,
+    out_path: Path,
+    outtype: str = "f32",
+    force: bool = False,
+    chat_template: str | None = None,
+) -> GGUFExport:
     """Write the model and its tokenizer as one GGUF file (see the module docstring for what it holds).
     `chat_template`: Jinja (templates.jinja_template(name), without a segment mark: llama.cpp's tokenizer
     would keep it), stored as tokenizer.chat_template.
@@ -189,8 +200,10 @@ def export_gguf(model: GPTModel, tokenizer: Tokenizer, out_path: Path, outtype: 
         writer.close()  # flushed before it takes the final name
         os.replace(tmp, out_path)
     except OSError as error:
-        raise UserError(f"cannot write {out_path} ({error.strerror or error}); choose a folder you can write to "
-                         "with room for the file") from None
+        raise UserError(
+            f"cannot write {out_path} ({error.strerror or error}); choose a folder you can write to "
+            "with room for the file"
+        ) from None
     finally:
         writer.close()
         if tmp.exists():

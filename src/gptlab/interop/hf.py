@@ -49,8 +49,16 @@ HUB_REPOS = {
     "gpt2-large": "openai-community/gpt2-large",
     "gpt2-xl": "openai-community/gpt2-xl",
 }
-HUB_FILES = [HF_CONFIG_FILE, HF_SAFETENSORS_FILE, HF_SAFETENSORS_INDEX, "model-*.safetensors", HF_VOCAB_FILE,
-             HF_MERGES_FILE, HF_TOKENIZER_JSON, HF_GENERATION_CONFIG]
+HUB_FILES = [
+    HF_CONFIG_FILE,
+    HF_SAFETENSORS_FILE,
+    HF_SAFETENSORS_INDEX,
+    "model-*.safetensors",
+    HF_VOCAB_FILE,
+    HF_MERGES_FILE,
+    HF_TOKENIZER_JSON,
+    HF_GENERATION_CONFIG,
+]
 
 
 def hf_config_for(model: GPTModel, tokenizer: Tokenizer, head: ClassifierHead | None = None) -> dict:
@@ -58,11 +66,15 @@ def hf_config_for(model: GPTModel, tokenizer: Tokenizer, head: ClassifierHead | 
     labels and the padding id, end-of-text: GPT2ForSequenceClassification reads each row at its last token
     that is not padding, which is gptlab's last token (a text's own ids never hold end-of-text)."""
     cfg = model.cfg
-    labels = {} if head is None else {
-        "id2label": dict(enumerate(head.labels)),
-        "label2id": {label: index for index, label in enumerate(head.labels)},
-        "pad_token_id": tokenizer.eot_id,
-    }
+    labels = (
+        {}
+        if head is None
+        else {
+            "id2label": dict(enumerate(head.labels)),
+            "label2id": {label: index for index, label in enumerate(head.labels)},
+            "pad_token_id": tokenizer.eot_id,
+        }
+    )
     return {
         "model_type": "gpt2",
         "architectures": [HF_LM if head is None else HF_CLASSIFIER],
@@ -124,15 +136,25 @@ def check_head_rows(model: GPTModel, head: ClassifierHead | None) -> None:
     ValueError, before anything is written in a shape transformers would refuse to load."""
     rows = model.out_head.out_features
     if head is not None and rows != len(head.labels):
-        raise UserError(f"the classifier's head has {rows} rows but {len(head.labels)} labels "
-                         f"({', '.join(head.labels)}); give the labels it was trained with")
+        raise UserError(
+            f"the classifier's head has {rows} rows but {len(head.labels)} labels "
+            f"({', '.join(head.labels)}); give the labels it was trained with"
+        )
     if head is None and rows != model.cfg.vocab_size:
-        raise UserError(f"the model's output head has {rows} rows, not one per token (vocab_size "
-                         f"{model.cfg.vocab_size}): it is a classifier; export it with its labels (load_classifier)")
+        raise UserError(
+            f"the model's output head has {rows} rows, not one per token (vocab_size "
+            f"{model.cfg.vocab_size}): it is a classifier; export it with its labels (load_classifier)"
+        )
 
 
-def export_hf(model: GPTModel, tokenizer: Tokenizer, outdir: Path, force: bool = False,
-              head: ClassifierHead | None = None, chat_template: str | None = None) -> list[str]:
+def export_hf(
+    model: GPTModel,
+    tokenizer: Tokenizer,
+    outdir: Path,
+    force: bool = False,
+    head: ClassifierHead | None = None,
+    chat_template: str | None = None,
+) -> list[str]:
     """Write the model as a Hugging Face GPT-2 folder that transformers' GPT2LMHeadModel.from_pretrained
     (with `head`, a classifier: GPT2ForSequenceClassification, AutoModelForSequenceClassification and
     pipeline("text-classification")) and AutoTokenizer.from_pretrained load offline. Returns the file names.
@@ -162,8 +184,9 @@ def export_hf(model: GPTModel, tokenizer: Tokenizer, outdir: Path, force: bool =
         generation = {"bos_token_id": tokenizer.eot_id, "eos_token_id": tokenizer.eot_id}
         (folder / HF_GENERATION_CONFIG).write_text(json.dumps(generation, indent=2) + "\n")
         save_file(tensors, str(folder / HF_SAFETENSORS_FILE), metadata={"format": "pt"})
-        write_tokenizer_files(folder, tokenizer, model.cfg.context_length, padding=head is not None,
-                              chat_template=chat_template)
+        write_tokenizer_files(
+            folder, tokenizer, model.cfg.context_length, padding=head is not None, chat_template=chat_template
+        )
 
     write_folder_atomically(outdir, write)
     return sorted(entry.name for entry in outdir.iterdir())

@@ -54,15 +54,25 @@ def char_tokenizer_json(chars: str) -> dict:
         "pre_tokenizer": {"type": "Split", "pattern": {"Regex": r"[\s\S]"}, "behavior": "Isolated", "invert": False},
         "post_processor": None,
         "decoder": {"type": "Fuse"},
-        "model": {"type": "WordLevel", "vocab": {char: index for index, char in enumerate(chars)},
-                  "unk_token": UNKNOWN_CHARACTER},
+        "model": {
+            "type": "WordLevel",
+            "vocab": {char: index for index, char in enumerate(chars)},
+            "unk_token": UNKNOWN_CHARACTER,
+        },
     }
 
 
 def end_of_text_token(eot_id: int) -> dict:
     """tokenizer.json's entry for <|endoftext|>: a special token, matched before any pre-tokenizer runs."""
-    return {"id": eot_id, "content": EOT_TEXT, "single_word": False, "lstrip": False, "rstrip": False,
-            "normalized": False, "special": True}
+    return {
+        "id": eot_id,
+        "content": EOT_TEXT,
+        "single_word": False,
+        "lstrip": False,
+        "rstrip": False,
+        "normalized": False,
+        "special": True,
+    }
 
 
 def split_at_segment_mark(document: dict) -> dict:
@@ -84,14 +94,24 @@ def gpt2_tokenizer_json(vocab: dict[str, int], merges: list[str]) -> dict:
         "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True},
         "post_processor": None,
         "decoder": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True},
-        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
-                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
-                  "vocab": vocab, "merges": [line.split(" ") for line in merges]},
+        "model": {
+            "type": "BPE",
+            "dropout": None,
+            "unk_token": None,
+            "continuing_subword_prefix": None,
+            "end_of_word_suffix": None,
+            "fuse_unk": False,
+            "byte_fallback": False,
+            "ignore_merges": False,
+            "vocab": vocab,
+            "merges": [line.split(" ") for line in merges],
+        },
     }
 
 
-def write_tokenizer_files(folder: Path, tokenizer: Tokenizer, context_length: int, padding: bool = False,
-                          chat_template: str | None = None) -> None:
+def write_tokenizer_files(
+    folder: Path, tokenizer: Tokenizer, context_length: int, padding: bool = False, chat_template: str | None = None
+) -> None:
     """The tokenizer's files for AutoTokenizer.from_pretrained(folder) (see the module docstring). `padding`:
     end-of-text is the padding token too (a classifier's batches are right-padded with it, as gptlab's are).
     `chat_template`: the Jinja of an instruction-tuned model's template, written with SEGMENT_MARK
@@ -121,5 +141,3 @@ def write_tokenizer_files(folder: Path, tokenizer: Tokenizer, context_length: in
     if chat_template:
         settings.update(chat_template=chat_template)
     (folder / HF_TOKENIZER_CONFIG).write_text(json.dumps(settings, indent=2) + "\n")
-
-

@@ -65,8 +65,7 @@ def peft_target_modules(config: LoRAConfig) -> list[str]:
     output projections are called c_proj (attn.c_proj and mlp.c_proj), so "c_proj" alone would target
     both: each name carries its parent too, which makes it match exactly one kind of layer.
     """
-    return [hf_block_module(BLOCK_TARGETS[target]) if target in BLOCK_TARGETS else HF_HEAD
-            for target in config.targets]
+    return [hf_block_module(BLOCK_TARGETS[target]) if target in BLOCK_TARGETS else HF_HEAD for target in config.targets]
 
 
 def peft_adapter_config(config: LoRAConfig, base_model_name_or_path: str | None, classifier: bool = False) -> dict:
@@ -110,8 +109,13 @@ def is_previous_peft_export(folder: Path) -> bool:
     return is_peft and {entry.name for entry in folder.iterdir()} <= PEFT_FILES
 
 
-def export_peft_adapter(source: Path | nn.Module, out_dir: Path, base_model_name_or_path: str | None = None,
-                        force: bool = False, classifier: ClassifierHead | None = None) -> list[str]:
+def export_peft_adapter(
+    source: Path | nn.Module,
+    out_dir: Path,
+    base_model_name_or_path: str | None = None,
+    force: bool = False,
+    classifier: ClassifierHead | None = None,
+) -> list[str]:
     """Write a gptlab adapter (an adapter folder, or a model carrying adapters) as a PEFT adapter folder
     for GPT2LMHeadModel, or for GPT2ForSequenceClassification where it is a classifier's (an adapter folder
     says so; a model says so with `classifier`, its head): adapter_config.json + adapter_model.safetensors.
@@ -124,25 +128,39 @@ def export_peft_adapter(source: Path | nn.Module, out_dir: Path, base_model_name
     if isinstance(source, nn.Module):
         config, tensors = lora_config_of(source), adapter_state_dict(source)
         head = source.get_submodule(HEAD_MODULE)
-        if classifier is None and (head.base if isinstance(head, LoRALinear) else head).out_features != source.cfg.vocab_size:
-            raise UserError("the model's output head has a row per label, not per token: it is a classifier; pass "
-                             "its head (classifier=) to export it for GPT2ForSequenceClassification")
+        if (
+            classifier is None
+            and (head.base if isinstance(head, LoRALinear) else head).out_features != source.cfg.vocab_size
+        ):
+            raise UserError(
+                "the model's output head has a row per label, not per token: it is a classifier; pass "
+                "its head (classifier=) to export it for GPT2ForSequenceClassification"
+            )
         head_weight = None if classifier is None else head.weight
     else:
         adapter = read_adapter(source)
-        config, tensors, classifier, head_weight = adapter.config, adapter.tensors, adapter.classifier, adapter.head_weight
+        config, tensors, classifier, head_weight = (
+            adapter.config,
+            adapter.tensors,
+            adapter.classifier,
+            adapter.head_weight,
+        )
     if out_dir.exists() and not force:
         if not out_dir.is_dir():
             raise UserError(f"{out_dir} exists and is not a folder; choose a new folder to export to")
         if any(out_dir.iterdir()) and not is_previous_peft_export(out_dir):
-            raise UserError(f"{out_dir} is not empty and is not a PEFT adapter; choose a new folder, "
-                             "or pass force=True to replace it")
+            raise UserError(
+                f"{out_dir} is not empty and is not a PEFT adapter; choose a new folder, "
+                "or pass force=True to replace it"
+            )
     meta = peft_adapter_config(config, base_model_name_or_path, classifier is not None)
     renamed = peft_tensors(tensors)
     if classifier is not None:
         if list(head_weight.shape)[0] != len(classifier.labels):
-            raise UserError(f"the classifier's head has {head_weight.shape[0]} rows but {len(classifier.labels)} "
-                             "labels; give the labels it was trained with")
+            raise UserError(
+                f"the classifier's head has {head_weight.shape[0]} rows but {len(classifier.labels)} "
+                "labels; give the labels it was trained with"
+            )
         renamed[f"{PEFT_PREFIX}{HF_SCORE}"] = head_weight.detach().float().cpu().contiguous()
 
     def write(folder: Path) -> None:

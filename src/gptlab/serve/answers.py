@@ -60,8 +60,9 @@ class Run:
                 self.jobs.append(engine.submit(Job(prompt, options.replace(seed=seed), deliver, prompt_logprobs)))
         except QueueFull as error:
             self.cancel()
-            raise APIError(429, f"the server is busy ({error}); retry shortly",
-                           headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+            raise APIError(
+                429, f"the server is busy ({error}); retry shortly", headers={"Retry-After": str(RETRY_AFTER_S)}
+            ) from None
         except EngineStopped:
             self.cancel()
             raise APIError(503, "the server is shutting down") from None
@@ -100,8 +101,11 @@ class Run:
 
     def usage(self, completion_tokens: int) -> Usage:
         prompt_tokens = sum(len(prompt) for prompt in self.prompts)
-        return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                     total_tokens=prompt_tokens + completion_tokens)
+        return Usage(
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            total_tokens=prompt_tokens + completion_tokens,
+        )
 
 
 class Completion:
@@ -123,8 +127,11 @@ class Completion:
             text = tokenizer.decode([token.id])
             result.tokens.append(text)
             result.token_logprobs.append(token.logprob)
-            result.top_logprobs.append({tokenizer.decode([id_]): value for id_, value in token.top_logprobs}
-                                       if token.logprob is not None else None)
+            result.top_logprobs.append(
+                {tokenizer.decode([id_]): value for id_, value in token.top_logprobs}
+                if token.logprob is not None
+                else None
+            )
             result.text_offset.append(self.offsets[choice])
             if token.id != tokenizer.eot_id:
                 self.offsets[choice] += len(text)
@@ -137,12 +144,25 @@ class Completion:
             if isinstance(event, Prefilled) and self.body.echo:
                 for row in range(self.run.options.num_samples):
                     choice = self.run.choice(prompt, row)
-                    yield CompletionChoice(index=choice, text=self.prompt_texts[prompt],
-                                           logprobs=self.logprobs(choice, event.prompt_logprobs or ())), None
+                    yield (
+                        CompletionChoice(
+                            index=choice,
+                            text=self.prompt_texts[prompt],
+                            logprobs=self.logprobs(choice, event.prompt_logprobs or ()),
+                        ),
+                        None,
+                    )
             elif isinstance(event, Piece):
                 choice = self.run.choice(prompt, event.row)
-                yield CompletionChoice(index=choice, text=event.text, logprobs=self.logprobs(choice, event.tokens),
-                                       finish_reason=event.finish_reason), None
+                yield (
+                    CompletionChoice(
+                        index=choice,
+                        text=event.text,
+                        logprobs=self.logprobs(choice, event.tokens),
+                        finish_reason=event.finish_reason,
+                    ),
+                    None,
+                )
             elif isinstance(event, Done):
                 completion_tokens += event.completion_tokens
         yield None, self.run.usage(completion_tokens)
@@ -156,8 +176,10 @@ class Completion:
                 yield self.wrap([], usage).model_dump_json()
 
     async def response(self) -> CompletionResponse:
-        choices = [CompletionChoice(index=index, text="", logprobs=self.logprobs(index, ()))
-                   for index in range(self.run.choices)]
+        choices = [
+            CompletionChoice(index=index, text="", logprobs=self.logprobs(index, ()))
+            for index in range(self.run.choices)
+        ]
         usage = None
         async for piece, usage in self.pieces():
             if piece is not None:
@@ -188,23 +210,46 @@ class Chat:
         tokens = tuple(token for token in tokens if token.id != tokenizer.eot_id)
 
         def entry(token: int, logprob: float) -> dict:
-            return {"token": tokenizer.decode([token]), "logprob": logprob, "bytes": list(tokenizer.decode_bytes([token]))}
+            return {
+                "token": tokenizer.decode([token]),
+                "logprob": logprob,
+                "bytes": list(tokenizer.decode_bytes([token])),
+            }
 
-        return ChatLogprobs(content=[TokenLogprob(**entry(token.id, token.logprob),
-                                                  top_logprobs=[TopLogprob(**entry(id_, value)) for id_, value in token.top_logprobs])
-                                     for token in tokens])
+        return ChatLogprobs(
+            content=[
+                TokenLogprob(
+                    **entry(token.id, token.logprob),
+                    top_logprobs=[TopLogprob(**entry(id_, value)) for id_, value in token.top_logprobs],
+                )
+                for token in tokens
+            ]
+        )
 
     async def chunks(self) -> AsyncIterator[str]:
         include_usage = self.body.stream_options is not None and self.body.stream_options.include_usage
         completion_tokens = 0
         async for prompt, event in self.run.events():
             if isinstance(event, Prefilled):  # OpenAI's first chunk of each choice names the role
-                yield self.chunk([ChatChunkChoice(index=index, delta=ChatDelta(role="assistant", content=""))
-                                  for index in range(self.run.choices)])
-            elif isinstance(event, Piece) and (event.text or event.finish_reason or
-                                               (self.body.logprobs and self.replies_with(event.tokens))):
-                yield self.chunk([ChatChunkChoice(index=self.run.choice(prompt, event.row), delta=ChatDelta(content=event.text),
-                                                  logprobs=self.logprobs(event.tokens), finish_reason=event.finish_reason)])
+                yield self.chunk(
+                    [
+                        ChatChunkChoice(index=index, delta=ChatDelta(role="assistant", content=""))
+                        for index in range(self.run.choices)
+                    ]
+                )
+            elif isinstance(event, Piece) and (
+                event.text or event.finish_reason or (self.body.logprobs and self.replies_with(event.tokens))
+            ):
+                yield self.chunk(
+                    [
+                        ChatChunkChoice(
+                            index=self.run.choice(prompt, event.row),
+                            delta=ChatDelta(content=event.text),
+                            logprobs=self.logprobs(event.tokens),
+                            finish_reason=event.finish_reason,
+                        )
+                    ]
+                )
             elif isinstance(event, Done):
                 completion_tokens += event.completion_tokens
         if include_usage:
@@ -214,8 +259,9 @@ class Chat:
         return any(token.id != self.state.tokenizer.eot_id for token in tokens)
 
     def chunk(self, choices: list[ChatChunkChoice], usage: Usage | None = None) -> str:
-        return ChatChunk(id=self.id, created=self.created, model=self.state.name, choices=choices,
-                         usage=usage).model_dump_json(exclude_none=True)
+        return ChatChunk(
+            id=self.id, created=self.created, model=self.state.name, choices=choices, usage=usage
+        ).model_dump_json(exclude_none=True)
 
     async def response(self) -> ChatResponse:
         texts, tokens = [""] * self.run.choices, [[] for _ in range(self.run.choices)]
@@ -229,11 +275,22 @@ class Chat:
                 finish[choice] = event.finish_reason or finish[choice]
             elif isinstance(event, Done):
                 completion_tokens += event.completion_tokens
-        choices = [ChatChoice(index=index, message=ChatMessageOut(content=texts[index]),
-                              logprobs=self.logprobs(tuple(tokens[index])), finish_reason=finish[index])
-                   for index in range(self.run.choices)]
-        return ChatResponse(id=self.id, created=self.created, model=self.state.name, choices=choices,
-                            usage=self.run.usage(completion_tokens))
+        choices = [
+            ChatChoice(
+                index=index,
+                message=ChatMessageOut(content=texts[index]),
+                logprobs=self.logprobs(tuple(tokens[index])),
+                finish_reason=finish[index],
+            )
+            for index in range(self.run.choices)
+        ]
+        return ChatResponse(
+            id=self.id,
+            created=self.created,
+            model=self.state.name,
+            choices=choices,
+            usage=self.run.usage(completion_tokens),
+        )
 
 
 def event_stream(chunks: AsyncIterator[str]) -> StreamingResponse:
@@ -248,8 +305,9 @@ def event_stream(chunks: AsyncIterator[str]) -> StreamingResponse:
             yield f"data: {json.dumps(json.loads(error.response().body))}\n\n"
         yield "data: [DONE]\n\n"
 
-    return StreamingResponse(lines(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return StreamingResponse(
+        lines(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    )
 
 
 async def unless_disconnected(request: Request, answer: Awaitable) -> Response:

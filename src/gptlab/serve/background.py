@@ -19,7 +19,10 @@ class BackgroundServer:
     def __init__(self, checkpoint: Path, *options: str):
         self.process = subprocess.Popen(
             [sys.executable, "-m", "gptlab", "serve", "--checkpoint", str(checkpoint), "--port", "0", *options],
-            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
         self.log: list[str] = []
         for line in self.process.stderr:
             self.log.append(line)

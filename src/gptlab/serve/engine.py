@@ -128,8 +128,12 @@ class SlotCache:
     def __init__(self, cfg: GPTConfig, slots: int, dtype: torch.dtype, device: torch.device):
         shape = (slots, cfg.n_heads, cfg.context_length, cfg.head_dim)  # (S, H, L_max, D)
         # zeros, not empty: slots past a row's length are masked out, but a NaN there would still make 0 · NaN = NaN
-        self.layers = [SlotLayer(self, torch.zeros(shape, dtype=dtype, device=device),
-                                 torch.zeros(shape, dtype=dtype, device=device)) for _ in range(cfg.n_layers)]
+        self.layers = [
+            SlotLayer(
+                self, torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device)
+            )
+            for _ in range(cfg.n_layers)
+        ]
         self.device = device
         self.positions = torch.arange(cfg.context_length, device=device)
         self.lengths = [0] * slots  # tokens cached in each cache row
@@ -144,7 +148,9 @@ class SlotCache:
         self.span = max(lengths) + 1  # the keys this step reads: slots 0..span-1
         self.write_at = torch.tensor(lengths, device=self.device)  # (B,)
         # rows of equal length see every slot of the span; otherwise each row sees its own slots only
-        self.mask = None if self.uniform else (self.positions[: self.span] <= self.write_at[:, None])[:, None, None]  # (B, 1, 1, L)
+        self.mask = (
+            None if self.uniform else (self.positions[: self.span] <= self.write_at[:, None])[:, None, None]
+        )  # (B, 1, 1, L)
         return self.write_at[:, None]
 
     def advance(self) -> None:
@@ -192,8 +198,15 @@ class SlotLayer(LayerCache):
 class Engine:
     """The decoding loop (see the module docstring). submit() from any thread; the loop runs in its own."""
 
-    def __init__(self, model: GPTModel, tokenizer: Tokenizer, max_batch: int = 16, max_queue: int = 64,
-                 wedged_after: float = 60.0, metrics: EngineMetrics | None = None):
+    def __init__(
+        self,
+        model: GPTModel,
+        tokenizer: Tokenizer,
+        max_batch: int = 16,
+        max_queue: int = 64,
+        wedged_after: float = 60.0,
+        metrics: EngineMetrics | None = None,
+    ):
         self.model = prepared_model(model)  # the decoding layout, made once
         self.tokenizer = tokenizer
         self.context = model.cfg.context_length
@@ -219,9 +232,11 @@ class Engine:
         return self
 
     def health(self) -> str:
-        """"ok", "dead" (the loop's thread ended without stop()) or "wedged" (it has work but has made no
+        """ "ok", "dead" (the loop's thread ended without stop()) or "wedged" (it has work but has made no
         progress for wedged_after seconds)."""
-        if self.failure is not None or (self.accepting and self.thread.ident is not None and not self.thread.is_alive()):
+        if self.failure is not None or (
+            self.accepting and self.thread.ident is not None and not self.thread.is_alive()
+        ):
             return "dead"
         busy = bool(self.jobs or self.waiting)
         return "wedged" if busy and time.monotonic() - self.heartbeat > self.wedged_after else "ok"
@@ -230,11 +245,16 @@ class Engine:
         """Queue a job; QueueFull when max_queue jobs already wait, EngineStopped once stop() was called or
         the loop has died."""
         if job.options.num_samples > self.max_batch:
-            raise UserError(f"n must be at most {self.max_batch} (the server's --max-batch), got {job.options.num_samples}")
+            raise UserError(
+                f"n must be at most {self.max_batch} (the server's --max-batch), got {job.options.num_samples}"
+            )
         with self.wakeup:
             if not self.accepting or self.health() == "dead":
-                raise EngineStopped("the server is shutting down" if not self.accepting else
-                                    f"the decoding loop has stopped ({self.failure!r})")
+                raise EngineStopped(
+                    "the server is shutting down"
+                    if not self.accepting
+                    else f"the decoding loop has stopped ({self.failure!r})"
+                )
             rows_free = self.max_batch - self.cache.active
             if len(self.waiting) >= self.max_queue and (self.waiting or job.options.num_samples > rows_free):
                 raise QueueFull(f"{len(self.waiting)} requests are waiting already")
@@ -317,10 +337,22 @@ class Engine:
         """Run the job's prompt, give its n rows cache rows and their first tokens. The rows are built before
         any cache row is claimed, so a request that cannot be served leaves the cache as it was."""
         model, options = self.model, job.options
-        rows = [Row(job, index, -1, Sampler(options.replace(seed=offset_seed(options.seed, index)), [job.prompt],
-                                            model.cfg.vocab_size, model.device, self.tokenizer.vocab_size),
-                    TextAssembler(options.stop))
-                for index in range(options.num_samples)]  # row r of a job draws with seed + r, as in gptlab.generate
+        rows = [
+            Row(
+                job,
+                index,
+                -1,
+                Sampler(
+                    options.replace(seed=offset_seed(options.seed, index)),
+                    [job.prompt],
+                    model.cfg.vocab_size,
+                    model.device,
+                    self.tokenizer.vocab_size,
+                ),
+                TextAssembler(options.stop),
+            )
+            for index in range(options.num_samples)
+        ]  # row r of a job draws with seed + r, as in gptlab.generate
         ids = torch.tensor([job.prompt], device=model.device)  # (1, T)
         self.prompt_cache.reset(torch.zeros(1, dtype=torch.long, device=model.device))
         features = model.hidden_states(ids, self.prompt_cache)  # (1, T, C)
@@ -352,7 +384,8 @@ class Engine:
         top = logprobs[:, : self.tokenizer.vocab_size].topk(job.options.logprobs, dim=-1)
         return (Token(job.prompt[0]),) + tuple(
             Token(token, logprob, tuple(zip(ids, values)))
-            for token, logprob, ids, values in zip(job.prompt[1:], chosen, top.indices.tolist(), top.values.tolist()))
+            for token, logprob, ids, values in zip(job.prompt[1:], chosen, top.indices.tolist(), top.values.tolist())
+        )
 
     def step(self) -> None:
         """One token for every active row. A failure of the forward pass fails every job in the batch."""
@@ -391,8 +424,9 @@ class Engine:
             job.completion_tokens += 1
         finish_reason = "stop" if row.text.finished else None
         # the next step would write at position prompt + generated - 1, which must be inside the context
-        if finish_reason is None and (row.generated == job.options.max_new_tokens or
-                                      len(job.prompt) + row.generated > self.context):
+        if finish_reason is None and (
+            row.generated == job.options.max_new_tokens or len(job.prompt) + row.generated > self.context
+        ):
             text += row.text.finish()
             finish_reason = "length"
         self.send(job, Piece(row.index, text, (token,), finish_reason))

@@ -52,7 +52,7 @@ def host_name(header: str) -> str:
     """A Host header's name: 'example.com:8000' → 'example.com', '[::1]:8000' → '::1'."""
     header = header.strip().lower()
     if header.startswith("["):
-        return header[1:header.find("]")] if "]" in header else header
+        return header[1 : header.find("]")] if "]" in header else header
     return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
 
 
@@ -69,9 +69,18 @@ class HostGuard:
         if scope["type"] == "http" and self.allowed is not None:
             host = dict(scope["headers"]).get(b"host", b"").decode("latin-1")
             if host_name(host) not in self.allowed:
-                return await refuse(APIError(400, f"Host {host!r} is not one this server answers to; it answers to "
-                                             f"{', '.join(sorted(self.allowed))} (add names with --allowed-hosts)",
-                                             code="invalid_host"), self.metrics, scope, receive, send)
+                return await refuse(
+                    APIError(
+                        400,
+                        f"Host {host!r} is not one this server answers to; it answers to "
+                        f"{', '.join(sorted(self.allowed))} (add names with --allowed-hosts)",
+                        code="invalid_host",
+                    ),
+                    self.metrics,
+                    scope,
+                    receive,
+                    send,
+                )
         return await self.app(scope, receive, send)
 
 
@@ -93,15 +102,29 @@ class BodyLimit:
             try:
                 message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
             except asyncio.TimeoutError:
-                return await refuse(APIError(408, f"the request body did not arrive within {self.timeout:g} s",
-                                             headers={"Connection": "close"}), self.metrics, scope, receive, send)
+                return await refuse(
+                    APIError(
+                        408,
+                        f"the request body did not arrive within {self.timeout:g} s",
+                        headers={"Connection": "close"},
+                    ),
+                    self.metrics,
+                    scope,
+                    receive,
+                    send,
+                )
             if message["type"] != "http.request":  # the client went away
                 return
             body += message.get("body", b"")
             more = message.get("more_body", False)
         if more or len(body) > self.max_bytes:
-            return await refuse(APIError(413, f"the request body is larger than {self.max_bytes:,} bytes"),
-                                self.metrics, scope, receive, send)
+            return await refuse(
+                APIError(413, f"the request body is larger than {self.max_bytes:,} bytes"),
+                self.metrics,
+                scope,
+                receive,
+                send,
+            )
         delivered = False
 
         async def replay():
@@ -133,7 +156,9 @@ def guarded_protocol(header_timeout: float) -> type[H11Protocol]:
 
         def header_timeout_handler(self, cycle_when_armed) -> None:
             # a new cycle means a request's headers arrived since: the body limit and the routes take over
-            waiting_for_headers = self.cycle is cycle_when_armed and (self.cycle is None or self.cycle.response_complete)
+            waiting_for_headers = self.cycle is cycle_when_armed and (
+                self.cycle is None or self.cycle.response_complete
+            )
             if waiting_for_headers and not self.transport.is_closing():
                 self.transport.close()
 

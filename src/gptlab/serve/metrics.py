@@ -78,18 +78,31 @@ class EngineMetrics:
         self.prompt_tokens = Counter("prompt_tokens_total", "Prompt tokens run through the model.")
         self.generation_tokens = Counter("generation_tokens_total", "Tokens generated (end-of-text included).")
         self.requests_finished = Counter("requests_finished_total", "Prompts whose every sample has ended.")
-        self.errors = Counter("errors_total", "Failed requests, by type (the error envelope's type; engine: a "
-                              "failure inside the decoding loop).", label="type")
-        self.time_to_first_token = Histogram("time_to_first_token_seconds", "From a prompt being queued to its "
-                                             "first generated token.", TTFT_BUCKETS)
-        self.inter_token_latency = Histogram("inter_token_latency_seconds", "Between two tokens of one sample.",
-                                             ITL_BUCKETS)
+        self.errors = Counter(
+            "errors_total",
+            "Failed requests, by type (the error envelope's type; engine: a failure inside the decoding loop).",
+            label="type",
+        )
+        self.time_to_first_token = Histogram(
+            "time_to_first_token_seconds", "From a prompt being queued to its first generated token.", TTFT_BUCKETS
+        )
+        self.inter_token_latency = Histogram(
+            "inter_token_latency_seconds", "Between two tokens of one sample.", ITL_BUCKETS
+        )
 
     def render(self, running: int, waiting: int, healthy: bool) -> str:
-        lines = [*gauge("requests_running", "Prompts decoding now.", running),
-                 *gauge("requests_waiting", "Prompts waiting for rows.", waiting),
-                 *gauge("engine_healthy", "1 while the decoding loop runs and makes progress, else 0.", int(healthy))]
-        for metric in (self.prompt_tokens, self.generation_tokens, self.requests_finished, self.errors,
-                       self.time_to_first_token, self.inter_token_latency):
+        lines = [
+            *gauge("requests_running", "Prompts decoding now.", running),
+            *gauge("requests_waiting", "Prompts waiting for rows.", waiting),
+            *gauge("engine_healthy", "1 while the decoding loop runs and makes progress, else 0.", int(healthy)),
+        ]
+        for metric in (
+            self.prompt_tokens,
+            self.generation_tokens,
+            self.requests_finished,
+            self.errors,
+            self.time_to_first_token,
+            self.inter_token_latency,
+        ):
             lines += metric.lines()
         return "\n".join(lines) + "\n"

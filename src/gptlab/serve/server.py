@@ -59,9 +59,14 @@ class ServeSettings:
             raise UserError(f"--quantize uses CPU kernels; add --device cpu (not {device.type}), or drop --quantize")
         if self.max_batch < 1 or self.max_queue < 0:
             raise UserError("--max-batch must be >= 1 and --max-queue >= 0")
-        if min(self.header_timeout, self.body_timeout, self.idle_timeout, self.wedged_after) <= 0 or self.max_connections < 1:
-            raise UserError("--header-timeout, --body-timeout, --idle-timeout and --wedged-after must be positive, and "
-                             "--max-connections at least 1")
+        if (
+            min(self.header_timeout, self.body_timeout, self.idle_timeout, self.wedged_after) <= 0
+            or self.max_connections < 1
+        ):
+            raise UserError(
+                "--header-timeout, --body-timeout, --idle-timeout and --wedged-after must be positive, and "
+                "--max-connections at least 1"
+            )
 
     @property
     def name(self) -> str:
@@ -82,8 +87,9 @@ class ServeSettings:
 
 def load_engine(settings: ServeSettings, state: ServerState) -> None:
     """Load the model and start the engine; the routes answer from then on."""
-    model, tokenizer = load_model(Path(settings.checkpoint), device=pick_device(settings.device),
-                                  dtype=getattr(torch, settings.dtype))
+    model, tokenizer = load_model(
+        Path(settings.checkpoint), device=pick_device(settings.device), dtype=getattr(torch, settings.dtype)
+    )
     model.eval()
     if settings.quantize:
         model = quantize_model(model, settings.quantize)
@@ -91,8 +97,9 @@ def load_engine(settings: ServeSettings, state: ServerState) -> None:
     state.chat_template = chat_template_of(settings.checkpoint)
     state.context_length = model.cfg.context_length
     state.parameters = sum(parameter.numel() for parameter in model.parameters())
-    state.engine = Engine(model, tokenizer, settings.max_batch, settings.max_queue, settings.wedged_after,
-                          state.metrics).start()
+    state.engine = Engine(
+        model, tokenizer, settings.max_batch, settings.max_queue, settings.wedged_after, state.metrics
+    ).start()
     if state.status == "loading":
         state.status = "ready"
 
@@ -132,15 +139,31 @@ def serve(settings: ServeSettings) -> None:
     settings.check()
     sock = bind(settings.host, settings.port)
     if settings.exposed:
-        print(f"gptlab serve: warning: listening on {settings.host} without an API key: anyone who can reach this "
-              f"machine can use the model; set GPTLAB_API_KEY (or --api-key), or listen on 127.0.0.1",
-              file=sys.stderr, flush=True)
-    state = ServerState(name=settings.name, api_key=settings.api_key, max_body_bytes=settings.max_body_bytes,
-                        max_batch=settings.max_batch, max_prompts=max(1, settings.max_queue), created=int(time.time()))
-    app = create_app(state, allowed_hosts(settings.host, settings.allowed_hosts), settings.allowed_origins,
-                     settings.body_timeout)
-    config = uvicorn.Config(app, log_level="info", access_log=False, http=guarded_protocol(settings.header_timeout),
-                            timeout_keep_alive=settings.idle_timeout, limit_concurrency=settings.max_connections)
+        print(
+            f"gptlab serve: warning: listening on {settings.host} without an API key: anyone who can reach this "
+            f"machine can use the model; set GPTLAB_API_KEY (or --api-key), or listen on 127.0.0.1",
+            file=sys.stderr,
+            flush=True,
+        )
+    state = ServerState(
+        name=settings.name,
+        api_key=settings.api_key,
+        max_body_bytes=settings.max_body_bytes,
+        max_batch=settings.max_batch,
+        max_prompts=max(1, settings.max_queue),
+        created=int(time.time()),
+    )
+    app = create_app(
+        state, allowed_hosts(settings.host, settings.allowed_hosts), settings.allowed_origins, settings.body_timeout
+    )
+    config = uvicorn.Config(
+        app,
+        log_level="info",
+        access_log=False,
+        http=guarded_protocol(settings.header_timeout),
+        timeout_keep_alive=settings.idle_timeout,
+        limit_concurrency=settings.max_connections,
+    )
     server = GracefulServer(config, state)
 
     def load() -> None:
@@ -152,8 +175,12 @@ def serve(settings: ServeSettings) -> None:
             server.should_exit = True
             return
         host = f"[{settings.host}]" if ":" in settings.host else settings.host
-        print(f"gptlab serve: {state.name} ({state.parameters:,} parameters, context {state.context_length}) at "
-              f"http://{host}:{sock.getsockname()[1]}  (playground: /, OpenAI API: /v1)", file=sys.stderr, flush=True)
+        print(
+            f"gptlab serve: {state.name} ({state.parameters:,} parameters, context {state.context_length}) at "
+            f"http://{host}:{sock.getsockname()[1]}  (playground: /, OpenAI API: /v1)",
+            file=sys.stderr,
+            flush=True,
+        )
 
     threading.Thread(target=load, name="gptlab-load", daemon=True).start()
     try:

@@ -10,17 +10,31 @@ from ..tokenizer import Tokenizer
 from .engine import Engine
 from .metrics import EngineMetrics
 
-ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-               405: "invalid_request_error", 408: "timeout_error", 413: "invalid_request_error",
-               429: "rate_limit_error", 500: "server_error", 503: "service_unavailable"}
+ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    408: "timeout_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+    500: "server_error",
+    503: "service_unavailable",
+}
 RETRY_AFTER_S = 1
 
 
 class APIError(Exception):
     """An error answered in OpenAI's envelope."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 headers: dict[str, str] | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
 
@@ -57,6 +71,9 @@ class ServerState:
         if self.engine is not None and self.engine.health() != "ok":
             raise APIError(503, f"the decoding loop is {self.engine.health()}; the server cannot answer (see its log)")
         if self.engine is None:
-            raise APIError(503, "the model is still loading; retry in a moment (GET /health says when it is ready)",
-                           headers={"Retry-After": str(RETRY_AFTER_S)})
+            raise APIError(
+                503,
+                "the model is still loading; retry in a moment (GET /health says when it is ready)",
+                headers={"Retry-After": str(RETRY_AFTER_S)},
+            )
         return self.engine

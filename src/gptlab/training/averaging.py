@@ -71,8 +71,10 @@ class WeightAverage:
         average; this takes them as the average and puts the saved training weights in the model."""
         path = folder / TRAINING_WEIGHTS_FILE
         if not path.is_file():
-            raise TrainingError(f"{folder} has no {TRAINING_WEIGHTS_FILE}, which a run with --ema-decay saves; "
-                                "the checkpoint is incomplete, resume from a complete one")
+            raise TrainingError(
+                f"{folder} has no {TRAINING_WEIGHTS_FILE}, which a run with --ema-decay saves; "
+                "the checkpoint is incomplete, resume from a complete one"
+            )
         tensors = load_file(str(path))
         for average, (name, param) in zip(self.average, self.named):
             average.copy_(param)

@@ -54,10 +54,13 @@ class DataConfig:
         if self.tokenizer not in ("char", "gpt2"):
             raise ConfigError(f"--tokenizer must be char or gpt2, got {self.tokenizer!r}")
         if self.merges is not None and self.tokenizer != "gpt2":
-            raise ConfigError(f"--merges {self.merges} truncates GPT-2's BPE, but --tokenizer is {self.tokenizer}; "
-                              "drop one of them")
+            raise ConfigError(
+                f"--merges {self.merges} truncates GPT-2's BPE, but --tokenizer is {self.tokenizer}; drop one of them"
+            )
         if not 0 < self.val_fraction < 1:
-            raise ConfigError(f"--val-fraction must be between 0 and 1 (0.1 holds out the last 10%), got {self.val_fraction}")
+            raise ConfigError(
+                f"--val-fraction must be between 0 and 1 (0.1 holds out the last 10%), got {self.val_fraction}"
+            )
         if self.invalid_utf8 not in ("strict", "replace"):
             raise ConfigError(f"invalid_utf8 must be strict or replace, got {self.invalid_utf8!r}")
 
@@ -146,7 +149,9 @@ class TrainConfig:
         for name in ("batch_size", "eval_interval", "log_interval", "warmup_steps"):
             value = getattr(self, name)
             if value < (0 if name == "warmup_steps" else 1):
-                raise ConfigError(f"--{dashed(name)} must be {'>= 0' if name == 'warmup_steps' else 'positive'}, got {value}")
+                raise ConfigError(
+                    f"--{dashed(name)} must be {'>= 0' if name == 'warmup_steps' else 'positive'}, got {value}"
+                )
         for name in LIMITS + ("micro_batch_size", "stride", "eval_tokens"):
             value = getattr(self, name)
             if value is not None and not value > 0:
@@ -159,7 +164,9 @@ class TrainConfig:
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"--optimizer must be {' or '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         if self.optimizer == "muon" and self.fsdp:
-            raise ConfigError("--optimizer muon needs whole matrices, which --fsdp shards; use DDP (leave out --fsdp) or adamw")
+            raise ConfigError(
+                "--optimizer muon needs whole matrices, which --fsdp shards; use DDP (leave out --fsdp) or adamw"
+            )
         if self.pos_init not in ("gpt2", "sinusoidal"):
             raise ConfigError(f"--pos-init must be gpt2 or sinusoidal, got {self.pos_init!r}")
         if not self.lr > 0:
@@ -171,12 +178,16 @@ class TrainConfig:
         if not 0 < self.cooldown_fraction <= 1:
             raise ConfigError(f"--cooldown-fraction must be in (0, 1], got {self.cooldown_fraction}")
         if not self.dropout_from_epoch >= 0:
-            raise ConfigError(f"--dropout-from-epoch must be >= 0 (0: dropout from the first step), got {self.dropout_from_epoch}")
+            raise ConfigError(
+                f"--dropout-from-epoch must be >= 0 (0: dropout from the first step), got {self.dropout_from_epoch}"
+            )
         if self.dropout_double_for_epochs is not None and not self.dropout_double_for_epochs > 0:
             raise ConfigError(f"--dropout-double-for-epochs must be positive, got {self.dropout_double_for_epochs}")
         if not 0 <= self.ema_decay < 1:
-            raise ConfigError(f"--ema-decay must be in [0, 1) (0.99 averages about the last 100 steps, 0 turns "
-                              f"the average off), got {self.ema_decay}")
+            raise ConfigError(
+                f"--ema-decay must be in [0, 1) (0.99 averages about the last 100 steps, 0 turns "
+                f"the average off), got {self.ema_decay}"
+            )
         if self.ema_decay and self.fsdp:
             raise ConfigError("--ema-decay keeps whole weights, which --fsdp shards; leave out one of them")
         if not 0 <= self.min_lr_ratio <= 1:
@@ -192,13 +203,32 @@ NEW_MODEL_DEFAULTS = {"tokenizer": "gpt2", "merges": 128, "dropout_double_for_ep
 
 # Fine-tuning a pretrained model (--init) wants a rate about 50x lower than training from scratch, a short
 # warmup, and windows that do not overlap (the text is usually large next to the model's context).
-FINETUNE_DEFAULTS = {"lr": 6e-5, "warmup_steps": 20, "stride": None, "batch_size": 16, "weight_decay": 0.1,
-                     "optimizer": "adamw", "dropout_from_epoch": 0.0}
+FINETUNE_DEFAULTS = {
+    "lr": 6e-5,
+    "warmup_steps": 20,
+    "stride": None,
+    "batch_size": 16,
+    "weight_decay": 0.1,
+    "optimizer": "adamw",
+    "dropout_from_epoch": 0.0,
+}
 
 # What `--resume` lets the command line change: when and how often the run stops, reports and where it
 # runs. Everything else would make the resumed run a different run.
-RESUMABLE = frozenset({*LIMITS, "eval_interval", "log_interval", "sample_tokens", "device", "micro_batch_size",
-                       "progress", "cache_dir", "compile", "loggers"})
+RESUMABLE = frozenset(
+    {
+        *LIMITS,
+        "eval_interval",
+        "log_interval",
+        "sample_tokens",
+        "device",
+        "micro_batch_size",
+        "progress",
+        "cache_dir",
+        "compile",
+        "loggers",
+    }
+)
 
 SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig}
 
@@ -215,7 +245,9 @@ class RunConfig:
 
     def flat(self) -> dict:
         """Every setting by option name (underscored)."""
-        return {name: value for section in SECTIONS for name, value in dataclasses.asdict(getattr(self, section)).items()}
+        return {
+            name: value for section in SECTIONS for name, value in dataclasses.asdict(getattr(self, section)).items()
+        }
 
     @classmethod
     def from_flat(cls, values: dict) -> "RunConfig":
@@ -322,16 +354,20 @@ def resume_settings(saved: RunConfig, given: dict, model_shape: dict | None = No
     that differs from the run's is refused, naming the option and both values. `model_shape`: the run's
     model config, which is what a model setting the run left unset (None) came to."""
     values = saved.flat()
-    actual = {**{k: v for k, v in (model_shape or {}).items() if values.get(k) is None}, **{
-        k: v for k, v in values.items() if v is not None or k not in (model_shape or {})}}
+    actual = {
+        **{k: v for k, v in (model_shape or {}).items() if values.get(k) is None},
+        **{k: v for k, v in values.items() if v is not None or k not in (model_shape or {})},
+    }
     for name, value in given.items():
         if name in RESUMABLE:
             values[name] = value
         elif name != "out" and value != actual.get(name):
             allowed = ", ".join(f"--{dashed(n)}" for n in sorted(RESUMABLE))
-            raise ConfigError(f"--resume continues the run with its own settings, but --{dashed(name)} is "
-                              f"{value!r} here and {actual.get(name)!r} in the run; drop it (a resume may change "
-                              f"only {allowed}), or start a new run with another --out")
+            raise ConfigError(
+                f"--resume continues the run with its own settings, but --{dashed(name)} is "
+                f"{value!r} here and {actual.get(name)!r} in the run; drop it (a resume may change "
+                f"only {allowed}), or start a new run with another --out"
+            )
     return RunConfig.from_flat(values)
 
 
@@ -345,4 +381,5 @@ def with_default_limit(cfg: RunConfig) -> tuple[RunConfig, str]:
     else:
         limit, note = {"epochs": DEFAULT_EPOCHS}, "the default on your own text"
     return dataclasses.replace(cfg, train=dataclasses.replace(loop, **limit)), (
-        f"{note}; set --max-steps, --max-tokens, --epochs or --time-budget to choose")
+        f"{note}; set --max-steps, --max-tokens, --epochs or --time-budget to choose"
+    )

@@ -22,17 +22,21 @@ NAMED = 3  # paths named per kind of change; the rest are counted
 
 def sources_of(manifest: dict) -> list[dict]:
     """Path, size and hash of each source a token cache's manifest lists."""
-    return [{"path": source["path"], "bytes": source["bytes"], "sha256": source["sha256"]}
-            for source in manifest["inputs"]["sources"]]
+    return [
+        {"path": source["path"], "bytes": source["bytes"], "sha256": source["sha256"]}
+        for source in manifest["inputs"]["sources"]
+    ]
 
 
 def changes(recorded: list[dict], current: list[dict]) -> list[str]:
     """What differs, in words: 'added a.txt', 'removed b.txt, c.txt', 'modified d.txt' (empty: nothing)."""
     before = {source["path"]: source for source in recorded}
     now = {source["path"]: source for source in current}
-    kinds = {"added": [path for path in now if path not in before],
-             "removed": [path for path in before if path not in now],
-             "modified": [path for path in now if path in before and now[path] != before[path]]}
+    kinds = {
+        "added": [path for path in now if path not in before],
+        "removed": [path for path in before if path not in now],
+        "modified": [path for path in now if path in before and now[path] != before[path]],
+    }
     found = []
     for kind, paths in kinds.items():
         if paths:
@@ -63,10 +67,13 @@ def check_data(run_dir: Path, manifest: dict, accept: bool, what: str, write: bo
     summary = "; ".join(found)
     if not accept:
         action = "continue the run" if what == "resume" else "score its held-out split"
-        raise ConfigError(f"the run's data changed since it started ({summary}): restore it, or pass "
-                          f"--accept-data-change to {action} on the data as it is now")
+        raise ConfigError(
+            f"the run's data changed since it started ({summary}): restore it, or pass "
+            f"--accept-data-change to {action} on the data as it is now"
+        )
     if write:
-        history = record.get("changes", []) + [{"when": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "what": what,
-                                                 "changes": found}]
+        history = record.get("changes", []) + [
+            {"when": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "what": what, "changes": found}
+        ]
         write_record(run_dir, current, history)
     return f"the run's data changed since it started ({summary}); going on with it as --accept-data-change asks"

@@ -33,10 +33,16 @@ class DropoutSwitch:
     `follows_dropout_schedule = False` keeps its rate: a LoRA adapter's, which is a setting of the adapter."""
 
     def __init__(self, model: nn.Module):
-        self.rates = [(module, "p", module.p) for module in model.modules()
-                      if isinstance(module, nn.Dropout) and getattr(module, "follows_dropout_schedule", True)]
-        self.rates += [(module, "drop_rate", module.drop_rate) for module in model.modules()
-                       if isinstance(module, MultiHeadAttention)]
+        self.rates = [
+            (module, "p", module.p)
+            for module in model.modules()
+            if isinstance(module, nn.Dropout) and getattr(module, "follows_dropout_schedule", True)
+        ]
+        self.rates += [
+            (module, "drop_rate", module.drop_rate)
+            for module in model.modules()
+            if isinstance(module, MultiHeadAttention)
+        ]
         self.scale = 1.0
 
     @property
@@ -54,8 +60,9 @@ class DropoutSwitch:
             self.scale = scale
 
 
-def dropout_scale(cfg: TrainConfig, epochs_seen: float, run_epochs: float, progress: float,
-                  current: float | None) -> float:
+def dropout_scale(
+    cfg: TrainConfig, epochs_seen: float, run_epochs: float, progress: float, current: float | None
+) -> float:
     """The multiple of the model's dropout rates for a run's next step. `run_epochs`: the epochs the run
     will have seen at its end; `current`: the multiple in force (None at the start of a run, or after a
     resume from a checkpoint that did not record it)."""
@@ -81,11 +88,19 @@ def describe_dropout(cfg: TrainConfig, switch: DropoutSwitch, steps_per_epoch: f
         return None
     double_for = cfg.dropout_double_for_epochs
     if double_for is not None and switch.highest >= 0.5:
-        raise ConfigError(f"--dropout-double-for-epochs doubles the model's dropout rates, and {switch.highest:g} "
-                          "doubled drops every value; lower the rate below 0.5 or leave doubling off")
+        raise ConfigError(
+            f"--dropout-double-for-epochs doubles the model's dropout rates, and {switch.highest:g} "
+            "doubled drops every value; lower the rate below 0.5 or leave doubling off"
+        )
     start = cfg.dropout_from_epoch
-    parts = [f"off for the first {start:g} epochs ({math.ceil(start * steps_per_epoch):,} steps), then on "
-             f"unless the run is {LAST_SWITCH_PROGRESS:.0%} done"] if start else []
+    parts = (
+        [
+            f"off for the first {start:g} epochs ({math.ceil(start * steps_per_epoch):,} steps), then on "
+            f"unless the run is {LAST_SWITCH_PROGRESS:.0%} done"
+        ]
+        if start
+        else []
+    )
     if double_for is not None:
         parts.append(f"at twice the model's rates if the run will see {double_for:g} epochs or more")
     return f"dropout: {'; '.join(parts)}" if parts else None

@@ -27,7 +27,6 @@ def loss_fn(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, reduction:
     return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=IGNORE_INDEX, reduction=reduction)
 
 
-
 @dataclass(frozen=True)
 class EvalResult:
     loss: float  # mean nats per token
@@ -46,14 +45,24 @@ class EvalResult:
         return {"loss": self.loss, "perplexity": self.perplexity, "bits_per_byte": self.bits_per_byte}
 
     def format(self) -> str:
-        return (f"loss {self.loss:.4f}  perplexity {self.perplexity:.2f}  bits/byte {self.bits_per_byte:.4f}  "
-                f"({self.tokens:,} tokens, {self.bytes:,} bytes)")
+        return (
+            f"loss {self.loss:.4f}  perplexity {self.perplexity:.2f}  bits/byte {self.bits_per_byte:.4f}  "
+            f"({self.tokens:,} tokens, {self.bytes:,} bytes)"
+        )
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, tokens: np.ndarray, n_bytes: int, batch_size: int,
-             runtime: Runtime = Runtime(torch.device("cpu")), dtype: str = "float32",
-             max_targets: int | None = None, seed: int = 0, token_bytes: np.ndarray | None = None) -> EvalResult:
+def evaluate(
+    model: torch.nn.Module,
+    tokens: np.ndarray,
+    n_bytes: int,
+    batch_size: int,
+    runtime: Runtime = Runtime(torch.device("cpu")),
+    dtype: str = "float32",
+    max_targets: int | None = None,
+    seed: int = 0,
+    token_bytes: np.ndarray | None = None,
+) -> EvalResult:
     """Loss over every token of `tokens` (each predicted once), in non-overlapping context windows.
     Under DDP each rank takes its share of the windows and the sums are reduced.
 
@@ -82,11 +91,11 @@ def evaluate(model: torch.nn.Module, tokens: np.ndarray, n_bytes: int, batch_siz
             model(torch.zeros(1, context, dtype=torch.long, device=runtime.device))
     total_loss, total_tokens, total_bytes = sum_across_ranks(runtime, total_loss, total_tokens, total_bytes)
     model.train(was_training)
-    return EvalResult(total_loss / total_tokens, int(total_tokens), n_bytes if max_targets is None else int(total_bytes))
+    return EvalResult(
+        total_loss / total_tokens, int(total_tokens), n_bytes if max_targets is None else int(total_bytes)
+    )
 
 
 def unwrap(model: torch.nn.Module) -> GPTModel:
     """The GPTModel inside a DistributedDataParallel wrapper (--compile compiles the loss, not the module)."""
     return getattr(model, "module", model)
-
-

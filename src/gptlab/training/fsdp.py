@@ -41,8 +41,9 @@ MIXED_PRECISION = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 MODEL_PREFIX, OPTIMIZER_PREFIX = "model.", "optimizer."
 
 
-def shard_model(model: GPTModel, activation_checkpointing: bool = False,
-                mixed_precision: str | None = None) -> GPTModel:
+def shard_model(
+    model: GPTModel, activation_checkpointing: bool = False, mixed_precision: str | None = None
+) -> GPTModel:
     """Shard `model` in place across the default process group (call after init_process_group, with the
     model already on this rank's device) and return it; build the optimizer afterwards, from the
     sharded parameters.
@@ -54,8 +55,7 @@ def shard_model(model: GPTModel, activation_checkpointing: bool = False,
     None or "float32" keeps everything in fp32 (bf16 autocast still applies on top, if the caller uses it).
     """
     if mixed_precision is not None and mixed_precision not in MIXED_PRECISION:
-        raise UserError(f"mixed_precision must be one of {', '.join(MIXED_PRECISION)} or None, "
-                         f"got {mixed_precision!r}")
+        raise UserError(f"mixed_precision must be one of {', '.join(MIXED_PRECISION)} or None, got {mixed_precision!r}")
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -125,8 +125,13 @@ def sharded_tensors(model: GPTModel, optimizer: torch.optim.Optimizer) -> tuple[
     return model_state, optimizer_state, tensors
 
 
-def save_sharded(path: Path, model: GPTModel, optimizer: torch.optim.Optimizer, extra: dict | None = None,
-                 write_main: Callable[[Path], None] | None = None) -> None:
+def save_sharded(
+    path: Path,
+    model: GPTModel,
+    optimizer: torch.optim.Optimizer,
+    extra: dict | None = None,
+    write_main: Callable[[Path], None] | None = None,
+) -> None:
     """Write a sharded checkpoint folder at `path`, replacing any there, atomically: rank 0's temporary
     folder is filled by every rank and renamed into place only if all of them succeeded. Every rank must
     call it.
@@ -169,8 +174,10 @@ def load_sharded(path: Path, model: GPTModel, optimizer: torch.optim.Optimizer) 
     path = Path(path)
     shards = path / SHARDS_DIR
     if not (path / EXTRA_FILE).is_file() or not any(shards.glob("*.safetensors")):
-        raise UserError(f"{path} is not a sharded checkpoint (it needs {SHARDS_DIR}/*.safetensors and {EXTRA_FILE}); "
-                         "resume an --fsdp run from the folder it wrote")
+        raise UserError(
+            f"{path} is not a sharded checkpoint (it needs {SHARDS_DIR}/*.safetensors and {EXTRA_FILE}); "
+            "resume an --fsdp run from the folder it wrote"
+        )
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
@@ -199,11 +206,14 @@ def check_layout(path: Path, saved: dict[str, torch.Size], tensors: dict[str, to
         problems.append(f"{len(unexpected)} not in this model (first {unexpected[0]})")
     if reshaped:
         name = reshaped[0]
-        problems.append(f"{len(reshaped)} of another shape (first {name}: {tuple(saved[name])} saved, "
-                        f"{tuple(tensors[name].shape)} here)")
+        problems.append(
+            f"{len(reshaped)} of another shape (first {name}: {tuple(saved[name])} saved, "
+            f"{tuple(tensors[name].shape)} here)"
+        )
     if problems:
-        raise UserError(f"{path} holds another model: {'; '.join(problems)}; resume with the model options "
-                         "of the run that wrote it")
+        raise UserError(
+            f"{path} holds another model: {'; '.join(problems)}; resume with the model options of the run that wrote it"
+        )
 
 
 def broadcast_from_main(value):

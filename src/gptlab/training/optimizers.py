@@ -9,6 +9,7 @@ torch's Muon orthogonalises one matrix at a time. The blocks repeat the same few
 small product costs mostly its call: BatchedMuon runs the same arithmetic over each shape's matrices as
 one batched product (the char model's 16 matrices in 3 calls instead of 16; README, time to quality).
 """
+
 from __future__ import annotations
 
 import math
@@ -28,16 +29,21 @@ def is_hidden_matrix(name: str, param: torch.nn.Parameter) -> bool:
     return param.dim() == 2 and name.startswith("trf_blocks.") and name.endswith(".weight")
 
 
-def adamw(params: list[torch.nn.Parameter], lr: float, betas: tuple[float, float], weight_decay: float) -> torch.optim.AdamW:
+def adamw(
+    params: list[torch.nn.Parameter], lr: float, betas: tuple[float, float], weight_decay: float
+) -> torch.optim.AdamW:
     """Weight decay only on matrices (linear weights, embeddings), not on biases or norms."""
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
     fused = all(p.device.type in ("cpu", "cuda") for p in params)  # one kernel per step instead of a dozen
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=betas, fused=fused)
 
 
-def orthogonalise(matrices: list[torch.Tensor], coefficients: tuple[float, float, float], steps: int,
-                  eps: float) -> list[torch.Tensor]:
+def orthogonalise(
+    matrices: list[torch.Tensor], coefficients: tuple[float, float, float], steps: int, eps: float
+) -> list[torch.Tensor]:
     """Newton-Schulz orthogonalisation as torch.optim.Muon computes it (bfloat16, on the matrix's wide
     orientation, after dividing by the Frobenius norm so the spectral norm is at most 1), for all matrices
     of one shape at once."""
@@ -111,7 +117,9 @@ class MuonWithAdamW:
         for part in self.parts:
             document = part.state_dict()
             state.update({index + offset: value for index, value in document["state"].items()})
-            groups += [{**group, "params": [index + offset for index in group["params"]]} for group in document["param_groups"]]
+            groups += [
+                {**group, "params": [index + offset for index in group["params"]]} for group in document["param_groups"]
+            ]
             offset += sum(len(group["params"]) for group in part.param_groups)
         return {"state": state, "param_groups": groups}
 
@@ -120,9 +128,18 @@ class MuonWithAdamW:
         for part in self.parts:
             count = sum(len(group["params"]) for group in part.param_groups)
             own = [next(groups) for _ in part.param_groups]
-            part.load_state_dict({
-                "state": {index - offset: value for index, value in document["state"].items() if offset <= index < offset + count},
-                "param_groups": [{**group, "params": [index - offset for index in group["params"]]} for group in own]})
+            part.load_state_dict(
+                {
+                    "state": {
+                        index - offset: value
+                        for index, value in document["state"].items()
+                        if offset <= index < offset + count
+                    },
+                    "param_groups": [
+                        {**group, "params": [index - offset for index in group["params"]]} for group in own
+                    ],
+                }
+            )
             offset += count
 
 

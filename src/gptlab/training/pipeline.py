@@ -51,12 +51,22 @@ from .trainer import train as train_loop
 # vocabulary can change (the last two by cropping the position table and padding the token table).
 SKIPPED_SHOWN = 10  # skipped files listed by name; the rest are counted
 
-FIXED_BY_INIT = ("model", "tokenizer", "merges", "emb_dim", "n_heads", "n_layers", "qkv_bias", "tie_embeddings",
-                 "pos_init")
+FIXED_BY_INIT = (
+    "model",
+    "tokenizer",
+    "merges",
+    "emb_dim",
+    "n_heads",
+    "n_layers",
+    "qkv_bias",
+    "tie_embeddings",
+    "pos_init",
+)
 
 
-def gather_settings(config: str | os.PathLike | RunConfig | None, options: dict, resume: bool,
-                    overwrite: bool) -> tuple[dict, Path]:
+def gather_settings(
+    config: str | os.PathLike | RunConfig | None, options: dict, resume: bool, overwrite: bool
+) -> tuple[dict, Path]:
     """The settings given (a recipe's, then the options'), checked, and the run folder they name, checked
     before anything is read (nothing is created yet)."""
     given = dict(options)
@@ -82,14 +92,23 @@ def pretraining_hooks(run: RunConfig, cfg: GPTConfig, log: Callable[[str], None]
     """The loop's own hooks; a run with adapter settings needs the fine-tuning layer's instead."""
     given = [name for name in ADAPTER_OPTIONS if getattr(run.model, name) is not None]
     if given:
-        raise ConfigError(f"--{given[0].replace('_', '-')} needs fine-tuning's adapters, which training.pipeline.train "
-                          "alone does not add; call gptlab.train (or `gptlab train`) instead")
+        raise ConfigError(
+            f"--{given[0].replace('_', '-')} needs fine-tuning's adapters, which training.pipeline.train "
+            "alone does not add; call gptlab.train (or `gptlab train`) instead"
+        )
     return ModelHooks()
 
 
-def train(config: str | os.PathLike | RunConfig | None = None, *, resume: bool = False, overwrite: bool = False,
-          accept_data_change: bool = False, log=print, hooks_for: HooksFor = pretraining_hooks,
-          **options) -> TrainResult:
+def train(
+    config: str | os.PathLike | RunConfig | None = None,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    accept_data_change: bool = False,
+    log=print,
+    hooks_for: HooksFor = pretraining_hooks,
+    **options,
+) -> TrainResult:
     """Train as `gptlab train` does. `config`: a TOML recipe's path or a RunConfig; `options`: any setting by
     its option name (`out`, `data`, `max_steps`, ...), overriding the recipe. A resume refuses data that
     changed since the run started unless `accept_data_change` (data_record.py). `hooks_for` changes the
@@ -100,8 +119,9 @@ def train(config: str | os.PathLike | RunConfig | None = None, *, resume: bool =
     if resume:
         saved = read_run_config(out / "last")
         if saved is None:
-            raise TrainingError(f"--resume: {out / 'last'} has no run.toml (it was written by an older gptlab); "
-                                "start a new run")
+            raise TrainingError(
+                f"--resume: {out / 'last'} has no run.toml (it was written by an older gptlab); start a new run"
+            )
         model_cfg, _, _ = read_config(out / "last")
         run, note = resume_settings(saved, given, model_cfg.to_dict()), "the run's own"
         changed = [f"--{name.replace('_', '-')} {given[name]:g}" for name in LIMITS if given.get(name) is not None]
@@ -117,15 +137,30 @@ def train(config: str | os.PathLike | RunConfig | None = None, *, resume: bool =
         stop_runtime(runtime)
 
 
-def _train(run: RunConfig, limit_note: str, given: dict, runtime: Runtime, resume: bool, overwrite: bool,
-           accept_data_change: bool, log, hooks_for: HooksFor) -> TrainResult:
+def _train(
+    run: RunConfig,
+    limit_note: str,
+    given: dict,
+    runtime: Runtime,
+    resume: bool,
+    overwrite: bool,
+    accept_data_change: bool,
+    log,
+    hooks_for: HooksFor,
+) -> TrainResult:
     out = Path(run.train.out)
     if run.data.prepared:  # no source is read: every process maps the prepared cache, none waits for another
         corpus, prepared = None, open_prepared(run.data.prepared, given)
         inputs = prepared.manifest["inputs"]  # what run.toml records is what the cache holds
-        run = dataclasses.replace(run, data=dataclasses.replace(
-            run.data, tokenizer=inputs["tokenizer"]["type"], merges=inputs["tokenizer"].get("merges"),
-            val_fraction=round(1 - inputs["train_fraction"], 12)))
+        run = dataclasses.replace(
+            run,
+            data=dataclasses.replace(
+                run.data,
+                tokenizer=inputs["tokenizer"]["type"],
+                merges=inputs["tokenizer"].get("merges"),
+                val_fraction=round(1 - inputs["train_fraction"], 12),
+            ),
+        )
         if runtime.is_main:
             log(f"data: {describe_prepared(prepared)}; no source is read")
     else:
@@ -135,8 +170,10 @@ def _train(run: RunConfig, limit_note: str, given: dict, runtime: Runtime, resum
             for path, reason in corpus.skipped[:SKIPPED_SHOWN]:
                 log(f"  skipped {path}: {reason}")
             if len(corpus.skipped) > SKIPPED_SHOWN:
-                log(f"  ... and {len(corpus.skipped) - SKIPPED_SHOWN} more skipped (choose files with "
-                    "--include/--exclude)")
+                log(
+                    f"  ... and {len(corpus.skipped) - SKIPPED_SHOWN} more skipped (choose files with "
+                    "--include/--exclude)"
+                )
     init_state = None
     if resume:  # the model and tokenizer are the run's, from its last checkpoint
         model_cfg, tokenizer, _ = read_config(out / "last")
@@ -145,19 +182,30 @@ def _train(run: RunConfig, limit_note: str, given: dict, runtime: Runtime, resum
     elif run.model.init:
         model_cfg, tokenizer, init_state = initial_model(run, given)
     else:
-        tokenizer = tokenizer_from_spec(prepared.manifest["inputs"]["tokenizer"]) if prepared else \
-            new_tokenizer(run.data, corpus, runtime)
+        tokenizer = (
+            tokenizer_from_spec(prepared.manifest["inputs"]["tokenizer"])
+            if prepared
+            else new_tokenizer(run.data, corpus, runtime)
+        )
         model_cfg = new_model_config(run, tokenizer)
     hooks = hooks_for(run, model_cfg, log if runtime.is_main else lambda line: None)
     if prepared:
         check_prepared_tokenizer(prepared, tokenizer)
         cache = prepared
     else:
-        cache = token_cache(corpus, tokenizer, run.data.cache_dir, runtime, progress=run.train.progress,
-                            train_fraction=1 - run.data.val_fraction)
+        cache = token_cache(
+            corpus,
+            tokenizer,
+            run.data.cache_dir,
+            runtime,
+            progress=run.train.progress,
+            train_fraction=1 - run.data.val_fraction,
+        )
     if runtime.is_main:
-        log(f"tokens: {len(cache.train_tokens):,} training and {len(cache.val_tokens):,} validation "
-            f"({type(tokenizer).__name__}, vocabulary {tokenizer.vocab_size:,}); token cache {cache.directory}")
+        log(
+            f"tokens: {len(cache.train_tokens):,} training and {len(cache.val_tokens):,} validation "
+            f"({type(tokenizer).__name__}, vocabulary {tokenizer.vocab_size:,}); token cache {cache.directory}"
+        )
         log("\n".join(parameter_report(model_cfg).format(run.model.init or run.model.model).splitlines()[:2]))
         log(f"settings: {out / 'run.toml'} (limits: {limit_note})")
     if resume:
@@ -165,35 +213,61 @@ def _train(run: RunConfig, limit_note: str, given: dict, runtime: Runtime, resum
         if note and runtime.is_main:
             log(note)
     token_bytes = data.token_byte_lengths(tokenizer) if run.train.eval_tokens is not None else None
-    corpus_data = TrainingData(cache.train_tokens, cache.val_tokens, cache.val_target_bytes, sources_of(cache.manifest),
-                               token_bytes)
-    return train_loop(model_cfg, run.train, tokenizer, corpus_data, runtime=runtime, resume=resume,
-                      overwrite=overwrite, init_state=init_state, run=run, hooks=hooks, log=log)
+    corpus_data = TrainingData(
+        cache.train_tokens, cache.val_tokens, cache.val_target_bytes, sources_of(cache.manifest), token_bytes
+    )
+    return train_loop(
+        model_cfg,
+        run.train,
+        tokenizer,
+        corpus_data,
+        runtime=runtime,
+        resume=resume,
+        overwrite=overwrite,
+        init_state=init_state,
+        run=run,
+        hooks=hooks,
+        log=log,
+    )
 
 
 # What a prepared cache fixes, so a run from one may not set it again.
-PREPARED_FIXES = ("data", "include", "exclude", "invalid_utf8", "text_field", "tokenizer", "merges", "val_fraction",
-                  "cache_dir")
+PREPARED_FIXES = (
+    "data",
+    "include",
+    "exclude",
+    "invalid_utf8",
+    "text_field",
+    "tokenizer",
+    "merges",
+    "val_fraction",
+    "cache_dir",
+)
 
 
 def open_prepared(path: str, given: dict) -> data.TokenCache:
     """The token cache `gptlab prepare` wrote at path; settings it already fixes are refused by name."""
     fixed = [name for name in PREPARED_FIXES if given.get(name) is not None]
     if fixed:
-        raise ConfigError(f"--{fixed[0].replace('_', '-')}: the prepared cache {path} already fixes its data, "
-                          "tokenizer and split; drop it, or prepare the data again with it")
+        raise ConfigError(
+            f"--{fixed[0].replace('_', '-')}: the prepared cache {path} already fixes its data, "
+            "tokenizer and split; drop it, or prepare the data again with it"
+        )
     try:
         return data.open_token_cache(path)
     except data.DataError:
-        raise ConfigError(f"--prepared {path} holds no token cache; make one with gptlab prepare --data ... "
-                          f"--out {path}") from None
+        raise ConfigError(
+            f"--prepared {path} holds no token cache; make one with gptlab prepare --data ... --out {path}"
+        ) from None
 
 
 def describe_prepared(cache: data.TokenCache) -> str:
     sources = cache.manifest["inputs"]["sources"]
     size = sum(source["bytes"] for source in sources)
-    return (f"the token cache {cache.directory}, prepared from {len(sources):,} file{'s' if len(sources) != 1 else ''} "
-            f"({size:,} bytes)")
+    return (
+        f"the token cache {cache.directory}, prepared from {len(sources):,} file{'s' if len(sources) != 1 else ''} "
+        f"({size:,} bytes)"
+    )
 
 
 def tokenizer_name(spec: dict) -> str:
@@ -206,13 +280,16 @@ def tokenizer_name(spec: dict) -> str:
 def check_prepared_tokenizer(cache: data.TokenCache, tokenizer: Tokenizer) -> None:
     spec = cache.manifest["inputs"]["tokenizer"]
     if spec != tokenizer.spec():
-        raise ConfigError(f"the prepared cache {cache.directory} was tokenized with {tokenizer_name(spec)}, but the "
-                          f"model's tokenizer is {tokenizer_name(tokenizer.spec())}; prepare the data with the model's "
-                          "tokenizer (gptlab prepare --tokenizer ...)")
+        raise ConfigError(
+            f"the prepared cache {cache.directory} was tokenized with {tokenizer_name(spec)}, but the "
+            f"model's tokenizer is {tokenizer_name(tokenizer.spec())}; prepare the data with the model's "
+            "tokenizer (gptlab prepare --tokenizer ...)"
+        )
 
 
-def prepare(data_paths: list[str], out: str | os.PathLike, *, progress: bool = True, log=print,
-            **options) -> data.TokenCache:
+def prepare(
+    data_paths: list[str], out: str | os.PathLike, *, progress: bool = True, log=print, **options
+) -> data.TokenCache:
     """Tokenize a corpus once into a token cache at `out`, as `gptlab prepare` does, for `gptlab train
     --prepared out` to train from without reading the sources. `options`: the data settings by option
     name (tokenizer, merges, text_field, val_fraction, include, exclude, invalid_utf8), defaulting as
@@ -228,19 +305,29 @@ def prepare(data_paths: list[str], out: str | os.PathLike, *, progress: bool = T
     cache = data.build_token_cache(corpus, tokenizer, out, progress=progress, train_fraction=1 - settings.val_fraction)
     seconds = time.perf_counter() - start
     tokens = len(cache.train_tokens) + len(cache.val_tokens)
-    speed = "reused: the sources are unchanged" if not cache.built else \
-        f"{seconds:.1f} s, {corpus.n_bytes / seconds / 1e6:.1f} MB/s, {tokens / seconds:,.0f} tokens/s"
-    log(f"tokens: {len(cache.train_tokens):,} training and {len(cache.val_tokens):,} validation "
+    speed = (
+        "reused: the sources are unchanged"
+        if not cache.built
+        else f"{seconds:.1f} s, {corpus.n_bytes / seconds / 1e6:.1f} MB/s, {tokens / seconds:,.0f} tokens/s"
+    )
+    log(
+        f"tokens: {len(cache.train_tokens):,} training and {len(cache.val_tokens):,} validation "
         f"({tokenizer_name(tokenizer.spec())}) in {cache.directory} ({speed}); train with: gptlab train --prepared "
-        f"{out}")
+        f"{out}"
+    )
     return cache
 
 
 def read_corpus(settings: DataConfig) -> data.Corpus:
     if settings.data is None:
         return data.default_corpus()
-    return data.read_corpus(settings.data, settings.invalid_utf8, include=settings.include, exclude=settings.exclude,
-                            text_field=settings.text_field)
+    return data.read_corpus(
+        settings.data,
+        settings.invalid_utf8,
+        include=settings.include,
+        exclude=settings.exclude,
+        text_field=settings.text_field,
+    )
 
 
 EMBEDDED_NAME = "the embedded corpus (pydoc_data.topics, Python's bundled documentation)"
@@ -260,12 +347,25 @@ def new_tokenizer(settings: DataConfig, corpus: data.Corpus, runtime: Runtime) -
 
 
 def new_model_config(run: RunConfig, tokenizer: Tokenizer) -> GPTConfig:
-    shape = {name: getattr(run.model, name) for name in ("context_length", "emb_dim", "n_heads", "n_layers",
-                                                          "drop_rate", "attn_drop_rate", "qkv_bias", "tie_embeddings")}
+    shape = {
+        name: getattr(run.model, name)
+        for name in (
+            "context_length",
+            "emb_dim",
+            "n_heads",
+            "n_layers",
+            "drop_rate",
+            "attn_drop_rate",
+            "qkv_bias",
+            "tie_embeddings",
+        )
+    }
     vocab_size = run.model.vocab_size or tokenizer.vocab_size
     if vocab_size < tokenizer.vocab_size:
-        raise ConfigError(f"--vocab-size {vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size} ids; "
-                          "leave it out, or pad it to a larger size (nanoGPT pads 50257 to 50304)")
+        raise ConfigError(
+            f"--vocab-size {vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size} ids; "
+            "leave it out, or pad it to a larger size (nanoGPT pads 50257 to 50304)"
+        )
     return get_config(run.model.model, vocab_size=vocab_size, **shape)
 
 
@@ -274,20 +374,26 @@ def initial_model(run: RunConfig, given: dict) -> tuple[GPTConfig, Tokenizer, di
     the user chose, which must not include one that a loaded model fixes."""
     fixed = [name for name in FIXED_BY_INIT if name in given]
     if fixed:
-        raise ConfigError(f"--init takes the model's shape and tokenizer from {run.model.init}; drop "
-                          f"--{fixed[0].replace('_', '-')} (a fine-tune may change --drop-rate, --attn-drop-rate, "
-                          "--context-length and --vocab-size)")
+        raise ConfigError(
+            f"--init takes the model's shape and tokenizer from {run.model.init}; drop "
+            f"--{fixed[0].replace('_', '-')} (a fine-tune may change --drop-rate, --attn-drop-rate, "
+            "--context-length and --vocab-size)"
+        )
     model, tokenizer = load_model(run.model.init)
     state = model.state_dict()
     cfg = model.cfg
     context = run.model.context_length or cfg.context_length
     if context > cfg.context_length:
-        raise ConfigError(f"--context-length {context} is longer than {run.model.init}'s {cfg.context_length}: its "
-                          f"position table has no rows past that; choose at most {cfg.context_length}")
+        raise ConfigError(
+            f"--context-length {context} is longer than {run.model.init}'s {cfg.context_length}: its "
+            f"position table has no rows past that; choose at most {cfg.context_length}"
+        )
     vocab_size = run.model.vocab_size or cfg.vocab_size
     if vocab_size < cfg.vocab_size:
-        raise ConfigError(f"--vocab-size {vocab_size} is smaller than {run.model.init}'s {cfg.vocab_size}; "
-                          "a fine-tune can only pad the vocabulary")
+        raise ConfigError(
+            f"--vocab-size {vocab_size} is smaller than {run.model.init}'s {cfg.vocab_size}; "
+            "a fine-tune can only pad the vocabulary"
+        )
     changes = {"context_length": context, "vocab_size": vocab_size}
     for name in ("drop_rate", "attn_drop_rate"):
         if getattr(run.model, name) is not None:
@@ -300,16 +406,23 @@ def initial_model(run: RunConfig, given: dict) -> tuple[GPTConfig, Tokenizer, di
     return cfg.replace(**changes), tokenizer, state
 
 
-def token_cache(corpus: data.Corpus, tokenizer: Tokenizer, cache_dir: str | None, runtime: Runtime,
-                progress: bool, train_fraction: float = data.TRAIN_FRACTION) -> data.TokenCache:
+def token_cache(
+    corpus: data.Corpus,
+    tokenizer: Tokenizer,
+    cache_dir: str | None,
+    runtime: Runtime,
+    progress: bool,
+    train_fraction: float = data.TRAIN_FRACTION,
+) -> data.TokenCache:
     """Build the cache (or check and reuse it) once: rank 0 first; then local rank 0 of every other machine,
     which on storage all machines share (--cache-dir) only checks the files' sizes and times, and on a
     machine's own disk builds its copy; then every other process opens it."""
     directory = Path(cache_dir) if cache_dir else data.default_cache_dir(corpus, tokenizer, train_fraction)
 
     def build() -> data.TokenCache:
-        return data.build_token_cache(corpus, tokenizer, directory, progress=progress and runtime.is_main,
-                                      train_fraction=train_fraction)
+        return data.build_token_cache(
+            corpus, tokenizer, directory, progress=progress and runtime.is_main, train_fraction=train_fraction
+        )
 
     cache = build() if runtime.is_main else None
     barrier(runtime)
@@ -325,11 +438,22 @@ class Evaluation:
     scored: str  # what text was scored, in words
 
 
-def evaluate(checkpoint: str | os.PathLike, data_paths: list[str] | None = None, *, batch_size: int = 8,
-             device: str = "auto", dtype: str = "float32", quantize: str | None = None,
-             include: list[str] = (), exclude: list[str] = (), invalid_utf8: str = "strict",
-             cache_dir: str | None = None, progress: bool = False, accept_data_change: bool = False,
-             text_field: str = "text") -> Evaluation:
+def evaluate(
+    checkpoint: str | os.PathLike,
+    data_paths: list[str] | None = None,
+    *,
+    batch_size: int = 8,
+    device: str = "auto",
+    dtype: str = "float32",
+    quantize: str | None = None,
+    include: list[str] = (),
+    exclude: list[str] = (),
+    invalid_utf8: str = "strict",
+    cache_dir: str | None = None,
+    progress: bool = False,
+    accept_data_change: bool = False,
+    text_field: str = "text",
+) -> Evaluation:
     """Loss, perplexity and bits per byte of a checkpoint, as `gptlab eval` reports them: on the whole of
     `data_paths`, or without them on the held-out split of the data its run trained on (the embedded
     corpus' for a checkpoint that no gptlab run wrote), refusing data changed since the run unless
@@ -341,8 +465,14 @@ def evaluate(checkpoint: str | os.PathLike, data_paths: list[str] | None = None,
 
         model = quantize_model(model, quantize)
     if data_paths:
-        settings = DataConfig(data=list(data_paths), include=list(include), exclude=list(exclude),
-                              invalid_utf8=invalid_utf8, cache_dir=cache_dir, text_field=text_field)
+        settings = DataConfig(
+            data=list(data_paths),
+            include=list(include),
+            exclude=list(exclude),
+            invalid_utf8=invalid_utf8,
+            cache_dir=cache_dir,
+            text_field=text_field,
+        )
         corpus = read_corpus(settings)
         cache = token_cache(corpus, tokenizer, cache_dir, runtime, progress, train_fraction=0.0)
         scored = f"the whole of {describe_sources(settings)}"
@@ -354,8 +484,9 @@ def evaluate(checkpoint: str | os.PathLike, data_paths: list[str] | None = None,
             check_prepared_tokenizer(cache, tokenizer)
             scored = f"the held-out {settings.val_fraction:.0%} of {describe_prepared(cache)}"
         else:
-            cache = token_cache(read_corpus(settings), tokenizer, settings.cache_dir, runtime, progress,
-                                1 - settings.val_fraction)
+            cache = token_cache(
+                read_corpus(settings), tokenizer, settings.cache_dir, runtime, progress, 1 - settings.val_fraction
+            )
             scored = f"the held-out {settings.val_fraction:.0%} of {describe_sources(settings)}"
         if run is None:
             scored += " (no run.toml: this checkpoint was not written by a gptlab run)"

@@ -56,7 +56,9 @@ class TrainerState:
     rng_states: list[dict[str, torch.Tensor]] = field(default_factory=list, repr=False)  # one per rank
 
 
-def optimizer_tensors(optimizer: torch.optim.Optimizer, names: dict[torch.nn.Parameter, str]) -> dict[str, torch.Tensor]:
+def optimizer_tensors(
+    optimizer: torch.optim.Optimizer, names: dict[torch.nn.Parameter, str]
+) -> dict[str, torch.Tensor]:
     """The optimizer's per-parameter state under the parameter's name, e.g. 'tok_emb.weight.exp_avg'."""
     tensors = {}
     for param, state in optimizer.state.items():
@@ -65,8 +67,9 @@ def optimizer_tensors(optimizer: torch.optim.Optimizer, names: dict[torch.nn.Par
     return tensors
 
 
-def load_optimizer_tensors(optimizer: torch.optim.Optimizer, names: dict[torch.nn.Parameter, str],
-                           tensors: dict[str, torch.Tensor]) -> None:
+def load_optimizer_tensors(
+    optimizer: torch.optim.Optimizer, names: dict[torch.nn.Parameter, str], tensors: dict[str, torch.Tensor]
+) -> None:
     """Restore through optimizer.load_state_dict, which puts each tensor where the optimizer wants it (a
     fused AdamW on a GPU keeps its `step` counters on the GPU, a CPU one on the CPU)."""
     document = optimizer.state_dict()
@@ -74,16 +77,24 @@ def load_optimizer_tensors(optimizer: torch.optim.Optimizer, names: dict[torch.n
     state = {}
     for index, param in enumerate(params):
         prefix = f"{names[param]}."
-        entries = {key[len(prefix):]: value for key, value in tensors.items() if key.startswith(prefix)}
+        entries = {key[len(prefix) :]: value for key, value in tensors.items() if key.startswith(prefix)}
         entries = {key: value for key, value in entries.items() if "." not in key}  # not a longer name's
         if entries:
             state[index] = entries
     optimizer.load_state_dict({"state": state, "param_groups": document["param_groups"]})
 
 
-def save_checkpoint(path: Path, model: GPTModel, tokenizer: Tokenizer, optimizer: torch.optim.Optimizer,
-                    state: TrainerState, run: RunConfig | None = None, write_model=write_model_files,
-                    full_model: GPTModel | None = None, average: WeightAverage | None = None) -> None:
+def save_checkpoint(
+    path: Path,
+    model: GPTModel,
+    tokenizer: Tokenizer,
+    optimizer: torch.optim.Optimizer,
+    state: TrainerState,
+    run: RunConfig | None = None,
+    write_model=write_model_files,
+    full_model: GPTModel | None = None,
+    average: WeightAverage | None = None,
+) -> None:
     """`write_model(folder, model, tokenizer, extra)` writes the model's own files (config.json and
     model.safetensors by default; fine-tuning may write adapters instead). With `average` in the model,
     they hold the average and the training weights go beside them.
@@ -95,8 +106,14 @@ def save_checkpoint(path: Path, model: GPTModel, tokenizer: Tokenizer, optimizer
 
     def write_rest(folder: Path, weights: GPTModel) -> None:
         write_model(folder, weights, tokenizer, extra={"step": state.step, "tokens_seen": state.tokens_seen})
-        save_file({f"{kind}.{rank}": tensor.cpu() for rank, states in enumerate(state.rng_states)
-                   for kind, tensor in states.items()}, str(folder / RNG_FILE))
+        save_file(
+            {
+                f"{kind}.{rank}": tensor.cpu()
+                for rank, states in enumerate(state.rng_states)
+                for kind, tensor in states.items()
+            },
+            str(folder / RNG_FILE),
+        )
         fields = {k: v for k, v in dataclasses.asdict(state).items() if k != "rng_states"}
         (folder / STATE_FILE).write_text(json.dumps({"trainer": fields}, indent=2) + "\n")
         if run is not None:
@@ -120,15 +137,18 @@ def load_model_weights(path: Path, model: GPTModel) -> None:
     model.load_state_dict(with_tied_head(model.cfg, load_file(str(path / "model.safetensors"))))
 
 
-def load_trainer_state(path: Path, model: GPTModel, optimizer: torch.optim.Optimizer,
-                       read_model=load_model_weights) -> TrainerState:
+def load_trainer_state(
+    path: Path, model: GPTModel, optimizer: torch.optim.Optimizer, read_model=load_model_weights
+) -> TrainerState:
     """`read_model(folder, model)` puts the checkpoint's weights into the model (fine-tuning may read adapters)."""
     if is_sharded(model):  # weights and AdamW state from shards/, whatever the number of processes
         load_sharded(path, model, optimizer)
     else:
         if not (path / OPTIMIZER_FILE).is_file():
-            raise TrainingError(f"{path} was written by an --fsdp run (its optimizer state is in shards/); "
-                                "resume it with --fsdp under torchrun")
+            raise TrainingError(
+                f"{path} was written by an --fsdp run (its optimizer state is in shards/); "
+                "resume it with --fsdp under torchrun"
+            )
         names = {param: name for name, param in model.named_parameters()}
         read_model(path, model)
         load_optimizer_tensors(optimizer, names, load_file(str(path / OPTIMIZER_FILE)))
@@ -163,18 +183,26 @@ def check_out_dir(out_dir: Path, resume: bool, overwrite: bool) -> None:
     entries = [p.name for p in out_dir.iterdir()] if out_dir.is_dir() else []
     ours = RUN_MARKER in entries
     if entries and not ours:
-        raise TrainingError(f"output folder {out_dir} holds files that are not a gptlab run ({', '.join(sorted(entries)[:3])}...); "
-                            "choose an empty or new --out")
+        raise TrainingError(
+            f"output folder {out_dir} holds files that are not a gptlab run ({', '.join(sorted(entries)[:3])}...); "
+            "choose an empty or new --out"
+        )
     if resume:
         restore_interrupted_swap(out_dir / "last")
     if resume and not is_gptlab_checkpoint(out_dir / "last"):
-        raise TrainingError(f"--resume: no checkpoint at {out_dir / 'last'}; start without --resume or point --out at a run")
+        raise TrainingError(
+            f"--resume: no checkpoint at {out_dir / 'last'}; start without --resume or point --out at a run"
+        )
     if ours and not resume and not overwrite:
-        raise TrainingError(f"output folder {out_dir} already holds a gptlab run; continue it with --resume, "
-                            "replace it with --overwrite, or choose another --out")
+        raise TrainingError(
+            f"output folder {out_dir} already holds a gptlab run; continue it with --resume, "
+            "replace it with --overwrite, or choose another --out"
+        )
     parent = next((p for p in [out_dir, *out_dir.parents] if p.exists()), Path("."))
     if not os.access(parent, os.W_OK):
-        raise TrainingError(f"cannot write to output folder {out_dir}: {parent} is not writable; choose a writable --out")
+        raise TrainingError(
+            f"cannot write to output folder {out_dir}: {parent} is not writable; choose a writable --out"
+        )
 
 
 def make_out_dir(out_dir: Path) -> None:
@@ -184,7 +212,9 @@ def make_out_dir(out_dir: Path) -> None:
         probe.write_text("")
         probe.unlink()
     except OSError as error:
-        raise TrainingError(f"cannot write to output folder {out_dir}: {error.strerror}; choose a writable --out") from None
+        raise TrainingError(
+            f"cannot write to output folder {out_dir}: {error.strerror}; choose a writable --out"
+        ) from None
 
 
 def read_run_config(checkpoint: Path) -> RunConfig | None:
@@ -206,8 +236,9 @@ def read_log(path: Path) -> tuple[list[dict], bool]:
                 records.append(json.loads(line))
         except json.JSONDecodeError:
             if index < len(lines) - 1:
-                raise TrainingError(f"{path}, line {index + 1}, is not JSON; repair or remove that line, then resume"
-                                    ) from None
+                raise TrainingError(
+                    f"{path}, line {index + 1}, is not JSON; repair or remove that line, then resume"
+                ) from None
             return records, True
     return records, False
 

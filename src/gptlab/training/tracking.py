@@ -30,12 +30,14 @@ class Tracker:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
-                raise TrainingError("--logger tensorboard needs the tensorboard package: pip install "
-                                    "'gptlab[track]' (or tensorboard)") from None
+                raise TrainingError(
+                    "--logger tensorboard needs the tensorboard package: pip install 'gptlab[track]' (or tensorboard)"
+                ) from None
 
             # purge_step: TensorBoard hides what earlier event files hold from this step on
-            self.writer = SummaryWriter(str(out_dir / TENSORBOARD_DIR),
-                                        purge_step=None if resumed_at is None else resumed_at + 1)
+            self.writer = SummaryWriter(
+                str(out_dir / TENSORBOARD_DIR), purge_step=None if resumed_at is None else resumed_at + 1
+            )
             if resumed_at is None:
                 self.writer.add_text("settings", "```toml\n" + settings + "\n```", 0)
         if "csv" in names:
@@ -52,15 +54,19 @@ class Tracker:
 
     def record(self, record: dict) -> None:
         step, tokens = record["step"], record.get("tokens")
-        metrics = {name: value for name, value in record.items()
-                   if name not in ("step", "tokens") and isinstance(value, (int, float))}
+        metrics = {
+            name: value
+            for name, value in record.items()
+            if name not in ("step", "tokens") and isinstance(value, (int, float))
+        }
         if self.writer is not None:
             for name, value in metrics.items():
                 self.writer.add_scalar(name, value, step)
             self.writer.flush()
         if self.csv_file is not None:
-            self.csv.writerows({"step": step, "tokens": tokens, "metric": name, "value": value}
-                               for name, value in metrics.items())
+            self.csv.writerows(
+                {"step": step, "tokens": tokens, "metric": name, "value": value} for name, value in metrics.items()
+            )
             self.csv_file.flush()
 
     def text(self, tag: str, text: str, step: int) -> None:

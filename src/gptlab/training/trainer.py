@@ -89,7 +89,6 @@ def training_loss_fn(cfg: TrainConfig):
     return torch.compile(loss_fn) if cfg.compile else loss_fn
 
 
-
 # ----------------------------------------------------------------------------- the loop
 
 
@@ -99,8 +98,9 @@ class TrainingSource(Protocol):
 
     epoch_tokens: int  # tokens in one pass over the training data: what --epochs counts
 
-    def batches(self, batch_size: int, seed: int, start_epoch: int, start_index: int, rank: int,
-                world: int) -> Iterator[Batch]:
+    def batches(
+        self, batch_size: int, seed: int, start_epoch: int, start_index: int, rank: int, world: int
+    ) -> Iterator[Batch]:
         """Global batches (this rank's rows of each), endlessly, resumable from Batch.resume_at."""
 
     def evaluate(self, model: torch.nn.Module, batch_size: int, runtime: Runtime, dtype: str):
@@ -118,8 +118,9 @@ class TrainingData:
     sources: list[dict] | None = None  # what the tokens were read from (data_record.py), recorded by a new run
     token_bytes: np.ndarray | None = None  # UTF-8 bytes per token id: a bounded estimate's denominator
 
-    def source(self, context_length: int, stride: int | None, eval_tokens: int | None = None,
-               seed: int = 0) -> "TokenSource":
+    def source(
+        self, context_length: int, stride: int | None, eval_tokens: int | None = None, seed: int = 0
+    ) -> "TokenSource":
         windows = TokenWindows(self.train_tokens, context_length, stride or context_length)
         check_length(self.val_tokens, context_length, "validation split")  # now, not at the first evaluation
         if eval_tokens is not None and self.token_bytes is None:
@@ -151,8 +152,17 @@ class TokenSource:
     def evaluate(self, model, batch_size, runtime, dtype) -> EvalResult:
         if self.eval_tokens is None:
             return self.evaluate_whole(model, batch_size, runtime, dtype)
-        return evaluate(model, self.data.val_tokens, self.data.val_bytes, batch_size, runtime, dtype,
-                        max_targets=self.eval_tokens, seed=self.seed, token_bytes=self.data.token_bytes)
+        return evaluate(
+            model,
+            self.data.val_tokens,
+            self.data.val_bytes,
+            batch_size,
+            runtime,
+            dtype,
+            max_targets=self.eval_tokens,
+            seed=self.seed,
+            token_bytes=self.data.token_bytes,
+        )
 
     def evaluate_whole(self, model, batch_size, runtime, dtype) -> EvalResult:
         return evaluate(model, self.data.val_tokens, self.data.val_bytes, batch_size, runtime, dtype)
@@ -213,32 +223,46 @@ class Plan:
         if cfg.max_tokens:
             limits.append(f"{cfg.max_tokens:,} tokens")
         if cfg.epochs:
-            limits.append(f"{cfg.epochs:g} epoch{'s' * (cfg.epochs != 1)} ({cfg.epochs * self.epoch_tokens:,.0f} tokens)")
+            limits.append(
+                f"{cfg.epochs:g} epoch{'s' * (cfg.epochs != 1)} ({cfg.epochs * self.epoch_tokens:,.0f} tokens)"
+            )
         if cfg.time_budget:
             limits.append(f"{cfg.time_budget:g} s of training")
         length = f"{self.steps:,} steps of {self.tokens_per_step:,} tokens" if self.steps else "the time budget"
         stop = limits[0] if len(limits) == 1 else f"{' or '.join(limits)}, whichever comes first"
-        lines = [f"stop after: {stop}",
-                 f"schedule: lr {cfg.lr:g}, linear warmup over {self.warmup_steps} steps, then "
-                 + (f"constant until the last {cfg.cooldown_fraction:.0%}, then a line" if cfg.schedule == "wsd" else "cosine")
-                 + f" to {cfg.lr * cfg.min_lr_ratio:g} at the end of {length}"]
+        lines = [
+            f"stop after: {stop}",
+            f"schedule: lr {cfg.lr:g}, linear warmup over {self.warmup_steps} steps, then "
+            + (
+                f"constant until the last {cfg.cooldown_fraction:.0%}, then a line"
+                if cfg.schedule == "wsd"
+                else "cosine"
+            )
+            + f" to {cfg.lr * cfg.min_lr_ratio:g} at the end of {length}",
+        ]
         if cfg.ema_decay:
             lines.append(f"weights: evaluated and saved as their moving average (--ema-decay {cfg.ema_decay:g})")
         if cfg.time_budget:
-            lines.append("resume: the learning rate and dropout follow the clock toward the time budget, so a resumed "
-                         "run continues from the time spent but its steps are not an uninterrupted run's (a resume is "
-                         "exact under --max-steps, --max-tokens or --epochs alone)")
+            lines.append(
+                "resume: the learning rate and dropout follow the clock toward the time budget, so a resumed "
+                "run continues from the time spent but its steps are not an uninterrupted run's (a resume is "
+                "exact under --max-steps, --max-tokens or --epochs alone)"
+            )
         if self.warmup_steps != cfg.warmup_steps:
-            lines.append(f"warning: --warmup-steps {cfg.warmup_steps} is longer than the run's {self.steps} steps; "
-                         f"warming up over {self.warmup_steps} instead")
+            lines.append(
+                f"warning: --warmup-steps {cfg.warmup_steps} is longer than the run's {self.steps} steps; "
+                f"warming up over {self.warmup_steps} instead"
+            )
         return lines
 
     def progress(self, cfg: TrainConfig, state: TrainerState, elapsed: float) -> tuple[float, str]:
         """How far training is (1.0 = done) by whichever limit is closest, and which limit that is."""
-        fractions = {"max_steps": state.step / cfg.max_steps if cfg.max_steps else 0.0,
-                     "max_tokens": state.tokens_seen / cfg.max_tokens if cfg.max_tokens else 0.0,
-                     "epochs": state.tokens_seen / (cfg.epochs * self.epoch_tokens) if cfg.epochs else 0.0,
-                     "time_budget": elapsed / cfg.time_budget if cfg.time_budget else 0.0}
+        fractions = {
+            "max_steps": state.step / cfg.max_steps if cfg.max_steps else 0.0,
+            "max_tokens": state.tokens_seen / cfg.max_tokens if cfg.max_tokens else 0.0,
+            "epochs": state.tokens_seen / (cfg.epochs * self.epoch_tokens) if cfg.epochs else 0.0,
+            "time_budget": elapsed / cfg.time_budget if cfg.time_budget else 0.0,
+        }
         limit = max(fractions, key=fractions.get)
         return fractions[limit], limit
 
@@ -272,10 +296,19 @@ class StopRequest:
             signal.signal(sig, handler)
 
 
-def train(model_cfg: GPTConfig, cfg: TrainConfig, tokenizer: Tokenizer, data: TrainingData | TrainingSource,
-          runtime: Runtime | None = None, resume: bool = False, overwrite: bool = False,
-          init_state: dict[str, torch.Tensor] | None = None, run: RunConfig | None = None,
-          hooks: ModelHooks = ModelHooks(), log=print) -> TrainResult:
+def train(
+    model_cfg: GPTConfig,
+    cfg: TrainConfig,
+    tokenizer: Tokenizer,
+    data: TrainingData | TrainingSource,
+    runtime: Runtime | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    init_state: dict[str, torch.Tensor] | None = None,
+    run: RunConfig | None = None,
+    hooks: ModelHooks = ModelHooks(),
+    log=print,
+) -> TrainResult:
     """Train a GPTModel on `data`, writing checkpoints, metrics and a loss plot under cfg.out. `run`, the
     run's full settings, goes into each checkpoint for `--resume` and `gptlab eval`. Pass the runtime when
     the caller started it (to build the token cache before training)."""
@@ -291,8 +324,9 @@ def train(model_cfg: GPTConfig, cfg: TrainConfig, tokenizer: Tokenizer, data: Tr
 def _train(runtime, model_cfg, cfg, tokenizer, data, resume, overwrite, init_state, run, hooks, log) -> TrainResult:
     out_dir = Path(cfg.out)
     if not any(getattr(cfg, name) for name in LIMITS):
-        raise TrainingError("give at least one limit so training can stop: --max-steps, --max-tokens, --epochs "
-                            "or --time-budget")
+        raise TrainingError(
+            "give at least one limit so training can stop: --max-steps, --max-tokens, --epochs or --time-budget"
+        )
     if runtime.is_main:
         check_out_dir(out_dir, resume, overwrite)
     if resume:
@@ -300,8 +334,10 @@ def _train(runtime, model_cfg, cfg, tokenizer, data, resume, overwrite, init_sta
     context = model_cfg.context_length
     micro = cfg.micro_batch_size or max(1, cfg.batch_size // runtime.world)
     if cfg.batch_size % (micro * runtime.world):
-        raise TrainingError(f"batch size {cfg.batch_size} is not a multiple of micro batch {micro} x {runtime.world} "
-                            "processes; choose --batch-size as a multiple of their product")
+        raise TrainingError(
+            f"batch size {cfg.batch_size} is not a multiple of micro batch {micro} x {runtime.world} "
+            "processes; choose --batch-size as a multiple of their product"
+        )
     accum_steps = cfg.batch_size // (micro * runtime.world)
     source = data.source(context, cfg.stride, cfg.eval_tokens, cfg.seed) if isinstance(data, TrainingData) else data
     plan = Plan.of(cfg, cfg.batch_size * context, source.epoch_tokens)
@@ -319,8 +355,10 @@ def _train(runtime, model_cfg, cfg, tokenizer, data, resume, overwrite, init_sta
     dropout_note = describe_dropout(cfg, dropout, plan.epoch_tokens / plan.tokens_per_step)
     if cfg.fsdp:
         if not runtime.distributed:
-            raise TrainingError("--fsdp shards the model across processes; launch them with "
-                                "torchrun --nproc_per_node N -m gptlab train ... --fsdp")
+            raise TrainingError(
+                "--fsdp shards the model across processes; launch them with "
+                "torchrun --nproc_per_node N -m gptlab train ... --fsdp"
+            )
         model = shard_model(model, cfg.activation_checkpointing)
     elif cfg.activation_checkpointing:
         checkpoint_blocks(model)
@@ -331,9 +369,11 @@ def _train(runtime, model_cfg, cfg, tokenizer, data, resume, overwrite, init_sta
         if len(state.rng_states) == runtime.world:
             set_rng_state(runtime, state.rng_states[runtime.rank])
         elif runtime.is_main:
-            log(f"random state: the run was saved by {len(state.rng_states)} processes and resumes in {runtime.world}, "
+            log(
+                f"random state: the run was saved by {len(state.rng_states)} processes and resumes in {runtime.world}, "
                 "so each starts from its seed again: random draws from here (dropout masks) differ "
-                "from an uninterrupted run")
+                "from an uninterrupted run"
+            )
     average = WeightAverage(model, cfg.ema_decay) if cfg.ema_decay else None
     if average and resume:
         average.resume(out_dir / "last")
@@ -348,7 +388,9 @@ def _train(runtime, model_cfg, cfg, tokenizer, data, resume, overwrite, init_sta
             (out_dir / "metrics.jsonl").unlink(missing_ok=True)
         else:
             drop_metrics_after(out_dir, state.step, log)
-        tracker = Tracker(out_dir, cfg.loggers, run.to_toml() if run is not None else "", state.step if resume else None)
+        tracker = Tracker(
+            out_dir, cfg.loggers, run.to_toml() if run is not None else "", state.step if resume else None
+        )
     else:
         tracker = None
 
@@ -364,7 +406,9 @@ def _train(runtime, model_cfg, cfg, tokenizer, data, resume, overwrite, init_sta
         log(dropout_note)
     net: torch.nn.Module = model  # FSDP shards the model itself; plain data parallelism wraps it
     if runtime.distributed and not cfg.fsdp:
-        net = DistributedDataParallel(model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
+        net = DistributedDataParallel(
+            model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None
+        )
     compute_loss = training_loss_fn(cfg)
     bar = progress_bar(cfg, runtime)
 
@@ -392,11 +436,17 @@ def _train(runtime, model_cfg, cfg, tokenizer, data, resume, overwrite, init_sta
         if cfg.fsdp:
             save_checkpoint(out_dir / "last", model, tokenizer, optimizer, state, run, hooks.write_model, full_model)
         if runtime.is_main:
-            record({"step": state.step, "tokens": state.tokens_seen,
-                    **{f"val_{name}": value for name, value in result.metrics().items()}})
+            record(
+                {
+                    "step": state.step,
+                    "tokens": state.tokens_seen,
+                    **{f"val_{name}": value for name, value in result.metrics().items()},
+                }
+            )
             if not cfg.fsdp:
-                save_checkpoint(out_dir / "last", model, tokenizer, optimizer, state, run, hooks.write_model,
-                                average=average)
+                save_checkpoint(
+                    out_dir / "last", model, tokenizer, optimizer, state, run, hooks.write_model, average=average
+                )
             if improved:
                 write_folder_atomically(out_dir / "best", lambda folder: link_or_copy_folder(out_dir / "last", folder))
             plot_losses(out_dir)
@@ -468,8 +518,15 @@ def _train(runtime, model_cfg, cfg, tokenizer, data, resume, overwrite, init_sta
                 tokens_per_s = window_tokens / (time.perf_counter() - window_start)
                 window_start, window_tokens = time.perf_counter(), 0
                 if runtime.is_main:
-                    values = {"step": state.step, "tokens": state.tokens_seen, "train_loss": step_loss, "lr": lr,
-                              "grad_norm": grad_norm, "tokens_per_s": tokens_per_s, "elapsed": state.elapsed}
+                    values = {
+                        "step": state.step,
+                        "tokens": state.tokens_seen,
+                        "train_loss": step_loss,
+                        "lr": lr,
+                        "grad_norm": grad_norm,
+                        "tokens_per_s": tokens_per_s,
+                        "elapsed": state.elapsed,
+                    }
                     record(values)
                     say(format_log_line(values, plan.steps))
                     bar.set_postfix_str(f"loss {step_loss:.4f}, grad norm {grad_norm:.2f}")
@@ -477,23 +534,34 @@ def _train(runtime, model_cfg, cfg, tokenizer, data, resume, overwrite, init_sta
                 evaluate_and_save(final=False)
     bar.close()
     if resume and state.step == resumed_at and stopped_by == "time_budget" and runtime.is_main:
-        log(f"nothing to train: the run's time budget of {cfg.time_budget:g} s is spent ({state.elapsed:.0f} s trained) "
-            "and a run stops at whichever limit comes first; to train on, resume with a larger --time-budget")
+        log(
+            f"nothing to train: the run's time budget of {cfg.time_budget:g} s is spent ({state.elapsed:.0f} s trained) "
+            "and a run stops at whichever limit comes first; to train on, resume with a larger --time-budget"
+        )
     elif resume and state.step == resumed_at and stopped_by not in ("interrupt", "terminate") and runtime.is_main:
-        log(f"nothing to train: the run's --{stopped_by.replace('_', '-')} is reached at step {state.step}; to train "
-            f"on, resume with a larger --{stopped_by.replace('_', '-')}")
+        log(
+            f"nothing to train: the run's --{stopped_by.replace('_', '-')} is reached at step {state.step}; to train "
+            f"on, resume with a larger --{stopped_by.replace('_', '-')}"
+        )
     final = last_eval[1] if last_eval and last_eval[0] == state.step else evaluate_and_save(final=True)
     if getattr(source, "bounded", False):  # the in-run figures were estimates: the end scores everything
         with average.in_model() if average else nullcontext():
             final = source.evaluate_whole(net, micro, runtime, cfg.dtype)
         if runtime.is_main:
-            record({"step": state.step, "tokens": state.tokens_seen,
-                    **{f"final_val_{name}": value for name, value in final.metrics().items()}})
+            record(
+                {
+                    "step": state.step,
+                    "tokens": state.tokens_seen,
+                    **{f"final_val_{name}": value for name, value in final.metrics().items()},
+                }
+            )
             say(f"step {state.step}: val on the whole split {final.format()}")
     if stopped_by in ("interrupt", "terminate") and runtime.is_main:
         what = "SIGTERM" if stopped_by == "terminate" else "Ctrl-C"
-        log(f"stopped by {what} at step {state.step}; checkpoint saved in {out_dir / 'last'}; "
-            f"continue with: gptlab train --out {out_dir} --resume")
+        log(
+            f"stopped by {what} at step {state.step}; checkpoint saved in {out_dir / 'last'}; "
+            f"continue with: gptlab train --out {out_dir} --resume"
+        )
     if tracker is not None:
         tracker.close()
     barrier(runtime)  # no rank tears the process group down while another still uses it
@@ -503,8 +571,11 @@ def _train(runtime, model_cfg, cfg, tokenizer, data, resume, overwrite, init_sta
 def check_resume_config(out_dir: Path, model_cfg: GPTConfig) -> None:
     saved, _, _ = read_config(out_dir / "last")
     if saved != model_cfg:
-        diffs = [f"{k} {getattr(saved, k)} (checkpoint) vs {getattr(model_cfg, k)} (given)"
-                 for k in saved.to_dict() if getattr(saved, k) != getattr(model_cfg, k)]
+        diffs = [
+            f"{k} {getattr(saved, k)} (checkpoint) vs {getattr(model_cfg, k)} (given)"
+            for k in saved.to_dict()
+            if getattr(saved, k) != getattr(model_cfg, k)
+        ]
         raise TrainingError(f"--resume: the checkpoint's model differs from the one given: {'; '.join(diffs)}")
 
 
@@ -516,8 +587,11 @@ def divergence_error(what: str, value: float, step: int, out_dir: Path) -> Train
 
 def format_log_line(record: dict, steps: int | None) -> str:
     of = f"/{steps:,}" if steps else ""
-    return (f"step {record['step']:,}{of} | loss {record['train_loss']:.4f} | lr {record['lr']:.2e} | "
-            f"grad norm {record['grad_norm']:.3f} | {record['tokens_per_s']:,.0f} tok/s | {record['elapsed']:.1f} s")
+    return (
+        f"step {record['step']:,}{of} | loss {record['train_loss']:.4f} | lr {record['lr']:.2e} | "
+        f"grad norm {record['grad_norm']:.3f} | {record['tokens_per_s']:,.0f} tok/s | {record['elapsed']:.1f} s"
+    )
+
 
 def drop_metrics_after(out_dir: Path, step: int, log) -> None:
     """A run that crashed or was aborted logged steps after its last checkpoint; resuming trains them again.
@@ -580,8 +654,12 @@ def progress_bar(cfg: TrainConfig, runtime: Runtime):
     writes the time left from the fraction done instead."""
     from tqdm import tqdm
 
-    return tqdm(total=BAR_UNITS, disable=not (cfg.progress and runtime.is_main), file=sys.stderr,
-                bar_format="{percentage:3.0f}%|{bar}| {desc} {postfix}")
+    return tqdm(
+        total=BAR_UNITS,
+        disable=not (cfg.progress and runtime.is_main),
+        file=sys.stderr,
+        bar_format="{percentage:3.0f}%|{bar}| {desc} {postfix}",
+    )
 
 
 BAR_UNITS = 1000
