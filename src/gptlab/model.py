@@ -81,10 +81,9 @@ FLOAT32_ATTENTION_BELOW = 256
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float) -> torch.Tensor:
     """softmax(q·kᵀ/√D + causal mask) with dropout, then · v: (B, H, T, D) each, in and out.
 
-    On the CPU, PyTorch's fused kernel is slow in bfloat16 for short sequences: its forward and backward
-    passes take 2.5-3x as long as in float32 at 128 tokens, about as long at 256, and 0.8x at 1024
-    (benchmarks/cpu_train_step.py). So short bfloat16 attention runs in float32 there; autocast would cast
-    the inputs back down, so it is off for the call. GPUs keep their bfloat16 kernels.
+    On the CPU, PyTorch's fused kernel is slow in bfloat16 for short sequences (benchmarks/cpu_train_step.py;
+    docs/benchmarks.md#kernel-choices). So short bfloat16 attention runs in float32 there; autocast would
+    cast the inputs back down, so it is off for the call. GPUs keep their bfloat16 kernels.
     """
     if q.device.type == "cpu" and q.dtype == torch.bfloat16 and q.size(-2) < FLOAT32_ATTENTION_BELOW:
         with torch.autocast("cpu", enabled=False):

@@ -26,9 +26,8 @@ Compiled steps (CUDA, opt-in). DecoderSettings(compile=True) runs each one-token
 torch.compile(mode="reduce-overhead"), which records it as a CUDA graph: one launch per step instead
 of hundreds. A graph needs fixed shapes and addresses, so that session uses a StaticKVCache, which
 attends over every slot of the context with a mask instead of over the slots filled so far. The
-prompt (prefill) runs uncompiled. The gain is small so far (benchmarks/gpu_decode.py, H200, GPT-2
-124M, float32: 436 against 352 tokens/s eager at batch 1, none at batch 8): a hand-captured CUDA
-graph gave the same 437, so launches are not what limits these steps.
+prompt (prefill) runs uncompiled. The gain is small so far, and a hand-captured CUDA graph gains no
+more, so launches are not what limits these steps (docs/benchmarks.md#gpu-decoding).
 """
 
 from __future__ import annotations
@@ -141,10 +140,9 @@ def prepared_model(model: GPTModel, dtype: torch.dtype | None = None, prepare: b
 
 def cache_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
     """The KV cache's dtype for decoding in dtype. On the CPU a bfloat16 model keeps a float32 cache,
-    because PyTorch's CPU attention is 2-3x faster in float32 for a query or a few: GPT-2 124M's 12 heads
-    of 64 over 60 and 160 cached tokens, 2-core AMD EPYC, take 53 and 116 µs per layer in bfloat16
-    against 24 and 38 µs cast to float32. The cache is a few percent of what a step reads, so its
-    width costs little; the queries are cast up and the attention's output back down, per layer."""
+    because PyTorch's CPU attention is faster in float32 for a query or a few (docs/benchmarks.md#kernel-
+    choices). The cache is a few percent of what a step reads, so its width costs little; the queries
+    are cast up and the attention's output back down, per layer."""
     return torch.float32 if dtype == torch.bfloat16 and device.type == "cpu" else dtype
 
 

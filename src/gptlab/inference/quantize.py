@@ -11,24 +11,11 @@ fewer bits makes each step faster, provided the kernel that multiplies by them k
 quantize_model swaps every Linear layer (attention qkv and out_proj, feed-forward fc and proj, the
 output head) for one of these; embeddings and LayerNorms stay float.
 
-Which kernel: benchmarks/quantize_kernels.py times every candidate on GPT-2 124M's five matrix
-shapes at 1, 8 and 128 rows, each weight evicted from the cache before the call as in decoding.
-On one thread of a shared 2-core AMD EPYC (Zen 4):
-
-    int8  PyTorch's dynamic int8 Linear (fbgemm, the kernel behind torch.ao's quantize_dynamic) was
-          the fastest int8 kernel in 13 of the 15 cells: against float32 F.linear 1.4-1.6x at one
-          row (the head 3.8x), 1.0-8.1x at 8 rows, 2.4-5.5x at 128. It rounds the activations to
-          8 bits too, so the multiply runs on integers. torch._weight_int8pack_mm (gpt-fast's
-          weight-only kernel) was 4% ahead at one row of proj, 1.1-4.6x behind at 8 rows, and
-          slower than float32 at 128 rows. At one row of the 768x768 out_proj every int8 kernel
-          lost to float32 (0.72-0.85x), by about 0.1 ms per layer, 4% of an int8 step at batch 1.
-          Winning it back would take a float copy of those weights (28 MB for GPT-2 124M) and a
-          switch on the row count, for a gap near this machine's noise: there is no fallback.
-    int4  torch._weight_int4pack_mm_for_cpu ran as fast with groups of 32 inputs as of 64 or 128,
-          so the smallest, most accurate group is used. At one row it beats int8 (1.8-2.7x
-          float32 on qkv, fc and proj, 3.7x on the head); at 8 rows it is behind int8 but for
-          out_proj, and at 128 rows (a prompt, an evaluation batch) no faster than float32.
-
+Which kernel: benchmarks/quantize_kernels.py times every candidate on GPT-2 124M's five matrix shapes
+at 1, 8 and 128 rows (docs/benchmarks.md#kernel-choices has the figures). int8: PyTorch's dynamic int8
+Linear (fbgemm, the kernel behind torch.ao's quantize_dynamic), which rounds the activations to 8 bits
+too, so the multiply runs on integers; it was the fastest int8 kernel in nearly every cell. int4:
+torch's CPU int4 kernel with groups of 32 inputs, as fast as larger groups and the most accurate.
 One kernel per mode therefore serves every shape: KERNELS below.
 """
 
@@ -109,7 +96,7 @@ class DynamicInt8Linear(QuantizedLinear):
         self.packed = int8_prepack(q, scales, float32_bias(linear))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # (..., in) goes in as it is: reshapes around the call cost 0.5 ms of a 124M step at batch 1
+        # (..., in) goes in as it is: reshapes around the call cost time at batch 1 (docs/benchmarks.md)
         return int8_linear_dynamic(x.float(), self.packed).to(x.dtype)
 
     def unpacked(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
