@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from run_helpers import TINY_RUN, lines_of_text
 
 from gptlab.cli import main
 from gptlab.config import GPTConfig
@@ -70,42 +71,9 @@ def test_the_bounded_loss_and_bytes_are_those_of_the_chosen_windows():
 
 
 def test_a_run_estimates_on_a_subset_and_ends_on_the_whole_split(tmp_path, capsys):
-    text = tmp_path / "text.txt"
-    text.write_text("".join(f"Line {i}: the quick brown fox jumps over the lazy dog.\n" for i in range(400)))
-    argv = [
-        "train",
-        "--data",
-        str(text),
-        "--out",
-        str(tmp_path / "run"),
-        "--cache-dir",
-        str(tmp_path / "cache"),
-        "--context-length",
-        "16",
-        "--emb-dim",
-        "32",
-        "--n-heads",
-        "2",
-        "--n-layers",
-        "2",
-        "--batch-size",
-        "4",
-        "--max-steps",
-        "4",
-        "--eval-interval",
-        "2",
-        "--sample-tokens",
-        "0",
-        "--dtype",
-        "float32",
-        "--device",
-        "cpu",
-        "--no-progress",
-        "--eval-tokens",
-        "64",
-        "--val-fraction",
-        "0.2",
-    ]
+    text = lines_of_text(tmp_path / "text.txt", 400)
+    out_options = ["--out", str(tmp_path / "run"), "--cache-dir", str(tmp_path / "cache")]
+    argv = ["train", "--data", str(text), *out_options, *TINY_RUN, "--eval-tokens", "64", "--val-fraction", "0.2"]
     assert main(argv) == 0
     out = capsys.readouterr().out
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

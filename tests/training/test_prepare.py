@@ -4,6 +4,8 @@ cache fixes refused by name."""
 
 import json
 
+from run_helpers import TINY_RUN
+
 from gptlab.cli import main
 
 
@@ -18,33 +20,6 @@ def posts(tmp_path):
     return path
 
 
-RUN = [
-    "--context-length",
-    "16",
-    "--emb-dim",
-    "32",
-    "--n-heads",
-    "2",
-    "--n-layers",
-    "2",
-    "--batch-size",
-    "4",
-    "--max-steps",
-    "4",
-    "--eval-interval",
-    "2",
-    "--log-interval",
-    "1",
-    "--sample-tokens",
-    "0",
-    "--dtype",
-    "float32",
-    "--device",
-    "cpu",
-    "--no-progress",
-]
-
-
 def losses(run) -> list[float]:
     return [
         record["train_loss"]
@@ -56,14 +31,25 @@ def losses(run) -> list[float]:
 def test_a_prepared_cache_trains_like_the_sources_it_was_made_from(tmp_path, capsys):
     source = posts(tmp_path)
     assert (
-        main(["train", "--data", str(source), "--cache-dir", str(tmp_path / "own"), "--out", str(tmp_path / "a"), *RUN])
+        main(
+            [
+                "train",
+                "--data",
+                str(source),
+                "--cache-dir",
+                str(tmp_path / "own"),
+                "--out",
+                str(tmp_path / "a"),
+                *TINY_RUN,
+            ]
+        )
         == 0
     )
     assert main(["prepare", "--data", str(source), "--out", str(tmp_path / "prepared"), "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert f"train with: gptlab train --prepared {tmp_path / 'prepared'}" in out
     source.unlink()  # the run from the cache never reads it
-    assert main(["train", "--prepared", str(tmp_path / "prepared"), "--out", str(tmp_path / "b"), *RUN]) == 0
+    assert main(["train", "--prepared", str(tmp_path / "prepared"), "--out", str(tmp_path / "b"), *TINY_RUN]) == 0
     out = capsys.readouterr().out
     assert f"data: the token cache {tmp_path / 'prepared'}, prepared from 1 file (" in out
     assert "no source is read" in out
@@ -96,7 +82,7 @@ def test_the_cache_fixes_the_tokenizer_and_its_run_records_it(tmp_path, capsys):
         == 0
     )
     assert "(a character vocabulary of " in capsys.readouterr().out
-    assert main(["train", "--prepared", str(tmp_path / "chars"), "--out", str(tmp_path / "run"), *RUN]) == 0
+    assert main(["train", "--prepared", str(tmp_path / "chars"), "--out", str(tmp_path / "run"), *TINY_RUN]) == 0
     toml = (tmp_path / "run" / "run.toml").read_text()
     assert 'tokenizer = "char"' in toml and "val_fraction = 0.2" in toml
 

@@ -5,6 +5,7 @@ import csv
 import json
 
 import pytest
+from run_helpers import TINY_RUN, lines_of_text
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import gptlab
@@ -32,9 +33,7 @@ def texts(run) -> dict[str, list[tuple[int, str]]]:
 
 
 def test_tensorboard_and_csv_hold_what_metrics_jsonl_holds_across_a_resume(tmp_path, capsys):
-    text = tmp_path / "text.txt"
-    text.write_text("".join(f"Line {i}: the quick brown fox jumps over the lazy dog.\n" for i in range(300)))
-    run = tmp_path / "run"
+    text, run = lines_of_text(tmp_path / "text.txt"), tmp_path / "run"
     argv = [
         "train",
         "--data",
@@ -43,27 +42,9 @@ def test_tensorboard_and_csv_hold_what_metrics_jsonl_holds_across_a_resume(tmp_p
         str(run),
         "--cache-dir",
         str(tmp_path / "cache"),
-        "--context-length",
-        "16",
-        "--emb-dim",
-        "32",
-        "--n-heads",
-        "2",
-        "--n-layers",
-        "2",
-        "--batch-size",
-        "4",
-        "--max-steps",
-        "4",
-        "--eval-interval",
-        "2",
-        "--log-interval",
-        "1",
+        *TINY_RUN,
         "--sample-tokens",
         "12",
-        "--device",
-        "cpu",
-        "--no-progress",
         "--logger",
         "tensorboard",
         "csv",

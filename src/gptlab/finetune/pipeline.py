@@ -113,27 +113,10 @@ def task_settings(kind: type, given: dict, saved: dict | None) -> object:
     return kind(**saved)
 
 
-def train(
-    config: str | os.PathLike | RunConfig | None = None,
-    *,
-    resume: bool = False,
-    overwrite: bool = False,
-    accept_data_change: bool = False,
-    log=print,
-    **options,
-) -> TrainResult:
-    """Train as `gptlab train` does (gptlab.train): training.pipeline.train with fine-tuning's hooks, so
-    that `init` with `lora_rank` trains LoRA adapters on a frozen base. `config`: a TOML recipe's path or a
-    RunConfig; `options`: any setting by its option name (`out`, `data`, `max_steps`, ...)."""
-    return training_pipeline.train(
-        config,
-        resume=resume,
-        overwrite=overwrite,
-        accept_data_change=accept_data_change,
-        log=log,
-        hooks_for=run_hooks,
-        **options,
-    )
+def train(config: str | os.PathLike | RunConfig | None = None, **keywords) -> TrainResult:
+    """Train as `gptlab train` does (gptlab.train): training.pipeline.train, whose keywords it takes, with
+    fine-tuning's hooks, so that `init` with `lora_rank` trains LoRA adapters on a frozen base."""
+    return training_pipeline.train(config, hooks_for=run_hooks, **keywords)
 
 
 def finetune(
