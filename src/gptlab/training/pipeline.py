@@ -42,6 +42,7 @@ from .config import (
 from .data_record import check_data, sources_of
 from .evaluation import EvalResult
 from .evaluation import evaluate as evaluate_tokens
+from .report_card import write_report_card
 from .runtime import Runtime, TrainingError, barrier, pick_device, start_runtime, stop_runtime
 from .state import check_out_dir, read_run_config
 from .trainer import ModelHooks, TrainingData, TrainResult
@@ -161,12 +162,14 @@ def _train(
                 val_fraction=round(1 - inputs["train_fraction"], 12),
             ),
         )
+        read = f"{describe_prepared(prepared)}; no source is read"
         if runtime.is_main:
-            log(f"data: {describe_prepared(prepared)}; no source is read")
+            log(f"data: {read}")
     else:
         corpus, prepared = read_corpus(run.data), None
+        read = EMBEDDED_NAME if run.data.data is None else corpus.summary()
         if runtime.is_main:
-            log(f"data: {EMBEDDED_NAME if run.data.data is None else corpus.summary()}")
+            log(f"data: {read}")
             for path, reason in corpus.skipped[:SKIPPED_SHOWN]:
                 log(f"  skipped {path}: {reason}")
             if len(corpus.skipped) > SKIPPED_SHOWN:
@@ -216,7 +219,7 @@ def _train(
     corpus_data = TrainingData(
         cache.train_tokens, cache.val_tokens, cache.val_target_bytes, sources_of(cache.manifest), token_bytes
     )
-    return train_loop(
+    result = train_loop(
         model_cfg,
         run.train,
         tokenizer,
@@ -229,6 +232,22 @@ def _train(
         hooks=hooks,
         log=log,
     )
+    if runtime.is_main:
+        state = result.state
+        card = write_report_card(
+            out,
+            name=out.name,
+            data=read,
+            tokenizer=tokenizer_name(tokenizer.spec()),
+            cfg=model_cfg,
+            steps=state.step,
+            tokens=state.tokens_seen,
+            seconds=state.elapsed,
+            stopped_by=result.stopped_by,
+            final=result.final_eval,
+        )
+        log(f"report: {card}")
+    return result
 
 
 # What a prepared cache fixes, so a run from one may not set it again.
