@@ -6,9 +6,11 @@ import argparse
 from pathlib import Path
 
 from ..config import PRESETS
+from ..errors import UserError
 from ..finetune.hooks import BASE_DTYPES
 from ..finetune.lora import TARGETS
 from ..finetune.pipeline import train
+from ..inference.benchmarks import TASKS
 from ..training.config import FINETUNE_DEFAULTS, LOGGERS, OPTIMIZERS, SCHEDULES, resolve
 from ..training.pipeline import PREPARED_FIXES, evaluate, prepare
 from ..training.state import RUN_MARKER
@@ -337,6 +339,34 @@ def add_settings(parser: argparse.ArgumentParser, only: set[str] | None = None) 
         groups[section].add_argument(flag, dest=name, default=argparse.SUPPRESS, **spec)
 
 
+def cmd_eval_task(args: argparse.Namespace) -> None:
+    """gptlab eval --task NAME --data FILE: a benchmark in its published format (inference/benchmarks.py)."""
+    import torch
+
+    from ..inference.benchmarks import hellaswag_items, score
+    from ..loading import load_model
+    from ..training.runtime import pick_device
+
+    if not args.data or len(args.data) != 1:
+        raise UserError(f"--task {args.task} scores one file in the task's published format; give it with --data FILE")
+    ignored = [
+        flag
+        for flag, given in (
+            ("--include", args.include),
+            ("--exclude", args.exclude),
+            ("--quantize", args.quantize),
+            ("--cache-dir", args.cache_dir),
+            ("--accept-data-change", args.accept_data_change),
+        )
+        if given
+    ]
+    if ignored:
+        raise UserError(f"{ignored[0]} does not apply to --task {args.task}; drop it")
+    model, tokenizer = load_model(args.checkpoint, device=pick_device(args.device), dtype=getattr(torch, args.dtype))
+    result = score(model, tokenizer, hellaswag_items(args.data[0]))
+    print(f"{args.checkpoint} on {args.task} ({args.data[0]}): {result.format()}")
+
+
 def cmd_prepare(args: argparse.Namespace) -> None:
     options = {name: value for name, value in vars(args).items() if name in PREPARED_FIXES and name != "data"}
     prepare(args.data, args.out, progress=args.progress, **options)
@@ -362,6 +392,9 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
+    if args.task:
+        cmd_eval_task(args)
+        return
     report = evaluate(
         args.checkpoint,
         args.data,
@@ -443,6 +476,12 @@ def add_parsers(commands) -> None:
     tr.set_defaults(run=cmd_train, config=None)
 
     ev = add_command(commands, "eval")
+    ev.add_argument(
+        "--task",
+        choices=list(TASKS),
+        help="score a benchmark in its published format instead: acc "
+        "and acc_norm over the --data file's items, as lm-eval scores them (e.g. hellaswag_val.jsonl)",
+    )
     ev.add_argument(
         "--checkpoint", required=True, help="a gptlab checkpoint (e.g. runs/NAME/best) or a Hugging Face GPT-2 folder"
     )
