@@ -222,3 +222,45 @@ def test_gptlab_train_reads_records_from_the_field_it_is_given(tmp_path, capsys)
         f"gptlab train: error: {posts}: line 1 has no 'text' field (it has: body, id); name the text field "
         "with --text-field\n"
     )
+
+
+def test_a_hugging_face_dataset_saved_to_disk_is_read_from_its_arrow_files(tmp_path, gpt2):
+    datasets = pytest.importorskip("datasets")
+    folder = tmp_path / "saved"
+    datasets.Dataset.from_dict({"id": list(range(len(RECORDS))), "text": RECORDS}).save_to_disk(str(folder))
+    corpus = read_corpus([f"hf-disk:{folder}"])
+    assert [doc.path for doc in corpus.documents] == [str(folder / "data-00000-of-00001.arrow")]
+    assert corpus.documents[0].read_text() == EOT_TEXT.join(DOCUMENTS)
+    reference = read_corpus([write(tmp_path / "text" / f"{i}.txt", text) for i, text in enumerate(DOCUMENTS)])
+    got = build_token_cache(corpus, gpt2, tmp_path / "cache", progress=False, chunk_chars=16)
+    expected = build_token_cache(reference, gpt2, tmp_path / "reference", progress=False, chunk_chars=16)
+    assert got.train_tokens.tolist() == expected.train_tokens.tolist()
+    assert got.val_tokens.tolist() == expected.val_tokens.tolist()
+    splits = datasets.DatasetDict(
+        {
+            "train": datasets.Dataset.from_dict({"text": ["a"]}),
+            "validation": datasets.Dataset.from_dict({"text": ["b"]}),
+        }
+    )
+    splits.save_to_disk(str(tmp_path / "splits"))
+    with pytest.raises(
+        DataError, match=rf"holds the splits train, validation; name one: --data hf-disk:{tmp_path}/splits/train"
+    ):
+        read_corpus([f"hf-disk:{tmp_path / 'splits'}"])
+    assert read_corpus([f"hf-disk:{tmp_path / 'splits' / 'train'}"]).documents[0].read_text() == "a"
+    datasets.load_from_disk(str(folder)).shuffle(seed=0).save_to_disk(str(tmp_path / "shuffled"))
+    shuffled = [text for text in datasets.load_from_disk(str(tmp_path / "shuffled"))["text"] if text]
+    assert shuffled != DOCUMENTS  # the rows in the order datasets gives them
+    assert read_corpus([f"hf-disk:{tmp_path / 'shuffled'}"]).documents[0].read_text() == EOT_TEXT.join(shuffled)
+    with pytest.raises(DataError, match=r"not a dataset saved with save_to_disk"):
+        read_corpus([f"hf-disk:{tmp_path / 'text'}"])
+
+
+def test_a_hub_dataset_says_what_to_fetch_and_where(tmp_path):
+    with pytest.raises(DataError) as error:
+        read_corpus(["hf:HuggingFaceFW/fineweb-edu:sample-10BT"])
+    assert str(error.value) == (
+        "gptlab does not download datasets; on a machine with the network, save it with "
+        "datasets.load_dataset('HuggingFaceFW/fineweb-edu').save_to_disk(FOLDER) (a split: "
+        "load_dataset(..., split='train')) and pass --data hf-disk:FOLDER"
+    )

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import DataError
-from .formats import file_format, mismatch
+from .formats import HUB_DATASET, SAVED_DATASET, file_format, hub_dataset_error, mismatch, saved_dataset_files
 
 SNIFF_BYTES = 8192  # enough to meet a binary format's header or the first invalid byte of a non-UTF-8 text
 WILDCARDS = "*?["
@@ -120,7 +120,11 @@ class FileSearch:
     def add(self, path: str) -> None:
         """The files of one data path: a file itself, a folder's text files, a glob pattern's matches."""
         skipped_before = len(self.skipped)
-        if os.path.isdir(path):
+        if path.startswith(SAVED_DATASET):
+            self.files += saved_dataset_files(path)
+        elif path.startswith(HUB_DATASET):
+            raise hub_dataset_error(path)
+        elif os.path.isdir(path):
             self.add_found(path, self.search_folder(path), "folder", skipped_before)
         elif os.path.exists(path):
             if not stat.S_ISREG(os.stat(path).st_mode):

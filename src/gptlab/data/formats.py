@@ -6,6 +6,8 @@ stream of texts: a plain text file is one document; a file of records gives one 
     .jsonl, .jsonl.gz, .jsonl.zst          JSON Lines: one object per line, its text field a document
     .json                                  one JSON array of such objects (read whole: prefer .jsonl)
     .parquet                               Parquet: the text field's column, read one row group at a time
+    .arrow                                 Arrow IPC streams, as Hugging Face datasets stores its rows
+                                           (save_to_disk): --data hf-disk:FOLDER names a saved dataset
 
 The text field is `text` unless the caller names another (--text-field), as FineWeb, TinyStories and
 most Hugging Face corpora store it. Records are separated by BOUNDARY in the stream, which the token
@@ -25,9 +27,11 @@ from pathlib import Path
 from .errors import DataError
 
 BOUNDARY = None  # between two records of one file, in a stream of texts
-RECORD_FORMATS = ("jsonl", "json", "parquet")
+RECORD_FORMATS = ("jsonl", "json", "parquet", "arrow")
 COMPRESSIONS = {".gz": "gzip", ".zst": "zstd"}  # by name; the first bytes must agree
-MAGIC = {"gzip": b"\x1f\x8b", "zstd": b"\x28\xb5\x2f\xfd", "parquet": b"PAR1"}
+MAGIC = {"gzip": b"\x1f\x8b", "zstd": b"\x28\xb5\x2f\xfd", "parquet": b"PAR1", "arrow": b"\xff\xff\xff\xff"}
+SAVED_DATASET = "hf-disk:"  # --data hf-disk:FOLDER, a Hugging Face dataset saved with save_to_disk
+HUB_DATASET = "hf:"
 PARQUET_BATCH_ROWS = 1024  # rows turned into Python strings at once, from the one row group held
 
 
@@ -39,8 +43,8 @@ def file_format(path: str) -> tuple[str, str | None]:
     if compression:
         suffixes = suffixes[:-1]
     kind = suffixes[-1].lstrip(".") if suffixes else ""
-    if kind == "parquet" and compression is None:
-        return "parquet", None
+    if kind in ("parquet", "arrow") and compression is None:
+        return kind, None
     if kind in ("jsonl", "json") and (compression is None or kind == "jsonl"):
         return kind, compression
     return "text", compression
@@ -49,7 +53,7 @@ def file_format(path: str) -> tuple[str, str | None]:
 def mismatch(path: str, head: bytes) -> str | None:
     """Why a file's first bytes contradict its name (e.g. a .gz that is not gzip), or None."""
     kind, compression = file_format(path)
-    expected = compression or (kind if kind == "parquet" else None)
+    expected = compression or (kind if kind in ("parquet", "arrow") else None)
     if expected and not head.startswith(MAGIC[expected]):
         return f"named {Path(path).name}, but its first bytes are not {expected}'s; rename or re-create it"
     return None
@@ -125,6 +129,9 @@ def texts(
     kind, compression = file_format(path)
     if kind == "parquet":
         yield from parquet_texts(path, text_field or "text", hasher, block_bytes)
+        return
+    if kind == "arrow":
+        yield from arrow_texts(path, text_field or "text", hasher, block_bytes)
         return
     text = decoded(decompressed(raw_blocks(path, hasher, block_bytes), compression, path), errors, path)
     if kind == "text":
@@ -205,17 +212,7 @@ def parquet_texts(path: str, text_field: str, hasher, block_bytes: int) -> Itera
         file = pq.ParquetFile(path)
     except Exception as error:  # pyarrow's ArrowInvalid and OSError: the file is not Parquet it can read
         raise DataError(f"{path} is not a readable Parquet file ({error}); re-create it") from None
-    columns = file.schema_arrow.names
-    if text_field not in columns:
-        raise DataError(
-            f"{path} has no {text_field!r} column (it has: {', '.join(columns)}); name the text column "
-            "with --text-field"
-        )
-    column_type = str(file.schema_arrow.field(text_field).type)
-    if column_type not in ("string", "large_string"):
-        raise DataError(
-            f"{path}: column {text_field!r} holds {column_type}, not strings; name the text column with --text-field"
-        )
+    check_text_column(path, file.schema_arrow, text_field)
 
     def documents() -> Iterator[str]:
         for group in range(file.num_row_groups):  # one at a time: iter_batches would buffer them all ahead
@@ -224,3 +221,69 @@ def parquet_texts(path: str, text_field: str, hasher, block_bytes: int) -> Itera
                 yield from (value for value in column.slice(start, PARQUET_BATCH_ROWS).to_pylist() if value)
 
     yield from separated(documents())
+
+
+def check_text_column(path: str, schema, text_field: str) -> None:
+    """A DataError unless the Arrow schema has a string column named text_field."""
+    if text_field not in schema.names:
+        raise DataError(
+            f"{path} has no {text_field!r} column (it has: {', '.join(schema.names)}); name the text column "
+            "with --text-field"
+        )
+    column_type = str(schema.field(text_field).type)
+    if column_type not in ("string", "large_string"):
+        raise DataError(
+            f"{path}: column {text_field!r} holds {column_type}, not strings; name the text column with --text-field"
+        )
+
+
+def arrow_texts(path: str, text_field: str, hasher, block_bytes: int) -> Iterator[str | None]:
+    """The column's strings from an Arrow IPC stream, a record batch at a time, memory-mapped; the file's
+    bytes are hashed in a pass of their own first."""
+    import pyarrow as pa
+
+    for _ in raw_blocks(path, hasher, block_bytes):
+        pass
+    try:
+        reader = pa.ipc.open_stream(pa.memory_map(path))
+    except Exception as error:  # pyarrow's ArrowInvalid: not an Arrow stream it can read
+        raise DataError(f"{path} is not a readable Arrow stream ({error}); re-create it") from None
+    check_text_column(path, reader.schema, text_field)
+    index = reader.schema.names.index(text_field)
+
+    def documents() -> Iterator[str]:
+        for batch in reader:
+            yield from (value for value in batch.column(index).to_pylist() if value)
+
+    yield from separated(documents())
+
+
+def saved_dataset_files(spec: str) -> list[str]:
+    """The Arrow files of `hf-disk:FOLDER`, a Hugging Face dataset saved with save_to_disk, in its order."""
+    folder = Path(spec.removeprefix(SAVED_DATASET))
+    if (folder / "dataset_dict.json").is_file():
+        splits = json.loads((folder / "dataset_dict.json").read_text())["splits"]
+        raise DataError(
+            f"{folder} holds the splits {', '.join(splits)}; name one: --data {SAVED_DATASET}{folder / splits[0]}"
+        )
+    try:
+        state = json.loads((folder / "state.json").read_text())
+    except (OSError, ValueError):
+        raise DataError(
+            f"{folder} is not a dataset saved with save_to_disk (no readable state.json); save one with "
+            "datasets' Dataset.save_to_disk(FOLDER)"
+        ) from None
+    files = [str(folder / entry["filename"]) for entry in state.get("_data_files", [])]
+    missing = [file for file in files if not Path(file).is_file()]
+    if not files or missing:
+        raise DataError(f"{folder} lacks {missing[0] if missing else 'its data files'}; save the dataset again")
+    return files
+
+
+def hub_dataset_error(spec: str) -> DataError:
+    name = spec.removeprefix(HUB_DATASET)
+    return DataError(
+        f"gptlab does not download datasets; on a machine with the network, save it with "
+        f"datasets.load_dataset({name.split(':')[0]!r}).save_to_disk(FOLDER) (a split: "
+        f"load_dataset(..., split='train')) and pass --data {SAVED_DATASET}FOLDER"
+    )
