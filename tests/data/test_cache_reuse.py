@@ -1,9 +1,12 @@
 """The token cache without re-reading: reuse from size and modification time, hashing only what looks
 touched; change detection while building; concurrent builds; caches of a whole text for evaluation."""
 
+import contextlib
 import json
 import os
 import queue
+import subprocess
+import sys
 import threading
 import time
 
@@ -115,7 +118,7 @@ def test_a_file_that_changes_while_the_cache_is_built_is_reported(tmp_path, gpt2
     changing = ChangingTokenizer(gpt2, second, new_text)
     with pytest.raises(DataError, match=r"2.txt changed while it was being tokenized; run the command again"):
         build_token_cache(corpus, changing, tmp_path / "cache", progress=False, chunk_chars=100)
-    assert os.listdir(tmp_path / "cache") == []  # no manifest, no token or temporary files
+    assert os.listdir(tmp_path / "cache") == [".lock"]  # no manifest, no token or temporary files
 
 
 class MeetingTokenizer(CountingTokenizer):
@@ -136,10 +139,12 @@ def build_together(corpus, tokenizer, cache_dir, barrier, results):
     results.put((cache.built, cache.train_tokens.tolist(), cache.val_tokens.tolist()))
 
 
-def test_builders_of_one_cache_at_once_each_leave_a_whole_cache(tmp_path, gpt2):
-    # As ranks on several nodes sharing one cache folder would: each writes its own temporary files and
-    # renames them into place, so whichever rename comes last, the folder holds one whole cache. Threads
-    # stand in for the processes: forking after tiktoken's thread pool has run can deadlock the child.
+def test_builders_of_one_cache_at_once_each_leave_a_whole_cache(tmp_path, gpt2, monkeypatch):
+    # As ranks on several nodes sharing one cache folder would where its lock does not hold across machines
+    # (the lock is taken away here): each writes its own temporary files and renames them into place, so
+    # whichever rename comes last, the folder holds one whole cache. Threads stand in for the processes:
+    # forking after tiktoken's thread pool has run can deadlock the child.
+    monkeypatch.setattr("gptlab.data.cache.build_lock", lambda directory: contextlib.nullcontext())
     text = "Shared storage, several nodes, one cache folder.\n" * 400
     corpus, cache_dir, count = read_corpus([write(tmp_path / "text.txt", text)]), tmp_path / "cache", 3
     barrier, results = threading.Barrier(count), queue.Queue()
@@ -240,3 +245,28 @@ def test_a_file_gone_before_the_build_is_a_clear_error(tmp_path, gpt2):
     path.unlink()
     with pytest.raises(DataError, match=r"cannot read .*t.txt: No such file or directory; check the data paths"):
         build_token_cache(corpus, gpt2, tmp_path / "cache", progress=False)
+
+
+BUILD_AT_ONCE = """
+import sys
+from gptlab.data import build_token_cache, read_corpus
+from gptlab.tokenizer import load_tokenizer
+cache = build_token_cache(read_corpus([sys.argv[1]]), load_tokenizer("gpt2"), sys.argv[2], progress=False)
+print(int(cache.built), len(cache.train_tokens))
+"""
+
+
+def test_processes_building_one_cache_at_once_take_turns(tmp_path):
+    """Three processes start on the same cache together: one builds it while the others wait on its lock
+    (not in a collective), then they find it whole and reuse it."""
+    text = write(tmp_path / "text.txt", "Some text to tokenize, again and again.\n" * 20_000)
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-c", BUILD_AT_ONCE, str(text), str(tmp_path / "cache")], stdout=subprocess.PIPE, text=True
+        )
+        for _ in range(3)
+    ]
+    results = [process.communicate(timeout=120)[0].split() for process in processes]
+    assert all(process.returncode == 0 for process in processes)
+    assert sorted(built for built, _ in results) == ["0", "0", "1"]
+    assert len({tokens for _, tokens in results}) == 1

@@ -203,7 +203,7 @@ def test_the_manifest_records_sources_tokenizer_split_and_counts(tmp_path, gpt2)
     assert manifest["splits"]["train"]["tokens"] == len(cache.train_tokens) > 0
     assert manifest["splits"]["val"]["tokens"] == len(cache.val_tokens) > 0
     assert manifest["total_chars"] == 500 and manifest["split_char"] == 450
-    assert sorted(os.listdir(tmp_path / "cache")) == ["tokens-train.bin", "tokens-val.bin", "tokens.json"]
+    assert sorted(os.listdir(tmp_path / "cache")) == [".lock", "tokens-train.bin", "tokens-val.bin", "tokens.json"]
 
 
 def test_the_cache_is_reused_when_nothing_changed_and_rebuilt_when_anything_did(tmp_path, gpt2):

@@ -5,12 +5,15 @@ modification time match the manifest (see reuse_token_cache).
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +30,7 @@ CACHE_VERSION = 2
 # systems with coarse timestamps (FAT: 2 s; some network file systems: 1 s), so such a file is hashed again.
 RACY_WINDOW_NS = 2 * 10**9
 MANIFEST_FILE = "tokens.json"
+LOCK_FILE = ".lock"  # held while a process checks or builds the cache (build_lock)
 SPLIT_FILES = {"train": "tokens-train.bin", "val": "tokens-val.bin"}
 
 
@@ -184,6 +188,32 @@ def build_token_cache(
         raise DataError(f"train_fraction must be between 0 and 1, got {train_fraction}")
     directory = Path(cache_dir)
     show_progress = sys.stderr.isatty() if progress is None else progress
+    with build_lock(directory):
+        return build_or_reuse(corpus, tokenizer, directory, show_progress, chunk_chars, train_fraction)
+
+
+@contextlib.contextmanager
+def build_lock(directory: Path) -> Iterator[None]:
+    """Held while one process checks or builds the cache in `directory`: the others wait here, for as long
+    as it takes (no collective's timeout), then find the cache whole and reuse it. Where the lock file
+    cannot be made (a read-only cache), there is none: reusing needs no lock."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        handle = open(directory / LOCK_FILE, "a")
+    except OSError:
+        yield
+        return
+    with handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def build_or_reuse(
+    corpus: Corpus, tokenizer: Tokenizer, directory: Path, show_progress: bool, chunk_chars: int, train_fraction: float
+) -> TokenCache:
     manifest = read_manifest(directory)
     if manifest is not None:
         cache = reuse_token_cache(directory, manifest, corpus, tokenizer, train_fraction, show_progress)

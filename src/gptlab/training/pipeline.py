@@ -43,7 +43,7 @@ from .data_record import check_data, sources_of
 from .evaluation import EvalResult
 from .evaluation import evaluate as evaluate_tokens
 from .report_card import write_report_card
-from .runtime import Runtime, TrainingError, barrier, pick_device, start_runtime, stop_runtime
+from .runtime import Runtime, TrainingError, pick_device, start_runtime, stop_runtime
 from .state import check_out_dir, read_run_config
 from .trainer import ModelHooks, TrainingData, TrainResult
 from .trainer import train as train_loop
@@ -433,22 +433,13 @@ def token_cache(
     progress: bool,
     train_fraction: float = data.TRAIN_FRACTION,
 ) -> data.TokenCache:
-    """Build the cache (or check and reuse it) once: rank 0 first; then local rank 0 of every other machine,
-    which on storage all machines share (--cache-dir) only checks the files' sizes and times, and on a
-    machine's own disk builds its copy; then every other process opens it."""
+    """Build the cache, or check and reuse it, in every process, one at a time under the cache's lock
+    (data/cache.py build_lock): the first builds it (on each machine's own disk, or once on storage all
+    machines share with --cache-dir) and the others, waiting on the lock rather than in a collective with a
+    timeout, find it whole and only check the files' sizes and times."""
     directory = Path(cache_dir) if cache_dir else data.default_cache_dir(corpus, tokenizer, train_fraction)
-
-    def build() -> data.TokenCache:
-        return data.build_token_cache(
-            corpus, tokenizer, directory, progress=progress and runtime.is_main, train_fraction=train_fraction
-        )
-
-    cache = build() if runtime.is_main else None
-    barrier(runtime)
-    if runtime.local_rank == 0 and not runtime.is_main:
-        cache = build()
-    barrier(runtime)
-    return cache or data.open_token_cache(directory)
+    # progress in every process: the one that builds shows its bars, the others have nothing to show
+    return data.build_token_cache(corpus, tokenizer, directory, progress=progress, train_fraction=train_fraction)
 
 
 @dataclass(frozen=True)
