@@ -5,7 +5,8 @@ into gptlab through gptlab.interop. Greedy, a 32-token prompt, 128 new tokens, b
 gptlab.generate lays the weights out for decoding once per model (the first call; transformers keeps
 its weights in that layout already); that one-off cost is measured and reported on its own, and the
 timed calls reuse the layout, as every call after a model's first does. bfloat16 runs the same call
-on a bfloat16 copy of the model. Both run in the same process, interleaved round by round
+on a bfloat16 copy of the model, int8 and int4 on its quantized copies (int4 from the bfloat16 one), and
+each precision's tokens/s is also given as a ratio to gptlab's float32 in the same rounds. Both run in the same process, interleaved round by round
 (alternating which goes first), so that load from other processes hits both alike; the table reports
 medians and the per-round spread.
 
@@ -26,6 +27,7 @@ from common import machine_info, timed, write_report
 from gptlab.hf_format import config_from_hf, state_dict_from_hf
 from gptlab.inference.decoder import Decoder, prepared_model
 from gptlab.inference.generate import generate, generate_uncached
+from gptlab.inference.quantize import quantize_model
 from gptlab.model import GPTModel
 
 PROMPT_TOKENS = 32
@@ -55,18 +57,19 @@ def transformers_greedy(hf_model: transformers.GPT2LMHeadModel, ids: torch.Tenso
 
 
 def throughput_rounds(models: dict, hf_model, prompt: torch.Tensor, new_tokens: int, rounds: int) -> dict:
-    """tokens/s of gptlab.generate (float32 and bfloat16) and transformers, interleaved, at batch sizes 1 and 8."""
+    """tokens/s of gptlab.generate (each precision of `models`) and transformers, interleaved, at batch sizes 1
+    and 8; each precision's ratio to gptlab's float32 in the same rounds."""
     results = {}
     for batch in (1, 8):
         ids = prompt.repeat(batch, 1)  # (B, T)
-        runs = {"transformers": [], "gptlab float32": [], "gptlab bfloat16": []}
         same_tokens = True
 
-        jobs = {
-            "transformers": lambda: transformers_greedy(hf_model, ids, new_tokens),
-            "gptlab float32": lambda: generate(models["float32"], ids, new_tokens)[:, ids.shape[1] :].tolist(),
-            "gptlab bfloat16": lambda: generate(models["bfloat16"], ids, new_tokens)[:, ids.shape[1] :].tolist(),
-        }
+        def job(precision):
+            return lambda: generate(models[precision], ids, new_tokens)[:, ids.shape[1] :].tolist()
+
+        jobs = {"transformers": lambda: transformers_greedy(hf_model, ids, new_tokens)}
+        jobs.update({f"gptlab {precision}": job(precision) for precision in models})
+        runs = {name: [] for name in jobs}
         for round_index in range(rounds):
             order = list(jobs) if round_index % 2 == 0 else list(reversed(jobs))
             outputs = {}
@@ -81,6 +84,13 @@ def throughput_rounds(models: dict, hf_model, prompt: torch.Tensor, new_tokens: 
             "ratio_float32_vs_transformers": median["gptlab float32"] / median["transformers"],
             "per_round_ratio": [ours / theirs for ours, theirs in zip(runs["gptlab float32"], runs["transformers"])],
             "same_tokens_as_transformers": same_tokens,
+            "ratio_vs_float32": {
+                precision: median[f"gptlab {precision}"] / median["gptlab float32"] for precision in models
+            },
+            "per_round_ratio_vs_float32": {
+                precision: [ours / base for ours, base in zip(runs[f"gptlab {precision}"], runs["gptlab float32"])]
+                for precision in models
+            },
         }
     return results
 
@@ -127,18 +137,31 @@ def print_report(report: dict) -> None:
     print()
     print("gptlab.generate against transformers' generate:")
     print(
-        f"{'batch':>5}  {'transformers':>12}  {'gptlab fp32':>11}  {'ratio':>5}  {'(per round)':>17}  "
-        f"{'gptlab bf16':>11}  {'same tokens':>11}"
+        f"{'batch':>5}  {'transformers':>12}  {'gptlab fp32':>11}  {'ratio':>5}  {'(per round)':>11}  "
+        f"{'same tokens':>11}"
     )
     for batch, row in report["throughput"].items():
         rate = row["tokens_per_s"]
         spread = f"{min(row['per_round_ratio']):.2f}-{max(row['per_round_ratio']):.2f}"
         print(
             f"{batch:>5}  {rate['transformers']:>12.1f}  {rate['gptlab float32']:>11.1f}  "
-            f"{row['ratio_float32_vs_transformers']:>5.2f}  {spread:>17}  {rate['gptlab bfloat16']:>11.1f}  "
+            f"{row['ratio_float32_vs_transformers']:>5.2f}  {spread:>11}  "
             f"{'yes' if row['same_tokens_as_transformers'] else 'NO':>11}"
         )
     print("(tokens/s)")
+    print()
+    precisions = [name for name in next(iter(report["throughput"].values()))["ratio_vs_float32"] if name != "float32"]
+    print("each precision against gptlab's float32, same rounds: tokens/s (ratio, per round)")
+    print(f"{'batch':>5}  " + "  ".join(f"{name:>24}" for name in precisions))
+    for batch, row in report["throughput"].items():
+        cells = []
+        for name in precisions:
+            rounds = row["per_round_ratio_vs_float32"][name]
+            cells.append(
+                f"{row['tokens_per_s'][f'gptlab {name}']:.1f} ({row['ratio_vs_float32'][name]:.2f}x, "
+                f"{min(rounds):.2f}-{max(rounds):.2f})"
+            )
+        print(f"{batch:>5}  " + "  ".join(f"{cell:>24}" for cell in cells))
     print()
     print(
         "prefill, float32: "
@@ -161,7 +184,13 @@ def main() -> None:
 
     model, hf_model = build_models()
     prompt = torch.randint(0, model.cfg.vocab_size, (1, PROMPT_TOKENS), generator=torch.Generator().manual_seed(1))
-    models = {"float32": model, "bfloat16": copy.deepcopy(model).to(torch.bfloat16)}
+    bfloat16 = copy.deepcopy(model).to(torch.bfloat16)
+    models = {
+        "float32": model,
+        "bfloat16": bfloat16,
+        "int8": quantize_model(model, "int8"),
+        "int4": quantize_model(bfloat16, "int4"),
+    }
     _, prepare_seconds = timed(lambda: prepared_model(model))  # kept with the model: the timed calls reuse it
     report = {
         "machine": machine_info(),
