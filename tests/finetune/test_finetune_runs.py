@@ -524,3 +524,32 @@ def test_the_dropout_schedule_leaves_the_adapters_dropout_at_its_setting(tiny_ba
     assert read_adapter(tmp_path / "run/last").config.dropout == 0.25
     assert main(["convert", "--to-hf", "--adapter", str(tmp_path / "run/last"), str(tmp_path / "peft")]) == 0
     assert json.loads((tmp_path / "peft/adapter_config.json").read_text())["lora_dropout"] == 0.25
+
+
+def test_a_classifier_run_writes_a_report_card_of_its_own_figures(tiny_base, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "data.jsonl", [{"text": r["instruction"], "label": r["output"][0]} for r in RECORDS])
+    run = tmp_path / "letters"
+    argv = [
+        "finetune",
+        "classify",
+        "--init",
+        str(tiny_base),
+        "--data",
+        str(data),
+        "--max-steps",
+        "4",
+        "--out",
+        str(run),
+    ]
+    code, out, err = gptlab(capsys, [*argv, *RUN])
+    assert code == 0, err
+    assert f"report: {run / 'report.md'}" in out
+    card = (run / "report.md").read_text()
+    evaluations = [record for record in read_jsonl(run / "metrics.jsonl") if "val_loss" in record]
+    assert f"| data | finetune classify of {tiny_base} on {data} |" in card
+    assert "| step | tokens | loss | accuracy |" in card
+    for record in evaluations:
+        assert (
+            f"| {record['step']} | {record['tokens']:,} | {record['val_loss']:.4f} | {record['val_accuracy']:.4f} |"
+            in card
+        )

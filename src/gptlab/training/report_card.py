@@ -1,6 +1,8 @@
 """A run's report card, runs/NAME/report.md, written when a run ends (as nanochat's report does): what
 it trained on, with which tokenizer and model, how long and how fast, and its validation figures: the
-last evaluation, the best one, and every evaluation's row from metrics.jsonl."""
+last evaluation, the best one (lowest val_loss), and every evaluation's row from metrics.jsonl, with
+whatever figures the run's evaluations record (bits per byte for pretraining, accuracy for a
+classifier, ...)."""
 
 from __future__ import annotations
 
@@ -8,7 +10,6 @@ from pathlib import Path
 
 from ..config import GPTConfig
 from ..report import parameter_report
-from .evaluation import EvalResult
 from .state import read_log
 
 REPORT_FILE = "report.md"
@@ -25,12 +26,13 @@ def write_report_card(
     tokens: int,
     seconds: float,
     stopped_by: str,
-    final: EvalResult,
+    final,
 ) -> Path:
-    """Write report.md in out_dir from the run's figures and its metrics.jsonl; its path."""
+    """Write report.md in out_dir from the run's figures, its final evaluation (anything with .format())
+    and its metrics.jsonl; its path."""
     records = read_log(out_dir / "metrics.jsonl")[0]
     evaluations = [record for record in records if "val_loss" in record]
-    best = min(evaluations, key=lambda record: record["val_loss"]) if evaluations else None
+    columns = list(dict.fromkeys(key for record in evaluations for key in record if key.startswith("val_")))
     size = parameter_report(cfg)
     lines = [
         f"# {name}",
@@ -43,28 +45,18 @@ def write_report_card(
         f"{cfg.n_heads} heads, {cfg.n_layers} layers |",
         f"| trained | {steps:,} steps, {tokens:,} tokens in {seconds:,.1f} s ({tokens / max(seconds, 1e-9):,.0f} "
         f"tokens/s); stopped by {stopped_by} |",
-        f"| final validation | loss {final.loss:.4f}, perplexity {final.perplexity:.2f}, bits/byte "
-        f"{final.bits_per_byte:.4f} ({final.tokens:,} tokens) |",
+        f"| final validation | {final.format()} |",
     ]
-    if best is not None:
-        lines.append(
-            f"| best validation | loss {best['val_loss']:.4f}, bits/byte {best['val_bits_per_byte']:.4f} at "
-            f"step {best['step']:,} (best/) |"
-        )
-    lines += [
-        "",
-        "Settings: run.toml. Every record: metrics.jsonl.",
-        "",
-        "## Evaluations",
-        "",
-        "| step | tokens | loss | perplexity | bits/byte |",
-        "|---:|---:|---:|---:|---:|",
-    ]
-    lines += [
-        f"| {record['step']:,} | {record['tokens']:,} | {record['val_loss']:.4f} | "
-        f"{record['val_perplexity']:.2f} | {record['val_bits_per_byte']:.4f} |"
-        for record in evaluations
-    ]
+    if evaluations:
+        best = min(evaluations, key=lambda record: record["val_loss"])
+        figures = ", ".join(f"{key.removeprefix('val_')} {best[key]:.4f}" for key in columns if key in best)
+        lines.append(f"| best validation | {figures} at step {best['step']:,} (best/) |")
+    lines += ["", "Settings: run.toml. Every record: metrics.jsonl.", "", "## Evaluations", ""]
+    lines.append("| step | tokens | " + " | ".join(key.removeprefix("val_") for key in columns) + " |")
+    lines.append("|---:|---:|" + "---:|" * len(columns))
+    for record in evaluations:
+        cells = [f"{record[key]:.4f}" if key in record else "" for key in columns]
+        lines.append(f"| {record['step']:,} | {record['tokens']:,} | " + " | ".join(cells) + " |")
     path = out_dir / REPORT_FILE
     path.write_text("\n".join(lines) + "\n")
     return path
