@@ -187,3 +187,10 @@ def tokenizer_from_spec(spec: dict) -> Tokenizer:
     if kind == "char":
         return CharTokenizer(spec["chars"])
     raise UserError(f"unknown tokenizer type {kind!r} in tokenizer spec; expected 'gpt2' or 'char'")
+
+
+def tokenizer_name(spec: dict) -> str:
+    """A tokenizer spec in words: "GPT-2's BPE with 128 merges", "a character vocabulary of 95"."""
+    if spec["type"] == "char":
+        return f"a character vocabulary of {len(spec['chars'])}"
+    return "GPT-2's BPE" + (f" with {spec['merges']} merges" if "merges" in spec else "")

@@ -28,7 +28,7 @@ from ..training.config import (
     resume_settings,
     with_default_limit,
 )
-from ..training.pipeline import gather_settings, initial_model, tokenizer_name
+from ..training.pipeline import gather_settings, initial_model
 from ..training.report_card import write_report_card
 from ..training.runtime import Runtime, TrainingError, start_runtime, stop_runtime
 from ..training.state import read_run_config
@@ -222,18 +222,8 @@ def _finetune(
         }
         (out / SCORES_FILE).write_text(json.dumps({name: s.metrics() for name, s in scores.items()}, indent=2) + "\n")
     if runtime.is_main:
-        state = result.state
         card = write_report_card(
-            out,
-            name=out.name,
-            data=f"finetune {task} of {run.model.init} on {settings.data}",
-            tokenizer=tokenizer_name(tokenizer.spec()),
-            cfg=model_cfg,
-            steps=state.step,
-            tokens=state.tokens_seen,
-            seconds=state.elapsed,
-            stopped_by=result.stopped_by,
-            final=result.final_eval,
+            result, f"finetune {task} of {run.model.init} on {settings.data}", tokenizer, model_cfg
         )
         log(f"report: {card}")
     return FinetuneResult(result, scores)

@@ -26,7 +26,7 @@ from ..checkpoint import read_config
 from ..config import GPTConfig, get_config
 from ..loading import load_model
 from ..report import parameter_report
-from ..tokenizer import Tokenizer, tokenizer_from_spec
+from ..tokenizer import Tokenizer, tokenizer_from_spec, tokenizer_name
 from .config import (
     LIMITS,
     ConfigError,
@@ -233,19 +233,7 @@ def _train(
         log=log,
     )
     if runtime.is_main:
-        state = result.state
-        card = write_report_card(
-            out,
-            name=out.name,
-            data=read,
-            tokenizer=tokenizer_name(tokenizer.spec()),
-            cfg=model_cfg,
-            steps=state.step,
-            tokens=state.tokens_seen,
-            seconds=state.elapsed,
-            stopped_by=result.stopped_by,
-            final=result.final_eval,
-        )
+        card = write_report_card(result, read, tokenizer, model_cfg)
         log(f"report: {card}")
     return result
 
@@ -287,13 +275,6 @@ def describe_prepared(cache: data.TokenCache) -> str:
         f"the token cache {cache.directory}, prepared from {len(sources):,} file{'s' if len(sources) != 1 else ''} "
         f"({size:,} bytes)"
     )
-
-
-def tokenizer_name(spec: dict) -> str:
-    """A tokenizer spec in words: "GPT-2's BPE with 128 merges", "a character vocabulary of 95"."""
-    if spec["type"] == "char":
-        return f"a character vocabulary of {len(spec['chars'])}"
-    return "GPT-2's BPE" + (f" with {spec['merges']} merges" if "merges" in spec else "")
 
 
 def check_prepared_tokenizer(cache: data.TokenCache, tokenizer: Tokenizer) -> None:

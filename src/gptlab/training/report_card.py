@@ -10,41 +10,33 @@ from pathlib import Path
 
 from ..config import GPTConfig
 from ..report import parameter_report
+from ..tokenizer import Tokenizer, tokenizer_name
 from .state import read_log
+from .trainer import TrainResult
 
 REPORT_FILE = "report.md"
 
 
-def write_report_card(
-    out_dir: Path,
-    *,
-    name: str,
-    data: str,
-    tokenizer: str,
-    cfg: GPTConfig,
-    steps: int,
-    tokens: int,
-    seconds: float,
-    stopped_by: str,
-    final,
-) -> Path:
-    """Write report.md in out_dir from the run's figures, its final evaluation (anything with .format())
-    and its metrics.jsonl; its path."""
+def write_report_card(result: TrainResult, data: str, tokenizer: Tokenizer, cfg: GPTConfig) -> Path:
+    """Write report.md in the run's folder from its result, what it read (`data`, in words), its tokenizer
+    and model, and its metrics.jsonl; its path."""
+    out_dir, state, final = result.out_dir, result.state, result.final_eval
+    steps, tokens, seconds = state.step, state.tokens_seen, state.elapsed
     records = read_log(out_dir / "metrics.jsonl")[0]
     evaluations = [record for record in records if "val_loss" in record]
     columns = list(dict.fromkeys(key for record in evaluations for key in record if key.startswith("val_")))
     size = parameter_report(cfg)
     lines = [
-        f"# {name}",
+        f"# {out_dir.name}",
         "",
         "| | |",
         "|---|---|",
         f"| data | {data} |",
-        f"| tokenizer | {tokenizer}, vocabulary {cfg.vocab_size:,} |",
+        f"| tokenizer | {tokenizer_name(tokenizer.spec())}, vocabulary {cfg.vocab_size:,} |",
         f"| model | {size.total:,} parameters: context {cfg.context_length}, {cfg.emb_dim} dims, "
         f"{cfg.n_heads} heads, {cfg.n_layers} layers |",
         f"| trained | {steps:,} steps, {tokens:,} tokens in {seconds:,.1f} s ({tokens / max(seconds, 1e-9):,.0f} "
-        f"tokens/s); stopped by {stopped_by} |",
+        f"tokens/s); stopped by {result.stopped_by} |",
         f"| final validation | {final.format()} |",
     ]
     if evaluations:
