@@ -10,9 +10,10 @@ the CPU, and in bfloat16 only where oneDNN supports it. On CUDA and MPS the weig
 are: a copy is made there only to change the dtype. docs/benchmarks.md has the figures.
 
 One kernel serves every row count. So a row's logits do not depend on how many rows share its batch
-(tests/inference/test_batch_invariance.py checks it bit for bit, in float32, bfloat16, int8 and int4),
-and the server's batching cannot change what a request gets. The decoder changes nothing outside its
-own calls: no process-wide switch is touched.
+(tests/inference/test_decoder.py and tests/serve/test_engine.py check it bit for bit in float32, bfloat16
+and int4; int8's rows share one activation scale, inference/quantize.py), and the server's batching
+cannot change what a request gets. The decoder changes nothing outside its own calls: no process-wide
+switch is touched.
 
 That copy is made once per model and dtype, not per session: it is kept (in a weak-keyed table, so it
 goes when the model does) and reused while the model's parameters are the same tensors with the same
