@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from run_helpers import QUIET
 from test_train import (  # noqa: F401 (one_thread is an autouse fixture)
     TEXT,
     one_thread,
@@ -40,15 +41,7 @@ TINY = [
     "8",
     "--eval-interval",
     "2",
-    "--log-interval",
-    "1",
-    "--sample-tokens",
-    "0",
-    "--dtype",
-    "float32",
-    "--device",
-    "cpu",
-    "--no-progress",
+    *QUIET,
 ]
 
 

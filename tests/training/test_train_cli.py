@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from run_helpers import QUIET, TINY_MODEL
 from test_train import (  # noqa: F401 (one_thread is an autouse fixture)
     TEXT,
     explicit_validation_nll,
@@ -28,7 +29,7 @@ from gptlab.config import GPTConfig
 from gptlab.model import GPTModel
 from gptlab.tokenizer import CharTokenizer
 
-MODEL_OPTIONS = ["--context-length", "16", "--emb-dim", "32", "--n-heads", "2", "--n-layers", "2"]
+MODEL_OPTIONS = TINY_MODEL
 
 
 def train_argv(data: Path, out: Path, cache: Path, *extra: str) -> list[str]:
@@ -47,15 +48,7 @@ def train_argv(data: Path, out: Path, cache: Path, *extra: str) -> list[str]:
         "4",
         "--eval-interval",
         "2",
-        "--log-interval",
-        "1",
-        "--sample-tokens",
-        "0",
-        "--dtype",
-        "float32",
-        "--device",
-        "cpu",
-        "--no-progress",
+        *QUIET,
         *extra,
     ]
 
