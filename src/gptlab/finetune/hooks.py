@@ -26,20 +26,19 @@ from ..checkpoint import WEIGHTS_FILE, classifier_head, model_from_state_dict, w
 from ..config import GPTConfig
 from ..inference.quantize import float32_bias, quantize_rows
 from ..model import GPTModel
-from ..training.config import ConfigError, RunConfig
+from ..training.config import LORA_SETTINGS, ConfigError, RunConfig
 from ..training.state import load_model_weights
 from ..training.trainer import ModelHooks
 from .lora import ADAPTER_WEIGHTS_FILE, LoRAConfig, LoRALinear, apply_lora, parameter_summary, write_adapter_files
 
 BASE_DTYPES = ("float32", "bfloat16", "int8")
-LORA_OPTIONS = ("lora_alpha", "lora_dropout", "lora_targets", "lora_base_dtype")
 
 
 def lora_config(run: RunConfig) -> LoRAConfig | None:
     """The run's LoRA settings, or None for a full fine-tune; a combination that cannot work is a ConfigError."""
     settings = run.model
     if settings.lora_rank is None:
-        given = [name for name in LORA_OPTIONS if getattr(settings, name) is not None]
+        given = [name for name in LORA_SETTINGS[1:] if getattr(settings, name) is not None]  # all but the rank
         if given:
             raise ConfigError(
                 f"--{given[0].replace('_', '-')} sets up LoRA adapters; add --lora-rank (16 is the textbook's)"

@@ -87,6 +87,10 @@ class ModelConfig:
     lora_base_dtype: str | None = None  # how the frozen base is kept: float32 (None), bfloat16 or int8
 
 
+# The LoRA settings, lora_rank first: the fine-tuning layer's to act on (finetune/hooks.py).
+LORA_SETTINGS = tuple(item.name for item in dataclasses.fields(ModelConfig) if item.name.startswith("lora_"))
+
+
 @dataclass
 class TrainConfig:
     """How the loop optimises, when it stops, and what it reports. The defaults, with NEW_MODEL_DEFAULTS,

@@ -29,6 +29,7 @@ from ..report import parameter_report
 from ..tokenizer import Tokenizer, tokenizer_from_spec, tokenizer_name
 from .config import (
     LIMITS,
+    LORA_SETTINGS,
     ConfigError,
     DataConfig,
     RunConfig,
@@ -86,12 +87,11 @@ def gather_settings(
 # and the log, the loop's ModelHooks. Fine-tuning's (finetune/hooks.py run_hooks) adds LoRA adapters;
 # gptlab.train passes it, so training never imports finetune.
 HooksFor = Callable[[RunConfig, GPTConfig, Callable[[str], None]], ModelHooks]
-ADAPTER_OPTIONS = ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "lora_base_dtype")
 
 
 def pretraining_hooks(run: RunConfig, cfg: GPTConfig, log: Callable[[str], None]) -> ModelHooks:
     """The loop's own hooks; a run with adapter settings needs the fine-tuning layer's instead."""
-    given = [name for name in ADAPTER_OPTIONS if getattr(run.model, name) is not None]
+    given = [name for name in LORA_SETTINGS if getattr(run.model, name) is not None]
     if given:
         raise ConfigError(
             f"--{given[0].replace('_', '-')} needs fine-tuning's adapters, which training.pipeline.train "
