@@ -17,11 +17,13 @@
 4. The whole step of `gptlab train`'s round-3 default model (gpt2-micro, vocabulary 104, batch 24, context 128,
    bf16 autocast, clipping, Muon + AdamW), before (bfloat16 attention kernel, torch's Muon, nn.Dropout:
    the baseline) and now, with dropout off (a run's first 4 epochs) and at 0.1 (after them).
+5. The dtype: that step now in float32 (the baseline) and under bf16 autocast, and what --dtype auto chose on
+   this CPU (training/runtime.py: bfloat16 only where the CPU has bfloat16 arithmetic).
 
 Contestants take turns call by call, in rounds; a figure is the median over rounds and a ratio the
 median of the per-round ratios (baseline time / contestant time).
 
-    .venv/bin/python benchmarks/cpu_train_step.py [--rounds 7] [--out PATH]
+    .venv/bin/python benchmarks/cpu_train_step.py [--rounds 7] [--parts attention muon dropout step dtype] [--out PATH]
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from gptlab.training.config import TrainConfig
 from gptlab.training.dropout import DropoutSwitch
 from gptlab.training.evaluation import loss_fn
 from gptlab.training.optimizers import BatchedMuon, MuonWithAdamW, adamw, is_hidden_matrix, make_optimizer
+from gptlab.training.runtime import training_dtype
 
 ATTENTION_SHAPES = {
     "char model": (24, 4, 128, 32),
@@ -152,14 +155,14 @@ def dropout_rows(rounds: int) -> list[dict]:
     ]
 
 
-def step_rows(rounds: int) -> list[dict]:
+def step_rows(rounds: int, dtypes_only: bool = False) -> list[dict]:
     cfg = get_config("gpt2-micro", vocab_size=STEP_VOCAB)
     x, y = (torch.randint(0, STEP_VOCAB, (STEP_BATCH, cfg.context_length)) for _ in range(2))
 
-    def step(model, optimizer, float32_attention_below: int) -> Callable[[], None]:
+    def step(model, optimizer, float32_attention_below: int, bfloat16: bool = True) -> Callable[[], None]:
         def run() -> None:
             gptlab.model.FLOAT32_ATTENTION_BELOW = float32_attention_below
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bfloat16):
                 loss = loss_fn(model, x, y)
             loss.backward()
             loss.item()
@@ -183,15 +186,22 @@ def step_rows(rounds: int) -> list[dict]:
         )
         return model, step(model, optimizer, 0)
 
-    def now() -> tuple[GPTModel, Callable[[], None]]:
+    def now(bfloat16: bool = True) -> tuple[GPTModel, Callable[[], None]]:
         torch.manual_seed(0)
         model = GPTModel(cfg)
         optimizer = make_optimizer(
             model, TrainConfig(optimizer="muon", lr=1e-4, weight_decay=0.1)
         )  # what gptlab train builds
-        return model, step(model, optimizer, FLOAT32_ATTENTION_BELOW)
+        return model, step(model, optimizer, FLOAT32_ATTENTION_BELOW, bfloat16)
 
     rows = []
+    if dtypes_only:  # part 5: the same step in float32 (the baseline) and under bf16 autocast, dropout off
+        chosen = training_dtype("auto", torch.device("cpu"))[0]
+        results = race({"float32": now(bfloat16=False)[1], "bf16 autocast": now()[1]}, rounds, 2)
+        return [
+            {"part": "dtype", "case": f"gpt2-micro; auto: {chosen}", "contestant": name, **result}
+            for name, result in results.items()
+        ]
     (before_model, before_step), (now_model, now_step) = before(), now()
     switches = [DropoutSwitch(before_model), DropoutSwitch(now_model)]
     try:
@@ -219,10 +229,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--parts", nargs="+", choices=["attention", "muon", "dropout", "step", "dtype"])
     args = parser.parse_args()
 
     torch.manual_seed(0)
-    rows = attention_rows(args.rounds) + muon_rows(args.rounds) + dropout_rows(args.rounds) + step_rows(args.rounds)
+    parts = {
+        "attention": attention_rows,
+        "muon": muon_rows,
+        "dropout": dropout_rows,
+        "step": step_rows,
+        "dtype": lambda rounds: step_rows(rounds, dtypes_only=True),
+    }
+    rows = [row for name in args.parts or parts for row in parts[name](args.rounds)]
     print(f"{torch.get_num_threads()} threads; ratio: the first contestant of each case (the baseline) / this one")
     print(f"{'part':10} {'case':26} {'contestant':48} {'median ms':>10} {'best ms':>9} {'ratio':>7}")
     for row in rows:

@@ -11,7 +11,7 @@ from ..finetune.hooks import BASE_DTYPES
 from ..finetune.lora import TARGETS
 from ..finetune.pipeline import train
 from ..inference.benchmarks import TASKS
-from ..training.config import FINETUNE_DEFAULTS, LOGGERS, OPTIMIZERS, SCHEDULES, resolve
+from ..training.config import DTYPES, FINETUNE_DEFAULTS, LOGGERS, OPTIMIZERS, SCHEDULES, resolve
 from ..training.pipeline import PREPARED_FIXES, evaluate, prepare
 from ..training.state import RUN_MARKER
 from .common import add_command
@@ -303,7 +303,14 @@ SETTINGS: list[tuple[str, str, dict]] = [
     ),
     ("train", "log_interval", dict(type=int, help="print a log line and record metrics every N steps")),
     ("train", "sample_tokens", dict(type=int, help="characters of sample text at each evaluation (0: none)")),
-    ("train", "dtype", dict(choices=["bfloat16", "float32"], help="autocast dtype")),
+    (
+        "train",
+        "dtype",
+        dict(
+            choices=list(DTYPES),
+            help="autocast dtype (default auto: bfloat16 where the device has bfloat16 arithmetic, else float32)",
+        ),
+    ),
     ("train", "compile", dict(action=argparse.BooleanOptionalAction, help="torch.compile the model and loss")),
     ("train", "fsdp", dict(action=argparse.BooleanOptionalAction, help="shard the model with FSDP2 (under torchrun)")),
     (

@@ -52,7 +52,10 @@ def lora_config(run: RunConfig) -> LoRAConfig | None:
     if base_dtype not in BASE_DTYPES:
         raise ConfigError(f"--lora-base-dtype must be one of {', '.join(BASE_DTYPES)}, got {base_dtype!r}")
     if base_dtype == "bfloat16" and run.train.dtype == "float32":
-        raise ConfigError("--lora-base-dtype bfloat16 computes in bfloat16; drop --dtype float32")
+        raise ConfigError(
+            "--lora-base-dtype bfloat16 computes in bfloat16, and this run trains in float32 (--dtype float32, "
+            "or auto on a device without bfloat16 arithmetic); pass --dtype bfloat16 or drop --lora-base-dtype"
+        )
     try:
         return LoRAConfig(
             settings.lora_rank,

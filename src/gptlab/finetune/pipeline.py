@@ -30,7 +30,7 @@ from ..training.config import (
 )
 from ..training.pipeline import gather_settings, initial_model
 from ..training.report_card import write_report_card
-from ..training.runtime import Runtime, TrainingError, start_runtime, stop_runtime
+from ..training.runtime import Runtime, TrainingError, start_runtime, stop_runtime, with_training_dtype
 from ..training.state import read_run_config
 from ..training.trainer import TrainResult
 from ..training.trainer import train as train_loop
@@ -158,6 +158,8 @@ def finetune(
     lora_config(run)  # refuse impossible LoRA settings before anything runs
     runtime = start_runtime(run.train.device)
     try:
+        say = log if runtime.is_main else (lambda line: None)
+        run = dataclasses.replace(run, train=with_training_dtype(run.train, runtime.device, say))
         return _finetune(task, settings, run, note, given, runtime, resume, overwrite, log)
     finally:
         stop_runtime(runtime)

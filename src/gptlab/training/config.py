@@ -30,6 +30,7 @@ DEFAULT_EPOCHS = 1.0
 LIMITS = ("max_steps", "max_tokens", "epochs", "time_budget")
 OPTIMIZERS = ("adamw", "muon")  # training/optimizers.py
 SCHEDULES = ("cosine", "wsd")
+DTYPES = ("auto", "bfloat16", "float32")  # autocast; auto: runtime.training_dtype
 LOGGERS = ("tensorboard", "csv")  # tracking.py
 
 
@@ -141,7 +142,9 @@ class TrainConfig:
     loggers: list[str] = field(default_factory=list)  # besides metrics.jsonl: "tensorboard", "csv" (tracking.py)
     log_interval: int = 20
     sample_tokens: int = 200
-    dtype: str = "bfloat16"  # autocast dtype, or "float32"
+    # autocast dtype: "bfloat16", "float32", or "auto": bfloat16 where the device has bfloat16 arithmetic,
+    # else float32 (runtime.training_dtype; a run records the dtype auto chose)
+    dtype: str = "auto"
     compile: bool = False
     fsdp: bool = False
     activation_checkpointing: bool = False
@@ -163,8 +166,8 @@ class TrainConfig:
         unknown = [name for name in self.loggers if name not in LOGGERS]
         if unknown:
             raise ConfigError(f"--logger {unknown[0]} is not one gptlab writes; choose from {', '.join(LOGGERS)}")
-        if self.dtype not in ("bfloat16", "float32"):
-            raise ConfigError(f"--dtype must be bfloat16 or float32, got {self.dtype!r}")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"--dtype must be {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"--optimizer must be {' or '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         if self.optimizer == "muon" and self.fsdp:

@@ -44,7 +44,7 @@ from .data_record import check_data, sources_of
 from .evaluation import EvalResult
 from .evaluation import evaluate as evaluate_tokens
 from .report_card import write_report_card
-from .runtime import Runtime, TrainingError, pick_device, start_runtime, stop_runtime
+from .runtime import Runtime, TrainingError, pick_device, start_runtime, stop_runtime, with_training_dtype
 from .state import check_out_dir, read_run_config
 from .trainer import ModelHooks, TrainingData, TrainResult
 from .trainer import train as train_loop
@@ -133,6 +133,9 @@ def train(
         run, note = with_default_limit(resolve(given))
     runtime = start_runtime(run.train.device)
     try:
+        run = dataclasses.replace(
+            run, train=with_training_dtype(run.train, runtime.device, log if runtime.is_main else lambda line: None)
+        )
         return _train(run, note, given, runtime, resume, overwrite, accept_data_change, log, hooks_for)
     finally:
         stop_runtime(runtime)

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import gc
 import os
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
 
 from ..errors import UserError
+from ..torch_compat import onednn_bf16_supported
+from .config import TrainConfig
 
 
 class TrainingError(UserError):
@@ -48,6 +51,41 @@ def pick_device(name: str) -> torch.device:
         return torch.device(name)
     except RuntimeError:
         raise TrainingError(f"unknown --device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
+
+
+def computes_bfloat16(device: torch.device) -> bool:
+    """Whether the device has bfloat16 arithmetic of its own. On a CPU that is what oneDNN's bfloat16
+    kernels need (AVX-512 or AMX on x86, BF16 on Arm); without it PyTorch emulates bfloat16, and a
+    training step runs many times slower than in float32 (docs/benchmarks.md#training-dtype)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return onednn_bf16_supported()
+    return True  # MPS: bfloat16 autocast on Apple silicon
+
+
+def training_dtype(name: str, device: torch.device) -> tuple[str, str | None]:
+    """The autocast dtype for --dtype `name` on the device, and a line for the log when there is something
+    to say: what "auto" chose, or that an explicit bfloat16 will be emulated."""
+    native = computes_bfloat16(device)
+    if name == "auto":
+        dtype = "bfloat16" if native else "float32"
+        why = "has bfloat16 arithmetic" if native else "has no bfloat16 arithmetic (PyTorch would emulate it)"
+        return dtype, f"dtype: {dtype} (--dtype auto: this {device.type.upper()} {why})"
+    if name == "bfloat16" and not native:
+        return name, (
+            f"warning: --dtype bfloat16 on a {device.type.upper()} without bfloat16 arithmetic: PyTorch "
+            "emulates it, many times slower than float32; leave --dtype out (auto) or pass --dtype float32"
+        )
+    return name, None
+
+
+def with_training_dtype(cfg: TrainConfig, device: torch.device, log: Callable[[str], None]) -> TrainConfig:
+    """cfg with its dtype resolved for the device (training_dtype), logging what needs saying."""
+    dtype, line = training_dtype(cfg.dtype, device)
+    if line:
+        log(line)
+    return cfg if dtype == cfg.dtype else replace(cfg, dtype=dtype)
 
 
 def start_runtime(device_name: str) -> Runtime:

@@ -22,7 +22,7 @@ import sys
 import threading
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterator, Protocol
 
@@ -52,6 +52,7 @@ from .runtime import (
     start_runtime,
     stop_runtime,
     sum_across_ranks,
+    with_training_dtype,
 )
 from .state import (
     RUN_MARKER,
@@ -327,6 +328,9 @@ def _train(runtime, model_cfg, cfg, tokenizer, data, resume, overwrite, init_sta
         raise TrainingError(
             "give at least one limit so training can stop: --max-steps, --max-tokens, --epochs or --time-budget"
         )
+    if cfg.dtype == "auto":  # called without the run pipeline, which resolves it before the model is made
+        cfg = with_training_dtype(cfg, runtime.device, log if runtime.is_main else lambda line: None)
+        run = run and replace(run, train=replace(run.train, dtype=cfg.dtype))
     if runtime.is_main:
         check_out_dir(out_dir, resume, overwrite)
     if resume:
