@@ -75,7 +75,7 @@ def training_dtype(name: str, device: torch.device) -> tuple[str, str | None]:
     if name == "bfloat16" and not native:
         return name, (
             f"warning: --dtype bfloat16 on a {device.type.upper()} without bfloat16 arithmetic: PyTorch "
-            "emulates it, many times slower than float32; leave --dtype out (auto) or pass --dtype float32"
+            "emulates it, several times slower than float32; leave --dtype out (auto) or pass --dtype float32"
         )
     return name, None
 
