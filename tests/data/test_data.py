@@ -24,6 +24,7 @@ from gptlab.data import (
 )
 from gptlab.data.formats import texts
 from gptlab.data.tokens import token_dtype
+from gptlab.errors import UserError
 from gptlab.tokenizer import EOT_TEXT
 
 # ---------------------------------------------------------------- corpus
@@ -130,7 +131,7 @@ def test_char_tokenizer_covers_every_character_of_the_corpus_including_validatio
     tokenizer = build_tokenizer("char", corpus)
     assert tokenizer.chars == "".join(sorted(set("".join(texts))))  # boundaries are ids, not marker characters
     assert "€" in split_text(corpus.text())[1] and "€" in tokenizer.chars
-    with pytest.raises(DataError, match="unknown tokenizer 'bpe'"):
+    with pytest.raises(UserError, match="^--tokenizer bpe is neither gpt2, char nor a tokenizer folder; make one with"):
         build_tokenizer("bpe", corpus)
 
 

@@ -17,9 +17,12 @@ from gptlab import CharTokenizer, GPTModel, load_tokenizer
 from gptlab.checkpoint import save_model
 from gptlab.cli import main
 from gptlab.config import GPTConfig
+from gptlab.data import Corpus, Document
+from gptlab.data.tokenizer_training import train_bpe
 from gptlab.inference.generate import generate
 from gptlab.interop.gguf import export_gguf
 from gptlab.interop.hf import export_hf
+from gptlab.tokenizer import GPT2Tokenizer
 
 transformers = pytest.importorskip("transformers")
 
@@ -27,6 +30,14 @@ F32, F16, BF16, Q8_0 = (gguf.GGMLQuantizationType[name] for name in ("F32", "F16
 OUTTYPES = {"f32": (F32, 0), "bf16": (BF16, 32), "q8_0": (Q8_0, 7)}  # matrix type, general.file_type
 TINY = dict(context_length=32, emb_dim=64, n_heads=2, n_layers=2, drop_rate=0.0)
 TEXT = "Hello world, it's 2024!  Ünïcödé €5 😀\ttabs\nand   spaces, \r\n done"
+
+
+def trained_bpe(text: str, vocab_size: int = 400) -> GPT2Tokenizer:
+    """A byte-level BPE `gptlab tokenizer train` would learn from this text alone (all of it for training)."""
+    return train_bpe(Corpus((Document("<text>", len(text.encode()), None, text=text),)), vocab_size, 1.0).tokenizer
+
+
+TRAINED = trained_bpe(" ".join([TEXT, "Ünïcödé words and more words, tabs\tand spaces"] * 40))
 
 
 def random_model(vocab_size: int, **overrides) -> GPTModel:
@@ -313,8 +324,9 @@ def llama_cpp_bpe(text: str, tokens: list[str], merges: list[str]) -> list[int]:
         (load_tokenizer("gpt2", merges=300), TEXT),
         (CharTokenizer.from_text(TEXT), TEXT),
         (CharTokenizer.from_text("only ascii here\n"), "here is only ascii\n"),
+        (TRAINED, TEXT + " 東京 unseen"),
     ],
-    ids=["300-merges", "char", "char-ascii"],
+    ids=["300-merges", "char", "char-ascii", "trained"],
 )
 def test_llama_cpps_bpe_over_the_written_vocabulary_gives_gptlabs_ids(tokenizer, text, tmp_path):
     metadata, _ = read(export_gguf(random_model(tokenizer.vocab_size), tokenizer, tmp_path / "m.gguf").path)
@@ -383,17 +395,18 @@ def test_a_tokenizer_larger_than_the_embedding_is_refused(tokenizer, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_llama_cpp_generates_what_gptlab_generates(tmp_path):
+@pytest.mark.parametrize("tokenizer", [load_tokenizer("gpt2"), TRAINED], ids=["gpt2", "trained"])
+def test_llama_cpp_generates_what_gptlab_generates(tokenizer, tmp_path):
     llama_cpp = pytest.importorskip(
         "llama_cpp", reason="llama-cpp-python is not installed; the layout tests above stand in for llama.cpp"
     )
-    tokenizer = load_tokenizer("gpt2")
     model = random_model(tokenizer.vocab_size, context_length=64)
     llm = llama_cpp.Llama(
         model_path=str(export_gguf(model, tokenizer, tmp_path / "m.gguf").path), n_ctx=64, verbose=False
     )
     prompt = tokenizer.encode(TEXT)[:8]
-    assert llm.tokenize(TEXT.encode(), add_bos=False, special=False) == tokenizer.encode(TEXT)
+    for text in (TEXT, TEXT + " 東京 한국어 🦊 unseen"):
+        assert llm.tokenize(text.encode(), add_bos=False, special=False) == tokenizer.encode(text)
     expected = generate(model, torch.tensor([prompt]), max_new_tokens=20)[0, len(prompt) :].tolist()
     new = []
     for token in llm.generate(prompt, top_k=1, temp=0.0):

@@ -15,6 +15,7 @@ COMMANDS = {
     "download": ("models", "fetch OpenAI's GPT-2 weights from the Hugging Face Hub"),
     "generate": ("generate", "generate text from a prompt"),
     "prepare": ("train", "tokenize a corpus once into a token cache that `gptlab train --prepared` trains from"),
+    "tokenizer": ("tokenizer", "train a byte-level BPE tokenizer on your own corpus"),
     "train": ("train", "train a model on text (files, folders, globs; default: Python's docs)"),
     "eval": ("train", "loss, perplexity and bits per byte of a checkpoint on a text"),
     "demo": ("train", "the main job on the embedded default (what `make demo` runs)"),

@@ -52,7 +52,11 @@ SETTINGS: list[tuple[str, str, dict]] = [
     (
         "data",
         "tokenizer",
-        dict(choices=["char", "gpt2"], help="char: one id per character of the corpus; gpt2: GPT-2's byte-level BPE"),
+        dict(
+            metavar="{char,gpt2,FOLDER}",
+            help="char: one id per character of the corpus; gpt2: GPT-2's byte-level BPE; FOLDER: a byte-level BPE "
+            "`gptlab tokenizer train` made",
+        ),
     ),
     (
         "data",

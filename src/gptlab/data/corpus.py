@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from ..tokenizer import EOT_TEXT, CharTokenizer, Tokenizer, load_tokenizer
+from ..tokenizer import EOT_TEXT, CharTokenizer, Tokenizer, load_tokenizer, read_tokenizer_folder
 from .errors import DataError
 from .files import FileSearch, check_patterns, summarise
 from .formats import BOUNDARY, RECORD_FORMATS, file_format, texts
@@ -175,8 +175,8 @@ def read_corpus(
 
 
 def build_tokenizer(kind: str, corpus: Corpus, merges: int | None = None) -> Tokenizer:
-    """GPT-2's tokenizer (with `merges`: only its first that many merges), or a character-level one
-    whose vocabulary is every character of the corpus.
+    """GPT-2's tokenizer (with `merges`: only its first that many merges), a character-level one whose
+    vocabulary is every character of the corpus, or the one in the folder `kind` (`gptlab tokenizer train`).
 
     The character vocabulary includes the validation text's characters too, so evaluation never meets
     an unknown character (the vocabulary is a fact about the alphabet, not a learned statistic).
@@ -191,7 +191,7 @@ def build_tokenizer(kind: str, corpus: Corpus, merges: int | None = None) -> Tok
             for block in doc.blocks():
                 chars.update(block or "")
         return CharTokenizer.from_text("".join(chars))
-    raise DataError(f"unknown tokenizer {kind!r}; use 'gpt2' or 'char'")
+    return read_tokenizer_folder(kind)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
-from ..hf_format import GPT2_BYTES, gpt2_vocabulary, key_map
+from ..hf_format import bpe_vocabulary, key_map
 from ..model import GPTModel
 from ..tokenizer import EOT_TEXT, Tokenizer, gpt2_byte_alphabet
 from .hf import check_head_rows
@@ -119,8 +119,8 @@ def vocabulary(tokenizer: Tokenizer, vocab_size: int) -> tuple[list[str], list[i
     """(tokens, token types, merges) for the tokenizer.ggml.* keys; ids past the tokenizer's (a padded
     embedding) are "[PAD<id>]" user-defined tokens, as the converter writes them."""
     spec = tokenizer.spec()
-    if spec["type"] == "gpt2":
-        vocab, lines = gpt2_vocabulary(tokenizer.vocab_size - 1 - GPT2_BYTES)
+    if spec["type"] in ("gpt2", "bpe"):
+        vocab, lines = bpe_vocabulary(tokenizer)
         tokens, merges = sorted(vocab, key=vocab.get), lines[1:]  # merges.txt line 0 is a version header
     else:
         tokens, merges = [byte_level(char) for char in spec["chars"]] + [EOT_TEXT], char_merges(spec["chars"])

@@ -22,12 +22,11 @@ import json
 from pathlib import Path
 
 from ..hf_format import (
-    GPT2_BYTES,
     HF_MERGES_FILE,
     HF_TOKENIZER_CONFIG,
     HF_TOKENIZER_JSON,
     HF_VOCAB_FILE,
-    gpt2_vocabulary,
+    bpe_vocabulary,
 )
 from ..tokenizer import (
     EOT_TEXT,
@@ -110,22 +109,27 @@ def gpt2_tokenizer_json(vocab: dict[str, int], merges: list[str]) -> dict:
 
 
 def write_tokenizer_files(
-    folder: Path, tokenizer: Tokenizer, context_length: int, padding: bool = False, chat_template: str | None = None
+    folder: Path,
+    tokenizer: Tokenizer,
+    context_length: int | None,
+    padding: bool = False,
+    chat_template: str | None = None,
 ) -> None:
     """The tokenizer's files for AutoTokenizer.from_pretrained(folder) (see the module docstring). `padding`:
     end-of-text is the padding token too (a classifier's batches are right-padded with it, as gptlab's are).
+    `context_length` None (a tokenizer folder, no model): transformers' own limit, none.
     `chat_template`: the Jinja of an instruction-tuned model's template, written with SEGMENT_MARK
     (templates.jinja_template(name, SEGMENT_MARK)); the tokenizer then drops the mark."""
     spec = tokenizer.spec()
     settings = {
-        "model_max_length": context_length,
+        **({"model_max_length": context_length} if context_length is not None else {}),
         "bos_token": EOT_TEXT,
         "eos_token": EOT_TEXT,
         **({"pad_token": EOT_TEXT, "padding_side": "right"} if padding else {}),
         "clean_up_tokenization_spaces": False,  # True would turn a decoded "a ," into "a,"
     }
-    if spec["type"] == "gpt2":
-        vocab, merges = gpt2_vocabulary(tokenizer.vocab_size - 1 - GPT2_BYTES)
+    if spec["type"] in ("gpt2", "bpe"):
+        vocab, merges = bpe_vocabulary(tokenizer)
         (folder / HF_VOCAB_FILE).write_text(json.dumps(vocab, ensure_ascii=False), "utf-8")
         (folder / HF_MERGES_FILE).write_text("".join(line + "\n" for line in merges), "utf-8")
         settings.update(tokenizer_class="GPT2Tokenizer", unk_token=EOT_TEXT, add_prefix_space=False)

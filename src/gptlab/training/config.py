@@ -46,14 +46,15 @@ class DataConfig:
     invalid_utf8: str = "strict"  # or "replace": read bad bytes as U+FFFD
     text_field: str = "text"  # files of records (.jsonl, .json, .parquet): the field each document is in
     val_fraction: float = 0.1  # the held-out share of the joined text's characters, at its end
-    tokenizer: str = "char"  # "char" or "gpt2" (a new model gets gpt2 with 128 merges: NEW_MODEL_DEFAULTS)
+    tokenizer: str = "char"  # "char", "gpt2" (a new model gets gpt2 with 128 merges: NEW_MODEL_DEFAULTS) or a
+    # folder `gptlab tokenizer train` wrote
     merges: int | None = None  # gpt2 only: keep GPT-2's first N merges
     cache_dir: str | None = None  # token cache folder (default: under ~/.cache/gptlab/tokens)
     prepared: str | None = None  # a token cache `gptlab prepare` wrote: trained from, no source read
 
     def __post_init__(self) -> None:
-        if self.tokenizer not in ("char", "gpt2"):
-            raise ConfigError(f"--tokenizer must be char or gpt2, got {self.tokenizer!r}")
+        if not self.tokenizer:
+            raise ConfigError("--tokenizer must be char, gpt2 or a folder `gptlab tokenizer train` wrote, got ''")
         if self.merges is not None and self.tokenizer != "gpt2":
             raise ConfigError(
                 f"--merges {self.merges} truncates GPT-2's BPE, but --tokenizer is {self.tokenizer}; drop one of them"

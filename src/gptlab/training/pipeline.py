@@ -160,8 +160,8 @@ def _train(
             run,
             data=dataclasses.replace(
                 run.data,
-                tokenizer=inputs["tokenizer"]["type"],
-                merges=inputs["tokenizer"].get("merges"),
+                tokenizer=inputs["tokenizer"]["type"],  # a trained BPE's is "bpe": the cache holds its merges
+                merges=inputs["tokenizer"].get("merges") if inputs["tokenizer"]["type"] == "gpt2" else None,
                 val_fraction=round(1 - inputs["train_fraction"], 12),
             ),
         )
