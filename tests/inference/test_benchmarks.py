@@ -149,7 +149,7 @@ def test_the_scores_are_lm_evals_on_the_same_items(checkpoint, tmp_path, monkeyp
         log_samples=True,
     )
     theirs = results["results"]["gptlab_hellaswag"]
-    assert (ours.acc, ours.acc_norm) == (theirs["acc,none"], theirs["acc_norm,none"])
+    assert (ours.metrics["acc"], ours.metrics["acc_norm"]) == (theirs["acc,none"], theirs["acc_norm,none"])
     samples = sorted(results["samples"]["gptlab_hellaswag"], key=lambda sample: sample["doc_id"])
     for sample, lls in zip(samples, ours.loglikelihoods, strict=True):
         assert [response[0][0] for response in sample["resps"]] == pytest.approx(lls, abs=1e-4)
@@ -171,7 +171,7 @@ def test_gptlab_eval_task_prints_the_scores_and_refuses_what_does_not_apply(chec
     ]
     assert main(argv) == 0
     assert capsys.readouterr().out == (
-        f"{folder / 'model'} on hellaswag ({data}): acc {ours.acc:.4f}  acc_norm {ours.acc_norm:.4f}  (5 items)\n"
+        f"{folder / 'model'} on hellaswag ({data}): acc {ours.metrics['acc']:.4f}  acc_norm {ours.metrics['acc_norm']:.4f}  (5 items)\n"
     )
     assert main([*argv, "--include", "*.md"]) == 2
     assert capsys.readouterr().err == "gptlab eval: error: --include does not apply to --task hellaswag; drop it\n"

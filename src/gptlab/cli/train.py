@@ -354,7 +354,7 @@ def cmd_eval_task(args: argparse.Namespace) -> None:
     """gptlab eval --task NAME --data FILE: a benchmark in its published format (inference/benchmarks.py)."""
     import torch
 
-    from ..inference.benchmarks import hellaswag_items, score
+    from ..inference.benchmarks import TASKS, score
     from ..loading import load_model
     from ..training.runtime import pick_device
 
@@ -374,7 +374,7 @@ def cmd_eval_task(args: argparse.Namespace) -> None:
     if ignored:
         raise UserError(f"{ignored[0]} does not apply to --task {args.task}; drop it")
     model, tokenizer = load_model(args.checkpoint, device=pick_device(args.device), dtype=getattr(torch, args.dtype))
-    result = score(model, tokenizer, hellaswag_items(args.data[0]))
+    result = score(model, tokenizer, TASKS[args.task](args.data[0]), args.task)
     print(f"{args.checkpoint} on {args.task} ({args.data[0]}): {result.format()}")
 
 
@@ -490,8 +490,8 @@ def add_parsers(commands) -> None:
     ev.add_argument(
         "--task",
         choices=list(TASKS),
-        help="score a benchmark in its published format instead: acc "
-        "and acc_norm over the --data file's items, as lm-eval scores them (e.g. hellaswag_val.jsonl)",
+        help="score a benchmark in its published format instead, as lm-eval scores it: hellaswag and arc "
+        "(acc, acc_norm; hellaswag_val.jsonl, ARC-Easy-Test.jsonl) or lambada (acc, perplexity; lambada_test.jsonl)",
     )
     ev.add_argument(
         "--checkpoint", required=True, help="a gptlab checkpoint (e.g. runs/NAME/best) or a Hugging Face GPT-2 folder"
