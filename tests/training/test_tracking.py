@@ -1,8 +1,11 @@
-"""--logger tensorboard csv: the same figures as metrics.jsonl, read back with TensorBoard's own event reader
-and Python's csv module, the settings and samples as text, and a resumed run continuing the same logs."""
+"""--logger tensorboard csv wandb: the same figures as metrics.jsonl, read back with TensorBoard's own event
+reader, Python's csv module and W&B's own record format (its offline .wandb files), the settings and samples as text, and a resumed run continuing the same logs."""
 
+import ast
 import csv
 import json
+import struct
+from html import escape
 
 import pytest
 from run_helpers import TINY_RUN, lines_of_text
@@ -77,5 +80,76 @@ def test_an_unknown_logger_is_refused(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["train", "--out", str(tmp_path / "r"), "--logger", "mlflow", "--max-steps", "1"])
     assert exit_info.value.code == 2 and "invalid choice: 'mlflow'" in capsys.readouterr().err
-    with pytest.raises(ConfigError, match="--logger mlflow is not one gptlab writes; choose from tensorboard, csv"):
+    with pytest.raises(
+        ConfigError, match="--logger mlflow is not one gptlab writes; choose from tensorboard, wandb, csv"
+    ):
         gptlab.train(out=str(tmp_path / "r"), loggers=["mlflow"], max_steps=1)
+
+
+def wandb_records(path) -> list:
+    """The records of a W&B run file (run-ID.wandb): a 7-byte header (":W&B", 0xBEE1, version 0), then
+    LevelDB's log format (32 KiB blocks; each chunk a CRC, a length, a type: full, first, middle or last)
+    holding W&B's protobuf Records."""
+    from wandb.proto import wandb_internal_pb2
+
+    data, block = path.read_bytes(), 32768
+    assert data[:7] == b":W&B\xe1\xbe\x00"
+    position, pieces, records = 7, b"", []
+    while position + 7 <= len(data):
+        if block - position % block < 7:  # a block's tail too short for a header is padding
+            position += block - position % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[position : position + 7])
+        chunk, position = data[position + 7 : position + 7 + length], position + 7 + length
+        if kind == 0:
+            break
+        pieces = chunk if kind in (1, 2) else pieces + chunk
+        if kind in (1, 4):
+            records.append(wandb_internal_pb2.Record.FromString(pieces))
+    return records
+
+
+def test_wandb_runs_offline_without_a_key_and_a_resume_continues_the_same_run(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("wandb")
+    for name in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_PROJECT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no ~/.netrc: no W&B login
+    text, run = lines_of_text(tmp_path / "text.txt"), tmp_path / "run"
+    argv = ["train", "--data", str(text), "--out", str(run), "--cache-dir", str(tmp_path / "cache"), *TINY_RUN]
+    assert main([*argv, "--sample-tokens", "12", "--logger", "wandb"]) == 0
+    first = capsys.readouterr().out
+    assert main(["train", "--out", str(run), "--resume", "--max-steps", "6", "--no-progress"]) == 0
+    second = capsys.readouterr().out
+    folders = sorted((run / "wandb").glob("offline-run-*"))
+    assert len(folders) == 2 and len({folder.name.rsplit("-", 1)[1] for folder in folders}) == 1  # one W&B run
+    run_id = folders[0].name.rsplit("-", 1)[1]
+    assert f"wandb: offline run {run_id} in {run / 'wandb'}; upload it with: wandb sync " in first
+    assert f"wandb: offline run {run_id} in {run / 'wandb'}, continuing W&B run {run_id}" in second
+    history, config, samples = {}, {}, []
+    for folder in folders:
+        for record in wandb_records(next(folder.glob("run-*.wandb"))):
+            kind = record.WhichOneof("record_type")
+            if kind == "history":
+                step = record.history.step.num
+                for item in record.history.item:
+                    key = item.key or "/".join(item.nested_key)
+                    if key == "sample/path":  # the sample's HTML file, in the run's files/
+                        samples.append((step, (folder / "files" / json.loads(item.value_json)).read_text()))
+                    elif not key.startswith("_"):
+                        history.setdefault(key, []).append((step, json.loads(item.value_json)))
+            elif kind in ("run", "config"):
+                update = record.run.config.update if kind == "run" else record.config.update
+                config.update({item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in update})
+    records = metrics(run)
+    for name in ("train_loss", "lr", "grad_norm", "val_loss", "val_bits_per_byte"):
+        expected = [(record["step"], record[name]) for record in records if name in record]
+        assert history[name] == [(step, pytest.approx(value, rel=1e-6)) for step, value in expected]
+    assert [step for step, _ in history["train_loss"]] == [1, 2, 3, 4, 5, 6]
+    assert [step for step, _ in samples] == [2, 4, 6]
+    said = [
+        ast.literal_eval(line[len("sample: ") :])
+        for line in (first + second).splitlines()
+        if line.startswith("sample: ")
+    ]
+    assert [html for _, html in samples] == [f"<pre>{escape(text)}</pre>" for text in said] and len(said) == 3
+    assert config["train"]["max_steps"] == 6 and config["model"]["n_layers"] == 2  # the resumed settings

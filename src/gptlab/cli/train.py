@@ -291,7 +291,8 @@ SETTINGS: list[tuple[str, str, dict]] = [
             flag="--logger",
             nargs="+",
             choices=list(LOGGERS),
-            help="also log what metrics.jsonl records to TensorBoard (runs/NAME/tensorboard/) and/or metrics.csv",
+            help="also log what metrics.jsonl records to TensorBoard (runs/NAME/tensorboard/), Weights & Biases "
+            "(runs/NAME/wandb/; offline without an API key) and/or metrics.csv",
         ),
     ),
     (

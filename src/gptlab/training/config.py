@@ -31,7 +31,7 @@ LIMITS = ("max_steps", "max_tokens", "epochs", "time_budget")
 OPTIMIZERS = ("adamw", "muon")  # training/optimizers.py
 SCHEDULES = ("cosine", "wsd")
 DTYPES = ("auto", "bfloat16", "float32")  # autocast; auto: runtime.training_dtype
-LOGGERS = ("tensorboard", "csv")  # tracking.py
+LOGGERS = ("tensorboard", "wandb", "csv")  # tracking.LOGGER_CLASSES
 
 
 class ConfigError(UserError):
@@ -140,7 +140,7 @@ class TrainConfig:
     time_budget: float | None = None  # seconds of training
     eval_interval: int = 250
     eval_tokens: int | None = None  # in-run evaluations: a seeded subset of about this many tokens (None: all)
-    loggers: list[str] = field(default_factory=list)  # besides metrics.jsonl: "tensorboard", "csv" (tracking.py)
+    loggers: list[str] = field(default_factory=list)  # besides metrics.jsonl: any of LOGGERS (tracking.py)
     log_interval: int = 20
     sample_tokens: int = 200
     # autocast dtype: "bfloat16", "float32", or "auto": bfloat16 where the device has bfloat16 arithmetic,

@@ -1,10 +1,17 @@
-"""Experiment tracking: what metrics.jsonl records, also to TensorBoard and to a CSV file (--logger
-tensorboard csv). metrics.jsonl stays the run's own record (loss.png and --resume read it).
+"""Experiment tracking: what metrics.jsonl records, also to TensorBoard, Weights & Biases or a CSV file
+(--logger tensorboard wandb csv, any of them). metrics.jsonl stays the run's own record (loss.png and
+--resume read it).
 
     tensorboard   runs/NAME/tensorboard/: a scalar per metric (train_loss, val_loss, lr, grad_norm,
                   tokens_per_s, ...) against the step, the run's settings (run.toml) and each
                   evaluation's sample as text. A resumed run writes a new event file in the same folder,
                   purging the steps it trains again, so TensorBoard shows one run.
+    wandb         a W&B run in runs/NAME/wandb/ (project $WANDB_PROJECT, default gptlab; the run's folder
+                  name as its name): the metrics against the step, the settings as its config, samples as
+                  HTML. Online when W&B has an API key ($WANDB_API_KEY or ~/.netrc) and $WANDB_MODE does
+                  not say otherwise, else offline, saying how to upload it later (`wandb sync`). A resumed
+                  run continues the same W&B run (its id is read back from runs/NAME/wandb/), from the step
+                  it resumes at.
     csv           runs/NAME/metrics.csv: one row per metric and step (step, tokens, metric, value); a
                   resume drops the rows of the steps it trains again, as it does in metrics.jsonl.
 """
@@ -12,6 +19,11 @@ tensorboard csv). metrics.jsonl stays the run's own record (loss.png and --resum
 from __future__ import annotations
 
 import csv
+import netrc
+import os
+import re
+import tomllib
+from html import escape
 from pathlib import Path
 
 from .runtime import TrainingError
@@ -19,62 +31,141 @@ from .runtime import TrainingError
 CSV_FILE = "metrics.csv"
 CSV_HEADER = ["step", "tokens", "metric", "value"]
 TENSORBOARD_DIR = "tensorboard"
+WANDB_DIR = "wandb"  # W&B makes runs/NAME/wandb/ itself, under the dir it is given
+
+
+def missing(logger: str, package: str) -> TrainingError:
+    return TrainingError(f"--logger {logger} needs the {package} package: pip install 'gptlab[track]' (or {package})")
+
+
+class TensorBoardLogger:
+    def __init__(self, out_dir: Path, settings: str, resumed_at: int | None, log) -> None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise missing("tensorboard", "tensorboard") from None
+        # purge_step: TensorBoard hides what earlier event files hold from this step on
+        self.writer = SummaryWriter(
+            str(out_dir / TENSORBOARD_DIR), purge_step=None if resumed_at is None else resumed_at + 1
+        )
+        if resumed_at is None:
+            self.writer.add_text("settings", "```toml\n" + settings + "\n```", 0)
+
+    def record(self, step: int, tokens: int | None, metrics: dict) -> None:
+        for name, value in metrics.items():
+            self.writer.add_scalar(name, value, step)
+        self.writer.flush()
+
+    def text(self, tag: str, text: str, step: int) -> None:
+        self.writer.add_text(tag, text, step)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class CsvLogger:
+    def __init__(self, out_dir: Path, settings: str, resumed_at: int | None, log) -> None:
+        path = out_dir / CSV_FILE
+        rows = []
+        if resumed_at is not None and path.exists():
+            with open(path, newline="") as file:
+                rows = [row for row in csv.DictReader(file) if int(row["step"]) <= resumed_at]
+        self.file = open(path, "w", newline="")
+        self.csv = csv.DictWriter(self.file, CSV_HEADER)
+        self.csv.writeheader()
+        self.csv.writerows(rows)
+        self.file.flush()
+
+    def record(self, step: int, tokens: int | None, metrics: dict) -> None:
+        self.csv.writerows(
+            {"step": step, "tokens": tokens, "metric": name, "value": value} for name, value in metrics.items()
+        )
+        self.file.flush()
+
+    def text(self, tag: str, text: str, step: int) -> None:
+        pass  # a CSV of numbers holds no text
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def wandb_api_key() -> bool:
+    """Whether W&B has an API key, where its login keeps one."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (FileNotFoundError, netrc.NetrcParseError):
+        return False
+
+
+def wandb_run_id(folder: Path) -> str | None:
+    """The id of the newest W&B run W&B keeps in folder (its run folders end in -ID), if any."""
+    runs = sorted(folder.glob("*run-*-*"), key=lambda path: path.stat().st_mtime) if folder.is_dir() else []
+    found = [re.fullmatch(r"(?:offline-)?run-\d{8}_\d{6}-(\w+)", path.name) for path in runs]
+    ids = [match[1] for match in found if match]
+    return ids[-1] if ids else None
+
+
+class WandbLogger:
+    def __init__(self, out_dir: Path, settings: str, resumed_at: int | None, log) -> None:
+        try:
+            import wandb
+        except ImportError:
+            raise missing("wandb", "wandb") from None
+        self.wandb = wandb
+        mode = os.environ.get("WANDB_MODE") or ("online" if wandb_api_key() else "offline")
+        run_id = wandb_run_id(out_dir / WANDB_DIR) if resumed_at is not None else None
+        self.run = wandb.init(
+            project=os.environ.get("WANDB_PROJECT", "gptlab"),
+            name=out_dir.resolve().name,
+            dir=str(out_dir),
+            id=run_id,
+            resume="allow" if run_id else None,
+            mode=mode,
+            config=tomllib.loads(settings),
+            settings=wandb.Settings(silent=True),
+        )
+        how = (
+            f"upload it with: wandb sync {out_dir / WANDB_DIR}/offline-run-*-{self.run.id}"
+            if mode == "offline"
+            else self.run.url
+        )
+        again = f", continuing W&B run {run_id}" if run_id else ""
+        log(f"wandb: {mode} run {self.run.id} in {out_dir / WANDB_DIR}{again}; {how}")
+
+    def record(self, step: int, tokens: int | None, metrics: dict) -> None:
+        self.run.log(metrics, step=step)
+
+    def text(self, tag: str, text: str, step: int) -> None:
+        self.run.log({tag: self.wandb.Html(f"<pre>{escape(text)}</pre>", inject=False)}, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+LOGGER_CLASSES = {"tensorboard": TensorBoardLogger, "wandb": WandbLogger, "csv": CsvLogger}  # config.LOGGERS
 
 
 class Tracker:
     """The run's loggers, on the main process: record() each metrics record, text() a sample."""
 
-    def __init__(self, out_dir: Path, names: list[str], settings: str, resumed_at: int | None):
-        self.writer = self.csv_file = None
-        if "tensorboard" in names:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                raise TrainingError(
-                    "--logger tensorboard needs the tensorboard package: pip install 'gptlab[track]' (or tensorboard)"
-                ) from None
-
-            # purge_step: TensorBoard hides what earlier event files hold from this step on
-            self.writer = SummaryWriter(
-                str(out_dir / TENSORBOARD_DIR), purge_step=None if resumed_at is None else resumed_at + 1
-            )
-            if resumed_at is None:
-                self.writer.add_text("settings", "```toml\n" + settings + "\n```", 0)
-        if "csv" in names:
-            path = out_dir / CSV_FILE
-            rows = []
-            if resumed_at is not None and path.exists():
-                with open(path, newline="") as file:
-                    rows = [row for row in csv.DictReader(file) if int(row["step"]) <= resumed_at]
-            self.csv_file = open(path, "w", newline="")
-            self.csv = csv.DictWriter(self.csv_file, CSV_HEADER)
-            self.csv.writeheader()
-            self.csv.writerows(rows)
-            self.csv_file.flush()
+    def __init__(self, out_dir: Path, names: list[str], settings: str, resumed_at: int | None, log=print):
+        self.loggers = [LOGGER_CLASSES[name](out_dir, settings, resumed_at, log) for name in names]
 
     def record(self, record: dict) -> None:
-        step, tokens = record["step"], record.get("tokens")
         metrics = {
             name: value
             for name, value in record.items()
             if name not in ("step", "tokens") and isinstance(value, (int, float))
         }
-        if self.writer is not None:
-            for name, value in metrics.items():
-                self.writer.add_scalar(name, value, step)
-            self.writer.flush()
-        if self.csv_file is not None:
-            self.csv.writerows(
-                {"step": step, "tokens": tokens, "metric": name, "value": value} for name, value in metrics.items()
-            )
-            self.csv_file.flush()
+        for logger in self.loggers:
+            logger.record(record["step"], record.get("tokens"), metrics)
 
     def text(self, tag: str, text: str, step: int) -> None:
-        if self.writer is not None:
-            self.writer.add_text(tag, text, step)
+        for logger in self.loggers:
+            logger.text(tag, text, step)
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-        if self.csv_file is not None:
-            self.csv_file.close()
+        for logger in self.loggers:
+            logger.close()

@@ -393,7 +393,7 @@ def _train(runtime, model_cfg, cfg, tokenizer, data, resume, overwrite, init_sta
         else:
             drop_metrics_after(out_dir, state.step, log)
         tracker = Tracker(
-            out_dir, cfg.loggers, run.to_toml() if run is not None else "", state.step if resume else None
+            out_dir, cfg.loggers, run.to_toml() if run is not None else "", state.step if resume else None, log
         )
     else:
         tracker = None
