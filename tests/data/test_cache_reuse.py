@@ -23,7 +23,7 @@ from gptlab.data import (
     split_text,
     validation_batches,
 )
-from gptlab.data.cache import MANIFEST_FILE, RACY_WINDOW_NS
+from gptlab.data.cache import MANIFEST_FILE, PARTIAL_FILE, RACY_WINDOW_NS
 from gptlab.tokenizer import EOT_TEXT
 
 HOUR_NS = 3600 * 10**9
@@ -270,3 +270,86 @@ def test_processes_building_one_cache_at_once_take_turns(tmp_path):
     assert all(process.returncode == 0 for process in processes)
     assert sorted(built for built, _ in results) == ["0", "0", "1"]
     assert len({tokens for _, tokens in results}) == 1
+
+
+class InterruptedTokenizer(CountingTokenizer):
+    """Ctrl-C in the middle of a build: encode_batch raises KeyboardInterrupt at its `at`-th call."""
+
+    def __init__(self, tokenizer, at: int):
+        super().__init__(tokenizer)
+        self.at, self.encoded_chars = at, 0
+
+    def encode_batch(self, texts):
+        if self.calls + 1 == self.at:
+            raise KeyboardInterrupt
+        self.encoded_chars += sum(map(len, texts))
+        return super().encode_batch(texts)
+
+
+def shards(tmp_path, count: int = 6) -> list:
+    return [
+        write(tmp_path / f"shard-{i}.txt", f"Shard {i}: some words, and numbers {i * 7}.\n" * 30) for i in range(count)
+    ]
+
+
+def test_an_interrupted_build_goes_on_at_the_next_document_and_gives_a_fresh_builds_cache(tmp_path, gpt2):
+    paths = shards(tmp_path)
+    corpus = read_corpus([str(path) for path in paths])
+    fresh = build_token_cache(corpus, gpt2, tmp_path / "fresh", progress=False, chunk_chars=1000)
+    cache_dir = tmp_path / "cache"
+    # a checkpoint after every document (checkpoint_chars=1); the interruption comes in the fourth
+    with pytest.raises(KeyboardInterrupt):
+        build_token_cache(
+            corpus, InterruptedTokenizer(gpt2, at=4), cache_dir, progress=False, chunk_chars=1000, checkpoint_chars=1
+        )
+    record = json.loads((cache_dir / PARTIAL_FILE).read_text())
+    assert record["documents"] == 3 and not (cache_dir / MANIFEST_FILE).exists()
+    kept = sum(len(path.read_text()) for path in paths[:3]) + 2 * len(EOT_TEXT)
+    assert record["position"] == kept
+    again = InterruptedTokenizer(gpt2, at=0)
+    cache = build_token_cache(corpus, again, cache_dir, progress=False, chunk_chars=1000, checkpoint_chars=1)
+    assert cache.built and cache.resumed_chars == kept
+    assert again.encoded_chars == fresh.manifest["total_chars"] - kept - 3 * len(EOT_TEXT)  # the rest, once
+    assert cache.train_tokens.tolist() == fresh.train_tokens.tolist()
+    assert cache.val_tokens.tolist() == fresh.val_tokens.tolist()
+    assert {**cache.manifest, "checked_ns": 0} == {**fresh.manifest, "checked_ns": 0}
+    assert sorted(os.listdir(cache_dir)) == [".lock", "tokens-train.bin", "tokens-val.bin", "tokens.json"]
+
+
+@pytest.mark.parametrize("change", ["source", "tokenizer"])
+def test_an_interrupted_build_over_other_inputs_starts_over(tmp_path, gpt2, change):
+    paths = shards(tmp_path)
+    corpus, cache_dir = read_corpus([str(path) for path in paths]), tmp_path / "cache"
+    with pytest.raises(KeyboardInterrupt):
+        build_token_cache(
+            corpus, InterruptedTokenizer(gpt2, at=4), cache_dir, progress=False, chunk_chars=1000, checkpoint_chars=1
+        )
+    tokenizer = gpt2
+    if change == "source":
+        write(paths[1], "Shard 1, edited since.\n" * 30)
+        corpus = read_corpus([str(path) for path in paths])
+    else:
+        tokenizer = build_tokenizer("gpt2", corpus, merges=100)
+    cache = build_token_cache(corpus, tokenizer, cache_dir, progress=False, chunk_chars=1000, checkpoint_chars=1)
+    fresh = build_token_cache(corpus, tokenizer, tmp_path / "fresh", progress=False, chunk_chars=1000)
+    assert cache.resumed_chars == 0 and cache.train_tokens.tolist() == fresh.train_tokens.tolist()
+    assert sorted(os.listdir(cache_dir)) == [".lock", "tokens-train.bin", "tokens-val.bin", "tokens.json"]
+
+
+def test_gptlab_prepare_says_it_went_on_with_an_interrupted_build(tmp_path, capsys):
+    from gptlab.cli import main
+    from gptlab.tokenizer import load_tokenizer
+
+    paths = shards(tmp_path)
+    corpus, out = read_corpus([str(path) for path in paths]), tmp_path / "prepared"
+    tokenizer = load_tokenizer("gpt2", merges=128)  # what prepare gives a new model
+    with pytest.raises(KeyboardInterrupt):
+        build_token_cache(
+            corpus, InterruptedTokenizer(tokenizer, at=3), out, progress=False, chunk_chars=1000, checkpoint_chars=1
+        )
+    kept = sum(len(path.read_text()) for path in paths[:2]) + len(EOT_TEXT)
+    assert main(["prepare", "--data", *map(str, paths), "--out", str(out), "--no-progress"]) == 0
+    total = json.loads((out / MANIFEST_FILE).read_text())["total_chars"]
+    assert f"; went on with an interrupted build, whose first {kept:,} characters ({kept / total:.0%}) it kept" in (
+        capsys.readouterr().out
+    )

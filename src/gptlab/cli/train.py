@@ -454,7 +454,8 @@ def add_parsers(commands) -> None:
         "(the format `gptlab train` keeps its own caches in), with the tokenizer and split a new model "
         "would get unless told otherwise. `gptlab train --prepared CACHE` then trains from it without "
         "reading the sources, so no process of a torchrun job waits for another to tokenize. A "
-        "cache of unchanged sources is reused; an interrupted prepare starts again.",
+        "cache of unchanged sources is reused; an interrupted prepare goes on at the document where its "
+        "last checkpoint (every 64M characters) left it.",
     )
     prep.add_argument("--data", nargs="+", required=True, metavar="PATH", help="files, folders or glob patterns")
     prep.add_argument("--out", required=True, metavar="CACHE", help="the folder to write the token cache to")

@@ -32,6 +32,8 @@ RACY_WINDOW_NS = 2 * 10**9
 MANIFEST_FILE = "tokens.json"
 LOCK_FILE = ".lock"  # held while a process checks or builds the cache (build_lock)
 SPLIT_FILES = {"train": "tokens-train.bin", "val": "tokens-val.bin"}
+PARTIAL_FILE = "tokens.partial.json"  # how far an interrupted build got, and which files hold its tokens
+CHECKPOINT_CHARS = 64 << 20  # a build records its progress after the document that passes each 64M characters
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,7 @@ class TokenCache:
     train_tokens: np.ndarray
     val_tokens: np.ndarray
     built: bool  # True when this call tokenized the corpus, False when it reused the cache
+    resumed_chars: int = 0  # characters an interrupted build had tokenized, which this one kept
 
     @property
     def val_bytes(self) -> int:
@@ -168,6 +171,7 @@ def build_token_cache(
     progress: bool | None = None,
     chunk_chars: int = CHUNK_CHARS,
     train_fraction: float = TRAIN_FRACTION,
+    checkpoint_chars: int = CHECKPOINT_CHARS,
 ) -> TokenCache:
     """Tokenize the corpus into cache_dir, or reuse what is there if it was built from the same inputs:
     tokenizer spec, train_fraction, and each source's path, size and content (reuse_token_cache says when
@@ -179,17 +183,23 @@ def build_token_cache(
 
     cache_dir holds tokens.json (the manifest) and tokens-train.bin / tokens-val.bin (raw uint16 ids,
     uint32 for vocabularies over 65536); other files there are left alone. The token files are written
-    under temporary names unique to the process and renamed into place, the manifest last, so an
-    interrupted build leaves either the old cache or none, and processes building the same cache at once
-    (on shared storage) each leave a whole one. progress: tqdm bars on stderr; None shows them when
-    stderr is a tty. Memory stays bounded whatever the corpus' size.
+    under temporary names unique to the build and renamed into place, the manifest last, so an interrupted
+    build leaves either the old cache or none; processes building the same cache at once take turns
+    (build_lock), or, where the lock does not hold (across machines), each leave a whole one. An
+    interrupted build goes on where it was: after the document that passes each checkpoint_chars
+    characters, the tokens so far are flushed to disk and tokens.partial.json records how far they go;
+    a build over the same inputs (the first pass checks them again) keeps them and starts at the next
+    document (TokenCache.resumed_chars says how much was kept). progress: tqdm bars on stderr; None shows
+    them when stderr is a tty. Memory stays bounded whatever the corpus' size.
     """
     if not 0.0 <= train_fraction <= 1.0:
         raise DataError(f"train_fraction must be between 0 and 1, got {train_fraction}")
     directory = Path(cache_dir)
     show_progress = sys.stderr.isatty() if progress is None else progress
     with build_lock(directory):
-        return build_or_reuse(corpus, tokenizer, directory, show_progress, chunk_chars, train_fraction)
+        return build_or_reuse(
+            corpus, tokenizer, directory, show_progress, chunk_chars, train_fraction, checkpoint_chars
+        )
 
 
 @contextlib.contextmanager
@@ -211,8 +221,46 @@ def build_lock(directory: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def adopt_partial_build(directory: Path, inputs: dict, dtype: np.dtype, own: dict[str, Path]) -> dict | None:
+    """An interrupted build's progress record, its token files renamed to this build's `own` names, if it
+    was made from these inputs and its files hold what it says; else None (the build starts over). Two
+    builders cannot both adopt one: the second finds the files gone."""
+    try:
+        record = json.loads((directory / PARTIAL_FILE).read_text())
+        files = {side: directory / Path(record["files"][side]).name for side in SPLIT_FILES}
+        short = any(
+            path.stat().st_size < record["writers"][side]["tokens"] * dtype.itemsize for side, path in files.items()
+        )
+        if record["inputs"] != inputs or record["dtype"] != dtype.name or short:  # stale: its files go
+            for path in [*files.values(), directory / PARTIAL_FILE]:
+                path.unlink(missing_ok=True)
+            return None
+        for side, path in files.items():
+            os.replace(path, own[side])
+    except (OSError, ValueError, KeyError, TypeError):  # none, unreadable, or its files gone (adopted by another)
+        for path in [*own.values(), directory / PARTIAL_FILE]:
+            path.unlink(missing_ok=True)
+        return None
+    return record
+
+
+def records_own(directory: Path, own: dict[str, Path]) -> bool:
+    """Whether the progress record in directory is of the build whose token files are `own`."""
+    try:
+        files = json.loads((directory / PARTIAL_FILE).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return files == {side: path.name for side, path in own.items()}
+
+
 def build_or_reuse(
-    corpus: Corpus, tokenizer: Tokenizer, directory: Path, show_progress: bool, chunk_chars: int, train_fraction: float
+    corpus: Corpus,
+    tokenizer: Tokenizer,
+    directory: Path,
+    show_progress: bool,
+    chunk_chars: int,
+    train_fraction: float,
+    checkpoint_chars: int,
 ) -> TokenCache:
     manifest = read_manifest(directory)
     if manifest is not None:
@@ -221,46 +269,90 @@ def build_or_reuse(
             return cache
     directory.mkdir(parents=True, exist_ok=True)
     dtype = token_dtype(tokenizer.vocab_size)
-    temporary = {side: temporary_path(directory, name) for side, name in SPLIT_FILES.items()}
-    try:
-        checked_ns = time.time_ns()
-        with progress_bar(show_progress, corpus.n_bytes, "B", "reading") as bar:
-            sources = [scan_source(doc, bar) for doc in corpus.documents]
-        total_chars = sum(source["chars"] for source in sources) + len(EOT_TEXT) * (len(sources) - 1)
-        bar = progress_bar(show_progress, total_chars, "char", "tokenizing")
-        with open(temporary["train"], "wb") as train_file, open(temporary["val"], "wb") as val_file, bar:
-            writers = {"train": SplitWriter(train_file, dtype), "val": SplitWriter(val_file, dtype)}
-            split = write_tokens(
-                corpus, sources, split_index(total_chars, train_fraction), tokenizer, writers, chunk_chars, bar
+    partial = {side: temporary_path(directory, name) for side, name in SPLIT_FILES.items()}  # this build's own
+    checked_ns = time.time_ns()
+    with progress_bar(show_progress, corpus.n_bytes, "B", "reading") as bar:
+        sources = [scan_source(doc, bar) for doc in corpus.documents]
+    total_chars = sum(source["chars"] for source in sources) + len(EOT_TEXT) * (len(sources) - 1)
+    inputs = {"tokenizer": tokenizer.spec(), "train_fraction": train_fraction, "sources": sources}
+    earlier = adopt_partial_build(directory, inputs, dtype, partial)
+    files = {side: open(path, "r+b" if earlier else "wb") for side, path in partial.items()}
+    writers = {side: SplitWriter(file, dtype) for side, file in files.items()}
+    start, split = (0, 0), split_index(total_chars, train_fraction)
+    if earlier:
+        for side, writer in writers.items():
+            kept = earlier["writers"][side]
+            writer.file.truncate(kept["tokens"] * dtype.itemsize)
+            writer.file.seek(0, os.SEEK_END)
+            writer.tokens, writer.chars, writer.bytes, writer.first_token = (
+                kept["tokens"],
+                kept["chars"],
+                kept["bytes"],
+                kept["first_token"],
             )
-        splits = {
-            side: {"file": SPLIT_FILES[side], "tokens": w.tokens, "chars": w.chars, "bytes": w.bytes}
-            for side, w in writers.items()
-        }
-        first = writers["val"].first_token
-        first_bytes = 0 if first in (None, tokenizer.eot_id) else len(tokenizer.decode_bytes([first]))
-        splits["val"]["target_bytes"] = writers["val"].bytes - first_bytes
-        manifest = {
-            "format": CACHE_FORMAT,
-            "version": CACHE_VERSION,
-            "inputs": {"tokenizer": tokenizer.spec(), "train_fraction": train_fraction, "sources": sources},
-            "checked_ns": checked_ns,
+        start, split = (earlier["documents"], earlier["position"]), earlier["split"]
+
+    def save(documents: int, position: int, split: int) -> None:
+        for file in files.values():
+            file.flush()
+            os.fsync(file.fileno())  # the tokens are on disk before the record that counts them
+        record = {
+            "inputs": inputs,
             "dtype": dtype.name,
-            "total_chars": total_chars,
-            "split_char": split,
-            "splits": splits,
+            "files": {side: path.name for side, path in partial.items()},
+            "documents": documents,
+            "position": position,
+            "split": split,
+            "writers": {
+                side: {"tokens": w.tokens, "chars": w.chars, "bytes": w.bytes, "first_token": w.first_token}
+                for side, w in writers.items()
+            },
         }
-        # Mapped before the renames, the arrays stay this build's own even if another builder of the same
-        # cache renames its files over these, or removes the manifest, before this call returns.
-        arrays = {side: map_tokens(temporary[side], dtype, info["tokens"]) for side, info in splits.items()}
-        (directory / MANIFEST_FILE).unlink(missing_ok=True)  # no manifest: no cache, until the new one is whole
-        for side, name in SPLIT_FILES.items():
-            os.replace(temporary[side], directory / name)
-        write_manifest(directory, manifest)
-    finally:
-        for path in temporary.values():
-            path.unlink(missing_ok=True)
-    return TokenCache(directory, manifest, arrays["train"], arrays["val"], built=True)
+        temporary = temporary_path(directory, PARTIAL_FILE)
+        temporary.write_text(json.dumps(record) + "\n")
+        os.replace(temporary, directory / PARTIAL_FILE)
+
+    try:
+        with progress_bar(show_progress, total_chars, "char", "tokenizing") as bar, files["train"], files["val"]:
+            bar.update(start[1])
+            split = write_tokens(
+                corpus, sources, split, tokenizer, writers, chunk_chars, bar, start, (checkpoint_chars, save)
+            )
+    except BaseException as error:  # an interruption keeps what a checkpoint recorded; anything else is dropped
+        if isinstance(error, DataError) or not records_own(directory, partial):
+            for path in partial.values():
+                path.unlink(missing_ok=True)
+            if isinstance(error, DataError) and records_own(directory, partial):
+                (directory / PARTIAL_FILE).unlink(missing_ok=True)
+        raise
+    splits = {
+        side: {"file": SPLIT_FILES[side], "tokens": w.tokens, "chars": w.chars, "bytes": w.bytes}
+        for side, w in writers.items()
+    }
+    first = writers["val"].first_token
+    first_bytes = 0 if first in (None, tokenizer.eot_id) else len(tokenizer.decode_bytes([first]))
+    splits["val"]["target_bytes"] = writers["val"].bytes - first_bytes
+    manifest = {
+        "format": CACHE_FORMAT,
+        "version": CACHE_VERSION,
+        "inputs": inputs,
+        "checked_ns": checked_ns,
+        "dtype": dtype.name,
+        "total_chars": total_chars,
+        "split_char": split,
+        "splits": splits,
+    }
+    # Mapped before the renames, the arrays stay this build's own even if the files are replaced later.
+    arrays = {side: map_tokens(partial[side], dtype, info["tokens"]) for side, info in splits.items()}
+    (directory / MANIFEST_FILE).unlink(missing_ok=True)  # no manifest: no cache, until the new one is whole
+    for side, name in SPLIT_FILES.items():
+        os.replace(partial[side], directory / name)
+    write_manifest(directory, manifest)
+    if records_own(directory, partial):
+        (directory / PARTIAL_FILE).unlink(missing_ok=True)
+    return TokenCache(
+        directory, manifest, arrays["train"], arrays["val"], built=True, resumed_chars=start[1] if earlier else 0
+    )
 
 
 def default_cache_dir(corpus: Corpus, tokenizer: Tokenizer, train_fraction: float = TRAIN_FRACTION) -> Path:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 from tqdm import tqdm
@@ -151,10 +151,17 @@ def write_tokens(
     writers: dict[str, SplitWriter],
     chunk_chars: int,
     progress: tqdm,
+    start: tuple[int, int] = (0, 0),
+    checkpoint: tuple[int, Callable[[int, int, int], None]] | None = None,
 ) -> int:
     """Tokenize the corpus into the writers' files, chunk by chunk, the text before character `split` of
     the joined text to "train" and the rest to "val"; returns the split's character index (moved to the
-    end of a document boundary that it fell inside). `sources` are the first pass's records."""
+    end of a document boundary that it fell inside). `sources` are the first pass's records.
+
+    start: (documents already written, their end in the joined text), to go on with an interrupted build
+    whose writers hold those documents' tokens. checkpoint: (every, save): at the end of a document, once
+    `every` characters have been tokenized since the last call, every token so far is handed to the
+    writers and save(documents written, their end, split) is called."""
     queue: list[tuple[str, str | None]] = []  # (side, text chunk), or (side, None) for an end-of-text id
 
     def flush() -> None:
@@ -173,8 +180,11 @@ def write_tokens(
         progress.update(len(EOT_TEXT))
         return at + len(EOT_TEXT) if at < split < at + len(EOT_TEXT) else split
 
-    position = 0  # in the joined text
+    first, position = start  # position: in the joined text
+    saved = position
     for index, (doc, source) in enumerate(zip(corpus.documents, sources)):
+        if index < first:
+            continue
         if index:
             split = boundary(position)
             position += len(EOT_TEXT)
@@ -199,5 +209,9 @@ def write_tokens(
         if (hasher.hexdigest(), done) != (source["sha256"], source["chars"]):
             raise DataError(f"{doc.path} changed while it was being tokenized; run the command again")
         position += done
+        if checkpoint is not None and position - saved >= checkpoint[0]:
+            flush()
+            checkpoint[1](index + 1, position, split)
+            saved = position
     flush()
     return split

@@ -211,6 +211,7 @@ def _train(
         log(
             f"tokens: {len(cache.train_tokens):,} training and {len(cache.val_tokens):,} validation "
             f"({type(tokenizer).__name__}, vocabulary {tokenizer.vocab_size:,}); token cache {cache.directory}"
+            f"{resumed_note(cache)}"
         )
         log("\n".join(parameter_report(model_cfg).format(run.model.init or run.model.model).splitlines()[:2]))
         log(f"settings: {out / 'run.toml'} (limits: {limit_note})")
@@ -312,6 +313,7 @@ def prepare(
         "reused: the sources are unchanged"
         if not cache.built
         else f"{seconds:.1f} s, {corpus.n_bytes / seconds / 1e6:.1f} MB/s, {tokens / seconds:,.0f} tokens/s"
+        + resumed_note(cache)
     )
     log(
         f"tokens: {len(cache.train_tokens):,} training and {len(cache.val_tokens):,} validation "
@@ -319,6 +321,13 @@ def prepare(
         f"{out}"
     )
     return cache
+
+
+def resumed_note(cache: data.TokenCache) -> str:
+    if not cache.resumed_chars:
+        return ""
+    share = cache.resumed_chars / cache.manifest["total_chars"]
+    return f"; went on with an interrupted build, whose first {cache.resumed_chars:,} characters ({share:.0%}) it kept"
 
 
 def read_corpus(settings: DataConfig) -> data.Corpus:
