@@ -99,3 +99,15 @@ def test_what_a_prepared_cache_fixes_is_refused_by_name(tmp_path, capsys):
         )
     assert main(["train", "--prepared", str(tmp_path / "none"), "--out", str(tmp_path / "r")]) == 2
     assert "holds no token cache; make one with gptlab prepare --data ... --out" in capsys.readouterr().err
+
+
+def test_settings_that_say_what_the_cache_holds_are_accepted(tmp_path, capsys):
+    # as the 124M recipe's tokenizer = "gpt2" over a cache prepared with GPT-2's whole BPE
+    argv = ["prepare", "--data", str(posts(tmp_path)), "--out", str(tmp_path / "c"), "--tokenizer", "gpt2"]
+    assert main([*argv, "--no-progress"]) == 0
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text('[data]\ntokenizer = "gpt2"\nval_fraction = 0.1\n')
+    run = ["train", "--config", str(recipe), "--prepared", str(tmp_path / "c"), "--out", str(tmp_path / "r")]
+    assert main([*run, *TINY_RUN]) == 0
+    assert main([*run[:-1], str(tmp_path / "r2"), "--merges", "128", *TINY_RUN]) == 2  # the cache has all 50,000
+    assert "error: --tokenizer: the prepared cache" in capsys.readouterr().err  # gpt2 with 128 merges is not it

@@ -14,7 +14,7 @@ command line after that (every lm-eval option works as it does there).
     generate_until         gptlab's KV-cached decoder, greedy unless do_sample, ending at end-of-text, at
                            the first `until` string (not returned) or after max_gen_toks tokens
 
-tests/interop/test_lm_eval.py checks each against lm-eval's `--model hf` on the model's Hugging Face export.
+tests/interop/test_lm_eval_model.py checks each against lm-eval's `--model hf` on the model's Hugging Face export.
 """
 
 from __future__ import annotations

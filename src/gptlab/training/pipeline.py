@@ -26,7 +26,7 @@ from ..checkpoint import read_config
 from ..config import GPTConfig, get_config
 from ..loading import load_model
 from ..report import parameter_report
-from ..tokenizer import Tokenizer, tokenizer_from_spec, tokenizer_name
+from ..tokenizer import Tokenizer, read_tokenizer_folder, tokenizer_from_spec, tokenizer_name
 from .config import (
     LIMITS,
     LORA_SETTINGS,
@@ -257,19 +257,45 @@ PREPARED_FIXES = (
 
 
 def open_prepared(path: str, given: dict) -> data.TokenCache:
-    """The token cache `gptlab prepare` wrote at path; settings it already fixes are refused by name."""
-    fixed = [name for name in PREPARED_FIXES if given.get(name) is not None]
+    """The token cache `gptlab prepare` wrote at path. A setting it already fixes is refused by name, unless
+    it says what the cache holds (a recipe's tokenizer = "gpt2" over a cache prepared with GPT-2's BPE)."""
+    try:
+        cache = data.open_token_cache(path)
+    except data.DataError:
+        raise ConfigError(
+            f"--prepared {path} holds no token cache; make one with gptlab prepare --data ... --out {path}"
+        ) from None
+    inputs = cache.manifest["inputs"]
+    agrees = {
+        "val_fraction": lambda value: abs(value - (1 - inputs["train_fraction"])) < 1e-9,
+        "tokenizer": lambda value: same_tokenizer(value, given.get("merges"), inputs["tokenizer"]),
+        "merges": lambda value: same_tokenizer(given.get("tokenizer", "gpt2"), value, inputs["tokenizer"]),
+    }
+    fixed = [
+        name
+        for name in PREPARED_FIXES
+        if given.get(name) is not None and not (name in agrees and agrees[name](given[name]))
+    ]
     if fixed:
         raise ConfigError(
             f"--{fixed[0].replace('_', '-')}: the prepared cache {path} already fixes its data, "
             "tokenizer and split; drop it, or prepare the data again with it"
         )
-    try:
-        return data.open_token_cache(path)
-    except data.DataError:
-        raise ConfigError(
-            f"--prepared {path} holds no token cache; make one with gptlab prepare --data ... --out {path}"
-        ) from None
+    return cache
+
+
+def same_tokenizer(setting: str, merges: int | None, spec: dict) -> bool:
+    """Whether --tokenizer setting (with --merges) names the tokenizer of this spec."""
+    if setting == "gpt2":
+        return spec["type"] == "gpt2" and merges == spec.get("merges")
+    if setting == "char":
+        return spec["type"] == "char" and merges is None
+    return (
+        merges is None
+        and spec["type"] == "bpe"
+        and Path(setting).is_dir()
+        and read_tokenizer_folder(setting).spec() == spec
+    )
 
 
 def describe_prepared(cache: data.TokenCache) -> str:
