@@ -26,8 +26,8 @@ from gptlab.tokenizer import GPT2Tokenizer
 
 transformers = pytest.importorskip("transformers")
 
-F32, F16, BF16, Q8_0 = (gguf.GGMLQuantizationType[name] for name in ("F32", "F16", "BF16", "Q8_0"))
-OUTTYPES = {"f32": (F32, 0), "bf16": (BF16, 32), "q8_0": (Q8_0, 7)}  # matrix type, general.file_type
+F32, F16, BF16, Q8_0, Q4_0 = (gguf.GGMLQuantizationType[name] for name in ("F32", "F16", "BF16", "Q8_0", "Q4_0"))
+OUTTYPES = {"f32": (F32, 0), "bf16": (BF16, 32), "q8_0": (Q8_0, 7), "q4_0": (Q4_0, 2)}  # matrix type, file_type
 TINY = dict(context_length=32, emb_dim=64, n_heads=2, n_layers=2, drop_rate=0.0)
 TEXT = "Hello world, it's 2024!  Ünïcödé €5 😀\ttabs\nand   spaces, \r\n done"
 
@@ -61,8 +61,8 @@ def read(path) -> tuple[dict, dict]:
 
 def llama_cpp_layout(model: GPTModel, outtype: str) -> dict[str, tuple[list[int], gguf.GGMLQuantizationType]]:
     """name -> (shape in ggml's order, type): the tensors llama.cpp's GPT-2 loader creates, typed as the converter
-    types them: 1-D tensors and the position table F32, other matrices the outtype, or F16 where a Q8_0 row
-    would not be whole 32-value blocks."""
+    types them: 1-D tensors and the position table F32, other matrices the outtype, or F16 where a Q8_0 or
+    Q4_0 row would not be whole 32-value blocks."""
     cfg = model.cfg
     C, V, T = cfg.emb_dim, cfg.vocab_size, cfg.context_length
     matrix = OUTTYPES[outtype][0]
@@ -70,7 +70,7 @@ def llama_cpp_layout(model: GPTModel, outtype: str) -> dict[str, tuple[list[int]
     def typed(shape):
         if len(shape) == 1:
             return shape, F32
-        return shape, F16 if matrix == Q8_0 and shape[0] % 32 else matrix
+        return shape, F16 if matrix in (Q8_0, Q4_0) and shape[0] % 32 else matrix
 
     layout = {
         "token_embd.weight": typed([C, V]),
@@ -149,6 +149,18 @@ def q8_0_formula(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (d_fp16 * q).reshape(weight.shape), d.expand_as(blocks).reshape(weight.shape)
 
 
+def q4_0_formula(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """ggml's Q4_0, written out: blocks of 32 along a row, d = (the value of largest magnitude) / -8 stored as
+    fp16, each value min(15, floor(x / d + 8.5)), read back as (q - 8) * d. (dequantized values, |d| of
+    each value's block)."""
+    blocks = weight.float().reshape(-1, 32)
+    signed_max = blocks.gather(1, blocks.abs().argmax(dim=1, keepdim=True))
+    d = signed_max / -8
+    inverse = torch.where(d == 0, torch.zeros_like(d), 1 / d)
+    q = torch.clamp(torch.floor(blocks * inverse + 8.5), max=15)
+    return ((q - 8) * d.half().float()).reshape(weight.shape), d.abs().expand_as(blocks).reshape(weight.shape)
+
+
 @pytest.fixture(scope="module", params=[False, True], ids=["untied-no-qkv-bias", "tied-qkv-bias"])
 def model(request) -> GPTModel:
     return random_model(300, tie_embeddings=request.param, qkv_bias=request.param)
@@ -201,6 +213,18 @@ def test_q8_0_values_follow_the_q8_0_formula_within_its_error_bound(model, token
         assert torch.equal(stored, expected), name
         # half a step of d, plus the fp16 rounding of d (relative 2^-11) times at most 127 steps
         assert torch.all((stored - weight).abs() <= d * (0.5 + 127 * 2**-11) + 1e-7), name
+
+
+def test_q4_0_values_follow_the_q4_0_formula_within_its_error_bound(model, tokenizer, tmp_path):
+    _, tensors = read(export_gguf(model, tokenizer, tmp_path / "m.gguf", "q4_0").path)
+    for name, weight in gptlab_weights(model).items():
+        stored = stored_values(tensors[name])
+        if tensors[name].tensor_type != Q4_0:
+            continue
+        expected, d = q4_0_formula(weight)
+        assert torch.allclose(stored, expected, rtol=0, atol=1e-6), name
+        # half a step of d, a whole one where +8 steps are clipped to +7, plus d's fp16 rounding over 8 steps
+        assert torch.all((stored - weight).abs() <= d * (1 + 8 * 2**-11) + 1e-6), name
 
 
 @pytest.mark.parametrize("outtype", OUTTYPES)
@@ -358,7 +382,7 @@ def test_an_existing_file_is_kept_unless_forced(model, tokenizer, tmp_path):
 @pytest.mark.parametrize(
     "outtype, destination, message",
     [
-        ("q4_0", "m.gguf", r"unknown GGUF outtype 'q4_0'; choose one of: f32, bf16, q8_0"),
+        ("q4_k", "m.gguf", r"unknown GGUF outtype 'q4_k'; choose one of: f32, bf16, q8_0, q4_0"),
         ("f32", ".", r"is a folder; give the \.gguf file to write"),
     ],
 )

@@ -40,6 +40,7 @@ OUTTYPES = {
     "f32": (gguf.LlamaFileType.ALL_F32, gguf.GGMLQuantizationType.F32),
     "bf16": (gguf.LlamaFileType.MOSTLY_BF16, gguf.GGMLQuantizationType.BF16),
     "q8_0": (gguf.LlamaFileType.MOSTLY_Q8_0, gguf.GGMLQuantizationType.Q8_0),
+    "q4_0": (gguf.LlamaFileType.MOSTLY_Q4_0, gguf.GGMLQuantizationType.Q4_0),  # every matrix, as llama-quantize --pure
 }
 # Byte 0xFF never occurs in UTF-8, so this merge never applies; it is there because llama.cpp refuses a
 # "gpt2" vocabulary without tokenizer.ggml.merges and GGUF cannot store an empty array.
