@@ -3,7 +3,7 @@
 GPT-2 124M shape (a default transformers GPT2Config: qkv bias, tied head) with random weights
 (generate_throughput.build_models). gptlab decodes them in fp32, bf16, and quantize_model's int8 and
 int4; llama.cpp (llama-cpp-python) runs the same model exported by gptlab's own GGUF exporter
-(interop/gguf.py) as f32, bf16 and q8_0; transformers' fp32 `generate` is the second baseline. Greedy,
+(interop/gguf.py) as f32, bf16, q8_0 and q4_0 (every matrix); transformers' fp32 `generate` is the second baseline. Greedy,
 a 32-token prompt, 128 new tokens (32 with --quick). End-of-text is just another token here (it can come up with
 random weights): llama.cpp's `generate` never stops by itself, gptlab is given no eot_id and
 transformers no eos_token_id.
@@ -18,8 +18,8 @@ prompt of each of PREFILL_LENGTHS tokens, at batch 1.
 Roofline: at batch 1 each step reads every weight once, so tokens/s can be at most memory bandwidth /
 bytes of weights per token. Bandwidth is measured in the same run (memory_bandwidth), and a
 contestant's share is tokens/s x weight bytes / bandwidth. Weight bytes count every matrix multiplied
-(the 48 linear layers and the output head, as each contestant stores them: an int8 or q8_0 matrix
-with its scales), its bias and the LayerNorms; the embedding lookups read one row each and are not
+(the 48 linear layers and the output head, as each contestant stores them: an int8, int4, q8_0 or q4_0
+matrix with its scales), its bias and the LayerNorms; the embedding lookups read one row each and are not
 counted, nor is the KV cache (under 3% of the weights at these lengths in fp32).
 
 Contestants run interleaved round by round (the order reversed every other round), so that load
@@ -74,8 +74,9 @@ PAIRS = {
     "fp32": ("gptlab fp32", "llama.cpp f32"),
     "bf16": ("gptlab bf16", "llama.cpp bf16"),
     "int8": ("gptlab int8", "llama.cpp q8_0"),
+    "int4": ("gptlab int4", "llama.cpp q4_0"),
 }
-GGUF_TYPES = {"llama.cpp f32": "f32", "llama.cpp bf16": "bf16", "llama.cpp q8_0": "q8_0"}
+GGUF_TYPES = {"llama.cpp f32": "f32", "llama.cpp bf16": "bf16", "llama.cpp q8_0": "q8_0", "llama.cpp q4_0": "q4_0"}
 BATCH8 = ("gptlab fp32", "gptlab bf16", "gptlab int8", *GGUF_TYPES, "transformers fp32")
 
 # (prompts, new tokens) → (each row's new ids, seconds of the steps after the first new token)
@@ -374,7 +375,7 @@ def print_report(report: dict) -> None:
             f"{decode[1]['tokens_per_s'][theirs]:>9.1f} {weights[theirs] / 1e6:>7.0f} {share[theirs]:>8.0%}   "
             f"{ratio['ratio']:>5.2f}  {'PASS' if ratio['pass'] else 'MISS'}"
         )
-    for name in ("gptlab int4", "transformers fp32"):
+    for name in ("transformers fp32",):
         print(
             f"{name:<18} {decode[1]['tokens_per_s'][name]:>8.1f} tokens/s, {weights[name] / 1e6:.0f} MB/token, "
             f"roofline {share[name]:.0%}"
