@@ -27,6 +27,7 @@ from common import machine_info, timed, write_report
 from gptlab.hf_format import config_from_hf, state_dict_from_hf
 from gptlab.inference.decoder import Decoder, prepared_model
 from gptlab.inference.generate import generate, generate_uncached
+from gptlab.inference.kernels import kernel_for
 from gptlab.inference.quantize import quantize_model
 from gptlab.model import GPTModel
 
@@ -134,6 +135,11 @@ def print_report(report: dict) -> None:
         f"{report['machine']['threads']} threads, {report['rounds']} interleaved rounds (medians; spread in the JSON)"
     )
     print(f"float32 decoding layout, made once per model by the first call: {report['prepare_seconds']:.2f} s")
+    for dtype, shapes in report["kernels"].items():
+        print(
+            f"{dtype} kernels (inference/kernels.py): "
+            + ", ".join(f"{shape} {row['kernel']}" for shape, row in shapes.items())
+        )
     print()
     print("gptlab.generate against transformers' generate:")
     print(
@@ -194,6 +200,7 @@ def main() -> None:
     _, prepare_seconds = timed(lambda: prepared_model(model))  # kept with the model: the timed calls reuse it
     report = {
         "machine": machine_info(),
+        "kernels": {dtype: kernel_for(getattr(torch, dtype)) for dtype in ("float32", "bfloat16")},
         "new_tokens": new_tokens,
         "rounds": rounds,
         "prepare_seconds": prepare_seconds,

@@ -46,8 +46,9 @@ from common import machine_info, write_report
 from torch import nn
 
 from gptlab.config import get_config
-from gptlab.inference.decoder import DecoderSettings, PackedLinear
+from gptlab.inference.decoder import DecoderSettings
 from gptlab.inference.generate import generate_ids
+from gptlab.inference.kernels import PackedLinear
 from gptlab.inference.quantize import (
     DynamicInt8Linear,
     Int4Linear,

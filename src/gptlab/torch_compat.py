@@ -68,6 +68,35 @@ def packed_linear(x: torch.Tensor, packed_weight: torch.Tensor, bias: torch.Tens
     return linear(x, packed_weight, bias, "none", [], "")
 
 
+# --- fbgemm's float16-weight linear (bfloat16 decoding where oneDNN has no bfloat16, inference/kernels.py) ---
+# PyTorch 2.13 marks these deprecated (a warning once per process); while they exist they are a candidate.
+
+
+def half_weight_available() -> bool:
+    return (
+        hasattr(torch, "fbgemm_pack_gemm_matrix_fp16")
+        and torch.backends.quantized.supported_engines.count("fbgemm") > 0
+    )
+
+
+def pack_half_weight(weight: torch.Tensor) -> object:
+    """nn.Linear's weight (out, in), as float16, packed for half_weight_linear."""
+    pack = private(torch, "fbgemm_pack_gemm_matrix_fp16", "torch.fbgemm_pack_gemm_matrix_fp16")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return pack(weight.float())
+
+
+def half_weight_linear(x: torch.Tensor, packed: object, bias: torch.Tensor) -> torch.Tensor:
+    """float32 x (rows, in) times the packed float16 weight, accumulated in float32, plus bias: (rows, out)."""
+    linear = private(
+        torch, "fbgemm_linear_fp16_weight_fp32_activation", "torch.fbgemm_linear_fp16_weight_fp32_activation"
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return linear(x, packed, bias)
+
+
 # --- fbgemm's int8 linear (inference/quantize.py) ---
 
 

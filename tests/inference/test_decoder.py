@@ -6,6 +6,7 @@ from __future__ import annotations
 import gc
 import threading
 import weakref
+from copy import deepcopy as copy_module
 
 import pytest
 import torch
@@ -16,11 +17,9 @@ from gptlab.inference import decoder as decoder_module
 from gptlab.inference.decoder import (
     Decoder,
     DecoderSettings,
-    PackedLinear,
     StaticKVCache,
     cache_dtype,
     next_token_logits,
-    packs_weights,
 )
 from gptlab.inference.generate import (
     GenerationOptions,
@@ -28,21 +27,31 @@ from gptlab.inference.generate import (
     generate_ids,
     generate_uncached,
 )
+from gptlab.inference.kernels import decoding_linear, kernel_for
 from gptlab.inference.quantize import quantize_model
 from gptlab.model import KVCache
 
 one_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
 
 
-def test_cpu_weights_are_packed_once_per_model_and_share_what_they_can():
+def takes_the_chosen_kernels(model, copy, dtype) -> bool:
+    """Whether each Linear of the decoding copy is the kind of module kernel_for(dtype) makes."""
+    return all(
+        type(copy.get_submodule(name)) is type(decoding_linear(copy_module(plain).to(dtype), kernel_for(dtype)))
+        for name, plain in model.named_modules()
+        if isinstance(plain, torch.nn.Linear)
+    )
+
+
+def test_cpu_weights_are_prepared_once_per_model_with_the_chosen_kernels_and_share_what_they_can():
     cfg = SHAPES["tied, qkv bias"]
     model = random_model(cfg)
     prepared = Decoder(model, 1).model
     qkv = prepared.trf_blocks[0].att.qkv
-    assert isinstance(qkv, PackedLinear) and isinstance(prepared.out_head, PackedLinear)
+    assert takes_the_chosen_kernels(model, prepared, torch.float32)
     x = torch.randn(2, 3, cfg.emb_dim)
     reference = model.trf_blocks[0].att.qkv(x)
-    assert torch.allclose(qkv(x), reference, rtol=0, atol=1e-5)  # the same product, from the packed weight
+    assert torch.allclose(qkv(x), reference, rtol=0, atol=1e-5)  # the same product, from the prepared weight
     assert torch.allclose(prepared.out_head(x), model.out_head(x), rtol=0, atol=1e-5)
     assert prepared.tok_emb.weight.data_ptr() == model.tok_emb.weight.data_ptr()  # shared, not copied
     assert Decoder(model, 4).model is prepared  # the next session reuses it
@@ -50,8 +59,7 @@ def test_cpu_weights_are_packed_once_per_model_and_share_what_they_can():
     assert Decoder(model, 1).model is prepared
 
     bf16 = Decoder(model, 1, DecoderSettings(dtype=torch.bfloat16)).model
-    packed = packs_weights(torch.bfloat16, torch.device("cpu"))
-    assert isinstance(bf16.trf_blocks[0].att.qkv, PackedLinear) == packed  # where oneDNN does bfloat16
+    assert takes_the_chosen_kernels(model, bf16, torch.bfloat16)
     assert torch.allclose(bf16.trf_blocks[0].att.qkv(x.bfloat16()).float(), reference, rtol=0, atol=0.05)
     assert Decoder(model, 1, DecoderSettings(dtype=torch.bfloat16)).model is bf16
     assert Decoder(model, 1).model is prepared  # one kept per dtype
@@ -150,11 +158,9 @@ def test_bfloat16_decoding_stays_close_to_float32():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_one_kernel_serves_every_row_count(dtype):
-    """A row's product is the same bits alone as in a batch of any size, and the float32 product of the
-    dtype's weights to that dtype's rounding."""
-    if not packs_weights(dtype, torch.device("cpu")):
-        pytest.skip("oneDNN has no bfloat16 on this CPU: nothing is packed")
+def test_the_prepared_layer_serves_every_row_count(dtype):
+    """A row's product is the same bits alone as in a batch of any size (each kernel's own test is in
+    test_kernels.py), and the float32 product of the dtype's weights to that dtype's rounding."""
     cfg = SHAPES["tied, qkv bias"]
     model = random_model(cfg)
     qkv = Decoder(model, 1, DecoderSettings(dtype=dtype)).model.trf_blocks[0].att.qkv

@@ -1,13 +1,12 @@
 """The decoding session: weights prepared once per model, a KV cache, prefill and one-token steps.
 
 Weights. Decoding multiplies a few rows by every weight matrix, so its speed is how fast the weights
-stream from memory, and on the CPU their memory layout matters. There the decoder runs a copy of the
-model whose Linear layers hold their weights packed once, ahead of time, into oneDNN's blocked layout
-(PackedLinear): PyTorch's own CPU linear reads nn.Linear's [out, in] weights through MKL, which is slow
-for a few rows on some CPUs, and in bfloat16 it hands oneDNN the plain layout, to be repacked at every
-call. Packing uses PyTorch's own oneDNN ops (the ones its compiler uses to freeze CPU linears), only on
-the CPU, and in bfloat16 only where oneDNN supports it. On CUDA and MPS the weights are used as they
-are: a copy is made there only to change the dtype. docs/benchmarks.md has the figures.
+stream from memory, and on the CPU which kernel streams them fastest depends on the CPU. There the
+decoder runs a copy of the model whose Linear layers compute with the kernel inference/kernels.py
+chooses for the dtype by what the CPU has (oneDNN's packed layout, or for bfloat16 without oneDNN's
+bfloat16 fbgemm's float16-weight kernel), each weight prepared once, ahead of time.
+On CUDA and MPS the weights are used as they are: a copy is made there only to change the dtype.
+docs/benchmarks.md#kernel-choices has the figures.
 
 One kernel serves every row count. So a row's logits do not depend on how many rows share its batch
 (tests/inference/test_decoder.py and tests/serve/test_engine.py check it bit for bit in float32, bfloat16
@@ -45,40 +44,20 @@ from torch import nn
 from ..config import GPTConfig
 from ..errors import UserError
 from ..model import GPTModel, KVCache, LayerCache
-from ..torch_compat import (
-    mark_static_address,
-    onednn_bf16_supported,
-    pack_linear_weight,
-    packed_linear,
-    version_counter,
-)
+from ..torch_compat import mark_static_address, version_counter
+from .kernels import decoding_linear, kernel_for
 from .quantize import is_quantized
 
 
-class PackedLinear(nn.Module):
-    """nn.Linear's product for CPU decoding, its weight packed once into oneDNN's blocked layout (see the
-    module docstring). Inference only: the weights are not parameters and take no gradient."""
-
-    def __init__(self, linear: nn.Linear):
-        super().__init__()
-        self.register_buffer("packed_weight", pack_linear_weight(linear.weight), persistent=False)
-        self.register_buffer("bias", linear.bias, persistent=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) → (..., out)
-        return packed_linear(x, self.packed_weight, self.bias)
-
-
-def packs_weights(dtype: torch.dtype, device: torch.device) -> bool:
-    """Whether decoding in dtype on device runs PackedLinear (see the module docstring)."""
-    if device.type != "cpu" or not torch.backends.mkldnn.is_available():
-        return False
-    return dtype == torch.float32 or (dtype == torch.bfloat16 and onednn_bf16_supported())
+def prepares_weights(device: torch.device) -> bool:
+    """Whether decoding on device runs a copy whose Linear layers take inference/kernels.py's kernels."""
+    return device.type == "cpu"
 
 
 def decoding_model(model: GPTModel, dtype: torch.dtype, pack: bool) -> GPTModel:
-    """An eval-mode copy of the model with its weights in dtype and, with pack, every Linear a PackedLinear
-    (see the module docstring). Tensors that need no change are shared, not copied. It is for generation
-    only: a packed tied head is a second copy of the token embedding."""
+    """An eval-mode copy of the model with its weights in dtype and, with pack, every Linear computing
+    with kernels.kernel_for(dtype) (see the module docstring). Tensors that need no change are
+    shared, not copied. It is for generation only: a packed tied head is a second copy of the embedding."""
     state = {name: tensor.to(dtype) for name, tensor in model.state_dict().items()}
     if model.cfg.tie_embeddings:
         state["out_head.weight"] = state["tok_emb.weight"]  # one converted copy, not two
@@ -89,7 +68,7 @@ def decoding_model(model: GPTModel, dtype: torch.dtype, pack: bool) -> GPTModel:
         linears = [(name, module) for name, module in copy.named_modules() if isinstance(module, nn.Linear)]
         for name, linear in linears:
             parent, _, attribute = name.rpartition(".")
-            setattr(copy.get_submodule(parent), attribute, PackedLinear(linear))
+            setattr(copy.get_submodule(parent), attribute, decoding_linear(linear, kernel_for(dtype)))
     return copy.eval()
 
 
@@ -125,7 +104,7 @@ def prepared_model(model: GPTModel, dtype: torch.dtype | None = None, prepare: b
                 f"({model.tok_emb.weight.dtype}), not {dtype}; convert the model before quantizing it"
             )
         return model
-    pack = prepare and packs_weights(dtype, model.device)
+    pack = prepare and prepares_weights(model.device)
     if dtype == model.tok_emb.weight.dtype and not pack:
         return decoding_model(model, dtype, pack=False) if model.training else model
     identity = weights_identity(model) if prepare else None
