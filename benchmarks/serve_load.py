@@ -11,7 +11,8 @@ Baseline, in the same run: `gptlab generate`'s own speed on the same checkpoint 
 two never share the cores. Targets (issue 12): 8 clients ≥ 4x one client's tokens/s; 1 client within
 10% of gptlab generate.
 
-    .venv/bin/python benchmarks/serve_load.py [--clients 1 4 8 16] [--requests 2] [--out FILE]
+    .venv/bin/python benchmarks/serve_load.py [--clients 1 4 8 16] [--requests 2] [--dtype bfloat16]
+        [--quantize int8|int4] [--out FILE]
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from common import machine_info, timed, write_report
 from gptlab.checkpoint import save_model
 from gptlab.config import get_config
 from gptlab.inference.generate import generate_ids
+from gptlab.inference.quantize import quantize_model
 from gptlab.inference.sampling import GenerationOptions
 from gptlab.loading import load_model
 from gptlab.model import GPTModel
@@ -113,9 +115,12 @@ def run_level(url: str, clients: int, requests_each: int, prompt: list[int], eot
     }
 
 
-def generate_speed(checkpoint: Path, prompt: list[int], rounds: int = 3) -> float:
-    """gptlab generate's tokens/s on the same weights, prompt and length (best of a few rounds after a warm-up)."""
-    model, _ = load_model(checkpoint)
+def generate_speed(checkpoint: Path, prompt: list[int], dtype: str, quantize: str | None, rounds: int = 3) -> float:
+    """gptlab generate's tokens/s on the same weights, precision, prompt and length (best of a few rounds after
+    a warm-up)."""
+    model, _ = load_model(checkpoint, dtype=getattr(torch, dtype))
+    if quantize:
+        model = quantize_model(model, quantize)
     options = GenerationOptions(max_new_tokens=NEW_TOKENS, temperature=0.0)
     generate_ids(model, [prompt], options)  # makes the decoding layout, as the server does at start
     return max(NEW_TOKENS / timed(lambda: generate_ids(model, [prompt], options))[1] for _ in range(rounds))
@@ -125,8 +130,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 8, 16])
     parser.add_argument("--requests", type=int, default=2, help="requests per client per level")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="the server's weights")
+    parser.add_argument("--quantize", choices=["int8", "int4"], help="the server's int8 or int4 weights")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args()
+    precision = ["--dtype", args.dtype, *(["--quantize", args.quantize] if args.quantize else [])]
 
     tokenizer = load_tokenizer()
     prompt = torch.randint(
@@ -136,9 +144,9 @@ def main() -> None:
         checkpoint = Path(folder) / "gpt2-124m-random"
         torch.manual_seed(0)
         save_model(checkpoint, GPTModel(get_config("gpt2")).eval(), tokenizer)
-        baseline = generate_speed(checkpoint, prompt)
-        print(f"gptlab generate, batch 1: {baseline:.1f} tokens/s")
-        with BackgroundServer(checkpoint) as server:
+        baseline = generate_speed(checkpoint, prompt, args.dtype, args.quantize)
+        print(f"{' '.join(precision)}: gptlab generate, batch 1: {baseline:.1f} tokens/s")
+        with BackgroundServer(checkpoint, *precision) as server:
             stream_request(server.url, prompt, tokenizer.eot_id)  # warm-up
             levels = []
             for clients in args.clients:
@@ -168,6 +176,7 @@ def main() -> None:
         {
             "benchmark": "serve_load",
             "machine": machine_info(),
+            "precision": {"dtype": args.dtype, "quantize": args.quantize},
             "prompt_tokens": PROMPT_TOKENS,
             "new_tokens": NEW_TOKENS,
             "generate_tokens_per_s": baseline,
