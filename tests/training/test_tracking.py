@@ -78,12 +78,22 @@ def test_tensorboard_and_csv_hold_what_metrics_jsonl_holds_across_a_resume(tmp_p
 
 def test_an_unknown_logger_is_refused(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        main(["train", "--out", str(tmp_path / "r"), "--logger", "mlflow", "--max-steps", "1"])
-    assert exit_info.value.code == 2 and "invalid choice: 'mlflow'" in capsys.readouterr().err
+        main(["train", "--out", str(tmp_path / "r"), "--logger", "neptune", "--max-steps", "1"])
+    assert exit_info.value.code == 2 and "invalid choice: 'neptune'" in capsys.readouterr().err
     with pytest.raises(
-        ConfigError, match="--logger mlflow is not one gptlab writes; choose from tensorboard, wandb, csv"
+        ConfigError, match="--logger neptune is not one gptlab writes; choose from tensorboard, wandb, mlflow, csv"
     ):
-        gptlab.train(out=str(tmp_path / "r"), loggers=["mlflow"], max_steps=1)
+        gptlab.train(out=str(tmp_path / "r"), loggers=["neptune"], max_steps=1)
+
+
+def run_and_resume(tmp_path, capsys, logger: str) -> tuple:
+    """A tiny run of 4 steps with samples, logging to `logger`, resumed to 6: (its folder, each part's output)."""
+    text, run = lines_of_text(tmp_path / "text.txt"), tmp_path / "run"
+    argv = ["train", "--data", str(text), "--out", str(run), "--cache-dir", str(tmp_path / "cache"), *TINY_RUN]
+    assert main([*argv, "--sample-tokens", "12", "--logger", logger]) == 0
+    first = capsys.readouterr().out
+    assert main(["train", "--out", str(run), "--resume", "--max-steps", "6", "--no-progress"]) == 0
+    return run, first, capsys.readouterr().out
 
 
 def wandb_records(path) -> list:
@@ -114,12 +124,7 @@ def test_wandb_runs_offline_without_a_key_and_a_resume_continues_the_same_run(tm
     for name in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_PROJECT"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no ~/.netrc: no W&B login
-    text, run = lines_of_text(tmp_path / "text.txt"), tmp_path / "run"
-    argv = ["train", "--data", str(text), "--out", str(run), "--cache-dir", str(tmp_path / "cache"), *TINY_RUN]
-    assert main([*argv, "--sample-tokens", "12", "--logger", "wandb"]) == 0
-    first = capsys.readouterr().out
-    assert main(["train", "--out", str(run), "--resume", "--max-steps", "6", "--no-progress"]) == 0
-    second = capsys.readouterr().out
+    run, first, second = run_and_resume(tmp_path, capsys, "wandb")
     folders = sorted((run / "wandb").glob("offline-run-*"))
     assert len(folders) == 2 and len({folder.name.rsplit("-", 1)[1] for folder in folders}) == 1  # one W&B run
     run_id = folders[0].name.rsplit("-", 1)[1]
@@ -153,3 +158,36 @@ def test_wandb_runs_offline_without_a_key_and_a_resume_continues_the_same_run(tm
     ]
     assert [html for _, html in samples] == [f"<pre>{escape(text)}</pre>" for text in said] and len(said) == 3
     assert config["train"]["max_steps"] == 6 and config["model"]["n_layers"] == 2  # the resumed settings
+
+
+def test_mlflow_holds_what_metrics_jsonl_holds_and_a_resume_continues_the_same_run(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # for this test's own client; the run says it sets it
+    run, first, second = run_and_resume(tmp_path, capsys, "mlflow")
+    client = MlflowClient((run / "mlruns").as_uri())
+    (logged,) = client.search_runs([client.get_experiment_by_name("gptlab").experiment_id])  # one MLflow run
+    run_id = logged.info.run_id
+    assert f"mlflow: run {run_id} in experiment 'gptlab' at {(run / 'mlruns').as_uri()} (a file store" in first
+    assert second.count(f"mlflow: run {run_id} ") == 1 and ", continuing it" in second
+    assert logged.info.run_name == "run" and logged.data.tags["gptlab.run_dir"] == str(run.resolve())
+    assert logged.data.params["train.max_steps"] == "4" and logged.data.params["model.n_layers"] == "2"
+    records = metrics(run)
+    for name in ("train_loss", "lr", "grad_norm", "val_loss", "val_bits_per_byte"):
+        expected = [(record["step"], record[name]) for record in records if name in record]
+        history = sorted((point.step, point.value) for point in client.get_metric_history(run_id, name))
+        assert history == [(step, pytest.approx(value, rel=1e-6)) for step, value in expected]
+    assert [point.step for point in client.get_metric_history(run_id, "train_loss")] == [1, 2, 3, 4, 5, 6]
+    said = [
+        ast.literal_eval(line[len("sample: ") :])
+        for line in (first + second).splitlines()
+        if line.startswith("sample: ")
+    ]
+    artifacts = sorted(item.path for item in client.list_artifacts(run_id, "samples"))
+    assert artifacts == ["samples/step-2.txt", "samples/step-4.txt", "samples/step-6.txt"]
+    folder = client.download_artifacts(run_id, "samples", str(tmp_path / "down"))
+    assert [open(f"{folder}/step-{step}.txt").read() for step in (2, 4, 6)] == said
+    assert client.get_run(run_id).info.status == "FINISHED"

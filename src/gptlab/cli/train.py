@@ -292,7 +292,8 @@ SETTINGS: list[tuple[str, str, dict]] = [
             nargs="+",
             choices=list(LOGGERS),
             help="also log what metrics.jsonl records to TensorBoard (runs/NAME/tensorboard/), Weights & Biases "
-            "(runs/NAME/wandb/; offline without an API key) and/or metrics.csv",
+            "(runs/NAME/wandb/; offline without an API key), MLflow ($MLFLOW_TRACKING_URI, else runs/NAME/mlruns) "
+            "and/or metrics.csv",
         ),
     ),
     (

@@ -31,7 +31,7 @@ LIMITS = ("max_steps", "max_tokens", "epochs", "time_budget")
 OPTIMIZERS = ("adamw", "muon")  # training/optimizers.py
 SCHEDULES = ("cosine", "wsd")
 DTYPES = ("auto", "bfloat16", "float32")  # autocast; auto: runtime.training_dtype
-LOGGERS = ("tensorboard", "wandb", "csv")  # tracking.LOGGER_CLASSES
+LOGGERS = ("tensorboard", "wandb", "mlflow", "csv")  # tracking.LOGGER_CLASSES
 
 
 class ConfigError(UserError):

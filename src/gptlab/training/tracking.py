@@ -1,5 +1,5 @@
 """Experiment tracking: what metrics.jsonl records, also to TensorBoard, Weights & Biases or a CSV file
-(--logger tensorboard wandb csv, any of them). metrics.jsonl stays the run's own record (loss.png and
+(--logger tensorboard wandb mlflow csv, any of them). metrics.jsonl stays the run's own record (loss.png and
 --resume read it).
 
     tensorboard   runs/NAME/tensorboard/: a scalar per metric (train_loss, val_loss, lr, grad_norm,
@@ -12,6 +12,13 @@
                   not say otherwise, else offline, saying how to upload it later (`wandb sync`). A resumed
                   run continues the same W&B run (its id is read back from runs/NAME/wandb/), from the step
                   it resumes at.
+    mlflow        an MLflow run at $MLFLOW_TRACKING_URI (a tracking server, or any store MLflow reads), else
+                  in a file store in runs/NAME/mlruns (MLflow 3 keeps that kind of store in maintenance
+                  mode: gptlab opts in for that store only, and says so); experiment
+                  $MLFLOW_EXPERIMENT_NAME, default gptlab; the run named after its folder and tagged with
+                  it (gptlab.run_dir), the settings as params, the metrics against the step, samples as
+                  text artifacts. A resumed run finds its MLflow run by that tag and continues it; MLflow
+                  cannot drop logged points, so steps trained again after a crash appear twice there.
     csv           runs/NAME/metrics.csv: one row per metric and step (step, tokens, metric, value); a
                   resume drops the rows of the steps it trains again, as it does in metrics.jsonl.
 """
@@ -22,6 +29,7 @@ import csv
 import netrc
 import os
 import re
+import time
 import tomllib
 from html import escape
 from pathlib import Path
@@ -32,6 +40,7 @@ CSV_FILE = "metrics.csv"
 CSV_HEADER = ["step", "tokens", "metric", "value"]
 TENSORBOARD_DIR = "tensorboard"
 WANDB_DIR = "wandb"  # W&B makes runs/NAME/wandb/ itself, under the dir it is given
+MLFLOW_DIR = "mlruns"
 
 
 def missing(logger: str, package: str) -> TrainingError:
@@ -144,7 +153,71 @@ class WandbLogger:
         self.run.finish()
 
 
-LOGGER_CLASSES = {"tensorboard": TensorBoardLogger, "wandb": WandbLogger, "csv": CsvLogger}  # config.LOGGERS
+def flat_settings(settings: dict, prefix: str = "") -> dict[str, str]:
+    """run.toml's tables as MLflow params: "train.lr" → "0.003"."""
+    flat = {}
+    for name, value in settings.items():
+        if isinstance(value, dict):
+            flat.update(flat_settings(value, f"{prefix}{name}."))
+        else:
+            flat[f"{prefix}{name}"] = str(value)
+    return flat
+
+
+class MlflowLogger:
+    def __init__(self, out_dir: Path, settings: str, resumed_at: int | None, log) -> None:
+        try:
+            from mlflow.entities import Metric, Param
+            from mlflow.tracking import MlflowClient
+        except ImportError:
+            raise missing("mlflow", "mlflow-skinny") from None
+        self.Metric = Metric
+        uri, store = os.environ.get("MLFLOW_TRACKING_URI"), ""
+        if uri is None:  # the run's own file store, which MLflow 3 opens only when told to
+            uri = (out_dir.resolve() / MLFLOW_DIR).as_uri()
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+            store = " (a file store: MLFLOW_ALLOW_FILE_STORE=true for this process; MLFLOW_TRACKING_URI names another)"
+        self.client = MlflowClient(uri)
+        name = os.environ.get("MLFLOW_EXPERIMENT_NAME", "gptlab")
+        found = self.client.get_experiment_by_name(name)
+        experiment = found.experiment_id if found else self.client.create_experiment(name)
+        run_dir = str(out_dir.resolve())
+        earlier = (
+            self.client.search_runs([experiment], f"tags.`gptlab.run_dir` = '{run_dir}'", max_results=1)
+            if resumed_at is not None
+            else []
+        )
+        if earlier:
+            self.run_id = earlier[0].info.run_id
+            self.client.update_run(self.run_id, status="RUNNING")
+            self.client.log_text(self.run_id, settings, f"settings/resumed-at-{resumed_at}.toml")
+        else:
+            run = self.client.create_run(experiment, run_name=out_dir.resolve().name, tags={"gptlab.run_dir": run_dir})
+            self.run_id = run.info.run_id
+            params = flat_settings(tomllib.loads(settings))
+            self.client.log_batch(self.run_id, params=[Param(key, value) for key, value in params.items()])
+            self.client.log_text(self.run_id, settings, "settings/run.toml")
+        again = ", continuing it" if earlier else ""
+        log(f"mlflow: run {self.run_id} in experiment {name!r} at {uri}{store}{again}")
+
+    def record(self, step: int, tokens: int | None, metrics: dict) -> None:
+        now = int(time.time() * 1000)
+        points = [self.Metric(name, float(value), now, step) for name, value in metrics.items()]
+        self.client.log_batch(self.run_id, metrics=points)
+
+    def text(self, tag: str, text: str, step: int) -> None:
+        self.client.log_text(self.run_id, text, f"{tag}s/step-{step}.txt")
+
+    def close(self) -> None:
+        self.client.set_terminated(self.run_id)
+
+
+LOGGER_CLASSES = {
+    "tensorboard": TensorBoardLogger,
+    "wandb": WandbLogger,
+    "mlflow": MlflowLogger,
+    "csv": CsvLogger,
+}  # config.LOGGERS
 
 
 class Tracker:
