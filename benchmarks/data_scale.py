@@ -3,6 +3,8 @@
 Writes a corpus of --size bytes in --files files (lines of words drawn from the embedded corpus,
 pydoc_data.topics, with its word frequencies), then, each in a new process:
   build     read_corpus + build_token_cache from nothing: time, MB/s, peak RSS (ru_maxrss of that process)
+  prepare   `gptlab prepare` of the same corpus into a cache of its own (GPT-2's whole BPE, as build): the
+            same measures, and its speed against build's
   restart   read_corpus + build_token_cache again, as a restarted run (or another rank) does: the cache is
             reused from the files' sizes and modification times
   baseline  what every restart and every rank did before: decode and SHA-256-hash the whole corpus
@@ -35,6 +37,7 @@ from common import machine_info, timed, write_report
 from gptlab.data import EpochOrder, TokenWindows, build_token_cache, default_corpus_text, read_corpus
 from gptlab.data.formats import texts
 from gptlab.tokenizer import load_tokenizer
+from gptlab.training.pipeline import prepare
 
 CONTEXT_LENGTH = 1024
 BATCH_SIZE = 512
@@ -100,6 +103,23 @@ def child_build(corpus_dir: Path, cache_dir: Path) -> dict:
     }
 
 
+def child_prepare(corpus_dir: Path, cache_dir: Path) -> dict:
+    """`gptlab prepare` (training.pipeline.prepare, what the command runs) into a cache of its own."""
+    before = peak_rss_bytes()
+    cache, seconds = timed(
+        lambda: prepare(
+            [str(corpus_dir)], cache_dir / "prepared", progress=False, log=lambda line: None, tokenizer="gpt2"
+        )
+    )
+    return {
+        "built": cache.built,
+        "seconds": seconds,
+        "peak_rss_bytes": peak_rss_bytes(),
+        "rss_before_build_bytes": before,
+        "tokens": len(cache.train_tokens) + len(cache.val_tokens),
+    }
+
+
 def child_restart(corpus_dir: Path, cache_dir: Path) -> dict:
     tokenizer = load_tokenizer("gpt2")
     corpus, read_seconds = timed(lambda: read_corpus([corpus_dir]))
@@ -123,7 +143,7 @@ def child_baseline(corpus_dir: Path, cache_dir: Path) -> dict:
     return {"seconds": seconds, "chars": chars}
 
 
-CHILDREN = {"build": child_build, "restart": child_restart, "baseline": child_baseline}
+CHILDREN = {"build": child_build, "prepare": child_prepare, "restart": child_restart, "baseline": child_baseline}
 
 
 def run_child(name: str, corpus_dir: Path, cache_dir: Path) -> dict:
@@ -185,6 +205,8 @@ def main() -> None:
         corpus_bytes = sum(path.stat().st_size for path in paths)
         print("building the GPT-2 token cache (a new process) ...", flush=True)
         build = run_child("build", corpus_dir, cache_dir)
+        print("gptlab prepare of the same corpus (a new process) ...", flush=True)
+        prepared = run_child("prepare", corpus_dir, cache_dir)
         print("restarting (a new process) and measuring the baseline (decode + SHA-256 of the corpus) ...", flush=True)
         restart = run_child("restart", corpus_dir, cache_dir)
         baseline = run_child("baseline", corpus_dir, cache_dir)
@@ -194,7 +216,7 @@ def main() -> None:
         if not args.work_dir:
             shutil.rmtree(work, ignore_errors=True)
 
-    assert build["built"] and not restart["built"]
+    assert build["built"] and prepared["built"] and not restart["built"]
     mb = corpus_bytes / 1e6
     print(f"\ndata at scale: {mb:,.0f} MB in {args.files} files (written in {write_seconds:.0f} s)")
     tokens = build["train_tokens"] + build["val_tokens"]
@@ -202,6 +224,12 @@ def main() -> None:
         f"build:    {build['seconds']:.1f} s, {mb / build['seconds']:.1f} MB/s, {tokens:,} tokens; "
         f"peak RSS {build['peak_rss_bytes'] / 2**20:,.0f} MiB "
         f"({build['rss_before_build_bytes'] / 2**20:,.0f} MiB before building: Python, torch, the tokenizer)"
+    )
+    print(
+        f"prepare:  {prepared['seconds']:.1f} s, {mb / prepared['seconds']:.1f} MB/s, "
+        f"{prepared['tokens'] / prepared['seconds']:,.0f} tokens/s; peak RSS {prepared['peak_rss_bytes'] / 2**20:,.0f} MiB; "
+        f"{build['seconds'] / prepared['seconds']:.2f}x the speed of the in-training build above (the same tokens: "
+        f"{prepared['tokens'] == tokens})"
     )
     print(
         f"restart:  {restart['seconds'] * 1000:.1f} ms (read_corpus {restart['read_corpus_seconds'] * 1000:.1f} ms); "
@@ -225,6 +253,8 @@ def main() -> None:
             "write_seconds": write_seconds,
             "build": build,
             "build_mb_per_s": mb / build["seconds"],
+            "prepare": prepared,
+            "prepare_over_build_speed": build["seconds"] / prepared["seconds"],
             "restart": restart,
             "baseline": baseline,
             "baseline_over_restart": baseline["seconds"] / restart["seconds"],
