@@ -95,3 +95,54 @@ def test_bad_bounds_are_refused_in_one_line(tmp_path, capsys):
     assert capsys.readouterr().err == "gptlab train: error: --eval-tokens must be positive, got 0\n"
     assert main([*base, "--val-fraction", "1.5"]) == 2
     assert "--val-fraction must be between 0 and 1" in capsys.readouterr().err
+
+
+def test_val_data_validates_on_its_own_files_and_trains_on_every_file_of_data(tmp_path, capsys):
+    (tmp_path / "train").mkdir()
+    train_text = lines_of_text(tmp_path / "train" / "a.txt", 300)
+    val_text = tmp_path / "val.txt"
+    val_text.write_text("".join(f"Held out line {i}: a lazy dog sleeps by the quick fox.\n" for i in range(80)))
+    run = tmp_path / "run"
+    argv = ["train", "--data", str(train_text.parent), "--val-data", str(val_text), "--out", str(run), *TINY_RUN]
+    assert main([*argv, "--cache-dir", str(tmp_path / "cache")]) == 0
+    out = capsys.readouterr().out
+    tokenizer = load_tokenizer("gpt2", merges=128)  # a new model's
+    train_ids, val_ids = tokenizer.encode(train_text.read_text()), tokenizer.encode(val_text.read_text())
+    assert f"tokens: {len(train_ids):,} training and {len(val_ids):,} validation" in out  # nothing of data held out
+    assert f"validation data: read 1 document ({val_text.stat().st_size:,} bytes: {val_text})" in out
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    final = [record["val_loss"] for record in records if "val_loss" in record][-1]  # the whole split, at step 4
+    # the run's validation figure is gptlab eval's of the validation file, and eval without --data scores it
+    assert main(["eval", "--checkpoint", str(run / "last"), "--data", str(val_text), "--device", "cpu"]) == 0
+    assert f"loss {final:.4f}" in capsys.readouterr().out
+    assert main(["eval", "--checkpoint", str(run / "last"), "--device", "cpu"]) == 0
+    report = capsys.readouterr().out
+    assert f"on the whole of the run's validation data, {val_text}" in report and f"loss {final:.4f}" in report
+    assert json.loads((run / "data.json").read_text())["sources"][-1]["path"] == str(val_text.resolve())
+    val_text.write_text(val_text.read_text() + "one more line\n")  # the validation data changed: a resume refuses
+    assert main(["train", "--out", str(run), "--resume", "--max-steps", "6", "--no-progress"]) == 2
+    assert f"modified {val_text.resolve()}" in capsys.readouterr().err
+
+
+def test_val_data_with_a_held_out_share_or_a_prepared_cache_is_refused(tmp_path, capsys):
+    text = lines_of_text(tmp_path / "text.txt")
+    base = ["train", "--data", str(text), "--val-data", str(text), "--out", str(tmp_path / "run"), *TINY_RUN]
+    assert main([*base, "--val-fraction", "0.2"]) == 2
+    assert capsys.readouterr().err == (
+        "gptlab train: error: --val-data validates on its own files, so nothing of --data is held out: drop "
+        "--val-fraction\n"
+    )
+    assert main(["prepare", "--data", str(text), "--out", str(tmp_path / "c"), "--no-progress"]) == 0
+    capsys.readouterr()
+    argv = [
+        "train",
+        "--prepared",
+        str(tmp_path / "c"),
+        "--val-data",
+        str(text),
+        "--out",
+        str(tmp_path / "r"),
+        *TINY_RUN,
+    ]
+    assert main(argv) == 2
+    assert "--val-data: the prepared cache" in capsys.readouterr().err

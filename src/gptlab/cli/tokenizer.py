@@ -27,11 +27,11 @@ def cmd_train_tokenizer(args: argparse.Namespace) -> None:
     settings = DataConfig(data=args.data, **{name: value for name, value in vars(args).items() if name in DATA_OPTIONS})
     corpus = read_corpus(settings)
     print(f"data: {corpus.summary()}")
-    trained = train_bpe(corpus, args.vocab_size, train_fraction=1 - settings.val_fraction)
+    trained = train_bpe(corpus, args.vocab_size, train_fraction=1 - settings.held_out)
     out.mkdir(parents=True, exist_ok=True)
     (out / TOKENIZER_FILE).unlink(missing_ok=True)  # until the new one is whole, the folder is no tokenizer
     write_tokenizer_files(out, trained.tokenizer, context_length=None)  # for transformers' AutoTokenizer
-    write_tokenizer_folder(out, trained.record(corpus, 1 - settings.val_fraction))  # last: the folder is whole
+    write_tokenizer_folder(out, trained.record(corpus, 1 - settings.held_out))  # last: the folder is whole
     print(trained.summary())
     data = f" --data {' '.join(args.data)}" if args.data else ""
     print(f"tokenizer: {out}; train with: gptlab train --tokenizer {out}{data}")

@@ -85,6 +85,16 @@ SETTINGS: list[tuple[str, str, dict]] = [
     ),
     (
         "data",
+        "val_data",
+        dict(
+            nargs="+",
+            metavar="PATH",
+            help="validate on these files, folders or globs instead of a held-out share (FineWeb's val shard); "
+            "every file of --data is then trained on",
+        ),
+    ),
+    (
+        "data",
         "prepared",
         dict(
             metavar="CACHE",

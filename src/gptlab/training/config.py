@@ -34,6 +34,9 @@ DTYPES = ("auto", "bfloat16", "float32")  # autocast; auto: runtime.training_dty
 LOGGERS = ("tensorboard", "wandb", "mlflow", "csv")  # tracking.LOGGER_CLASSES
 
 
+DEFAULT_VAL_FRACTION = 0.1
+
+
 class ConfigError(UserError):
     """A recipe file or a combination of settings that cannot be used; the message says what to change."""
 
@@ -45,12 +48,18 @@ class DataConfig:
     exclude: list[str] = field(default_factory=list)  # glob patterns that leave a file out
     invalid_utf8: str = "strict"  # or "replace": read bad bytes as U+FFFD
     text_field: str = "text"  # files of records (.jsonl, .json, .parquet): the field each document is in
-    val_fraction: float = 0.1  # the held-out share of the joined text's characters, at its end
+    val_fraction: float | None = None  # the held-out share of the joined text's characters, at its end (0.1)
+    val_data: list[str] | None = None  # validation files instead: then every file of data is trained on
     tokenizer: str = "char"  # "char", "gpt2" (a new model gets gpt2 with 128 merges: NEW_MODEL_DEFAULTS) or a
     # folder `gptlab tokenizer train` wrote
     merges: int | None = None  # gpt2 only: keep GPT-2's first N merges
     cache_dir: str | None = None  # token cache folder (default: under ~/.cache/gptlab/tokens)
     prepared: str | None = None  # a token cache `gptlab prepare` wrote: trained from, no source read
+
+    @property
+    def held_out(self) -> float:
+        """The share of the text held out for validation: val_fraction, 0.1 unless set."""
+        return DEFAULT_VAL_FRACTION if self.val_fraction is None else self.val_fraction
 
     def __post_init__(self) -> None:
         if not self.tokenizer:
@@ -59,9 +68,13 @@ class DataConfig:
             raise ConfigError(
                 f"--merges {self.merges} truncates GPT-2's BPE, but --tokenizer is {self.tokenizer}; drop one of them"
             )
-        if not 0 < self.val_fraction < 1:
+        if self.val_fraction is not None and not 0 < self.val_fraction < 1:
             raise ConfigError(
                 f"--val-fraction must be between 0 and 1 (0.1 holds out the last 10%), got {self.val_fraction}"
+            )
+        if self.val_data and self.val_fraction is not None:
+            raise ConfigError(
+                "--val-data validates on its own files, so nothing of --data is held out: drop --val-fraction"
             )
         if self.invalid_utf8 not in ("strict", "replace"):
             raise ConfigError(f"invalid_utf8 must be strict or replace, got {self.invalid_utf8!r}")

@@ -171,6 +171,8 @@ def _train(
     else:
         corpus, prepared = read_corpus(run.data), None
         read = EMBEDDED_NAME if run.data.data is None else corpus.summary()
+        if run.data.val_data:
+            read += f"; validated on {' '.join(run.data.val_data)}"
         if runtime.is_main:
             log(f"data: {read}")
             for path, reason in corpus.skipped[:SKIPPED_SHOWN]:
@@ -199,14 +201,7 @@ def _train(
         check_prepared_tokenizer(prepared, tokenizer)
         cache = prepared
     else:
-        cache = token_cache(
-            corpus,
-            tokenizer,
-            run.data.cache_dir,
-            runtime,
-            progress=run.train.progress,
-            train_fraction=1 - run.data.val_fraction,
-        )
+        cache = run_caches(run.data, corpus, tokenizer, runtime, run.train.progress, log)
     if runtime.is_main:
         log(
             f"tokens: {len(cache.train_tokens):,} training and {len(cache.val_tokens):,} validation "
@@ -252,6 +247,7 @@ PREPARED_FIXES = (
     "tokenizer",
     "merges",
     "val_fraction",
+    "val_data",
     "cache_dir",
 )
 
@@ -332,7 +328,7 @@ def prepare(
     log(f"data: {corpus.summary()}")
     tokenizer = data.build_tokenizer(settings.tokenizer, corpus, settings.merges)
     start = time.perf_counter()
-    cache = data.build_token_cache(corpus, tokenizer, out, progress=progress, train_fraction=1 - settings.val_fraction)
+    cache = data.build_token_cache(corpus, tokenizer, out, progress=progress, train_fraction=1 - settings.held_out)
     seconds = time.perf_counter() - start
     tokens = len(cache.train_tokens) + len(cache.val_tokens)
     speed = (
@@ -444,6 +440,31 @@ def initial_model(run: RunConfig, given: dict) -> tuple[GPTConfig, Tokenizer, di
     return cfg.replace(**changes), tokenizer, state
 
 
+def run_caches(settings: DataConfig, corpus: data.Corpus, tokenizer: Tokenizer, runtime: Runtime, progress: bool, log):
+    """A run's token cache: the corpus split by --val-fraction, or with --val-data every token of the corpus
+    on the training side and the validation files' on the other (two caches, seen as one: the validation
+    files' tokens and bytes, and every source of both in its manifest, so a resume checks them all)."""
+    if not settings.val_data:
+        return token_cache(corpus, tokenizer, settings.cache_dir, runtime, progress, 1 - settings.held_out)
+    val_settings = dataclasses.replace(settings, data=list(settings.val_data), val_data=None)
+    val_corpus = read_corpus(val_settings)
+    if runtime.is_main:
+        log(f"validation data: {val_corpus.summary()}")
+    train = token_cache(corpus, tokenizer, settings.cache_dir, runtime, progress, train_fraction=1.0)
+    val_dir = str(Path(settings.cache_dir) / "val") if settings.cache_dir else None
+    val = token_cache(val_corpus, tokenizer, val_dir, runtime, progress, train_fraction=0.0)
+    inputs = {
+        **train.manifest["inputs"],
+        "sources": train.manifest["inputs"]["sources"] + val.manifest["inputs"]["sources"],
+    }
+    manifest = {
+        **train.manifest,
+        "inputs": inputs,
+        "splits": {"train": train.manifest["splits"]["train"], "val": val.manifest["splits"]["val"]},
+    }
+    return dataclasses.replace(train, manifest=manifest, val_tokens=val.val_tokens)
+
+
 def token_cache(
     corpus: data.Corpus,
     tokenizer: Tokenizer,
@@ -511,12 +532,14 @@ def evaluate(
         if settings.prepared:
             cache = open_prepared(settings.prepared, {})
             check_prepared_tokenizer(cache, tokenizer)
-            scored = f"the held-out {settings.val_fraction:.0%} of {describe_prepared(cache)}"
+            scored = f"the held-out {settings.held_out:.0%} of {describe_prepared(cache)}"
         else:
-            cache = token_cache(
-                read_corpus(settings), tokenizer, settings.cache_dir, runtime, progress, 1 - settings.val_fraction
+            cache = run_caches(settings, read_corpus(settings), tokenizer, runtime, progress, log=lambda line: None)
+            scored = (
+                f"the whole of the run's validation data, {' '.join(settings.val_data)}"
+                if settings.val_data
+                else f"the held-out {settings.held_out:.0%} of {describe_sources(settings)}"
             )
-            scored = f"the held-out {settings.val_fraction:.0%} of {describe_sources(settings)}"
         if run is None:
             scored += " (no run.toml: this checkpoint was not written by a gptlab run)"
         else:  # a run's checkpoint: runs/NAME/best or last, with the run's data record beside it
