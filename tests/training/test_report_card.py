@@ -34,3 +34,31 @@ def test_the_report_card_says_what_the_run_recorded(tmp_path, capsys):
         (record["step"], f"{record['val_loss']:.4f}") for record in evaluations
     ]
     assert [int(row[0]) for row in rows] == [2, 4]
+
+
+def test_a_benchmark_of_a_runs_checkpoint_joins_its_report_card_and_a_resume_keeps_it(tmp_path, capsys):
+    run = tmp_path / "run"
+    text = lines_of_text(tmp_path / "text.txt")
+    argv = ["train", "--data", str(text), "--out", str(run), "--cache-dir", str(tmp_path / "cache"), *TINY_RUN]
+    assert main(argv) == 0
+    items = tmp_path / "lambada_test.jsonl"
+    items.write_text(
+        "".join(
+            json.dumps({"text": f"Line {i}: the quick brown fox jumps over the lazy dog."}) + "\n" for i in range(3)
+        )
+    )
+    capsys.readouterr()
+    assert (
+        main(["eval", "--checkpoint", str(run / "best"), "--task", "lambada", "--data", str(items), "--device", "cpu"])
+        == 0
+    )
+    out = capsys.readouterr().out
+    scores = out.splitlines()[0].split(": ", 1)[1]
+    assert out.splitlines()[1] == f"added to {run / 'report.md'}"
+    row = f"| lambada | {items} | best/ | {scores} |"
+    card = (run / "report.md").read_text()
+    assert "\n## Benchmarks\n\n| task | data | checkpoint | scores |\n|---|---|---|---|\n" + row + "\n" in card
+    assert main(["train", "--out", str(run), "--resume", "--max-steps", "6", "--no-progress"]) == 0
+    again = (run / "report.md").read_text()
+    assert "6 steps" in again and again.endswith(row + "\n")  # the new card, the benchmark row kept
+    assert main(["eval", "--checkpoint", str(items.parent / "nowhere"), "--task", "lambada", "--data", str(items)]) == 2

@@ -368,6 +368,7 @@ def cmd_eval_task(args: argparse.Namespace) -> None:
 
     from ..inference.benchmarks import TASKS, score
     from ..loading import load_model
+    from ..training.report_card import add_benchmark
     from ..training.runtime import pick_device
 
     if not args.data or len(args.data) != 1:
@@ -388,6 +389,9 @@ def cmd_eval_task(args: argparse.Namespace) -> None:
     model, tokenizer = load_model(args.checkpoint, device=pick_device(args.device), dtype=getattr(torch, args.dtype))
     result = score(model, tokenizer, TASKS[args.task](args.data[0]), args.task)
     print(f"{args.checkpoint} on {args.task} ({args.data[0]}): {result.format()}")
+    card = add_benchmark(Path(args.checkpoint), args.task, args.data[0], result.format())
+    if card:
+        print(f"added to {card}")
 
 
 def cmd_prepare(args: argparse.Namespace) -> None:

@@ -2,7 +2,8 @@
 it trained on, with which tokenizer and model, how long and how fast, and its validation figures: the
 last evaluation, the best one (lowest val_loss), and every evaluation's row from metrics.jsonl, with
 whatever figures the run's evaluations record (bits per byte for pretraining, accuracy for a
-classifier, ...)."""
+classifier, ...). `gptlab eval --task` of a run's checkpoint adds its score under "## Benchmarks", which a
+later report card of the same run (a resume's) keeps."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from .state import read_log
 from .trainer import TrainResult
 
 REPORT_FILE = "report.md"
+BENCHMARKS_HEADING = "## Benchmarks"
 
 
 def write_report_card(result: TrainResult, data: str, tokenizer: Tokenizer, cfg: GPTConfig) -> Path:
@@ -50,5 +52,26 @@ def write_report_card(result: TrainResult, data: str, tokenizer: Tokenizer, cfg:
         cells = [f"{record[key]:.4f}" if key in record else "" for key in columns]
         lines.append(f"| {record['step']:,} | {record['tokens']:,} | " + " | ".join(cells) + " |")
     path = out_dir / REPORT_FILE
-    path.write_text("\n".join(lines) + "\n")
+    kept = benchmarks_section(path)
+    path.write_text("\n".join(lines) + "\n" + (f"\n{kept}" if kept else ""))
+    return path
+
+
+def benchmarks_section(path: Path) -> str:
+    """The "## Benchmarks" section of a report card (to its end), or "" if it has none."""
+    text = path.read_text() if path.is_file() else ""
+    return text[text.index(BENCHMARKS_HEADING) :] if BENCHMARKS_HEADING in text else ""
+
+
+def add_benchmark(checkpoint: Path, task: str, data: str, scores: str) -> Path | None:
+    """A row for a benchmark's scores of a run's checkpoint (runs/NAME/best or last) in the run's report
+    card; the card's path, or None for a checkpoint that no gptlab run wrote."""
+    run_dir = Path(checkpoint).parent
+    path = run_dir / REPORT_FILE
+    if not (path.is_file() and (run_dir / "run.toml").is_file()):
+        return None
+    text = path.read_text()
+    if BENCHMARKS_HEADING not in text:
+        text += f"\n{BENCHMARKS_HEADING}\n\n| task | data | checkpoint | scores |\n|---|---|---|---|\n"
+    path.write_text(text + f"| {task} | {data} | {Path(checkpoint).name}/ | {scores} |\n")
     return path
