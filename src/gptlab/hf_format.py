@@ -35,6 +35,7 @@ from .tokenizer import (
     gpt2_byte_alphabet,
     load_tokenizer,
     merge_lines,
+    read_gpt2_vocabulary,
     tokenizer_from_spec,
 )
 
@@ -319,12 +320,12 @@ def gpt2_tokenizer_from_files(encoder_json: str, vocab_bpe: str) -> GPT2Tokenize
     """The BPE in these vocab.json / merges.txt contents: gptlab's named GPT-2 BPE when it is GPT-2's own
     (all merges or the first N), else a trained one holding its merges, so the spec checkpoints record says
     which it is."""
-    tokenizer = GPT2Tokenizer.from_files(encoder_json, vocab_bpe)  # checks that the two files agree
-    merges = tokenizer.vocab_size - 1 - GPT2_BYTES
+    ranks = read_gpt2_vocabulary(encoder_json, vocab_bpe)  # checks that the two files agree
+    merges = len(ranks) - GPT2_BYTES
     full = load_tokenizer("gpt2")
     if merges <= full.vocab_size - 1 - GPT2_BYTES:
         named = full if merges == full.vocab_size - 1 - GPT2_BYTES else load_tokenizer("gpt2", merges)
-        if named.ranks == tokenizer.ranks:
+        if named.ranks == ranks:
             return named
     return GPT2Tokenizer.from_merges(merge_lines(vocab_bpe))
 
