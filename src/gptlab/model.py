@@ -4,7 +4,9 @@ Each module computes exactly the textbook's formula; where PyTorch has a fused k
 function (layer_norm, gelu, scaled_dot_product_attention) we call it, and tests/test_model.py proves
 the kernel equal to the explicit formula.
 
-Generation passes a KVCache so that each step runs only the new tokens (see gptlab.generate).
+Generation passes a KV cache (gptlab.inference.cache.KVCache, the one implementation of `Cache` below)
+so that each step runs only the new tokens; the cache says, in a CacheStep, the new tokens' positions
+and which cached keys each may see.
 
 Shapes: B = batch, T = tokens, C = emb_dim, H = n_heads, D = head_dim = C / H, V = vocab_size,
 L = tokens cached so far (the keys each new token attends to).
@@ -13,6 +15,8 @@ L = tokens cached so far (the keys each new token attends to).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from typing import NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -92,6 +96,28 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout:
     return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
 
 
+class CacheStep(NamedTuple):
+    """What a KV cache says about the T new tokens of a step."""
+
+    positions: torch.Tensor  # (B, T): each new token's position
+    mask: torch.Tensor | None  # (B, 1, T, L): which of the L keys read each new token sees; None: all of them
+    where: object  # where the new keys and values go: the cache's own business, handed back to update()
+
+
+class LayerCache(Protocol):
+    def update(self, k: torch.Tensor, v: torch.Tensor, step: CacheStep) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the step's new keys and values (B, H, T, D); return every key and value it reads (B, H, L, D)."""
+
+
+class Cache(Protocol):
+    """What GPTModel asks of a KV cache."""
+
+    layers: Sequence[LayerCache]
+
+    def append(self, num_tokens: int) -> CacheStep:
+        """Claim the slots of num_tokens new tokens per row."""
+
+
 class MultiHeadAttention(nn.Module):
     """Causal self-attention over H heads, with dropout on the attention weights.
 
@@ -119,84 +145,15 @@ class MultiHeadAttention(nn.Module):
         B, H, T, D = y.shape
         return self.out_proj(y.transpose(1, 2).reshape(B, T, H * D))
 
-    def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: LayerCache | None = None, step: CacheStep | None = None) -> torch.Tensor:
         q, k, v = self.split_heads(x)
         if cache is None:
             y = causal_attention(q, k, v, self.drop_rate if self.training else 0.0)  # (B, H, T, D)
         else:
-            k, v = cache.update(k, v)  # every key and value so far: (B, H, L, D)
+            k, v = cache.update(k, v, step)  # every key and value the step reads: (B, H, L, D)
             # the cache may be wider than the model (float32 for bfloat16: inference.decoder.cache_dtype)
-            y = F.scaled_dot_product_attention(q.to(k.dtype), k, v, attn_mask=cache.owner.mask).to(
-                q.dtype
-            )  # (B, H, T, D)
+            y = F.scaled_dot_product_attention(q.to(k.dtype), k, v, attn_mask=step.mask).to(q.dtype)  # (B, H, T, D)
         return self.merge_heads(y)
-
-
-class KVCache:
-    """Every layer's keys and values, preallocated for the whole context and written in place, so that
-    generation runs the prompt once (the "prefill") and then one new token per step.
-
-    Rows of a batch may be left-padded to a common length: the first `padding[b]` slots of row b hold
-    no token. Row b's real tokens take positions 0, 1, 2, ... and no query attends to a padding slot;
-    a padding slot attends only to itself, so that no softmax is over an empty set (which gives NaN).
-    """
-
-    def __init__(
-        self, cfg: GPTConfig, batch_size: int, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
-    ):
-        self.capacity = cfg.context_length
-        shape = (batch_size, cfg.n_heads, cfg.context_length, cfg.head_dim)  # (B, H, L_max, D)
-        # torch.empty: a slot is always written before it is read
-        self.layers = [
-            LayerCache(
-                self, torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device)
-            )
-            for _ in range(cfg.n_layers)
-        ]
-        self.slots = torch.arange(cfg.context_length, device=device)
-        self.reset(torch.zeros(batch_size, dtype=torch.long, device=device))
-
-    def reset(self, padding: torch.Tensor) -> None:
-        """Empty the cache; the rows about to be written start with padding[b] padding slots (B,)."""
-        self.padding = padding
-        self.padded = bool(padding.any())
-        self.start = self.length = 0
-        self.mask: torch.Tensor | None = None
-
-    def append(self, num_tokens: int) -> torch.Tensor:
-        """Claim the next num_tokens slots and set the attention mask for them; their positions (B, T)."""
-        start, end = self.length, self.length + num_tokens
-        if end > self.capacity:
-            raise ValueError(
-                f"the cache holds {self.capacity} tokens (the context) and {self.length} are used; "
-                f"cannot add {num_tokens}: reset it and prefill the most recent tokens instead"
-            )
-        self.start, self.length = start, end
-        keys = self.slots[:end]  # (L,)
-        queries = self.slots[start:end, None]  # (T, 1)
-        if num_tokens == 1 and not self.padded:
-            self.mask = None  # one new token may see every cached one
-        else:
-            causal = keys <= queries  # (T, L)
-            visible = (keys >= self.padding[:, None, None]) | (keys == queries)  # (B, T, L)
-            self.mask = (causal & visible)[:, None]  # (B, 1, T, L), broadcast over heads
-        return (queries.T - self.padding[:, None]).clamp(min=0)  # (B, T)
-
-
-class LayerCache:
-    """One layer's slice of a KVCache: key and value buffers (B, H, L_max, D)."""
-
-    def __init__(self, owner: KVCache, keys: torch.Tensor, values: torch.Tensor):
-        self.owner = owner
-        self.keys = keys
-        self.values = values
-
-    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write the new keys and values (B, H, T, D) into their slots; return all of them so far (B, H, L, D)."""
-        start, end = self.owner.start, self.owner.length
-        self.keys[:, :, start:end] = k
-        self.values[:, :, start:end] = v
-        return self.keys[:, :, :end], self.values[:, :, :end]
 
 
 class TransformerBlock(nn.Module):
@@ -210,8 +167,8 @@ class TransformerBlock(nn.Module):
         self.ff = FeedForward(cfg)
         self.drop_shortcut = Dropout(cfg.drop_rate)
 
-    def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
-        x = x + self.drop_shortcut(self.att(self.norm1(x), cache))
+    def forward(self, x: torch.Tensor, cache: LayerCache | None = None, step: CacheStep | None = None) -> torch.Tensor:
+        x = x + self.drop_shortcut(self.att(self.norm1(x), cache, step))
         x = x + self.drop_shortcut(self.ff(self.norm2(x)))
         return x
 
@@ -271,7 +228,7 @@ class GPTModel(nn.Module):
         """Token + position embeddings, then dropout: (B, T) ids and (T,) or (B, T) positions → (B, T, C)."""
         return self.drop_emb(self.tok_emb(ids) + self.pos_emb(positions))
 
-    def hidden_states(self, ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def hidden_states(self, ids: torch.Tensor, cache: Cache | None = None) -> torch.Tensor:
         """(B, T) ids → the final-normed features (B, T, C) that the output head turns into logits.
 
         With a cache, `ids` are the tokens that follow those already cached: their positions carry on
@@ -280,15 +237,17 @@ class GPTModel(nn.Module):
         B, T = ids.shape
         if cache is None:
             self.check_length(T)
-            positions = torch.arange(T, device=ids.device)
+            x = self.embed(ids, torch.arange(T, device=ids.device))  # (B, T, C)
+            for block in self.trf_blocks:
+                x = block(x)
         else:
-            positions = cache.append(T)
-        x = self.embed(ids, positions)  # (B, T, C)
-        for layer, block in enumerate(self.trf_blocks):
-            x = block(x, None if cache is None else cache.layers[layer])
+            step = cache.append(T)
+            x = self.embed(ids, step.positions)
+            for block, layer in zip(self.trf_blocks, cache.layers):
+                x = block(x, layer, step)
         return self.final_norm(x)
 
-    def forward(self, ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, cache: Cache | None = None) -> torch.Tensor:
         return self.out_head(self.hidden_states(ids, cache))  # (B, T, V)
 
     @property

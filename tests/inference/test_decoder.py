@@ -14,10 +14,10 @@ from generation_helpers import SHAPES, one_thread, random_model, random_prompts
 
 from gptlab.config import GPTConfig
 from gptlab.inference import decoder as decoder_module
+from gptlab.inference.cache import KVCache
 from gptlab.inference.decoder import (
     Decoder,
     DecoderSettings,
-    StaticKVCache,
     cache_dtype,
     next_token_logits,
 )
@@ -29,7 +29,6 @@ from gptlab.inference.generate import (
 )
 from gptlab.inference.kernels import decoding_linear, kernel_for
 from gptlab.inference.quantize import quantize_model
-from gptlab.model import KVCache
 
 one_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
 
@@ -223,7 +222,7 @@ def test_static_cache_gives_the_ordinary_caches_logits():
     prompts = random_prompts(cfg, [1, 3, 4])
     padded = torch.tensor([[0] * (4 - len(p)) + p for p in prompts])  # (3, 4)
     padding = torch.tensor([4 - len(p) for p in prompts])
-    ordinary, static = KVCache(cfg, 3), StaticKVCache(cfg, 3, torch.float32, torch.device("cpu"))
+    ordinary, static = KVCache(cfg, 3), KVCache(cfg, 3, static=True)
     ordinary.reset(padding)
     static.reset(padding)
     ids = padded

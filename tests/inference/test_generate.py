@@ -19,6 +19,7 @@ from generation_helpers import (
 
 from gptlab import generate
 from gptlab.config import GPTConfig
+from gptlab.inference.cache import KVCache
 from gptlab.inference.decoder import Decoder, DecoderSettings
 from gptlab.inference.generate import (
     GenerationOptions,
@@ -30,7 +31,6 @@ from gptlab.inference.generate import (
     stream_batch,
     stream_text,
 )
-from gptlab.model import KVCache
 from gptlab.tokenizer import load_tokenizer
 
 GREEDY = GenerationOptions(max_new_tokens=200, temperature=0)
@@ -89,7 +89,7 @@ def test_cache_refuses_to_overflow_and_generation_leaves_the_model_alone():
     cfg = SHAPES["tied, qkv bias"]
     model = random_model(cfg)
     before = {name: (tensor.clone(), tensor.stride()) for name, tensor in model.state_dict().items()}
-    cache = KVCache(cfg, batch_size=1)
+    cache = KVCache(cfg, rows=1)
     with torch.inference_mode():
         model(torch.zeros(1, cfg.context_length, dtype=torch.long), cache)
         with pytest.raises(ValueError, match="cache holds 32 tokens"):

@@ -24,7 +24,7 @@ own weights and keeps nothing.
 
 Compiled steps (CUDA, opt-in). DecoderSettings(compile=True) runs each one-token step through
 torch.compile(mode="reduce-overhead"), which records it as a CUDA graph: one launch per step instead
-of hundreds. A graph needs fixed shapes and addresses, so that session uses a StaticKVCache, which
+of hundreds. A graph needs fixed shapes and addresses, so that session uses a static KVCache, which
 attends over every slot of the context with a mask instead of over the slots filled so far. The
 prompt (prefill) runs uncompiled. The gain is small so far, and a hand-captured CUDA graph gains no
 more, so launches are not what limits these steps (docs/benchmarks.md#gpu-decoding).
@@ -41,10 +41,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..config import GPTConfig
 from ..errors import UserError
-from ..model import GPTModel, KVCache, LayerCache
-from ..torch_compat import mark_static_address, version_counter
+from ..model import GPTModel
+from ..torch_compat import version_counter
+from .cache import KVCache
 from .kernels import decoding_linear, kernel_for
 from .quantize import is_quantized
 
@@ -142,64 +142,7 @@ class DecoderSettings:
     compile: bool = False
 
 
-class StaticKVCache:
-    """A KV cache whose tensors keep their shapes and addresses from step to step, for a compiled step.
-
-    It offers what GPTModel asks of a KVCache (append, layers[i].update, mask), but every step attends
-    over all context_length slots: the mask hides the slots not written yet and the padding. The next
-    slot is a tensor, updated inside the step, so that nothing the step reads is a Python number
-    (torch.compile would specialise on it and recompile at every position).
-    """
-
-    def __init__(self, cfg: GPTConfig, batch_size: int, dtype: torch.dtype, device: torch.device):
-        shape = (batch_size, cfg.n_heads, cfg.context_length, cfg.head_dim)  # (B, H, L_max, D)
-        # zeros, not empty: unwritten slots are masked out, but a NaN there would still make 0 · NaN = NaN
-        self.layers = [
-            StaticLayerCache(
-                self, torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device)
-            )
-            for _ in range(cfg.n_layers)
-        ]
-        self.slots = torch.arange(cfg.context_length, device=device)
-        self.padding = torch.zeros(batch_size, dtype=torch.long, device=device)
-        self.next_slot = torch.zeros((), dtype=torch.long, device=device)
-        self.mask = self.written = None
-        # a CUDA graph then reads and writes these in place, rather than copying them in and out at every step
-        for tensor in (
-            self.slots,
-            self.padding,
-            self.next_slot,
-            *(t for layer in self.layers for t in (layer.keys, layer.values)),
-        ):
-            mark_static_address(tensor)
-
-    def reset(self, padding: torch.Tensor) -> None:
-        self.padding.copy_(padding)
-        self.next_slot.zero_()
-
-    def append(self, num_tokens: int) -> torch.Tensor:
-        """Claim the next num_tokens slots and set the mask for them; their positions (B, T)."""
-        self.written = self.next_slot + self.slots[:num_tokens]  # (T,)
-        causal = self.slots <= self.written[:, None]  # (T, L_max)
-        visible = (self.slots >= self.padding[:, None, None]) | (self.slots == self.written[:, None])  # (B, T, L_max)
-        self.mask = (causal & visible)[:, None]  # (B, 1, T, L_max), broadcast over heads
-        self.next_slot.add_(num_tokens)
-        return (self.written[None] - self.padding[:, None]).clamp(min=0)  # (B, T)
-
-
-class StaticLayerCache(LayerCache):
-    """One layer's slice of a StaticKVCache."""
-
-    owner: StaticKVCache
-
-    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write the new keys and values (B, H, T, D) into their slots; return every slot (B, H, L_max, D)."""
-        self.keys.index_copy_(2, self.owner.written, k)
-        self.values.index_copy_(2, self.owner.written, v)
-        return self.keys, self.values
-
-
-def next_token_logits(model: GPTModel, ids: torch.Tensor, cache: KVCache | StaticKVCache) -> torch.Tensor:
+def next_token_logits(model: GPTModel, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
     """Run ids (B, T) after the cached ones; logits (B, V) for the token after the last, in float32."""
     features = model.hidden_states(ids, cache)[:, -1]  # (B, C): only the last position is needed
     return model.out_head(features).float()
@@ -210,7 +153,7 @@ def compiled_next_token_logits():
     return torch.compile(next_token_logits, mode="reduce-overhead", fullgraph=True, dynamic=False)
 
 
-def compiled_step_logits(model: GPTModel, ids: torch.Tensor, cache: StaticKVCache) -> torch.Tensor:
+def compiled_step_logits(model: GPTModel, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
     """next_token_logits for one token per row (B, 1), replayed from a CUDA graph."""
     torch.compiler.cudagraph_mark_step_begin()  # the previous step's graph outputs are no longer read
     return compiled_next_token_logits()(
@@ -240,7 +183,7 @@ class Decoder:
         self.device = model.device
         self.model = prepared_model(model, self.dtype, settings.prepare_weights)
         if settings.compile:
-            self.cache = StaticKVCache(model.cfg, batch_size, self.dtype, self.device)
+            self.cache = KVCache(model.cfg, batch_size, self.dtype, self.device, static=True)
             self.step_logits = compiled_step_logits
         else:
             self.cache = KVCache(model.cfg, batch_size, cache_dtype(self.dtype, self.device), self.device)

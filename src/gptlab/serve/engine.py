@@ -40,12 +40,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..config import GPTConfig
 from ..errors import UserError
+from ..inference.cache import KVCache
 from ..inference.decoder import cache_dtype, next_token_logits, prepared_model
 from ..inference.generate import TextAssembler
 from ..inference.sampling import GenerationOptions, Sampler, Token, offset_seed
-from ..model import GPTModel, KVCache, LayerCache
+from ..model import GPTModel
 from ..tokenizer import Tokenizer
 from .metrics import EngineMetrics
 
@@ -121,80 +121,6 @@ class Job:
     submitted_at: float = 0.0  # time.monotonic() when it was queued, for the time to first token
 
 
-class SlotCache:
-    """The batch's KV cache: `slots` rows, each with its own length (see the module docstring). It offers
-    what GPTModel asks of a cache (append, mask, layers[i].update) for a step of one token per active row."""
-
-    def __init__(self, cfg: GPTConfig, slots: int, dtype: torch.dtype, device: torch.device):
-        shape = (slots, cfg.n_heads, cfg.context_length, cfg.head_dim)  # (S, H, L_max, D)
-        # zeros, not empty: slots past a row's length are masked out, but a NaN there would still make 0 · NaN = NaN
-        self.layers = [
-            SlotLayer(
-                self, torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device)
-            )
-            for _ in range(cfg.n_layers)
-        ]
-        self.device = device
-        self.positions = torch.arange(cfg.context_length, device=device)
-        self.lengths = [0] * slots  # tokens cached in each cache row
-        self.active = 0  # rows 0..active-1 decode
-        self.mask: torch.Tensor | None = None
-
-    def append(self, num_tokens: int) -> torch.Tensor:
-        """Set up a step of one token per active row; its positions (B, 1)."""
-        assert num_tokens == 1, "prompts are prefilled in a KVCache of their own"
-        lengths = self.lengths[: self.active]
-        self.uniform = len(set(lengths)) == 1
-        self.span = max(lengths) + 1  # the keys this step reads: slots 0..span-1
-        self.write_at = torch.tensor(lengths, device=self.device)  # (B,)
-        # rows of equal length see every slot of the span; otherwise each row sees its own slots only
-        self.mask = (
-            None if self.uniform else (self.positions[: self.span] <= self.write_at[:, None])[:, None, None]
-        )  # (B, 1, 1, L)
-        return self.write_at[:, None]
-
-    def advance(self) -> None:
-        """The step ran: every active row holds one more token."""
-        for slot in range(self.active):
-            self.lengths[slot] += 1
-
-    def store(self, slot: int, prompt_cache: KVCache, length: int) -> None:
-        """Copy a prompt's keys and values (cache row 0 of prompt_cache) into cache row `slot`."""
-        for layer, prompt_layer in zip(self.layers, prompt_cache.layers):
-            layer.keys[slot, :, :length] = prompt_layer.keys[0, :, :length]
-            layer.values[slot, :, :length] = prompt_layer.values[0, :, :length]
-        self.lengths[slot] = length
-
-    def move(self, source: int, target: int) -> None:
-        """Copy cache row source into row target (which is free)."""
-        length = self.lengths[source]
-        for layer in self.layers:
-            layer.keys[target, :, :length] = layer.keys[source, :, :length]
-            layer.values[target, :, :length] = layer.values[source, :, :length]
-        self.lengths[target] = length
-
-
-class SlotLayer(LayerCache):
-    """One layer's slice of a SlotCache."""
-
-    owner: SlotCache
-
-    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write each active row's new key and value (B, H, 1, D) at its own length; return the span read (B, H, L, D)."""
-        owner = self.owner
-        rows = owner.active
-        if owner.uniform:
-            position = owner.span - 1
-            self.keys[:rows, :, position] = k[:, :, 0]
-            self.values[:rows, :, position] = v[:, :, 0]
-        else:
-            row_index = torch.arange(rows, device=k.device)
-            # (B, H, D) at (row, :, length); index_put, unlike a slice, does not cast (a bfloat16 model keeps a float32 cache)
-            self.keys[row_index, :, owner.write_at] = k[:, :, 0].to(self.keys.dtype)
-            self.values[row_index, :, owner.write_at] = v[:, :, 0].to(self.values.dtype)
-        return self.keys[:rows, :, : owner.span], self.values[:rows, :, : owner.span]
-
-
 class Engine:
     """The decoding loop (see the module docstring). submit() from any thread; the loop runs in its own."""
 
@@ -216,7 +142,8 @@ class Engine:
         self.metrics = metrics or EngineMetrics()
         device = model.device
         self.cache_dtype = cache_dtype(model.tok_emb.weight.dtype, device)
-        self.cache = SlotCache(model.cfg, max_batch, self.cache_dtype, device)
+        self.cache = KVCache(model.cfg, max_batch, self.cache_dtype, device, ragged=True)
+        self.cache.active = 0  # rows 0..active-1 decode
         self.prompt_cache = KVCache(model.cfg, 1, self.cache_dtype, device)
         self.slot_rows: list[Row | None] = [None] * max_batch  # the row decoding in each cache row
         self.waiting: deque[Job] = deque()
@@ -354,7 +281,7 @@ class Engine:
             for index in range(options.num_samples)
         ]  # row r of a job draws with seed + r, as in gptlab.generate
         ids = torch.tensor([job.prompt], device=model.device)  # (1, T)
-        self.prompt_cache.reset(torch.zeros(1, dtype=torch.long, device=model.device))
+        self.prompt_cache.reset()
         features = model.hidden_states(ids, self.prompt_cache)  # (1, T, C)
         self.metrics.prompt_tokens.inc(amount=len(job.prompt))
         self.send(job, Prefilled(self.prompt_logprobs(job, features) if job.prompt_logprobs else None))
@@ -398,7 +325,6 @@ class Engine:
             for job in list(self.jobs):
                 self.fail(job, f"the engine failed on a batch of requests: {error!r}")
             return
-        self.cache.advance()
         # rows that end in take() hand their cache row to another, so list them by cache row before any does
         for slot, row in enumerate(self.slot_rows[:active]):
             if row.slot >= 0:  # not gone with a job that failed in this loop
