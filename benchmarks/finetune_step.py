@@ -37,7 +37,9 @@ from gptlab.finetune.hooks import lower_frozen
 from gptlab.finetune.lora import LoRAConfig, apply_lora
 from gptlab.interop.peft import peft_target_modules
 from gptlab.model import GPTModel
-from gptlab.training.trainer import Runtime, TrainConfig, training_loss_fn
+from gptlab.training.config import TrainConfig
+from gptlab.training.runtime import Runtime
+from gptlab.training.trainer import training_loss_fn
 
 BATCH_SIZE, CONTEXT = 8, 256
 LORA = LoRAConfig(rank=16, alpha=16, targets=("qkv", "out_proj", "fc", "proj"))

@@ -43,15 +43,12 @@ from gptlab.config import GPTConfig, get_config
 from gptlab.inference.generate import generate
 from gptlab.model import GPTModel
 from gptlab.tokenizer import CharTokenizer
-from gptlab.training.trainer import (
-    Runtime,
-    TrainConfig,
-    TrainingData,
-    autocast,
-    make_optimizer,
-    train,
-    training_loss_fn,
-)
+from gptlab.training.config import TrainConfig
+from gptlab.training.evaluation import autocast
+from gptlab.training.optimizers import make_optimizer
+from gptlab.training.runtime import Runtime
+from gptlab.training.sources import TrainingData
+from gptlab.training.trainer import train, training_loss_fn
 
 DEFAULT_OUT = Path(__file__).parent / "results" / "gpu_check.json"
 GPT2_124M = get_config("gpt2", tie_embeddings=True, qkv_bias=True, drop_rate=0.0)

@@ -37,14 +37,11 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from gptlab.config import GPTConfig, get_config
 from gptlab.hf_format import state_dict_to_hf
 from gptlab.model import GPTModel
-from gptlab.training.trainer import (
-    Runtime,
-    TrainConfig,
-    autocast,
-    loss_fn,
-    make_optimizer,
-    training_loss_fn,
-)
+from gptlab.training.config import TrainConfig
+from gptlab.training.evaluation import autocast, loss_fn
+from gptlab.training.optimizers import make_optimizer
+from gptlab.training.runtime import Runtime
+from gptlab.training.trainer import training_loss_fn
 
 BATCH_SIZE = 8
 MODEL_CONFIG = get_config("gpt2-mini", vocab_size=50257, qkv_bias=True, tie_embeddings=True, drop_rate=0.0)

@@ -16,7 +16,10 @@ CFG = SHAPES["untied, no bias"]
 def expected_mask(written: list[list[int]], keys: int, padding: list[int]) -> torch.Tensor:
     """Key slot j visible to the token in slot i of row b iff j <= i and j is past b's padding, or j == i."""
     return torch.tensor(
-        [[[j <= i and (j >= pad or j == i) for j in range(keys)] for i in slots] for slots, pad in zip(written, padding)]
+        [
+            [[j <= i and (j >= pad or j == i) for j in range(keys)] for i in slots]
+            for slots, pad in zip(written, padding)
+        ]
     )[:, None]
 
 

@@ -6,7 +6,7 @@ import pytest
 from test_train import TEXT
 
 from gptlab.data import build_token_cache, build_tokenizer, read_corpus
-from gptlab.training.trainer import TrainingData
+from gptlab.training.sources import TrainingData
 
 
 @pytest.fixture(scope="module")

@@ -24,9 +24,11 @@ from gptlab.config import GPTConfig
 from gptlab.model import GPTModel
 from gptlab.tokenizer import CharTokenizer
 from gptlab.training import fsdp
+from gptlab.training.config import TrainConfig
+from gptlab.training.evaluation import loss_fn
 from gptlab.training.optimizers import make_optimizer
 from gptlab.training.runtime import Runtime, stop_runtime
-from gptlab.training.trainer import TrainConfig, learning_rate, loss_fn
+from gptlab.training.schedule import learning_rate
 
 TOKENIZER = CharTokenizer("abcdefghijklmnopqrstuvwxyz0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ,.")  # 65 ids
 BATCH, MICRO_BATCH, MAX_STEPS = 8, 2, 6  # global batch; sequences per forward pass per process

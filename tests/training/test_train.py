@@ -34,8 +34,10 @@ from gptlab.training.config import ConfigError, TrainConfig
 from gptlab.training.evaluation import evaluate
 from gptlab.training.optimizers import make_optimizer
 from gptlab.training.runtime import TrainingError
+from gptlab.training.schedule import Plan, learning_rate
+from gptlab.training.sources import TrainingData
 from gptlab.training.state import OPTIMIZER_FILE, STATE_FILE, load_trainer_state
-from gptlab.training.trainer import TrainingData, learning_rate, train
+from gptlab.training.trainer import train
 
 TEXT = default_corpus_text()[:6000]  # 5,400 training and 600 validation characters, a few of them multi-byte
 BATCH, CONTEXT = 8, 16
@@ -276,9 +278,9 @@ def test_the_dropout_scale_is_off_then_chosen_once_by_the_runs_length(
 def test_a_run_judges_its_epochs_from_its_plan_before_the_first_step_and_from_its_progress_after():
     from gptlab.training.state import TrainerState
 
-    planned = train_module.Plan(tokens_per_step=100, epoch_tokens=1_000, steps=250, warmup_steps=0)
+    planned = Plan(tokens_per_step=100, epoch_tokens=1_000, steps=250, warmup_steps=0)
     assert planned.epochs_at_end(TrainerState(), 0.0) == 25.0
-    timed = train_module.Plan(tokens_per_step=100, epoch_tokens=1_000, steps=None, warmup_steps=0)
+    timed = Plan(tokens_per_step=100, epoch_tokens=1_000, steps=None, warmup_steps=0)
     assert timed.epochs_at_end(TrainerState(), 0.0) == 0.0
     assert timed.epochs_at_end(TrainerState(tokens_seen=4_000), 0.2) == pytest.approx(
         20.0

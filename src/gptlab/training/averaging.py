@@ -19,13 +19,14 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from .callbacks import Callback
 from .runtime import TrainingError
 
 TRAINING_WEIGHTS_FILE = "training_weights.safetensors"
 
 
-class WeightAverage:
-    """A running average of a model's trainable parameters."""
+class WeightAverage(Callback):
+    """A running average of a model's trainable parameters, folded in after each step."""
 
     def __init__(self, model: torch.nn.Module, decay: float):
         self.decay = decay
@@ -39,6 +40,9 @@ class WeightAverage:
         decay = min(self.decay, (1 + step) / (10 + step))
         for average, (_, param) in zip(self.average, self.named):
             average.lerp_(param, 1 - decay)
+
+    def step_end(self, trainer, stats) -> None:
+        self.update(trainer.state.step)
 
     @torch.no_grad()
     def _swap(self) -> None:

@@ -21,6 +21,7 @@ import math
 from torch import nn
 
 from ..model import MultiHeadAttention
+from .callbacks import Callback
 from .config import ConfigError, TrainConfig
 
 # The share of a run (by its nearest limit) after which dropout that is still off stays off.
@@ -104,3 +105,21 @@ def describe_dropout(cfg: TrainConfig, switch: DropoutSwitch, steps_per_epoch: f
     if double_for is not None:
         parts.append(f"at twice the model's rates if the run will see {double_for:g} epochs or more")
     return f"dropout: {'; '.join(parts)}" if parts else None
+
+
+class DropoutSchedule(Callback):
+    """Before each step, the dropout multiple for it (dropout_scale), said when dropout switches on."""
+
+    def __init__(self, switch: DropoutSwitch):
+        self.switch = switch
+
+    def step_start(self, trainer) -> None:
+        state, plan, progress = trainer.state, trainer.plan, trainer.progress
+        run_epochs = plan.epochs_at_end(state, progress)
+        scale = dropout_scale(
+            trainer.cfg, state.tokens_seen / plan.epoch_tokens, run_epochs, progress, state.dropout_scale
+        )
+        if scale and scale != state.dropout_scale and self.switch.any and trainer.runtime.is_main:
+            trainer.say(f"step {state.step}: {dropout_switch_note(self.switch, scale, run_epochs)}")
+        state.dropout_scale = scale
+        self.switch.set(scale)

@@ -45,8 +45,9 @@ from .evaluation import EvalResult
 from .evaluation import evaluate as evaluate_tokens
 from .report_card import write_report_card
 from .runtime import Runtime, TrainingError, pick_device, start_runtime, stop_runtime, with_training_dtype
+from .sources import TrainingData
 from .state import check_out_dir, read_run_config
-from .trainer import ModelHooks, TrainingData, TrainResult
+from .trainer import ModelHooks, TrainResult
 from .trainer import train as train_loop
 
 # What a model loaded with --init keeps: its shape and tokenizer. Dropout, a shorter context and a padded

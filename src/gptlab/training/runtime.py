@@ -130,6 +130,15 @@ def sum_across_ranks(runtime: Runtime, *values: float) -> list[float]:
     return tensor.tolist()
 
 
+def mean_across_ranks(runtime: Runtime, tensor: torch.Tensor) -> torch.Tensor:
+    """The mean of a tensor over the ranks, on the device (no host sync)."""
+    if not runtime.distributed:
+        return tensor
+    tensor = tensor / runtime.world
+    dist.all_reduce(tensor)
+    return tensor
+
+
 def max_across_ranks(runtime: Runtime, value: int) -> int:
     if not runtime.distributed:
         return value

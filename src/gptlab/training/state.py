@@ -20,6 +20,7 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -33,7 +34,6 @@ from ..checkpoint import (
 )
 from ..model import GPTModel
 from ..tokenizer import Tokenizer
-from .averaging import WeightAverage
 from .config import RUN_FILE, RunConfig, read_toml, resolve
 from .fsdp import is_sharded, load_sharded, save_sharded
 from .runtime import TrainingError
@@ -84,6 +84,12 @@ def load_optimizer_tensors(
     optimizer.load_state_dict({"state": state, "param_groups": document["param_groups"]})
 
 
+class FilesBeside(Protocol):
+    """What writes files of its own into a checkpoint folder: the weight average (averaging.py)."""
+
+    def save(self, folder: Path) -> None: ...
+
+
 def save_checkpoint(
     path: Path,
     model: GPTModel,
@@ -93,7 +99,7 @@ def save_checkpoint(
     run: RunConfig | None = None,
     write_model=write_model_files,
     full_model: GPTModel | None = None,
-    average: WeightAverage | None = None,
+    average: FilesBeside | None = None,
 ) -> None:
     """`write_model(folder, model, tokenizer, extra)` writes the model's own files (config.json and
     model.safetensors by default; fine-tuning may write adapters instead). With `average` in the model,
