@@ -16,9 +16,13 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import tomllib
+import types
+import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..config import PRESETS
 from ..errors import UserError
 
 RUN_FILE = "run.toml"
@@ -32,6 +36,7 @@ OPTIMIZERS = ("adamw", "muon")  # training/optimizers.py
 SCHEDULES = ("cosine", "wsd")
 DTYPES = ("auto", "bfloat16", "float32")  # autocast; auto: runtime.training_dtype
 LOGGERS = ("tensorboard", "wandb", "mlflow", "csv")  # tracking.LOGGER_CLASSES
+POSITION_INITS = ("gpt2", "sinusoidal")
 
 
 DEFAULT_VAL_FRACTION = 0.1
@@ -41,20 +46,95 @@ class ConfigError(UserError):
     """A recipe file or a combination of settings that cannot be used; the message says what to change."""
 
 
+# Fine-tuning a pretrained model (--init) wants a rate about 50x lower than training from scratch, a short
+# warmup, and windows that do not overlap (the text is usually large next to the model's context).
+FINETUNE_DEFAULTS = {
+    "lr": 6e-5,
+    "warmup_steps": 20,
+    "stride": None,
+    "batch_size": 16,
+    "weight_decay": 0.1,
+    "optimizer": "adamw",
+    "dropout_from_epoch": 0.0,
+}
+
+
+def setting(
+    default=None,
+    help: str = "",
+    *,
+    factory: Callable | None = None,
+    choices: tuple[str, ...] | None = None,
+    metavar: str | None = None,
+    cli: dict | None = None,
+    resumable: bool = False,
+):
+    """A run setting: a dataclass field whose metadata is its row of the settings table (SETTINGS): the
+    help, the choices, argparse's metavar and any other argparse keywords (`cli`: flag, action, const), and
+    whether --resume may change it. Its type, default and TOML key come from the field itself."""
+    metadata = {"help": help, "choices": choices, "metavar": metavar, "cli": cli or {}, "resumable": resumable}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
 @dataclass
 class DataConfig:
-    data: list[str] | None = None  # files, folders or glob patterns; None: the embedded corpus
-    include: list[str] = field(default_factory=list)  # glob patterns a file in a folder must match
-    exclude: list[str] = field(default_factory=list)  # glob patterns that leave a file out
-    invalid_utf8: str = "strict"  # or "replace": read bad bytes as U+FFFD
-    text_field: str = "text"  # files of records (.jsonl, .json, .parquet): the field each document is in
-    val_fraction: float | None = None  # the held-out share of the joined text's characters, at its end (0.1)
-    val_data: list[str] | None = None  # validation files instead: then every file of data is trained on
-    tokenizer: str = "char"  # "char", "gpt2" (a new model gets gpt2 with 128 merges: NEW_MODEL_DEFAULTS) or a
-    # folder `gptlab tokenizer train` wrote
-    merges: int | None = None  # gpt2 only: keep GPT-2's first N merges
-    cache_dir: str | None = None  # token cache folder (default: under ~/.cache/gptlab/tokens)
-    prepared: str | None = None  # a token cache `gptlab prepare` wrote: trained from, no source read
+    data: list[str] | None = setting(
+        None,
+        "files, folders or glob patterns to train on; a folder is read recursively (hidden files skipped, binary "
+        "files reported). Default: the embedded corpus, Python's bundled documentation",
+        metavar="PATH",
+    )
+    include: list[str] = setting(
+        help="read only files in --data folders that match (repeatable)", factory=list, metavar="GLOB",
+        cli={"action": "append"},
+    )  # fmt: skip
+    exclude: list[str] = setting(
+        help="leave out files that match (repeatable)", factory=list, metavar="GLOB", cli={"action": "append"}
+    )
+    invalid_utf8: str = setting(
+        "strict",
+        "read invalid UTF-8 bytes as U+FFFD instead of failing",
+        cli={"flag": "--replace-invalid-utf8", "action": "store_const", "const": "replace"},
+    )
+    text_field: str = setting(
+        "text",
+        "in files of records (.jsonl, .jsonl.gz, .jsonl.zst, .json, .parquet): the field or column each document's "
+        "text is in",
+        metavar="FIELD",
+    )
+    # None: 0.1 (held_out); left unset so that --val-data can refuse a share given alongside it
+    val_fraction: float | None = setting(
+        None, "hold out the last F of the text, by characters, for validation (default 0.1)", metavar="F"
+    )
+    val_data: list[str] | None = setting(
+        None,
+        "validate on these files, folders or globs instead of a held-out share (FineWeb's val shard); every file "
+        "of --data is then trained on",
+        metavar="PATH",
+    )
+    # a new model gets gpt2 with 128 merges (NEW_MODEL_DEFAULTS)
+    tokenizer: str = setting(
+        "char",
+        "char: one id per character of the corpus; gpt2: GPT-2's byte-level BPE; FOLDER: a byte-level BPE "
+        "`gptlab tokenizer train` made",
+        metavar="{char,gpt2,FOLDER}",
+    )
+    merges: int | None = setting(
+        None, "GPT-2's BPE with only its first N merges (vocabulary 257 + N); --tokenizer gpt2 alone keeps all 50,000"
+    )
+    cache_dir: str | None = setting(
+        None,
+        "token cache folder; may be on storage every machine shares (default: under ~/.cache/gptlab/tokens)",
+        resumable=True,
+    )
+    prepared: str | None = setting(
+        None,
+        "train from the token cache `gptlab prepare` wrote there, reading no source (it fixes the data, the "
+        "tokenizer and the split)",
+        metavar="CACHE",
+    )
 
     @property
     def held_out(self) -> float:
@@ -82,24 +162,52 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    model: str = "gpt2-micro"  # a preset of gptlab.config.PRESETS
-    init: str | None = None  # start from this checkpoint's weights (gptlab or Hugging Face GPT-2 folder)
-    vocab_size: int | None = None  # None: the preset's or the checkpoint's; others override them
-    context_length: int | None = None
-    emb_dim: int | None = None
-    n_heads: int | None = None
-    n_layers: int | None = None
-    drop_rate: float | None = None
-    attn_drop_rate: float | None = None
-    qkv_bias: bool | None = None
-    tie_embeddings: bool | None = None
+    model: str = setting("gpt2-micro", "preset shape", choices=tuple(PRESETS))
+    init: str | None = setting(
+        None,
+        "fine-tune: start from this gptlab or Hugging Face GPT-2 folder's weights, shape and tokenizer; changes "
+        f"the defaults to {FINETUNE_DEFAULTS}",
+        metavar="CHECKPOINT",
+    )
+    # The shape: None is the preset's or the checkpoint's; a value overrides them.
+    vocab_size: int | None = setting(
+        None, "pad the vocabulary to this size (nanoGPT pads 50257 to 50304 for speed); default: the tokenizer's"
+    )
+    context_length: int | None = setting(
+        None, "tokens per window (nanoGPT's block_size, GPT-2's n_positions); with --init at most the checkpoint's"
+    )
+    emb_dim: int | None = setting(None, "width (nanoGPT's and GPT-2's n_embd)")
+    n_heads: int | None = setting(None, "attention heads (n_head)")
+    n_layers: int | None = setting(None, "blocks (n_layer)")
+    drop_rate: float | None = setting(
+        None, "dropout on the embeddings and shortcuts (GPT-2's resid_pdrop and embd_pdrop)"
+    )
+    attn_drop_rate: float | None = setting(
+        None,
+        "dropout on the attention weights (attn_pdrop); default --drop-rate. On CPU any attention dropout halves "
+        "the speed",
+    )
+    qkv_bias: bool | None = setting(None, "biases on q, k, v (GPT-2 has them)")
+    tie_embeddings: bool | None = setting(None, "share the head with the token embedding (GPT-2 does)")
     # LoRA (with --init): adapters of this rank train while the model's weights stay frozen. None: every
-    # weight trains. The other LoRA settings need it (gptlab.finetune.hooks.lora_config checks them).
-    lora_rank: int | None = None
-    lora_alpha: float | None = None  # the update is scaled by alpha / rank; None: the rank (a scale of 1)
-    lora_dropout: float | None = None  # on the adapters' input; None: 0
-    lora_targets: list[str] | None = None  # of qkv, out_proj, fc, proj, head; None: all but head
-    lora_base_dtype: str | None = None  # how the frozen base is kept: float32 (None), bfloat16 or int8
+    # weight trains. The other LoRA settings need it (gptlab.finetune.hooks.lora_config checks them, and
+    # the fine-tuning layer supplies their choices).
+    lora_rank: int | None = setting(
+        None,
+        "train LoRA adapters of this rank (16 is the textbook's) on the frozen --init model instead of every weight",
+    )
+    lora_alpha: float | None = setting(
+        None, "scale the adapters' update by alpha / rank (default: the rank, a scale of 1)"
+    )
+    lora_dropout: float | None = setting(None, "dropout on the adapters' input (default: 0)")
+    lora_targets: list[str] | None = setting(
+        None,
+        "the projections that get adapters: qkv and out_proj (attention), fc and proj (feed-forward), head "
+        "(default: all but head)",
+    )
+    lora_base_dtype: str | None = setting(
+        None, "keep the frozen base in float32, bfloat16 or int8; the adapters train in float32 (default: float32)"
+    )
 
 
 # The LoRA settings, lora_rank first: the fine-tuning layer's to act on (finetune/hooks.py).
@@ -111,60 +219,115 @@ class TrainConfig:
     """How the loop optimises, when it stops, and what it reports. The defaults, with NEW_MODEL_DEFAULTS,
     are the recipe for the embedded corpus (README, time to quality)."""
 
-    out: str = "runs/default"
-    batch_size: int = 16  # sequences per optimizer step, over all processes
-    micro_batch_size: int | None = None  # sequences per forward pass per process (default: batch / world)
+    out: str = setting("runs/default", "run folder: checkpoints last/ and best/, run.toml, metrics.jsonl, loss.png")
+    batch_size: int = setting(
+        16,
+        "sequences per optimizer step over ALL processes (the global batch; nanoGPT's batch_size x "
+        "gradient_accumulation_steps x processes)",
+    )
+    micro_batch_size: int | None = setting(
+        None,
+        "sequences per forward pass per process; gradients accumulate up to --batch-size (default: batch / processes)",
+        resumable=True,
+    )
     # Every token starts a window: on a small corpus each epoch then sees the text at new offsets, which
     # generalises far better than fixed non-overlapping windows. None: context_length (no overlap).
-    stride: int | None = 1
-    # "muon": Muon on the blocks' matrices, AdamW on the rest, one learning rate (training/optimizers.py);
-    # "adamw" everywhere. Fine-tuning (--init) uses AdamW.
-    optimizer: str = "muon"
-    lr: float = 8e-3
-    min_lr_ratio: float = 0.1  # the schedule ends at lr * min_lr_ratio
-    warmup_steps: int = 50
-    # After the warmup: "cosine" from lr to the floor over the rest of the run, or "wsd" (warmup-stable-
-    # decay): lr until the last cooldown_fraction of the run, then a straight line to the floor.
-    schedule: str = "cosine"
-    cooldown_fraction: float = 0.2
-    weight_decay: float = 0.1
-    # The model's dropout stays off until the run has seen this many epochs of the training data, then
-    # runs at the model's rates: on a small corpus a short run underfits, and dropout only slows it, while a
-    # long one overfits without it (README, time to quality). 0: dropout from the first step.
-    dropout_from_epoch: float = 4.0
-    # A run that will see the training data at least this many times runs its dropout at twice the model's
-    # rates: the more passes over the same text, the more a model overfits. Judged once, when dropout
-    # switches on, from the run's progress toward its limit (for a time budget, the speed so far; training/
-    # dropout.py). None: never (a new model from scratch gets 18, NEW_MODEL_DEFAULTS).
-    dropout_double_for_epochs: float | None = None
-    # A new model's position table: "sinusoidal" (the original Transformer's code, scaled to GPT-2's init
-    # RMS) skips the plateau where a character model otherwise spends a seventh of its 5 minutes; "gpt2"
-    # is GPT-2's random init. A loaded model keeps its table.
-    pos_init: str = "sinusoidal"
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0  # 0 turns clipping off
-    # Evaluate and save an exponential moving average of the weights with this decay per step (averaging.py).
-    # 0: the weights themselves (a new model from scratch gets 0.99, NEW_MODEL_DEFAULTS).
-    ema_decay: float = 0.0
-    max_steps: int | None = None
-    max_tokens: int | None = None
-    epochs: float | None = None  # an epoch is as many tokens as the training split holds
-    time_budget: float | None = None  # seconds of training
-    eval_interval: int = 250
-    eval_tokens: int | None = None  # in-run evaluations: a seeded subset of about this many tokens (None: all)
-    loggers: list[str] = field(default_factory=list)  # besides metrics.jsonl: any of LOGGERS (tracking.py)
-    log_interval: int = 20
-    sample_tokens: int = 200
-    # autocast dtype: "bfloat16", "float32", or "auto": bfloat16 where the device has bfloat16 arithmetic,
-    # else float32 (runtime.training_dtype; a run records the dtype auto chose)
-    dtype: str = "auto"
-    compile: bool = False
-    fsdp: bool = False
-    activation_checkpointing: bool = False
-    seed: int = 1337
-    device: str = "auto"
-    progress: bool = True
+    stride: int | None = setting(
+        1,
+        "tokens between window starts; 1 puts a window at every token, like nanoGPT's random offsets (default "
+        "with --init: the context length)",
+    )
+    optimizer: str = setting(
+        "muon",
+        "adamw, or muon: Muon on the blocks' matrices and AdamW on embeddings, head, biases and norms, at one "
+        "learning rate",
+        choices=OPTIMIZERS,
+    )
+    lr: float = setting(8e-3, "peak learning rate (nanoGPT's learning_rate)")
+    min_lr_ratio: float = setting(0.1, "the cosine ends at lr x this (nanoGPT's min_lr / learning_rate)")
+    warmup_steps: int = setting(50, "linear warmup steps (nanoGPT's warmup_iters)")
+    schedule: str = setting(
+        "cosine",
+        "after the warmup: cosine to the floor, or wsd (warmup-stable-decay): constant, then a line to the floor "
+        "over the cooldown",
+        choices=SCHEDULES,
+    )
+    cooldown_fraction: float = setting(0.2, "with --schedule wsd: the share of the run spent decaying")
+    weight_decay: float = setting(0.1, "AdamW weight decay, on matrices only")
+    # On a small corpus a short run underfits, and dropout only slows it, while a long one overfits without
+    # it (README, time to quality; training/dropout.py).
+    dropout_from_epoch: float = setting(
+        4.0,
+        "keep the model's dropout off until the run has seen this many epochs of the training data; 0: from the "
+        "first step (0 with --init)",
+    )
+    # Judged once, when dropout switches on, from the run's progress toward its limit (for a time budget,
+    # the speed so far). None: never (a new model from scratch gets 18, NEW_MODEL_DEFAULTS).
+    dropout_double_for_epochs: float | None = setting(
+        None,
+        "a run that will see at least this many epochs (judged when its dropout switches on) runs every dropout "
+        "at twice the model's rate (never with --init)",
+    )
+    # "sinusoidal" (the original Transformer's code, scaled to GPT-2's init RMS) skips the plateau where a
+    # character model otherwise spends a seventh of its 5 minutes; "gpt2" is GPT-2's random init. A loaded
+    # model keeps its table.
+    pos_init: str = setting("sinusoidal", "a new model's position table", choices=POSITION_INITS)
+    beta1: float = setting(0.9, "AdamW beta1")
+    beta2: float = setting(0.95, "AdamW beta2")
+    grad_clip: float = setting(1.0, "clip the gradient norm to this; 0 turns clipping off")
+    # averaging.py; a new model from scratch gets 0.99 (NEW_MODEL_DEFAULTS)
+    ema_decay: float = setting(
+        0.0,
+        "evaluate and save a moving average of the weights with this decay per step; 0 turns it off (a new "
+        "model: 0.99; 0 with --init)",
+    )
+    max_steps: int | None = setting(None, "stop after this many optimizer steps (nanoGPT's max_iters)", resumable=True)
+    max_tokens: int | None = setting(None, "stop after this many training tokens", resumable=True)
+    epochs: float | None = setting(
+        None,
+        "stop after this many epochs; an epoch is as many tokens as the training split holds. Default on your "
+        "own text: 1",
+        resumable=True,
+    )
+    time_budget: float | None = setting(
+        None,
+        "stop after this many seconds of training. Default on the embedded corpus: 300",
+        metavar="SECONDS",
+        resumable=True,
+    )
+    eval_interval: int = setting(250, "evaluate and save last/ (and best/) every N steps", resumable=True)
+    eval_tokens: int | None = setting(
+        None,
+        "score a seeded subset of about N validation tokens at each evaluation (the same subset each time) and "
+        "the whole split at the end (default: the whole split each time)",
+        metavar="N",
+    )
+    loggers: list[str] = setting(
+        help="also log what metrics.jsonl records to TensorBoard (runs/NAME/tensorboard/), Weights & Biases "
+        "(runs/NAME/wandb/; offline without an API key), MLflow ($MLFLOW_TRACKING_URI, else runs/NAME/mlruns) "
+        "and/or metrics.csv",
+        factory=list,
+        choices=LOGGERS,
+        cli={"flag": "--logger"},
+        resumable=True,
+    )
+    log_interval: int = setting(20, "print a log line and record metrics every N steps", resumable=True)
+    sample_tokens: int = setting(200, "characters of sample text at each evaluation (0: none)", resumable=True)
+    dtype: str = setting(
+        "auto",
+        "autocast dtype (default auto: bfloat16 where the device has bfloat16 arithmetic, else float32)",
+        choices=DTYPES,
+    )
+    compile: bool = setting(False, "torch.compile the model and loss", resumable=True)
+    fsdp: bool = setting(False, "shard the model with FSDP2 (under torchrun)")
+    activation_checkpointing: bool = setting(
+        False, "recompute each block's activations in the backward pass to save memory"
+    )
+    seed: int = setting(1337, "seeds the weights, the window order and dropout")
+    device: str = setting("auto", "auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps", resumable=True)
+    progress: bool = setting(
+        True, "no progress bars", cli={"flag": "--no-progress", "action": "store_false"}, resumable=True
+    )
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "eval_interval", "log_interval", "warmup_steps"):
@@ -188,7 +351,7 @@ class TrainConfig:
             raise ConfigError(
                 "--optimizer muon needs whole matrices, which --fsdp shards; use DDP (leave out --fsdp) or adamw"
             )
-        if self.pos_init not in ("gpt2", "sinusoidal"):
+        if self.pos_init not in POSITION_INITS:
             raise ConfigError(f"--pos-init must be gpt2 or sinusoidal, got {self.pos_init!r}")
         if not self.lr > 0:
             raise ConfigError(f"--lr must be positive, got {self.lr}")
@@ -222,36 +385,69 @@ class TrainConfig:
 # than in the dataclasses so that a run.toml written before them still resumes as it ran.
 NEW_MODEL_DEFAULTS = {"tokenizer": "gpt2", "merges": 128, "dropout_double_for_epochs": 18.0, "ema_decay": 0.99}
 
-# Fine-tuning a pretrained model (--init) wants a rate about 50x lower than training from scratch, a short
-# warmup, and windows that do not overlap (the text is usually large next to the model's context).
-FINETUNE_DEFAULTS = {
-    "lr": 6e-5,
-    "warmup_steps": 20,
-    "stride": None,
-    "batch_size": 16,
-    "weight_decay": 0.1,
-    "optimizer": "adamw",
-    "dropout_from_epoch": 0.0,
-}
-
-# What `--resume` lets the command line change: when and how often the run stops, reports and where it
-# runs. Everything else would make the resumed run a different run.
-RESUMABLE = frozenset(
-    {
-        *LIMITS,
-        "eval_interval",
-        "log_interval",
-        "sample_tokens",
-        "device",
-        "micro_batch_size",
-        "progress",
-        "cache_dir",
-        "compile",
-        "loggers",
-    }
-)
 
 SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig}
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One row of the settings table: what the command line, TOML and --resume know of a setting."""
+
+    name: str  # the TOML key; the option is --name-with-dashes unless cli says another flag
+    section: str  # data, model or train: its table in run.toml
+    kind: type  # int, float, str, bool or list (of str)
+    optional: bool  # None allowed (unset)
+    default: object
+    help: str
+    choices: tuple[str, ...] | None
+    metavar: str | None
+    cli: dict
+    resumable: bool  # --resume may change it: when and how often the run stops and reports, and where it runs
+
+    def accepts(self, value) -> bool:
+        """Whether a TOML or Python value has this setting's type (an int is accepted for a float)."""
+        if value is None:
+            return self.optional
+        if self.kind is list:
+            return isinstance(value, list) and all(isinstance(item, str) for item in value)
+        if self.kind is float:
+            return isinstance(value, (int, float)) and not isinstance(value, bool)
+        return isinstance(value, self.kind) and (self.kind is bool or not isinstance(value, bool))
+
+
+def settings_table() -> list[Setting]:
+    rows = []
+    for section, kind in SECTIONS.items():
+        hints = typing.get_type_hints(kind)
+        for item in dataclasses.fields(kind):
+            hint = hints[item.name]
+            union = isinstance(hint, types.UnionType)  # X | None
+            (base,) = [t for t in typing.get_args(hint) if t is not type(None)] if union else [hint]
+            default = [] if item.default is dataclasses.MISSING else item.default
+            meta = item.metadata
+            rows.append(
+                Setting(
+                    item.name,
+                    section,
+                    typing.get_origin(base) or base,
+                    union,
+                    default,
+                    meta["help"],
+                    meta["choices"],
+                    meta["metavar"],
+                    meta["cli"],
+                    meta["resumable"],
+                )
+            )
+    return rows
+
+
+# Every setting of a run, in the dataclasses' order; the command line's options are made from it.
+SETTINGS = settings_table()
+SETTING = {row.name: row for row in SETTINGS}
+# What `--resume` lets the command line change: when and how often the run stops, reports and where it
+# runs. Everything else would make the resumed run a different run.
+RESUMABLE = frozenset(row.name for row in SETTINGS if row.resumable)
 
 
 def dashed(name: str) -> str:
@@ -338,22 +534,12 @@ def read_toml(path: str | Path) -> dict:
 
 
 def check_types(values: dict, where: str) -> None:
-    """A TOML value must have the option's type (an int is accepted where a float is wanted)."""
-    annotations = {f.name: f.type for kind in SECTIONS.values() for f in dataclasses.fields(kind)}
+    """Each value must have its setting's type (SETTINGS; an int is accepted where a float is wanted)."""
     for name, value in values.items():
-        wanted = annotations[name]
-        if "list" in wanted:
-            ok = isinstance(value, list) and all(isinstance(item, str) for item in value)
-        elif "bool" in wanted:
-            ok = isinstance(value, bool)
-        elif "int" in wanted:
-            ok = isinstance(value, int) and not isinstance(value, bool)
-        elif "float" in wanted:
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        else:
-            ok = isinstance(value, str)
-        if not ok:
-            raise ConfigError(f"{name} = {value!r} in {where} should be {wanted.replace(' | None', '')}")
+        row = SETTING[name]
+        if not row.accepts(value):
+            wanted = "list of strings" if row.kind is list else row.kind.__name__
+            raise ConfigError(f"{name} = {value!r} in {where} should be {wanted}")
 
 
 def resolve(given: dict) -> RunConfig:
