@@ -92,7 +92,7 @@ def test_toml_round_trips_every_setting(tmp_path):
         }
     )
     (tmp_path / "run.toml").write_text(run.to_toml())
-    assert set(tomllib.loads(run.to_toml())) == {"data", "model", "train"}
+    assert set(tomllib.loads(run.to_toml())) == {"schema", "data", "model", "train"}
     assert resolve(read_toml(tmp_path / "run.toml")) == run
 
 

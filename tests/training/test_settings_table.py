@@ -1,6 +1,6 @@
 """The settings table (training/config.SETTINGS), made from the dataclasses' fields: every setting reaches
 the same value typed on the command line as written in TOML, a value of the wrong type is refused in TOML
-and in Python, and what --resume may change is the list below."""
+and in Python, what --resume may change is the list below, and run.toml's schema."""
 
 from __future__ import annotations
 
@@ -8,8 +8,19 @@ import pytest
 
 from gptlab.cli import build_parser
 from gptlab.cli.train import PLUGIN_CHOICES
-from gptlab.training.config import RESUMABLE, SETTINGS, ConfigError, RunConfig, check_types, read_toml, toml_value
+from gptlab.training.config import (
+    RESUMABLE,
+    SCHEMA,
+    SETTINGS,
+    ConfigError,
+    RunConfig,
+    check_types,
+    read_toml,
+    resolve,
+    toml_value,
+)
 from gptlab.training.pipeline import gather_settings
+from gptlab.training.state import read_run_config
 
 
 def typed(row):
@@ -78,3 +89,26 @@ def test_the_table_is_the_dataclasses_and_names_what_a_resume_may_change():
     check_types({"epochs": 2, "lr": 1, "data": None, "merges": None}, "the options")  # an int for a float; unset
     with pytest.raises(ConfigError, match="out = None in the options should be str"):
         check_types({"out": None}, "the options")  # a setting that cannot be unset
+
+
+def test_a_run_file_of_schema_2_reads_back_as_written_and_an_older_one_through_the_defaults(tmp_path):
+    """A fine-tune's unset stride (None; the default is 1) and unset merges survive the round trip, because
+    schema 2 means "what is left out is unset"; the same file without its schema line is a recipe, whose
+    missing keys take the defaults of the run it describes (resolve), as runs before the schema were read."""
+    tuned = resolve({"init": "models/gpt2", "max_steps": 5})
+    assert tuned.train.stride is None and tuned.data.merges is None
+    path = tmp_path / "run.toml"
+    path.write_text(tuned.to_toml())
+    assert path.read_text().splitlines()[1] == f"schema = {SCHEMA}"
+    assert RunConfig.from_flat(read_toml(path)) == tuned  # nothing defaulted
+    assert read_run_config(tmp_path) == tuned
+    path.write_text(tuned.to_toml().replace(f"schema = {SCHEMA}\n", "").replace("ema_decay = 0.0\n", ""))
+    assert RunConfig.from_flat(read_toml(path)).train.stride == 1  # a recipe: left out means the default
+    assert read_run_config(tmp_path) == tuned  # schema 1: resolve gives a fine-tune its own defaults back
+    new = resolve({"max_steps": 5})
+    path.write_text(new.to_toml().replace(f"schema = {SCHEMA}\n", "").replace("ema_decay = 0.99\n", ""))
+    assert read_run_config(tmp_path).train.ema_decay == 0.99  # a new model's, as it ran
+    for schema in (SCHEMA + 1, 0, "2", True):
+        path.write_text(f"schema = {toml_value(schema)}\n")
+        with pytest.raises(ConfigError, match=r"reads run files of schema 1 to 2; a newer gptlab wrote it"):
+            read_toml(path)

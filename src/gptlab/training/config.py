@@ -5,7 +5,8 @@ A run's settings come in layers, each overriding the one before:
     the defaults below  →  those of a new model, or of fine-tuning when the run starts from --init  →
     a --config FILE.toml  →  the options typed on the command line
 The resolved settings are written to `run.toml` in the run folder (and into each checkpoint), and that file
-reproduces the run when passed back with --config. A recipe is such a file with only some keys.
+reproduces the run when passed back with --config: it carries `schema = 2`, so a key it leaves out is unset,
+not defaulted. A recipe is a file with only some keys and no schema.
 
 TOML keys are the command line's option names with underscores (`batch_size` for --batch-size). They may
 sit at the top level or under the tables [data], [model] and [train], which is how run.toml writes them.
@@ -26,6 +27,10 @@ from ..config import PRESETS
 from ..errors import UserError
 
 RUN_FILE = "run.toml"
+# run.toml's format. Schema 2 says `schema = 2` and holds every setting that is set, so a key it leaves out
+# is unset (None): it is read as it is, through no default. A file without `schema` (a recipe, or a run
+# written before gptlab recorded one) leaves the settings it lacks to the defaults (resolve).
+SCHEMA = 2
 
 # With no limit given, a run on the embedded corpus stops after this many seconds (what `make demo` and the
 # benchmarks use); a run on the user's own text stops after one epoch.
@@ -381,8 +386,10 @@ class TrainConfig:
 # A new model trained from scratch (no --init), measured on the embedded corpus (README, time to quality):
 # GPT-2's byte-level BPE cut to its first 128 merges (vocabulary 385, 1.53 bytes a token) learns faster per
 # second than characters and reads any text, a run long enough to pass over the text 18 times gains from
-# twice the dropout, and an average of the weights scores better than the weights. They sit here rather
-# than in the dataclasses so that a run.toml written before them still resumes as it ran.
+# twice the dropout, and an average of the weights scores better than the weights. They are a new model's
+# and not a fine-tune's (FINETUNE_DEFAULTS), and `--tokenizer gpt2` alone means GPT-2's whole BPE, so they
+# are a layer over the dataclasses' defaults rather than those defaults. A run file of schema 2 is read
+# through neither layer; one written before the schema (1) through both, as it was written.
 NEW_MODEL_DEFAULTS = {"tokenizer": "gpt2", "merges": 128, "dropout_double_for_epochs": 18.0, "ema_decay": 0.99}
 
 
@@ -476,7 +483,7 @@ class RunConfig:
         return cls(**parts)
 
     def to_toml(self) -> str:
-        lines = ["# gptlab run settings: `gptlab train --config THIS_FILE` repeats the run.", ""]
+        lines = ["# gptlab run settings: `gptlab train --config THIS_FILE` repeats the run.", f"schema = {SCHEMA}", ""]
         for section in SECTIONS:
             lines.append(f"[{section}]")
             for name, value in dataclasses.asdict(getattr(self, section)).items():
@@ -487,7 +494,7 @@ class RunConfig:
 
 
 def option_names() -> list[str]:
-    return [f.name for kind in SECTIONS.values() for f in dataclasses.fields(kind)]
+    return [row.name for row in SETTINGS]
 
 
 def check_keys(values: dict, where: str) -> None:
@@ -512,7 +519,8 @@ def toml_value(value) -> str:
 
 
 def read_toml(path: str | Path) -> dict:
-    """A recipe's settings, flattened: top-level keys and the keys of [data], [model] and [train]."""
+    """A recipe's settings, flattened: top-level keys and the keys of [data], [model] and [train]; for a run
+    file of the current schema, every setting (those it leaves out are None)."""
     path = Path(path)
     try:
         document = tomllib.loads(path.read_text("utf-8"))
@@ -522,6 +530,12 @@ def read_toml(path: str | Path) -> dict:
         raise ConfigError(f"--config {path}: cannot read it ({error.strerror})") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
         raise ConfigError(f"--config {path} is not valid TOML: {error}") from None
+    schema = document.pop("schema", None)
+    if schema is not None and (isinstance(schema, bool) or schema not in range(1, SCHEMA + 1)):
+        raise ConfigError(
+            f"--config {path}: schema = {schema!r}, but this gptlab reads run files of schema 1 to {SCHEMA}; "
+            "a newer gptlab wrote it, so upgrade, or remove the line to read it as a recipe"
+        )
     values = {}
     for key, value in document.items():
         if key in SECTIONS and isinstance(value, dict):
@@ -530,6 +544,8 @@ def read_toml(path: str | Path) -> dict:
             values[key] = value
     check_keys(values, f"--config {path}")
     check_types(values, f"--config {path}")
+    if schema == SCHEMA:  # a whole run: what it leaves out is unset, not the default
+        values = {**{row.name: None for row in SETTINGS if row.optional}, **values}
     return values
 
 
