@@ -5,8 +5,9 @@
     finetune("classify", init="models/gpt2", data="sms.csv", out="runs/spam", train_blocks="1")
     finetune("instruct", out="runs/alpaca", resume=True, max_steps=500)
 
-A fine-tune is a `gptlab train --init` run (the same settings, loop, checkpoints, torchrun and exact
-resume) on a task's data instead of a token stream. The task's own settings (its data files, template,
+A fine-tune is a `gptlab train --init` run (the same settings, pipeline, loop, checkpoints, torchrun and
+exact resume: training.pipeline.run_job with FinetuneRun as its kind) on a task's data instead of a token
+stream. The task's own settings (its data files, template,
 labels...) go into every checkpoint's config.json under "finetune", so that --resume continues with them.
 """
 
@@ -15,25 +16,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..checkpoint import CLASSIFIER_FIELD, ClassifierHead, give_classifier_head, read_config
+from ..checkpoint import CLASSIFIER_FIELD, ClassifierHead, give_classifier_head
 from ..loading import load_classifier
 from ..training import pipeline as training_pipeline
-from ..training.config import (
-    ConfigError,
-    RunConfig,
-    resolve,
-    resume_settings,
-    with_default_limit,
-)
-from ..training.pipeline import gather_settings, initial_model
-from ..training.report_card import write_report_card
-from ..training.runtime import Runtime, TrainingError, start_runtime, stop_runtime, with_training_dtype
-from ..training.state import read_run_config
+from ..training.config import ConfigError, RunConfig
+from ..training.pipeline import RunParts, initial_model, resumed_model, run_job
+from ..training.runtime import Runtime, TrainingError
 from ..training.trainer import TrainResult
-from ..training.trainer import train as train_loop
 from .classify import (
     ClassificationEval,
     ClassificationSource,
@@ -131,104 +123,92 @@ def finetune(
 ) -> FinetuneResult:
     """Fine-tune as `gptlab finetune TASK` does. `options`: the task's settings (InstructTask's or
     ClassifyTask's fields) and any `gptlab train` setting by its option name."""
-    kind = TASKS[task]
-    task_names = {f.name for f in dataclasses.fields(kind)}
+    task_names = {f.name for f in dataclasses.fields(TASKS[task])}
     task_given = {name: options.pop(name) for name in list(options) if name in task_names and options[name] is not None}
-    given, out = gather_settings(
-        config, {name: value for name, value in options.items() if value is not None}, resume, overwrite
+    kind = FinetuneRun(task, task_given)
+    result = run_job(
+        kind,
+        config,
+        {name: value for name, value in options.items() if value is not None},
+        resume=resume,
+        overwrite=overwrite,
+        accept_data_change=False,
+        log=log,
     )
-    if resume:
-        saved = read_run_config(out / "last")
-        model_cfg, _, meta = read_config(out / "last")
-        if saved is None or "finetune" not in meta:
-            raise TrainingError(
-                f"--resume: {out / 'last'} is not a checkpoint of a fine-tune; continue it with the "
-                "command that started it"
-            )
-        run, note = resume_settings(saved, given, model_cfg.to_dict()), "the run's own"
-        settings = task_settings(kind, task_given, meta["finetune"])
-    else:
-        settings = task_settings(kind, task_given, None)
+    return FinetuneResult(result, kind.scores)
+
+
+@dataclass
+class FinetuneRun:
+    """A fine-tuning task as a kind of run (training.pipeline.RunKind): the task's settings, its data as the
+    loop's source, fine-tuning's hooks, and for classification the final model's scores on every split."""
+
+    task: str
+    task_given: dict
+    settings_of_task: InstructTask | ClassifyTask | None = None
+    scored: dict = field(default_factory=dict)  # classification: the splits to score once the loop has ended
+    scores: dict[str, ClassificationEval] = field(default_factory=dict)
+
+    def settings(self, given: dict, meta: dict | None, out: Path) -> dict:
+        kind = TASKS[self.task]
+        if meta is not None:
+            if "finetune" not in meta:
+                raise TrainingError(
+                    f"--resume: {out / 'last'} is not a checkpoint of a fine-tune; continue it with the "
+                    "command that started it"
+                )
+            self.settings_of_task = task_settings(kind, self.task_given, meta["finetune"])
+            return given
+        self.settings_of_task = task_settings(kind, self.task_given, None)
         if not given.get("init"):
             raise ConfigError(
                 "fine-tuning starts from a trained model: add --init CHECKPOINT (a gptlab checkpoint "
                 "or a Hugging Face GPT-2 folder)"
             )
-        run, note = with_default_limit(resolve({**given, "data": [settings.data]}))
-    lora_config(run)  # refuse impossible LoRA settings before anything runs
-    runtime = start_runtime(run.train.device)
-    try:
+        return {**given, "data": [self.settings_of_task.data]}
+
+    def parts(
+        self, run: RunConfig, note: str, given: dict, resume: bool, accept_data_change: bool, runtime: Runtime, log
+    ) -> RunParts:
+        lora_config(run)  # refuse impossible LoRA settings before a model is read
+        task, settings, out = self.task, self.settings_of_task, Path(run.train.out)
         say = log if runtime.is_main else (lambda line: None)
-        run = dataclasses.replace(run, train=with_training_dtype(run.train, runtime.device, say))
-        return _finetune(task, settings, run, note, given, runtime, resume, overwrite, log)
-    finally:
-        stop_runtime(runtime)
+        init_state = None
+        if resume:
+            model_cfg, tokenizer, init_state = resumed_model(run)
+        else:
+            model_cfg, tokenizer, init_state = initial_model(run, given)
+            if task == "classify":  # the new head is the model's own, whatever the base shared
+                model_cfg = model_cfg.replace(tie_embeddings=False)
+            check_lora_head(run, model_cfg)
+        say(f"fine-tuning {run.model.init} ({task}): {json.dumps(dataclasses.asdict(settings))}")
+        say(f"settings: {out / 'run.toml'} (limits: {note})")
+        meta = {"finetune": {"task": task, **dataclasses.asdict(settings)}}
+        make = instruct_job if task == "instruct" else classify_job
+        source, hooks, self.scored = make(settings, run, model_cfg, tokenizer, meta, say)
+        # The loop's own sample (a continuation of nothing) means nothing here: instruct answers prompts instead.
+        loop = dataclasses.replace(run.train, sample_tokens=0)
+        described = f"finetune {task} of {run.model.init} on {settings.data}"
+        return RunParts(run, model_cfg, tokenizer, init_state, source, hooks, described, loop)
 
-
-def _finetune(
-    task: str,
-    settings,
-    run: RunConfig,
-    limit_note: str,
-    given: dict,
-    runtime: Runtime,
-    resume: bool,
-    overwrite: bool,
-    log,
-) -> FinetuneResult:
-    out = Path(run.train.out)
-    say = log if runtime.is_main else (lambda line: None)
-    init_state = None
-    if resume:  # shape and tokenizer from the run's checkpoint; a LoRA run's frozen base from --init again
-        model_cfg, tokenizer, _ = read_config(out / "last")
-        if lora_config(run) is not None:
-            init_state = initial_model(run, {})[2]
-    else:
-        model_cfg, tokenizer, init_state = initial_model(run, given)
-        if task == "classify":  # the new head is the model's own, whatever the base shared
-            model_cfg = model_cfg.replace(tie_embeddings=False)
-        check_lora_head(run, model_cfg)
-    say(f"fine-tuning {run.model.init} ({task}): {json.dumps(dataclasses.asdict(settings))}")
-    say(f"settings: {out / 'run.toml'} (limits: {limit_note})")
-    meta = {"finetune": {"task": task, **dataclasses.asdict(settings)}}
-    make = instruct_job if task == "instruct" else classify_job
-    source, hooks, scored = make(settings, run, model_cfg, tokenizer, meta, say)
-    # The loop's own sample (a continuation of nothing) means nothing here: instruct answers prompts instead.
-    loop = dataclasses.replace(run.train, sample_tokens=0)
-    result = train_loop(
-        model_cfg,
-        loop,
-        tokenizer,
-        source,
-        runtime=runtime,
-        resume=resume,
-        overwrite=overwrite,
-        init_state=init_state,
-        run=run,
-        hooks=hooks,
-        log=log,
-    )
-    scores = {}
-    if scored and runtime.is_main:
+    def finish(self, result: TrainResult, parts: RunParts, runtime: Runtime) -> None:
+        """Classification: the final model's scores on each split, in scores.json."""
+        if not (self.scored and runtime.is_main):
+            return
+        out, loop = result.out_dir, parts.loop
         classifier = load_classifier(out / "last", runtime.device)
-        scores = {
+        self.scores = {
             name: evaluate_rows(
                 classifier.model,
                 rows,
-                tokenizer.eot_id,
+                parts.tokenizer.eot_id,
                 loop.micro_batch_size or loop.batch_size,
                 Runtime(runtime.device),
             )
-            for name, rows in scored.items()
+            for name, rows in self.scored.items()
             if rows
         }
-        (out / SCORES_FILE).write_text(json.dumps({name: s.metrics() for name, s in scores.items()}, indent=2) + "\n")
-    if runtime.is_main:
-        card = write_report_card(
-            result, f"finetune {task} of {run.model.init} on {settings.data}", tokenizer, model_cfg
-        )
-        log(f"report: {card}")
-    return FinetuneResult(result, scores)
+        (out / SCORES_FILE).write_text(json.dumps({k: s.metrics() for k, s in self.scores.items()}, indent=2) + "\n")
 
 
 def instruct_job(settings: InstructTask, run: RunConfig, model_cfg, tokenizer, meta: dict, say):

@@ -5,9 +5,12 @@
     gptlab.train(out="runs/x", resume=True)                              # continue a run exactly
     gptlab.evaluate("runs/x/best")                                       # the run's own held-out split
 
-train() resolves the settings (training/config.py), reads the corpus, chooses the tokenizer and the model
-(new, from --init, or the run's own when resuming), builds or reuses the token cache once per machine, and
-hands everything to the loop (training/trainer.py).
+One pipeline runs every kind of run (run_job): it resolves the settings (training/config.py; a resumed run's
+own), starts the runtime, asks the kind of run for the loop's parts (RunKind: the data, the model and
+tokenizer, the hooks), runs the loop (training/trainer.py) and writes the report card. train() is it with
+Pretraining, which reads the corpus (or a prepared cache), chooses the tokenizer and the model (new, from
+--init, or the run's own when resuming) and builds or reuses the token cache once per machine; a fine-tuning
+task is another kind (finetune/pipeline.py).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
@@ -33,6 +37,7 @@ from .config import (
     ConfigError,
     DataConfig,
     RunConfig,
+    TrainConfig,
     check_keys,
     check_types,
     read_toml,
@@ -45,7 +50,7 @@ from .evaluation import EvalResult
 from .evaluation import evaluate as evaluate_tokens
 from .report_card import write_report_card
 from .runtime import Runtime, TrainingError, pick_device, start_runtime, stop_runtime, with_training_dtype
-from .sources import TrainingData
+from .sources import TrainingData, TrainingSource
 from .state import check_out_dir, read_run_config
 from .trainer import ModelHooks, TrainResult
 from .trainer import train as train_loop
@@ -101,6 +106,101 @@ def pretraining_hooks(run: RunConfig, cfg: GPTConfig, log: Callable[[str], None]
     return ModelHooks()
 
 
+@dataclass(frozen=True)
+class RunParts:
+    """What a kind of run gives the loop once its settings are resolved."""
+
+    run: RunConfig  # the run's settings as recorded, with what the parts fixed (a prepared cache: its tokenizer)
+    model_cfg: GPTConfig
+    tokenizer: Tokenizer
+    init_state: dict[str, torch.Tensor] | None
+    source: TrainingData | TrainingSource
+    hooks: ModelHooks
+    described: str  # what the run trained on, in words, for its report card
+    loop: TrainConfig | None = None  # the loop's settings, where they are not the run's own
+
+
+class RunKind(Protocol):
+    """What a kind of run brings to the one pipeline (run_job): pretraining on a token stream (Pretraining,
+    below), or a fine-tuning task (finetune/pipeline.py)."""
+
+    def settings(self, given: dict, meta: dict | None, out: Path) -> dict:
+        """For a new run (meta None), the settings to resolve from those given; on --resume, a check of the
+        last checkpoint's config.json extras (meta). Refuses what this kind cannot run."""
+
+    def parts(
+        self, run: RunConfig, note: str, given: dict, resume: bool, accept_data_change: bool, runtime: Runtime, log
+    ) -> RunParts:
+        """The loop's model, tokenizer, data and hooks, said in the log (`note`: which limits apply and why)."""
+
+    def finish(self, result: TrainResult, parts: RunParts, runtime: Runtime) -> None:
+        """What the run does once the loop has ended, before its report card is written."""
+
+
+def run_job(
+    kind: RunKind,
+    config: str | os.PathLike | RunConfig | None,
+    options: dict,
+    *,
+    resume: bool,
+    overwrite: bool,
+    accept_data_change: bool,
+    log,
+) -> TrainResult:
+    """Every run, pretraining or fine-tuning: the settings (a new run's resolved, a resumed run's own with the
+    changes a resume may make), the runtime, the kind's parts, the loop, and the report card."""
+    given, out = gather_settings(config, options, resume, overwrite)
+    if accept_data_change and not resume:
+        raise TrainingError("--accept-data-change lets a resumed run go on with changed data; add --resume, or drop it")
+    if resume:
+        saved = read_run_config(out / "last")
+        model_cfg, _, meta = read_config(out / "last")
+        kind.settings(given, meta, out)
+        if saved is None:
+            raise TrainingError(
+                f"--resume: {out / 'last'} has no run.toml (it was written by an older gptlab); start a new run"
+            )
+        run, note = resume_settings(saved, given, model_cfg.to_dict()), "the run's own"
+        changed = [f"--{name.replace('_', '-')} {given[name]:g}" for name in LIMITS if given.get(name) is not None]
+        if changed:
+            note += f" with {', '.join(changed)} from here; it stops at whichever comes first"
+        given = {}
+    else:
+        run, note = with_default_limit(resolve(kind.settings(given, None, out)))
+    runtime = start_runtime(run.train.device)
+    try:
+        say = log if runtime.is_main else (lambda line: None)
+        run = dataclasses.replace(run, train=with_training_dtype(run.train, runtime.device, say))
+        parts = kind.parts(run, note, given, resume, accept_data_change, runtime, log)
+        run = parts.run
+        result = train_loop(
+            parts.model_cfg,
+            parts.loop or run.train,
+            parts.tokenizer,
+            parts.source,
+            runtime=runtime,
+            resume=resume,
+            overwrite=overwrite,
+            init_state=parts.init_state,
+            run=run,
+            hooks=parts.hooks,
+            log=log,
+        )
+        kind.finish(result, parts, runtime)
+        if runtime.is_main:
+            log(f"report: {write_report_card(result, parts.described, parts.tokenizer, parts.model_cfg)}")
+        return result
+    finally:
+        stop_runtime(runtime)
+
+
+def resumed_model(run: RunConfig) -> tuple[GPTConfig, Tokenizer, dict[str, torch.Tensor] | None]:
+    """A resumed run's shape and tokenizer, from its last checkpoint; for a LoRA run, which holds the
+    adapters, the frozen base from --init again."""
+    model_cfg, tokenizer, _ = read_config(Path(run.train.out) / "last")
+    return model_cfg, tokenizer, initial_model(run, {})[2] if run.model.lora_rank is not None else None
+
+
 def train(
     config: str | os.PathLike | RunConfig | None = None,
     *,
@@ -115,127 +215,97 @@ def train(
     its option name (`out`, `data`, `max_steps`, ...), overriding the recipe. A resume refuses data that
     changed since the run started unless `accept_data_change` (data_record.py). `hooks_for` changes the
     model (see HooksFor); gptlab.train is this function with fine-tuning's."""
-    given, out = gather_settings(config, options, resume, overwrite)
-    if accept_data_change and not resume:
-        raise TrainingError("--accept-data-change lets a resumed run go on with changed data; add --resume, or drop it")
-    if resume:
-        saved = read_run_config(out / "last")
-        if saved is None:
-            raise TrainingError(
-                f"--resume: {out / 'last'} has no run.toml (it was written by an older gptlab); start a new run"
-            )
-        model_cfg, _, _ = read_config(out / "last")
-        run, note = resume_settings(saved, given, model_cfg.to_dict()), "the run's own"
-        changed = [f"--{name.replace('_', '-')} {given[name]:g}" for name in LIMITS if given.get(name) is not None]
-        if changed:
-            note += f" with {', '.join(changed)} from here; it stops at whichever comes first"
-        given = {}
-    else:
-        run, note = with_default_limit(resolve(given))
-    runtime = start_runtime(run.train.device)
-    try:
-        run = dataclasses.replace(
-            run, train=with_training_dtype(run.train, runtime.device, log if runtime.is_main else lambda line: None)
-        )
-        return _train(run, note, given, runtime, resume, overwrite, accept_data_change, log, hooks_for)
-    finally:
-        stop_runtime(runtime)
-
-
-def _train(
-    run: RunConfig,
-    limit_note: str,
-    given: dict,
-    runtime: Runtime,
-    resume: bool,
-    overwrite: bool,
-    accept_data_change: bool,
-    log,
-    hooks_for: HooksFor,
-) -> TrainResult:
-    out = Path(run.train.out)
-    if run.data.prepared:  # no source is read: every process maps the prepared cache, none waits for another
-        corpus, prepared = None, open_prepared(run.data.prepared, given)
-        inputs = prepared.manifest["inputs"]  # what run.toml records is what the cache holds
-        run = dataclasses.replace(
-            run,
-            data=dataclasses.replace(
-                run.data,
-                tokenizer=inputs["tokenizer"]["type"],  # a trained BPE's is "bpe": the cache holds its merges
-                merges=inputs["tokenizer"].get("merges") if inputs["tokenizer"]["type"] == "gpt2" else None,
-                val_fraction=round(1 - inputs["train_fraction"], 12),
-            ),
-        )
-        read = f"{describe_prepared(prepared)}; no source is read"
-        if runtime.is_main:
-            log(f"data: {read}")
-    else:
-        corpus, prepared = read_corpus(run.data), None
-        read = EMBEDDED_NAME if run.data.data is None else corpus.summary()
-        if run.data.val_data:
-            read += f"; validated on {' '.join(run.data.val_data)}"
-        if runtime.is_main:
-            log(f"data: {read}")
-            for path, reason in corpus.skipped[:SKIPPED_SHOWN]:
-                log(f"  skipped {path}: {reason}")
-            if len(corpus.skipped) > SKIPPED_SHOWN:
-                log(
-                    f"  ... and {len(corpus.skipped) - SKIPPED_SHOWN} more skipped (choose files with "
-                    "--include/--exclude)"
-                )
-    init_state = None
-    if resume:  # the model and tokenizer are the run's, from its last checkpoint
-        model_cfg, tokenizer, _ = read_config(out / "last")
-        if run.model.lora_rank is not None:  # which holds the adapters: the frozen base comes from --init again
-            init_state = initial_model(run, {})[2]
-    elif run.model.init:
-        model_cfg, tokenizer, init_state = initial_model(run, given)
-    else:
-        tokenizer = (
-            tokenizer_from_spec(prepared.manifest["inputs"]["tokenizer"])
-            if prepared
-            else new_tokenizer(run.data, corpus, runtime)
-        )
-        model_cfg = new_model_config(run, tokenizer)
-    hooks = hooks_for(run, model_cfg, log if runtime.is_main else lambda line: None)
-    if prepared:
-        check_prepared_tokenizer(prepared, tokenizer)
-        cache = prepared
-    else:
-        cache = run_caches(run.data, corpus, tokenizer, runtime, run.train.progress, log)
-    if runtime.is_main:
-        log(
-            f"tokens: {len(cache.train_tokens):,} training and {len(cache.val_tokens):,} validation "
-            f"({type(tokenizer).__name__}, vocabulary {tokenizer.vocab_size:,}); token cache {cache.directory}"
-            f"{resumed_note(cache)}"
-        )
-        log("\n".join(parameter_report(model_cfg).format(run.model.init or run.model.model).splitlines()[:2]))
-        log(f"settings: {out / 'run.toml'} (limits: {limit_note})")
-    if resume:
-        note = check_data(out, cache.manifest, accept_data_change, "resume", write=runtime.is_main)
-        if note and runtime.is_main:
-            log(note)
-    token_bytes = data.token_byte_lengths(tokenizer) if run.train.eval_tokens is not None else None
-    corpus_data = TrainingData(
-        cache.train_tokens, cache.val_tokens, cache.val_target_bytes, sources_of(cache.manifest), token_bytes
-    )
-    result = train_loop(
-        model_cfg,
-        run.train,
-        tokenizer,
-        corpus_data,
-        runtime=runtime,
+    return run_job(
+        Pretraining(hooks_for),
+        config,
+        options,
         resume=resume,
         overwrite=overwrite,
-        init_state=init_state,
-        run=run,
-        hooks=hooks,
+        accept_data_change=accept_data_change,
         log=log,
     )
-    if runtime.is_main:
-        card = write_report_card(result, read, tokenizer, model_cfg)
-        log(f"report: {card}")
-    return result
+
+
+@dataclass(frozen=True)
+class Pretraining:
+    """A run on a token stream (RunKind): a corpus or a prepared token cache, and a new model or --init's."""
+
+    hooks_for: HooksFor = pretraining_hooks
+
+    def settings(self, given: dict, meta: dict | None, out: Path) -> dict:
+        return given
+
+    def finish(self, result: TrainResult, parts: RunParts, runtime: Runtime) -> None:
+        pass
+
+    def parts(
+        self, run: RunConfig, note: str, given: dict, resume: bool, accept_data_change: bool, runtime: Runtime, log
+    ) -> RunParts:
+        out = Path(run.train.out)
+        if run.data.prepared:  # no source is read: every process maps the prepared cache, none waits for another
+            corpus, prepared = None, open_prepared(run.data.prepared, given)
+            inputs = prepared.manifest["inputs"]  # what run.toml records is what the cache holds
+            run = dataclasses.replace(
+                run,
+                data=dataclasses.replace(
+                    run.data,
+                    tokenizer=inputs["tokenizer"]["type"],  # a trained BPE's is "bpe": the cache holds its merges
+                    merges=inputs["tokenizer"].get("merges") if inputs["tokenizer"]["type"] == "gpt2" else None,
+                    val_fraction=round(1 - inputs["train_fraction"], 12),
+                ),
+            )
+            read = f"{describe_prepared(prepared)}; no source is read"
+            if runtime.is_main:
+                log(f"data: {read}")
+        else:
+            corpus, prepared = read_corpus(run.data), None
+            read = EMBEDDED_NAME if run.data.data is None else corpus.summary()
+            if run.data.val_data:
+                read += f"; validated on {' '.join(run.data.val_data)}"
+            if runtime.is_main:
+                log(f"data: {read}")
+                for path, reason in corpus.skipped[:SKIPPED_SHOWN]:
+                    log(f"  skipped {path}: {reason}")
+                if len(corpus.skipped) > SKIPPED_SHOWN:
+                    log(
+                        f"  ... and {len(corpus.skipped) - SKIPPED_SHOWN} more skipped (choose files with "
+                        "--include/--exclude)"
+                    )
+        init_state = None
+        if resume:  # the model and tokenizer are the run's, from its last checkpoint
+            model_cfg, tokenizer, init_state = resumed_model(run)
+        elif run.model.init:
+            model_cfg, tokenizer, init_state = initial_model(run, given)
+        else:
+            tokenizer = (
+                tokenizer_from_spec(prepared.manifest["inputs"]["tokenizer"])
+                if prepared
+                else new_tokenizer(run.data, corpus, runtime)
+            )
+            model_cfg = new_model_config(run, tokenizer)
+        hooks = self.hooks_for(run, model_cfg, log if runtime.is_main else lambda line: None)
+        if prepared:
+            check_prepared_tokenizer(prepared, tokenizer)
+            cache = prepared
+        else:
+            cache = run_caches(run.data, corpus, tokenizer, runtime, run.train.progress, log)
+        if runtime.is_main:
+            log(
+                f"tokens: {len(cache.train_tokens):,} training and {len(cache.val_tokens):,} validation "
+                f"({type(tokenizer).__name__}, vocabulary {tokenizer.vocab_size:,}); token cache {cache.directory}"
+                f"{resumed_note(cache)}"
+            )
+            log("\n".join(parameter_report(model_cfg).format(run.model.init or run.model.model).splitlines()[:2]))
+            log(f"settings: {out / 'run.toml'} (limits: {note})")
+        if resume:
+            changed = check_data(out, cache.manifest, accept_data_change, "resume", write=runtime.is_main)
+            if changed and runtime.is_main:
+                log(changed)
+        token_bytes = data.token_byte_lengths(tokenizer) if run.train.eval_tokens is not None else None
+        corpus_data = TrainingData(
+            cache.train_tokens, cache.val_tokens, cache.val_target_bytes, sources_of(cache.manifest), token_bytes
+        )
+        return RunParts(run, model_cfg, tokenizer, init_state, corpus_data, hooks, read)
 
 
 # What a prepared cache fixes, so a run from one may not set it again.
