@@ -177,10 +177,10 @@ def json_array_records(text: str, path: str) -> Iterator[tuple[str, object]]:
     except json.JSONDecodeError as error:
         raise DataError(
             f"{path}: invalid JSON at line {error.lineno}, column {error.colno} ({error.msg}); a .json "
-            "corpus file holds one array of objects (use .jsonl for one object per line)"
+            "file holds one array of objects (use .jsonl for one object per line)"
         ) from None
     if not isinstance(document, list):
-        raise DataError(f"{path} holds a JSON {type(document).__name__}; a .json corpus file holds an array of objects")
+        raise DataError(f"{path} holds a JSON {type(document).__name__}; a .json file holds an array of objects")
     for number, record in enumerate(document, 1):
         yield f"{path}: record {number}", record
 

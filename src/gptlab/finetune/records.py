@@ -11,6 +11,7 @@ from typing import TypeVar
 import numpy as np
 
 from ..data import DataError
+from ..data.formats import json_array_records
 
 T = TypeVar("T")
 
@@ -38,19 +39,12 @@ def read_records(path: str | Path, formats: tuple[str, ...] = ("json", "jsonl", 
 
 
 def json_records(path: Path, text: str) -> list[tuple[str, dict]]:
-    try:
-        document = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise DataError(
-            f"{path}: invalid JSON at line {error.lineno}, column {error.colno} ({error.msg}); a .json "
-            "file holds one array of objects (use .jsonl for one object per line)"
-        ) from None
-    if not isinstance(document, list):
-        raise DataError(f"{path} holds a JSON {type(document).__name__}; a .json file holds an array of objects")
-    for number, record in enumerate(document, 1):
+    records = []
+    for where, record in json_array_records(text, str(path)):  # where: "PATH: record N"
         if not isinstance(record, dict):
-            raise DataError(f"{path}: record {number} is a JSON {type(record).__name__}, not an object")
-    return [(f"record {number}", record) for number, record in enumerate(document, 1)]
+            raise DataError(f"{where} is a JSON {type(record).__name__}, not an object")
+        records.append((where.removeprefix(f"{path}: "), record))
+    return records
 
 
 def jsonl_records(path: Path, text: str) -> list[tuple[str, dict]]:
