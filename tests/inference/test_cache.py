@@ -87,3 +87,16 @@ def test_bad_use_is_refused():
         cache.append(1)
     with pytest.raises(AssertionError, match="ragged=True"):
         cache.store(0, KVCache(CFG, 1), 1)  # an uninitialised row read as if written: only a zeroed cache may
+
+
+@torch.inference_mode()
+def test_a_left_padded_row_stored_in_a_ragged_cache_keeps_its_padding_hidden():
+    model = random_model(CFG)
+    prompt = random_prompts(CFG, [4])[0]
+    alone, cache = KVCache(CFG, 1), KVCache(CFG, 2, ragged=True)
+    alone.reset(torch.tensor([2]))  # two padding slots, then the prompt
+    next_token_logits(model, torch.tensor([[0, 0, *prompt]]), alone)
+    cache.store(0, alone, 6)
+    cache.active = 1
+    step_logits = next_token_logits(model, torch.tensor([[7]]), cache)
+    assert (step_logits[0] - uncached_logits(model, prompt + [7])).abs().max() <= 1e-5

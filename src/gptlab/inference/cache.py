@@ -134,6 +134,7 @@ class KVCache:
         """Copy the first `length` slots of source's row 0 (a prompt prefilled on its own) into `row`."""
         self.copy_row(source, 0, row, length)
         self.padding[row] = source.padding[0]
+        self.padded |= source.padded  # a padded row needs the mask at every step
 
     def move(self, source: int, target: int) -> None:
         """Copy row source into row target (which is free)."""
